@@ -1,0 +1,24 @@
+"""kvjax: fast, memory-aware autoregressive decoding with a KV cache in JAX.
+
+Public API::
+
+    model = kvjax.load("path/or/org-name", dtype="bfloat16")
+    out = kvjax.generate(model, ["Hello"], max_new_tokens=32)
+    out.tokens, out.texts, out.stats
+
+and, for your own model, ``kvjax.decode(step_fn, params, cache, ...)``.
+"""
+
+from kvjax.api import Generation, Model, generate, load
+from kvjax.cache import KVCache, TokenHistory
+from kvjax.checkpoint import CheckpointError
+from kvjax.config import ConfigError, ModelConfig, RopeScaling
+from kvjax.decode import PAD_TOKEN, DecodeResult, decode
+from kvjax.model import forward, init_params
+from kvjax.sampling import SamplingParams, sample
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DecodeResult", "Generation", "KVCache", "Model",
+    "ModelConfig", "PAD_TOKEN", "RopeScaling", "SamplingParams", "TokenHistory", "decode",
+    "forward", "generate", "init_params", "load", "sample",
+]

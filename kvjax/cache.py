@@ -1,0 +1,135 @@
+"""The KV cache: an immutable pytree of fixed-capacity key/value buffers.
+
+Slot ``j`` of a row holds the key/value of the token at position ``j`` of that row, so
+attention masks follow from positions alone. Buffers are per layer (a tuple), which
+measured faster than one stacked ``[layers, ...]`` array (docs/architecture.md). Writes
+use ``jax.lax.dynamic_update_slice``; when the cache is donated to a jitted function XLA
+performs them in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from kvjax.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for a batch of sequences.
+
+    Attributes:
+      keys: one buffer per layer, each ``[batch, capacity, kv_heads, head_dim]``.
+      values: same shapes as ``keys``.
+      lengths: ``int32[batch]``, how many leading slots of each row hold real tokens.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    lengths: jax.Array
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch: int, capacity: int,
+               dtype: jnp.dtype = jnp.bfloat16) -> "KVCache":
+        """An empty cache for ``batch`` sequences of up to ``capacity`` tokens each."""
+        if batch < 1 or capacity < 1:
+            raise ValueError(f"batch and capacity must be >= 1, got batch={batch}, capacity={capacity}")
+        shape = (batch, capacity, config.num_kv_heads, config.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(keys=zeros(), values=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache buffers (keys, values and lengths)."""
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    @property
+    def is_full(self) -> jax.Array:
+        """``bool[batch]``: rows with no free slot left."""
+        return self.lengths >= self.capacity
+
+    def update(self, layer: int, keys: jax.Array, values: jax.Array,
+               positions: jax.Array) -> "KVCache":
+        """Writes a block of new keys/values of one layer at each row's positions.
+
+        Args:
+          layer: layer index (a Python int).
+          keys, values: ``[batch, new, kv_heads, head_dim]``.
+          positions: ``int32[batch, new]``; row ``b`` is written at slots
+            ``positions[b, 0] ... positions[b, 0] + new - 1``. Padding tokens carry
+            position ``-1``; they must come after the row's real tokens.
+
+        The caller guarantees ``positions[b, 0] + new <= capacity`` (``kvjax.generate``
+        checks it before compiling); ``dynamic_update_slice`` would otherwise clamp the
+        start and overwrite earlier slots.
+        """
+        new_keys = write_rows(self.keys[layer], keys, positions)
+        new_values = write_rows(self.values[layer], values, positions)
+        return self.replace(
+            keys=_replace_at(self.keys, layer, new_keys),
+            values=_replace_at(self.values, layer, new_values),
+        )
+
+    def advance(self, positions: jax.Array) -> "KVCache":
+        """Sets each row's length past the largest position just written (``-1`` = padding)."""
+        return self.replace(lengths=advanced_lengths(self.lengths, positions))
+
+
+@struct.dataclass
+class TokenHistory:
+    """The "cache" of the recompute baseline (``use_cache=False``): token ids only.
+
+    Attributes:
+      tokens: ``int32[batch, capacity]``, slot ``j`` holds the token at position ``j``.
+      lengths: ``int32[batch]``, filled slots per row.
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def create(cls, batch: int, capacity: int) -> "TokenHistory":
+        return cls(tokens=jnp.zeros((batch, capacity), jnp.int32),
+                   lengths=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    def update(self, tokens: jax.Array, positions: jax.Array) -> "TokenHistory":
+        """Writes ``int32[batch, new]`` tokens at their positions (as ``KVCache.update``)."""
+        return self.replace(tokens=write_rows(self.tokens, tokens, positions),
+                            lengths=advanced_lengths(self.lengths, positions))
+
+
+def write_rows(buffer: jax.Array, block: jax.Array, positions: jax.Array) -> jax.Array:
+    """Writes ``block[b]`` into ``buffer[b]`` from slot ``positions[b, 0]`` on, per row.
+
+    ``buffer``: ``[batch, capacity, ...]``; ``block``: ``[batch, new, ...]``;
+    ``positions``: ``int32[batch, new]`` (a leading ``-1``, an all-padding row, writes
+    at slot 0 and is masked everywhere).
+    """
+    start = jnp.maximum(positions[:, 0], 0)  # [batch]
+    trailing = (0,) * (buffer.ndim - 2)
+    write = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice(buf, new, (s, *trailing)))
+    return write(buffer, block.astype(buffer.dtype), start)
+
+
+def advanced_lengths(lengths: jax.Array, positions: jax.Array) -> jax.Array:
+    """Row lengths after writing ``positions`` (``int32[batch, new]``, ``-1`` = padding)."""
+    return jnp.maximum(lengths, positions.max(axis=1) + 1)
+
+
+def _replace_at(items: tuple, index: int, value) -> tuple:
+    return items[:index] + (value,) + items[index + 1:]

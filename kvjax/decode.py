@@ -1,0 +1,152 @@
+"""The decode loop: prefill plus a ``jax.lax.scan`` over decode steps, model-agnostic.
+
+``decode`` drives any ``step_fn(params, tokens, positions, cache) -> (logits, cache)``:
+
+* ``tokens``: ``int32[batch, seq]``; ``positions``: ``int32[batch, seq]``, the position of
+  each token in its row, ``-1`` for padding (which always follows a row's real tokens);
+* ``logits``: ``float32[batch, seq, vocab]``; ``cache``: any pytree the step function
+  owns (the loop only carries it).
+
+It is called once with the (padded) prompt block and then once per step with one token
+per row. Wrap ``decode`` in ``jax.jit`` with the cache donated, and the whole generation
+is one compiled program; ``max_new_tokens``, seeds, sampling values and prompt lengths
+are arrays, so changing them does not recompile.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kvjax.sampling import SamplingParams, sample
+
+StepFn = Callable[[Any, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+# Filler for output slots after a row has stopped.
+PAD_TOKEN = -1
+
+
+@struct.dataclass
+class DecodeState:
+    """What the scan carries from one step to the next."""
+
+    cache: Any
+    tokens: jax.Array  # int32[batch], the token just sampled
+    positions: jax.Array  # int32[batch], its position (where it will be written)
+    done: jax.Array  # bool[batch], row has emitted a stop token or max_new_tokens
+    num_generated: jax.Array  # int32[batch]
+    steps_run: jax.Array  # int32[], decode steps that ran the model
+
+
+@struct.dataclass
+class DecodeResult:
+    """Output of ``decode``.
+
+    Attributes:
+      tokens: ``int32[batch, num_steps]`` new tokens, ``PAD_TOKEN`` after a row stopped;
+        a row's stop token is included.
+      num_generated: ``int32[batch]``, new tokens per row (stop token included).
+      cache: the cache after the last step that ran.
+      steps_run: ``int32[]``, decode steps (after prefill) that ran the model.
+      logits: ``float32[batch, num_steps, vocab]`` logits each token was chosen from, or
+        ``None`` unless requested.
+    """
+
+    tokens: jax.Array
+    num_generated: jax.Array
+    cache: Any
+    steps_run: jax.Array
+    logits: jax.Array | None = None
+
+
+def prompt_positions(prompt_lengths: jax.Array, seq: int, start: jax.Array) -> jax.Array:
+    """``int32[batch, seq]``: ``start + i`` for the real tokens of each row, ``-1`` after."""
+    i = jnp.arange(seq, dtype=jnp.int32)[None, :]
+    return jnp.where(i < prompt_lengths[:, None], start[:, None] + i, -1)
+
+
+def _row_keys(seed: jax.Array, batch: int, step: jax.Array) -> jax.Array:
+    # Row r at step s always draws from fold_in(fold_in(key(seed), r), s): a row's
+    # randomness does not depend on the other rows.
+    base = jax.random.key(seed)
+    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(
+        jnp.arange(batch))
+
+
+def _is_stop(tokens: jax.Array, stop_tokens: jax.Array) -> jax.Array:
+    return jnp.any(tokens[:, None] == stop_tokens[None, :], axis=-1)
+
+
+def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
+           prompt_lengths: jax.Array, *, num_steps: int, max_new_tokens: jax.Array,
+           sampling: SamplingParams, seed: jax.Array, stop_tokens: jax.Array,
+           greedy: bool, start: jax.Array | None = None, return_logits: bool = False,
+           on_prefill: Callable[[jax.Array], None] | None = None) -> DecodeResult:
+    """Prefills the prompts and decodes up to ``num_steps`` new tokens per row.
+
+    Args:
+      step_fn: the model step (see the module docstring).
+      params: passed to ``step_fn`` untouched.
+      cache: passed to ``step_fn``; carried through the loop.
+      prompt_tokens: ``int32[batch, seq]``, right-padded prompts.
+      prompt_lengths: ``int32[batch]``, real tokens per row (>= 1).
+      num_steps: static upper bound on new tokens (the scan length + 1).
+      max_new_tokens: ``int32[]``, new tokens per row (<= num_steps); dynamic.
+      sampling: per-row sampling values.
+      seed: ``uint32[]`` seed of the per-row randomness.
+      stop_tokens: ``int32[n]`` token ids that end a row (pad with ``PAD_TOKEN``).
+      greedy: static; argmax for every row.
+      start: ``int32[batch]`` position of each prompt's first token (0 for an empty
+        cache; the cache's length to continue a conversation).
+      return_logits: static; also return the logits each token was chosen from.
+      on_prefill: optional host function called (through ``jax.debug.callback``) with
+        the first sampled tokens once prefill has run; used for timing.
+
+    Once every row is done no further model work is done: the remaining scan
+    iterations skip the step through ``jax.lax.cond``.
+    """
+    batch, seq = prompt_tokens.shape
+    if start is None:
+        start = jnp.zeros((batch,), jnp.int32)
+    positions = prompt_positions(prompt_lengths, seq, start)
+    logits, cache = step_fn(params, prompt_tokens, positions, cache)
+    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    first = sample(last, _row_keys(seed, batch, jnp.int32(0)), sampling, greedy)  # [batch]
+    if on_prefill is not None:
+        jax.debug.callback(on_prefill, first)
+    one = jnp.ones((batch,), jnp.int32)
+    state = DecodeState(cache=cache, tokens=first, positions=start + prompt_lengths,
+                        done=_is_stop(first, stop_tokens) | (one >= max_new_tokens),
+                        num_generated=one, steps_run=jnp.int32(0))
+
+    def run_step(state: DecodeState):
+        logits, cache = step_fn(params, state.tokens[:, None], state.positions[:, None], state.cache)
+        logits = logits[:, 0]  # [batch, vocab]
+        keys = _row_keys(seed, batch, state.steps_run + 1)
+        tokens = sample(logits, keys, sampling, greedy)
+        tokens = jnp.where(state.done, PAD_TOKEN, tokens)
+        num_generated = state.num_generated + (~state.done).astype(jnp.int32)
+        done = state.done | _is_stop(tokens, stop_tokens) | (num_generated >= max_new_tokens)
+        new_state = DecodeState(cache=cache, tokens=tokens, positions=state.positions + 1,
+                                done=done, num_generated=num_generated,
+                                steps_run=state.steps_run + 1)
+        return new_state, (logits if return_logits else None)
+
+    def skip_step(state: DecodeState):
+        skipped = state.replace(tokens=jnp.full((batch,), PAD_TOKEN, jnp.int32))
+        return skipped, (jnp.zeros_like(last) if return_logits else None)
+
+    def body(state: DecodeState, _):
+        state, logits = jax.lax.cond(jnp.all(state.done), skip_step, run_step, state)
+        return state, (state.tokens, logits)
+
+    state, (tokens, step_logits) = jax.lax.scan(body, state, length=num_steps - 1)
+    tokens = jnp.concatenate([first[:, None], tokens.T], axis=1)  # [batch, num_steps]
+    if return_logits:
+        step_logits = jnp.concatenate([last[:, None], step_logits.transpose(1, 0, 2)], axis=1)
+    return DecodeResult(tokens=tokens, num_generated=state.num_generated, cache=state.cache,
+                        steps_run=state.steps_run, logits=step_logits)
+
