@@ -294,7 +294,8 @@ _COMPILED: dict = {}
 def _compiled(jitted, args):
     """AOT-compiles ``jitted`` for the shapes of ``args`` once; later calls only look up."""
     leaves, treedef = jax.tree.flatten(args)
-    key = (jitted, treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves))
+    key = (jitted, treedef, tuple((np.shape(x), getattr(x, "dtype", None) or np.result_type(x))
+                                  for x in leaves))
     if key not in _COMPILED:
         _COMPILED[key] = jitted.lower(*args).compile()
     return _COMPILED[key]

@@ -32,8 +32,8 @@ def attend(queries: jax.Array, keys: jax.Array, values: jax.Array,
 
     Args:
       queries: ``[batch, queries, heads, head_dim]``.
-      keys, values: ``[batch, keys, kv_heads, head_dim]``; ``heads`` is a multiple of
-        ``kv_heads`` (MHA, GQA and MQA alike).
+      keys, values: ``[batch, kv_heads, keys, head_dim]`` (heads-major, the cache's
+        layout); ``heads`` is a multiple of ``kv_heads`` (MHA, GQA and MQA alike).
       query_positions: ``int32[batch, queries]``.
       key_positions: ``int32[batch, keys]``.
 
@@ -41,14 +41,14 @@ def attend(queries: jax.Array, keys: jax.Array, values: jax.Array,
       ``[batch, queries, heads, head_dim]`` in the dtype of ``queries``.
     """
     batch, num_queries, heads, head_dim = queries.shape
-    kv_heads = keys.shape[2]
+    kv_heads = keys.shape[1]
     grouped = queries.reshape(batch, num_queries, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", grouped, keys,
+    scores = jnp.einsum("bqkgd,bksd->bkgqs", grouped, keys,
                         preferred_element_type=jnp.float32)  # [batch, kv_heads, group, queries, keys]
     scores = scores * (head_dim ** -0.5)
     mask = attention_mask(query_positions, key_positions, sliding_window)[:, None, None]
     scores = jnp.where(mask, scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, values,
+    out = jnp.einsum("bkgqs,bksd->bqkgd", probs, values,
                      preferred_element_type=jnp.float32)  # [batch, queries, kv_heads, group, head_dim]
     return out.reshape(batch, num_queries, heads, head_dim).astype(queries.dtype)

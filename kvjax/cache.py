@@ -2,8 +2,10 @@
 
 Slot ``j`` of a row holds the key/value of the token at position ``j`` of that row, so
 attention masks follow from positions alone. Buffers are per layer (a tuple), which
-measured faster than one stacked ``[layers, ...]`` array (docs/architecture.md). Writes
-use ``jax.lax.dynamic_update_slice``; when the cache is donated to a jitted function XLA
+measured faster than one stacked ``[layers, ...]`` array, and heads-major
+(``[batch, kv_heads, capacity, head_dim]``), so that attention contracts over them
+without first transposing the whole buffer (docs/architecture.md). Writes use
+``jax.lax.dynamic_update_slice``; when the cache is donated to a jitted function XLA
 performs them in place.
 """
 
@@ -22,7 +24,7 @@ class KVCache:
     """Keys and values of every layer for a batch of sequences.
 
     Attributes:
-      keys: one buffer per layer, each ``[batch, capacity, kv_heads, head_dim]``.
+      keys: one buffer per layer, each ``[batch, kv_heads, capacity, head_dim]``.
       values: same shapes as ``keys``.
       lengths: ``int32[batch]``, how many leading slots of each row hold real tokens.
     """
@@ -37,7 +39,7 @@ class KVCache:
         """An empty cache for ``batch`` sequences of up to ``capacity`` tokens each."""
         if batch < 1 or capacity < 1:
             raise ValueError(f"batch and capacity must be >= 1, got batch={batch}, capacity={capacity}")
-        shape = (batch, capacity, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(keys=zeros(), values=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
 
@@ -47,7 +49,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
 
     @property
     def nbytes(self) -> int:
@@ -65,7 +67,7 @@ class KVCache:
 
         Args:
           layer: layer index (a Python int).
-          keys, values: ``[batch, new, kv_heads, head_dim]``.
+          keys, values: ``[batch, kv_heads, new, head_dim]``.
           positions: ``int32[batch, new]``; row ``b`` is written at slots
             ``positions[b, 0] ... positions[b, 0] + new - 1``. Padding tokens carry
             position ``-1``; they must come after the row's real tokens.
@@ -74,8 +76,8 @@ class KVCache:
         checks it before compiling); ``dynamic_update_slice`` would otherwise clamp the
         start and overwrite earlier slots.
         """
-        new_keys = write_rows(self.keys[layer], keys, positions)
-        new_values = write_rows(self.values[layer], values, positions)
+        new_keys = write_rows(self.keys[layer], keys, positions, seq_axis=2)
+        new_values = write_rows(self.values[layer], values, positions, seq_axis=2)
         return self.replace(
             keys=_replace_at(self.keys, layer, new_keys),
             values=_replace_at(self.values, layer, new_values),
@@ -109,21 +111,26 @@ class TokenHistory:
 
     def update(self, tokens: jax.Array, positions: jax.Array) -> "TokenHistory":
         """Writes ``int32[batch, new]`` tokens at their positions (as ``KVCache.update``)."""
-        return self.replace(tokens=write_rows(self.tokens, tokens, positions),
+        return self.replace(tokens=write_rows(self.tokens, tokens, positions, seq_axis=1),
                             lengths=advanced_lengths(self.lengths, positions))
 
 
-def write_rows(buffer: jax.Array, block: jax.Array, positions: jax.Array) -> jax.Array:
+def write_rows(buffer: jax.Array, block: jax.Array, positions: jax.Array,
+               seq_axis: int) -> jax.Array:
     """Writes ``block[b]`` into ``buffer[b]`` from slot ``positions[b, 0]`` on, per row.
 
-    ``buffer``: ``[batch, capacity, ...]``; ``block``: ``[batch, new, ...]``;
+    ``buffer`` and ``block`` have the batch first and agree on every axis but
+    ``seq_axis`` (capacity slots in ``buffer``, new tokens in ``block``);
     ``positions``: ``int32[batch, new]`` (a leading ``-1``, an all-padding row, writes
     at slot 0 and is masked everywhere).
     """
     start = jnp.maximum(positions[:, 0], 0)  # [batch]
-    trailing = (0,) * (buffer.ndim - 2)
-    write = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice(buf, new, (s, *trailing)))
-    return write(buffer, block.astype(buffer.dtype), start)
+
+    def write_row(buf, new, s):
+        index = tuple(s if axis == seq_axis - 1 else 0 for axis in range(buf.ndim))
+        return jax.lax.dynamic_update_slice(buf, new, index)
+
+    return jax.vmap(write_row)(buffer, block.astype(buffer.dtype), start)
 
 
 def advanced_lengths(lengths: jax.Array, positions: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""The decode loop: prefill plus a ``jax.lax.scan`` over decode steps, model-agnostic.
+"""The decode loop: prefill plus a loop over decode steps, model-agnostic.
 
 ``decode`` drives any ``step_fn(params, tokens, positions, cache) -> (logits, cache)``:
 
@@ -31,7 +31,7 @@ PAD_TOKEN = -1
 
 @struct.dataclass
 class DecodeState:
-    """What the scan carries from one step to the next."""
+    """What the decode loop carries from one step to the next."""
 
     cache: Any
     tokens: jax.Array  # int32[batch], the token just sampled
@@ -93,7 +93,7 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
       cache: passed to ``step_fn``; carried through the loop.
       prompt_tokens: ``int32[batch, seq]``, right-padded prompts.
       prompt_lengths: ``int32[batch]``, real tokens per row (>= 1).
-      num_steps: static upper bound on new tokens (the scan length + 1).
+      num_steps: static upper bound on new tokens (decode steps + 1).
       max_new_tokens: ``int32[]``, new tokens per row (<= num_steps); dynamic.
       sampling: per-row sampling values.
       seed: ``uint32[]`` seed of the per-row randomness.
@@ -105,8 +105,10 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
       on_prefill: optional host function called (through ``jax.debug.callback``) with
         the first sampled tokens once prefill has run; used for timing.
 
-    Once every row is done no further model work is done: the remaining scan
-    iterations skip the step through ``jax.lax.cond``.
+    The steps run in a ``jax.lax.while_loop`` (a scan that can end early): once every
+    row is done, no further model work is done. A ``lax.scan`` whose body skips finished
+    steps with ``lax.cond`` made XLA copy the whole cache through the conditional
+    (compiled temp memory of one full cache); the while loop updates it in place.
     """
     batch, seq = prompt_tokens.shape
     if start is None:
@@ -122,31 +124,32 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
                         done=_is_stop(first, stop_tokens) | (one >= max_new_tokens),
                         num_generated=one, steps_run=jnp.int32(0))
 
-    def run_step(state: DecodeState):
+    tokens = jnp.full((batch, num_steps), PAD_TOKEN, jnp.int32).at[:, 0].set(first)
+    all_logits = None
+    if return_logits:
+        all_logits = jnp.zeros((batch, num_steps, last.shape[-1]), jnp.float32).at[:, 0].set(last)
+
+    def keep_going(carry) -> jax.Array:
+        state, _, _ = carry
+        return (state.steps_run < num_steps - 1) & ~jnp.all(state.done)
+
+    def step(carry):
+        state, tokens, all_logits = carry
         logits, cache = step_fn(params, state.tokens[:, None], state.positions[:, None], state.cache)
         logits = logits[:, 0]  # [batch, vocab]
-        keys = _row_keys(seed, batch, state.steps_run + 1)
-        tokens = sample(logits, keys, sampling, greedy)
-        tokens = jnp.where(state.done, PAD_TOKEN, tokens)
+        index = state.steps_run + 1
+        new = sample(logits, _row_keys(seed, batch, index), sampling, greedy)
+        new = jnp.where(state.done, PAD_TOKEN, new)
         num_generated = state.num_generated + (~state.done).astype(jnp.int32)
-        done = state.done | _is_stop(tokens, stop_tokens) | (num_generated >= max_new_tokens)
-        new_state = DecodeState(cache=cache, tokens=tokens, positions=state.positions + 1,
-                                done=done, num_generated=num_generated,
-                                steps_run=state.steps_run + 1)
-        return new_state, (logits if return_logits else None)
+        done = state.done | _is_stop(new, stop_tokens) | (num_generated >= max_new_tokens)
+        state = DecodeState(cache=cache, tokens=new, positions=state.positions + 1, done=done,
+                            num_generated=num_generated, steps_run=index)
+        tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (0, index))
+        if return_logits:
+            all_logits = jax.lax.dynamic_update_slice(all_logits, logits[:, None], (0, index, 0))
+        return state, tokens, all_logits
 
-    def skip_step(state: DecodeState):
-        skipped = state.replace(tokens=jnp.full((batch,), PAD_TOKEN, jnp.int32))
-        return skipped, (jnp.zeros_like(last) if return_logits else None)
-
-    def body(state: DecodeState, _):
-        state, logits = jax.lax.cond(jnp.all(state.done), skip_step, run_step, state)
-        return state, (state.tokens, logits)
-
-    state, (tokens, step_logits) = jax.lax.scan(body, state, length=num_steps - 1)
-    tokens = jnp.concatenate([first[:, None], tokens.T], axis=1)  # [batch, num_steps]
-    if return_logits:
-        step_logits = jnp.concatenate([last[:, None], step_logits.transpose(1, 0, 2)], axis=1)
+    state, tokens, all_logits = jax.lax.while_loop(keep_going, step, (state, tokens, all_logits))
     return DecodeResult(tokens=tokens, num_generated=state.num_generated, cache=state.cache,
-                        steps_run=state.steps_run, logits=step_logits)
+                        steps_run=state.steps_run, logits=all_logits)
 

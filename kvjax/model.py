@@ -96,11 +96,12 @@ def _attention_block(config: ModelConfig, layer: dict, x: jax.Array, cos, sin,
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]
     if cache is None:  # recompute mode: attend within the given tokens
         keys, values, key_positions = k, v, positions
     else:
         cache = cache.update(index, k, v, positions)
-        keys, values = cache.keys[index], cache.values[index]  # [batch, capacity, kv_heads, head_dim]
+        keys, values = cache.keys[index], cache.values[index]  # [batch, kv_heads, capacity, head_dim]
         key_positions = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32),
                                          (batch, cache.capacity))
     out = attend(q, keys, values, positions, key_positions, config.sliding_window)

@@ -1,0 +1,127 @@
+"""The decode loop: cache vs recompute, ragged batches, early stop, compile reuse."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.api import _bucket, _jitted_decode
+from kvjax.sampling import SamplingParams
+from tests.conftest import make_config, make_model
+
+PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [2, 71, 33]]
+
+ATTENTION_KINDS = {
+    "mha": dict(num_heads=4, num_kv_heads=4, head_dim=8),
+    "gqa": dict(num_heads=4, num_kv_heads=2, head_dim=8),
+    "mqa": dict(num_heads=4, num_kv_heads=1, head_dim=8),
+    # head_dim 10 with 3 heads: heads * head_dim (30) != hidden_size (32)
+    "odd_head_dim": dict(num_heads=3, num_kv_heads=1, head_dim=10),
+}
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_cache_equals_recompute(kind):
+    model = make_model(make_config(**ATTENTION_KINDS[kind]), seed=1)
+    kwargs = dict(max_new_tokens=64, stop_tokens=[], return_logits=True)
+    cached = kvjax.generate(model, PROMPTS, **kwargs)
+    recomputed = kvjax.generate(model, PROMPTS, use_cache=False, **kwargs)
+    assert [len(t) for t in cached.tokens] == [64, 64]
+    assert cached.tokens == recomputed.tokens
+    for a, b in zip(cached.logits, recomputed.logits):
+        assert a.shape == (64, model.config.vocab_size)
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    # Not a trivial pass: the logits vary and more than one token was chosen.
+    assert len(set(cached.tokens[0])) > 1 and np.ptp(cached.logits[0]) > 1.0
+
+
+def test_ragged_batch_rows_equal_single_prompts(gqa_model):
+    prompts = [[7, 3, 9, 1, 40, 22, 13, 5, 8, 11, 2], [4], [60, 61, 62, 63, 64]]
+    kwargs = dict(max_new_tokens=20, stop_tokens=[], return_logits=True)
+    batched = kvjax.generate(gqa_model, prompts, **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = kvjax.generate(gqa_model, [prompt], **kwargs)
+        assert batched.tokens[row] == alone.tokens[0]
+        np.testing.assert_allclose(batched.logits[row], alone.logits[0], atol=1e-5, rtol=0)
+
+
+def test_max_new_tokens_and_stop_tokens(gqa_model):
+    full = kvjax.generate(gqa_model, PROMPTS, max_new_tokens=24, stop_tokens=[])
+    short = kvjax.generate(gqa_model, PROMPTS, max_new_tokens=5, stop_tokens=[])
+    assert short.tokens == [t[:5] for t in full.tokens]
+    # Stop at the 4th token of row 0: row 0 ends there (stop token included), row 1
+    # goes on unless it meets the same id.
+    stop = full.tokens[0][3]
+    stopped = kvjax.generate(gqa_model, PROMPTS, max_new_tokens=24, stop_tokens=[stop])
+    for row, tokens in enumerate(full.tokens):
+        expected = tokens[:tokens.index(stop) + 1] if stop in tokens else tokens
+        assert stopped.tokens[row] == expected
+    assert stopped.tokens[0][-1] == stop and len(stopped.tokens[0]) == full.tokens[0].index(stop) + 1
+
+
+def test_no_model_work_after_every_row_stopped(gqa_model):
+    """Counts step_fn executions at run time through a host callback."""
+    config = gqa_model.config
+    full = kvjax.generate(gqa_model, PROMPTS, max_new_tokens=30, stop_tokens=[])
+    stops = [full.tokens[0][2], full.tokens[1][5]]  # row 0 stops by token 3, row 1 by token 6
+    last_stop = max(min(t.index(s) for s in stops if s in t) for t in full.tokens)
+
+    calls = []
+    model_step = kvjax.model.step_fn(config)
+
+    def counting_step(params, tokens, positions, cache):
+        jax.debug.callback(lambda t: calls.append(t.shape), tokens)
+        return model_step(params, tokens, positions, cache)
+
+    cache = kvjax.KVCache.create(config, 2, 64, jnp.float32)
+    prompt_tokens = np.zeros((2, 16), np.int32)
+    for row, p in enumerate(PROMPTS):
+        prompt_tokens[row, :len(p)] = p
+    run = jax.jit(functools.partial(kvjax.decode, counting_step, num_steps=32, greedy=True),
+                  donate_argnums=1)
+    result = run(gqa_model.params, cache, prompt_tokens, np.array([7, 3], np.int32),
+                 max_new_tokens=np.int32(30), sampling=SamplingParams.create(2),
+                 seed=np.uint32(0), stop_tokens=np.array(stops, np.int32))
+    jax.block_until_ready(result)
+    # One prefill call, then one call per decode step until the last row stopped.
+    assert int(result.steps_run) == last_stop
+    assert calls == [(2, 16)] + [(2, 1)] * last_stop
+    assert last_stop < 29  # the loop could have run 29 decode steps
+
+
+def test_reuses_compiled_program(gqa_model, compile_counter):
+    """After the first call per sampling mode, other prompts, lengths in the same bucket,
+    max_new_tokens in the same step bucket, seeds and sampling values compile nothing."""
+    kvjax.generate(gqa_model, [[1, 2, 3], [4, 5]], max_new_tokens=10, capacity=128)
+    kvjax.generate(gqa_model, [[1, 2, 3], [4, 5]], max_new_tokens=10, capacity=128,
+                   temperature=0.7, top_k=5)
+    with compile_counter as counter:
+        kvjax.generate(gqa_model, [[9, 8, 7, 6, 5, 4, 3, 2, 1, 9, 9, 9, 9], [11]],
+                       max_new_tokens=16, capacity=128)
+        kvjax.generate(gqa_model, [[30, 31], [32, 33, 34, 35]], max_new_tokens=9,
+                       capacity=128, stop_tokens=[3, 4, 5])
+        for seed, temperature, top_k, top_p, min_p in [(1, 0.5, None, 0.9, None),
+                                                       (7, 1.3, 20, None, 0.05),
+                                                       (123, 2.0, 1, 0.5, 0.2)]:
+            kvjax.generate(gqa_model, [[40, 41, 42], [43]], max_new_tokens=12, capacity=128,
+                           temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           seed=seed)
+    assert counter.count == 0
+
+
+def test_bucket():
+    assert [_bucket(n, 16) for n in (1, 16, 17, 100, 1024, 1025)] == [16, 16, 32, 128, 1024, 2048]
+
+
+def test_stats(gqa_model):
+    out = kvjax.generate(gqa_model, PROMPTS, max_new_tokens=8, stop_tokens=[])
+    stats = out.stats
+    assert stats["new_tokens"] == 16 and stats["decode_steps"] == 7 and stats["batch"] == 2
+    config = gqa_model.config
+    expected_cache = (2 * config.num_layers * 2 * stats["capacity"] * config.num_kv_heads
+                      * config.head_dim * 4 + 2 * 4)
+    assert stats["cache_bytes"] == expected_cache
+    assert stats["prefill_s"] > 0 and stats["decode_s"] > 0 and stats["tokens_per_s"] > 0
