@@ -1,0 +1,54 @@
+"""Bad input to kvjax.generate fails with a clear message before anything compiles."""
+
+import pytest
+
+import kvjax
+from tests.conftest import make_config, make_model
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return make_model(make_config(max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("prompts, kwargs, message", [
+    ([[1, 2], []], {}, "prompt 1 is empty: every prompt needs at least one token"),
+    ([], {}, "prompts must be a non-empty list of strings or of token-id lists"),
+    ("hello", {}, "prompts must be a non-empty list of strings or of token-id lists"),
+    ([[1, 97]], {}, "prompt 0 has token id 97 outside the vocabulary [0, 97)"),
+    ([[-1, 5]], {}, "prompt 0 has token id -1 outside the vocabulary [0, 97)"),
+    (["hello"], {}, "text prompts need a tokenizer (tokenizer.json in the checkpoint); "
+                    "pass token-id lists instead"),
+    ([[1] * 10], dict(max_new_tokens=20, capacity=16),
+     "prompt (10 tokens) + max_new_tokens (20) = 30 exceeds the cache capacity (16); "
+     "pass capacity >= 30"),
+    ([[1] * 40], dict(max_new_tokens=30),
+     "prompt (40 tokens) + max_new_tokens (30) = 70 exceeds the model's "
+     "max_position_embeddings (64); shorten the prompt or lower max_new_tokens"),
+    ([[1]], dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+    ([[1]], dict(temperature=-1.0), "temperature must be >= 0 (0 = greedy), got -1.0"),
+    ([[1]], dict(top_p=0.0), "top_p must be in (0, 1] (or None to disable), got 0.0"),
+    ([[1]], dict(top_k=0), "top_k must be an integer >= 1 (or None to disable), got 0"),
+    ([[1]], dict(min_p=1.0), "min_p must be in [0, 1) (or None to disable), got 1.0"),
+    ([[1]], dict(seed=-3), "seed must be an integer in [0, 2**32), got -3"),
+    ([[1]], dict(stop_tokens=[5, 200]), "stop token 200 is outside the vocabulary [0, 97)"),
+    ([[1]], dict(stop_tokens=list(range(17))), "at most 16 stop tokens are supported, got 17"),
+])
+def test_bad_input_fails_before_compiling(small_model, compile_counter, prompts, kwargs, message):
+    with compile_counter as counter, pytest.raises(ValueError) as e:
+        kvjax.generate(small_model, prompts, **kwargs)
+    assert str(e.value) == message
+    assert counter.count == 0
+
+
+def test_default_capacity_is_a_bucket_capped_at_max_positions(small_model):
+    out = kvjax.generate(small_model, [[1, 2, 3]], max_new_tokens=4)
+    assert out.stats["capacity"] == 64 and out.stats["prompt_bucket"] == 16
+    out = kvjax.generate(small_model, [[1] * 40], max_new_tokens=24)  # needs exactly 64
+    assert len(out.tokens[0]) <= 24 and out.stats["capacity"] == 64
+
+
+def test_unknown_dtype():
+    with pytest.raises(ValueError) as e:
+        kvjax.load("/nonexistent", dtype="float64")
+    assert str(e.value) == "unsupported dtype 'float64'; supported: float32, bfloat16, float16"
