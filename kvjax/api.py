@@ -103,7 +103,7 @@ def _resolve(path_or_hub_id: str) -> str:
     except Exception as e:
         raise FileNotFoundError(
             f"could not get {path} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-            f"Without network, download it elsewhere with `huggingface-cli download {path}` "
+            f"Without network, download it elsewhere with `hf download {path}` "
             "and copy the directory (or HF_HOME cache) here, then pass its path") from e
 
 

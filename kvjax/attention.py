@@ -49,6 +49,7 @@ def attend(queries: jax.Array, keys: jax.Array, values: jax.Array,
     mask = attention_mask(query_positions, key_positions, sliding_window)[:, None, None]
     scores = jnp.where(mask, scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgqs,bksd->bqkgd", probs, values,
-                     preferred_element_type=jnp.float32)  # [batch, queries, kv_heads, group, head_dim]
+    # In the values' dtype, as HF transformers does (GPUs accumulate in float32 anyway);
+    # XLA:CPU has no bf16 x bf16 -> f32 kernel for this batched contraction.
+    out = jnp.einsum("bkgqs,bksd->bqkgd", probs, values)  # [batch, queries, kv_heads, group, head_dim]
     return out.reshape(batch, num_queries, heads, head_dim).astype(queries.dtype)

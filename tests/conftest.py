@@ -6,6 +6,9 @@ import pytest
 
 import kvjax
 
+# Oracle comparisons are in true float32: no TF32 matmuls on GPUs.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def make_config(num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32, vocab_size=97,
                 num_layers=2, max_position_embeddings=512, **kw) -> kvjax.ModelConfig:
