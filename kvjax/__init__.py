@@ -6,19 +6,19 @@ Public API::
     out = kvjax.generate(model, ["Hello"], max_new_tokens=32)
     out.tokens, out.texts, out.stats
 
-and, for your own model, ``kvjax.decode(step_fn, params, cache, ...)``.
+and, for your own model, ``kvjax.jit_decode(step_fn, num_steps=..., greedy=...)``.
 """
 
 from kvjax.api import Generation, Model, generate, load
 from kvjax.cache import KVCache, TokenHistory
 from kvjax.checkpoint import CheckpointError
 from kvjax.config import ConfigError, ModelConfig, RopeScaling
-from kvjax.decode import PAD_TOKEN, DecodeResult, decode
+from kvjax.decode import PAD_TOKEN, DecodeResult, decode, jit_decode
 from kvjax.model import forward, init_params
 from kvjax.sampling import SamplingParams, sample
 
 __all__ = [
     "CheckpointError", "ConfigError", "DecodeResult", "Generation", "KVCache", "Model",
     "ModelConfig", "PAD_TOKEN", "RopeScaling", "SamplingParams", "TokenHistory", "decode",
-    "forward", "generate", "init_params", "load", "sample",
+    "forward", "generate", "init_params", "jit_decode", "load", "sample",
 ]

@@ -17,7 +17,7 @@ import numpy as np
 from kvjax.cache import KVCache, TokenHistory
 from kvjax.checkpoint import DTYPES, load_params
 from kvjax.config import ModelConfig
-from kvjax.decode import decode
+from kvjax.decode import jit_decode
 from kvjax.model import recompute_step_fn, step_fn
 from kvjax.sampling import SamplingParams, check_sampling_values
 from kvjax.tokenizer import Tokenizer
@@ -178,14 +178,8 @@ def _check_lengths(config: ModelConfig, longest: int, max_new_tokens: int,
 def _jitted_decode(config: ModelConfig, use_cache: bool, num_steps: int, greedy: bool,
                    return_logits: bool):
     step = step_fn(config) if use_cache else recompute_step_fn(config)
-
-    def run(params, cache, prompt_tokens, prompt_lengths, max_new_tokens, sampling, seed, stops):
-        return decode(step, params, cache, prompt_tokens, prompt_lengths, num_steps=num_steps,
-                      max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                      stop_tokens=stops, greedy=greedy, return_logits=return_logits,
+    return jit_decode(step, num_steps=num_steps, greedy=greedy, return_logits=return_logits,
                       on_prefill=_PREFILL_CLOCK)
-
-    return jax.jit(run, donate_argnums=1)
 
 
 class _PrefillClock:

@@ -57,6 +57,12 @@ class KVCache:
         return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self))
 
     @property
+    def slot_positions(self) -> jax.Array:
+        """``int32[batch, capacity]``: the position held by each slot (slot = position)."""
+        return jnp.broadcast_to(jnp.arange(self.capacity, dtype=jnp.int32),
+                                (self.batch, self.capacity))
+
+    @property
     def is_full(self) -> jax.Array:
         """``bool[batch]``: rows with no free slot left."""
         return self.lengths >= self.capacity

@@ -153,3 +153,21 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
     return DecodeResult(tokens=tokens, num_generated=state.num_generated, cache=state.cache,
                         steps_run=state.steps_run, logits=all_logits)
 
+
+def jit_decode(step_fn: StepFn, *, num_steps: int, greedy: bool, return_logits: bool = False,
+               on_prefill: Callable[[jax.Array], None] | None = None):
+    """``decode`` for ``step_fn`` as one jitted program with the cache donated.
+
+    The program takes ``(params, cache, prompt_tokens, prompt_lengths, max_new_tokens,
+    sampling, seed, stop_tokens)`` and returns a ``DecodeResult``; the cache passed in
+    is consumed (its buffers are updated in place).
+    """
+
+    def run(params, cache, prompt_tokens, prompt_lengths, max_new_tokens, sampling, seed,
+            stop_tokens):
+        return decode(step_fn, params, cache, prompt_tokens, prompt_lengths,
+                      num_steps=num_steps, max_new_tokens=max_new_tokens, sampling=sampling,
+                      seed=seed, stop_tokens=stop_tokens, greedy=greedy,
+                      return_logits=return_logits, on_prefill=on_prefill)
+
+    return jax.jit(run, donate_argnums=1)

@@ -85,8 +85,12 @@ def _linear(x: jax.Array, layer: dict, weight: str, bias: str) -> jax.Array:
     return y + layer[bias] if bias in layer else y
 
 
-def _attention_block(config: ModelConfig, layer: dict, x: jax.Array, cos, sin,
-                     positions: jax.Array, cache: KVCache | None, index: int):
+def qkv_projection(config: ModelConfig, layer: dict, x: jax.Array, cos: jax.Array,
+                   sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Normed, projected (QK-normed) and rotated queries, keys and values of one layer.
+
+    Returns ``q [batch, seq, heads, head_dim]`` and ``k, v [batch, seq, kv_heads, head_dim]``.
+    """
     batch, seq, _ = x.shape
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     q = _linear(h, layer, "wq", "bq").reshape(batch, seq, config.num_heads, config.head_dim)
@@ -95,24 +99,26 @@ def _attention_block(config: ModelConfig, layer: dict, x: jax.Array, cos, sin,
     if config.qk_norm:
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]
-    if cache is None:  # recompute mode: attend within the given tokens
-        keys, values, key_positions = k, v, positions
-    else:
-        cache = cache.update(index, k, v, positions)
-        keys, values = cache.keys[index], cache.values[index]  # [batch, kv_heads, capacity, head_dim]
-        key_positions = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32),
-                                         (batch, cache.capacity))
-    out = attend(q, keys, values, positions, key_positions, config.sliding_window)
-    out = _linear(out.reshape(batch, seq, -1), layer, "wo", "bo")
-    return out, cache
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def _mlp_block(config: ModelConfig, layer: dict, x: jax.Array) -> jax.Array:
+def finish_layer(config: ModelConfig, layer: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
+    """Output projection and residual, then the gated MLP and residual.
+
+    ``x``: the layer's input ``[batch, seq, hidden]``; ``attn``: ``[batch, seq, heads, head_dim]``.
+    """
+    batch, seq, _ = x.shape
+    x = x + _linear(attn.reshape(batch, seq, -1), layer, "wo", "bo")
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     gate = jax.nn.silu(_linear(h, layer, "w_gate", "b_gate"))
-    return _linear(gate * _linear(h, layer, "w_up", "b_up"), layer, "w_down", "b_down")
+    return x + _linear(gate * _linear(h, layer, "w_up", "b_up"), layer, "w_down", "b_down")
+
+
+def final_logits(config: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+    """Final norm and LM head: ``float32[batch, seq, vocab]``."""
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
 
 
 def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
@@ -135,15 +141,19 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
     x = params["embed"][tokens]  # [batch, seq, hidden]
     cos, sin = rope_tables(config, positions)
     for index, layer in enumerate(params["layers"]):
-        attn_out, cache = _attention_block(config, layer, x, cos, sin, positions, cache, index)
-        x = x + attn_out
-        x = x + _mlp_block(config, layer, x)
-    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
+        q, k, v = qkv_projection(config, layer, x, cos, sin)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]
+        if cache is None:  # recompute mode: attend within the given tokens
+            keys, values, key_positions = k, v, positions
+        else:
+            cache = cache.update(index, k, v, positions)
+            keys, values = cache.keys[index], cache.values[index]  # [batch, kv_heads, capacity, head_dim]
+            key_positions = cache.slot_positions
+        attn = attend(q, keys, values, positions, key_positions, config.sliding_window)
+        x = finish_layer(config, layer, x, attn)
     if cache is not None:
         cache = cache.advance(positions)
-    return logits, cache
+    return final_logits(config, params, x), cache
 
 
 def step_fn(config: ModelConfig):

@@ -23,9 +23,6 @@ capacity, head_dim]``; see kvjax/cache.py):
   C  seq-major       per-layer buffers (Python loop, as A) laid out
                      ``[batch, capacity, kv_heads, head_dim]``: keys/values are written
                      untransposed and the attention einsums contract ``bskd``.
-  D  stacked-scan-xs (optional) as B, but the stacked cache goes through the scan as
-                     ``xs``/``ys`` (the common idiom ``scan(body, x, (layers, K, V))``)
-                     and each layer is written with ``write_rows``.
 
 B and C differ from A in one respect each (loop/stacking; within-layer layout), so
 together they are the measurements behind kvjax's two layout choices.
@@ -88,9 +85,9 @@ from kvjax.api import MAX_STOP_TOKENS, _PREFILL_CLOCK, _jitted_decode  # noqa: E
 from kvjax.attention import attend, attention_mask  # noqa: E402
 from kvjax.cache import KVCache, advanced_lengths, write_rows  # noqa: E402
 from kvjax.config import ModelConfig  # noqa: E402
-from kvjax.decode import decode  # noqa: E402
-from kvjax.model import rms_norm  # noqa: E402
-from kvjax.rope import apply_rope, rope_tables  # noqa: E402
+from kvjax.decode import jit_decode  # noqa: E402
+from kvjax.model import final_logits, finish_layer, qkv_projection  # noqa: E402
+from kvjax.rope import rope_tables  # noqa: E402
 from kvjax.sampling import SamplingParams  # noqa: E402
 
 # CPU has no buffer donation; the warning would repeat on every call.
@@ -115,43 +112,6 @@ CONFIGS = {
                             rope_theta=500000.0, max_position_embeddings=131072,
                             tie_word_embeddings=False),
 }
-
-
-# ----------------------------------------------------------------------------------------
-# Shared layer maths (mirrors kvjax/model.py; only the cache handling differs per variant)
-# ----------------------------------------------------------------------------------------
-
-def _linear(x, layer, weight, bias):
-    y = jnp.einsum("btd,df->btf", x, layer[weight])
-    return y + layer[bias] if bias in layer else y
-
-
-def _qkv(config: ModelConfig, layer: dict, x, cos, sin):
-    """Normed, projected and rotated q, k, v: ``[batch, seq, (kv_)heads, head_dim]``."""
-    batch, seq, _ = x.shape
-    h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-    q = _linear(h, layer, "wq", "bq").reshape(batch, seq, config.num_heads, config.head_dim)
-    k = _linear(h, layer, "wk", "bk").reshape(batch, seq, config.num_kv_heads, config.head_dim)
-    v = _linear(h, layer, "wv", "bv").reshape(batch, seq, config.num_kv_heads, config.head_dim)
-    if config.qk_norm:
-        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
-        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
-def _finish_layer(config: ModelConfig, layer: dict, x, attn):
-    """Output projection, residual, MLP, residual (attn: ``[batch, seq, heads, head_dim]``)."""
-    batch, seq, _ = x.shape
-    x = x + _linear(attn.reshape(batch, seq, -1), layer, "wo", "bo")
-    h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-    gate = jax.nn.silu(_linear(h, layer, "w_gate", "b_gate"))
-    return x + _linear(gate * _linear(h, layer, "w_up", "b_up"), layer, "w_down", "b_down")
-
-
-def _logits(config: ModelConfig, params: dict, x):
-    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
-    head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
 
 
 def _key_positions(batch: int, capacity: int):
@@ -208,45 +168,21 @@ def stacked_scan_forward(config: ModelConfig, params: dict, tokens, positions,
     def body(carry, xs):
         x, keys, values = carry
         layer, index = xs
-        q, k, v = _qkv(config, layer, x, cos, sin)
+        q, k, v = qkv_projection(config, layer, x, cos, sin)
         keys = _scatter_layer_rows(keys, index, k.transpose(0, 2, 1, 3), positions)
         values = _scatter_layer_rows(values, index, v.transpose(0, 2, 1, 3), positions)
         layer_keys = jax.lax.dynamic_index_in_dim(keys, index, 0, keepdims=False)
         layer_values = jax.lax.dynamic_index_in_dim(values, index, 0, keepdims=False)
         attn = attend(q, layer_keys, layer_values, positions, key_positions,
                       config.sliding_window)
-        return (_finish_layer(config, layer, x, attn), keys, values), None
+        return (finish_layer(config, layer, x, attn), keys, values), None
 
     indices = jnp.arange(config.num_layers, dtype=jnp.int32)
     (x, keys, values), _ = jax.lax.scan(body, (x, cache.keys, cache.values),
                                         (params["layers"], indices))
     cache = StackedCache(keys=keys, values=values,
                          lengths=advanced_lengths(cache.lengths, positions))
-    return _logits(config, params, x), cache
-
-
-def stacked_scan_xs_forward(config: ModelConfig, params: dict, tokens, positions,
-                            cache: StackedCache):
-    """D: stacked cache as the scan's ``xs``/``ys``, each layer written with ``write_rows``."""
-    batch = tokens.shape[0]
-    capacity = cache.keys.shape[3]
-    x = params["embed"][tokens]
-    cos, sin = rope_tables(config, positions)
-    key_positions = _key_positions(batch, capacity)
-
-    def body(x, xs):
-        layer, layer_keys, layer_values = xs  # [batch, kv_heads, capacity, head_dim]
-        q, k, v = _qkv(config, layer, x, cos, sin)
-        layer_keys = write_rows(layer_keys, k.transpose(0, 2, 1, 3), positions, seq_axis=2)
-        layer_values = write_rows(layer_values, v.transpose(0, 2, 1, 3), positions, seq_axis=2)
-        attn = attend(q, layer_keys, layer_values, positions, key_positions,
-                      config.sliding_window)
-        return _finish_layer(config, layer, x, attn), (layer_keys, layer_values)
-
-    x, (keys, values) = jax.lax.scan(body, x, (params["layers"], cache.keys, cache.values))
-    cache = StackedCache(keys=keys, values=values,
-                         lengths=advanced_lengths(cache.lengths, positions))
-    return _logits(config, params, x), cache
+    return final_logits(config, params, x), cache
 
 
 # ----------------------------------------------------------------------------------------
@@ -292,15 +228,15 @@ def seq_major_forward(config: ModelConfig, params: dict, tokens, positions,
     key_positions = _key_positions(batch, capacity)
     keys, values = list(cache.keys), list(cache.values)
     for i, layer in enumerate(params["layers"]):
-        q, k, v = _qkv(config, layer, x, cos, sin)
+        q, k, v = qkv_projection(config, layer, x, cos, sin)
         keys[i] = write_rows(keys[i], k, positions, seq_axis=1)
         values[i] = write_rows(values[i], v, positions, seq_axis=1)
         attn = attend_seq_major(q, keys[i], values[i], positions, key_positions,
                                 config.sliding_window)
-        x = _finish_layer(config, layer, x, attn)
+        x = finish_layer(config, layer, x, attn)
     cache = SeqMajorCache(keys=tuple(keys), values=tuple(values),
                           lengths=advanced_lengths(cache.lengths, positions))
-    return _logits(config, params, x), cache
+    return final_logits(config, params, x), cache
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,15 +244,9 @@ def seq_major_forward(config: ModelConfig, params: dict, tokens, positions,
 # ----------------------------------------------------------------------------------------
 
 def make_program(step, num_steps: int, return_logits: bool):
-    """A jitted decode program like ``kvjax.api._jitted_decode``, for any step function."""
-
-    def run(params, cache, prompt_tokens, prompt_lengths, max_new_tokens, sampling, seed, stops):
-        return decode(step, params, cache, prompt_tokens, prompt_lengths, num_steps=num_steps,
-                      max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                      stop_tokens=stops, greedy=True, return_logits=return_logits,
+    """A decode program built as ``kvjax.api._jitted_decode`` builds kvjax's own."""
+    return jit_decode(step, num_steps=num_steps, greedy=True, return_logits=return_logits,
                       on_prefill=_PREFILL_CLOCK)
-
-    return jax.jit(run, donate_argnums=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,9 +265,6 @@ VARIANTS = {
                  lambda c, n, rl: make_program(functools.partial(stacked_scan_forward, c), n, rl)),
     "C": Variant("seq-major", lambda p: p, SeqMajorCache.create,
                  lambda c, n, rl: make_program(functools.partial(seq_major_forward, c), n, rl)),
-    "D": Variant("stacked-scan-xs", stack_params, StackedCache.create,
-                 lambda c, n, rl: make_program(functools.partial(stacked_scan_xs_forward, c),
-                                               n, rl)),
 }
 
 
@@ -490,8 +417,7 @@ def main(argv=None) -> int:
     parser.add_argument("--capacity", type=int, default=None,
                         help="cache slots per row (default prompt + new)")
     parser.add_argument("--variants", nargs="+", default=["A", "B", "C"],
-                        choices=sorted(VARIANTS), help="A kvjax, B stacked-scan, C seq-major, "
-                        "D stacked-scan with the cache as scan xs/ys")
+                        choices=sorted(VARIANTS), help="A kvjax, B stacked-scan, C seq-major")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per measurement")
     parser.add_argument("--hbm-gib", type=float, default=None,
                         help="size of the bandwidth probe (default 4 on GPU, 0.25 on CPU)")

@@ -1,7 +1,5 @@
 """kvjax.decode drives models it has never seen: a hand-written one and a Flax NNX module."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,11 +18,10 @@ def run_decode(step_fn, params, cache, num_new):
     tokens = np.zeros((batch, 8), np.int32)
     for row, prompt in enumerate(PROMPTS):
         tokens[row, :len(prompt)] = prompt
-    run = jax.jit(functools.partial(kvjax.decode, step_fn, num_steps=num_new, greedy=True),
-                  donate_argnums=1)
+    run = kvjax.jit_decode(step_fn, num_steps=num_new, greedy=True)
     result = run(params, cache, tokens, np.array([len(p) for p in PROMPTS], np.int32),
-                 max_new_tokens=np.int32(num_new), sampling=SamplingParams.create(batch),
-                 seed=np.uint32(0), stop_tokens=np.full((1,), kvjax.PAD_TOKEN, np.int32))
+                 np.int32(num_new), SamplingParams.create(batch), np.uint32(0),
+                 np.full((1,), kvjax.PAD_TOKEN, np.int32))
     return np.asarray(result.tokens).tolist()
 
 
@@ -79,7 +76,7 @@ class TinyAttentionLM(nnx.Module):
         else:
             cache = cache.update(0, k, v, positions).advance(positions)
             keys, values = cache.keys[0], cache.values[0]
-            key_positions = jnp.broadcast_to(jnp.arange(cache.capacity), positions.shape[:1] + (cache.capacity,))
+            key_positions = cache.slot_positions
         h = attend(q, keys, values, positions, key_positions).reshape(x.shape)
         return self.out(x + h), cache
 

@@ -1,7 +1,5 @@
 """The decode loop: cache vs recompute, ragged batches, early stop, compile reuse."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,11 +78,9 @@ def test_no_model_work_after_every_row_stopped(gqa_model):
     prompt_tokens = np.zeros((2, 16), np.int32)
     for row, p in enumerate(PROMPTS):
         prompt_tokens[row, :len(p)] = p
-    run = jax.jit(functools.partial(kvjax.decode, counting_step, num_steps=32, greedy=True),
-                  donate_argnums=1)
+    run = kvjax.jit_decode(counting_step, num_steps=32, greedy=True)
     result = run(gqa_model.params, cache, prompt_tokens, np.array([7, 3], np.int32),
-                 max_new_tokens=np.int32(30), sampling=SamplingParams.create(2),
-                 seed=np.uint32(0), stop_tokens=np.array(stops, np.int32))
+                 np.int32(30), SamplingParams.create(2), np.uint32(0), np.array(stops, np.int32))
     jax.block_until_ready(result)
     # One prefill call, then one call per decode step until the last row stopped.
     assert int(result.steps_run) == last_stop
