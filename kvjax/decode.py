@@ -80,6 +80,84 @@ def _is_stop(tokens: jax.Array, stop_tokens: jax.Array) -> jax.Array:
     return jnp.any(tokens[:, None] == stop_tokens[None, :], axis=-1)
 
 
+def prefill(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
+            prompt_lengths: jax.Array, *, start: jax.Array, max_new_tokens: jax.Array,
+            sampling: SamplingParams, seed: jax.Array, stop_tokens: jax.Array,
+            greedy: bool) -> tuple[DecodeState, jax.Array]:
+    """Runs the prompt block through ``step_fn`` and samples each row's first new token.
+
+    Args:
+      prompt_tokens: ``int32[batch, seq]``, right-padded prompts.
+      prompt_lengths: ``int32[batch]``, real tokens per row (>= 1).
+      start: ``int32[batch]``, position of each prompt's first token (0 for an empty
+        cache; the cache's length to continue a conversation).
+      Others as in ``decode``.
+
+    Returns:
+      ``(state, logits)``: the loop state holding the first tokens, and
+      ``float32[batch, vocab]`` the logits they were chosen from.
+    """
+    batch, seq = prompt_tokens.shape
+    positions = prompt_positions(prompt_lengths, seq, start)
+    logits, cache = step_fn(params, prompt_tokens, positions, cache)
+    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    first = sample(last, _row_keys(seed, batch, jnp.int32(0)), sampling, greedy)  # [batch]
+    one = jnp.ones((batch,), jnp.int32)
+    state = DecodeState(cache=cache, tokens=first, positions=start + prompt_lengths,
+                        done=_is_stop(first, stop_tokens) | (one >= max_new_tokens),
+                        num_generated=one, steps_run=jnp.int32(0))
+    return state, last
+
+
+def decode_steps(step_fn: StepFn, params: Any, state: DecodeState, *, num_steps: int,
+                 max_new_tokens: jax.Array, sampling: SamplingParams, seed: jax.Array,
+                 stop_tokens: jax.Array, greedy: bool, return_logits: bool = False
+                 ) -> tuple[DecodeState, jax.Array, jax.Array | None]:
+    """Runs up to ``num_steps`` decode steps, fewer once every row is done.
+
+    Calling it again with the returned state continues exactly where it stopped (the
+    randomness of a step depends only on the seed, the row and the step's index), so
+    chunks of any size give the tokens of one long run: this is how streaming works.
+
+    Returns:
+      ``(state, tokens, logits)``: ``tokens`` ``int32[batch, num_steps]`` sampled by this
+      call (``PAD_TOKEN`` after a row stopped or for steps not run), ``logits``
+      ``float32[batch, num_steps, vocab]`` or None.
+    """
+    batch = state.tokens.shape[0]
+    tokens = jnp.full((batch, num_steps), PAD_TOKEN, jnp.int32)
+    all_logits = None
+    if return_logits:
+        vocab = jax.eval_shape(
+            lambda s: step_fn(params, s.tokens[:, None], s.positions[:, None], s.cache)[0],
+            state).shape[-1]
+        all_logits = jnp.zeros((batch, num_steps, vocab), jnp.float32)
+
+    def keep_going(carry) -> jax.Array:
+        state, _, _, i = carry
+        return (i < num_steps) & ~jnp.all(state.done)
+
+    def step(carry):
+        state, tokens, all_logits, i = carry
+        logits, cache = step_fn(params, state.tokens[:, None], state.positions[:, None], state.cache)
+        logits = logits[:, 0]  # [batch, vocab]
+        index = state.steps_run + 1
+        new = sample(logits, _row_keys(seed, batch, index), sampling, greedy)
+        new = jnp.where(state.done, PAD_TOKEN, new)
+        num_generated = state.num_generated + (~state.done).astype(jnp.int32)
+        done = state.done | _is_stop(new, stop_tokens) | (num_generated >= max_new_tokens)
+        state = DecodeState(cache=cache, tokens=new, positions=state.positions + 1, done=done,
+                            num_generated=num_generated, steps_run=index)
+        tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (0, i))
+        if return_logits:
+            all_logits = jax.lax.dynamic_update_slice(all_logits, logits[:, None], (0, i, 0))
+        return state, tokens, all_logits, i + 1
+
+    state, tokens, all_logits, _ = jax.lax.while_loop(
+        keep_going, step, (state, tokens, all_logits, jnp.int32(0)))
+    return state, tokens, all_logits
+
+
 def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
            prompt_lengths: jax.Array, *, num_steps: int, max_new_tokens: jax.Array,
            sampling: SamplingParams, seed: jax.Array, stop_tokens: jax.Array,
@@ -99,8 +177,7 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
       seed: ``uint32[]`` seed of the per-row randomness.
       stop_tokens: ``int32[n]`` token ids that end a row (pad with ``PAD_TOKEN``).
       greedy: static; argmax for every row.
-      start: ``int32[batch]`` position of each prompt's first token (0 for an empty
-        cache; the cache's length to continue a conversation).
+      start: ``int32[batch]`` position of each prompt's first token (default 0).
       return_logits: static; also return the logits each token was chosen from.
       on_prefill: optional host function called (through ``jax.debug.callback``) with
         the first sampled tokens once prefill has run; used for timing.
@@ -110,48 +187,22 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
     steps with ``lax.cond`` made XLA copy the whole cache through the conditional
     (compiled temp memory of one full cache); the while loop updates it in place.
     """
-    batch, seq = prompt_tokens.shape
     if start is None:
-        start = jnp.zeros((batch,), jnp.int32)
-    positions = prompt_positions(prompt_lengths, seq, start)
-    logits, cache = step_fn(params, prompt_tokens, positions, cache)
-    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    first = sample(last, _row_keys(seed, batch, jnp.int32(0)), sampling, greedy)  # [batch]
+        start = jnp.zeros(prompt_lengths.shape, jnp.int32)
+    controls = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                    stop_tokens=stop_tokens, greedy=greedy)
+    state, last = prefill(step_fn, params, cache, prompt_tokens, prompt_lengths, start=start,
+                          **controls)
+    first = state.tokens  # [batch]
     if on_prefill is not None:
         jax.debug.callback(on_prefill, first)
-    one = jnp.ones((batch,), jnp.int32)
-    state = DecodeState(cache=cache, tokens=first, positions=start + prompt_lengths,
-                        done=_is_stop(first, stop_tokens) | (one >= max_new_tokens),
-                        num_generated=one, steps_run=jnp.int32(0))
-
-    tokens = jnp.full((batch, num_steps), PAD_TOKEN, jnp.int32).at[:, 0].set(first)
-    all_logits = None
+    state, tokens, step_logits = decode_steps(step_fn, params, state, num_steps=num_steps - 1,
+                                              return_logits=return_logits, **controls)
+    tokens = jnp.concatenate([first[:, None], tokens], axis=1)  # [batch, num_steps]
     if return_logits:
-        all_logits = jnp.zeros((batch, num_steps, last.shape[-1]), jnp.float32).at[:, 0].set(last)
-
-    def keep_going(carry) -> jax.Array:
-        state, _, _ = carry
-        return (state.steps_run < num_steps - 1) & ~jnp.all(state.done)
-
-    def step(carry):
-        state, tokens, all_logits = carry
-        logits, cache = step_fn(params, state.tokens[:, None], state.positions[:, None], state.cache)
-        logits = logits[:, 0]  # [batch, vocab]
-        index = state.steps_run + 1
-        new = sample(logits, _row_keys(seed, batch, index), sampling, greedy)
-        new = jnp.where(state.done, PAD_TOKEN, new)
-        num_generated = state.num_generated + (~state.done).astype(jnp.int32)
-        done = state.done | _is_stop(new, stop_tokens) | (num_generated >= max_new_tokens)
-        state = DecodeState(cache=cache, tokens=new, positions=state.positions + 1, done=done,
-                            num_generated=num_generated, steps_run=index)
-        tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (0, index))
-        if return_logits:
-            all_logits = jax.lax.dynamic_update_slice(all_logits, logits[:, None], (0, index, 0))
-        return state, tokens, all_logits
-
-    state, tokens, all_logits = jax.lax.while_loop(keep_going, step, (state, tokens, all_logits))
+        step_logits = jnp.concatenate([last[:, None], step_logits], axis=1)
     return DecodeResult(tokens=tokens, num_generated=state.num_generated, cache=state.cache,
-                        steps_run=state.steps_run, logits=all_logits)
+                        steps_run=state.steps_run, logits=step_logits)
 
 
 def jit_decode(step_fn: StepFn, *, num_steps: int, greedy: bool, return_logits: bool = False,
