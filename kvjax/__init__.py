@@ -9,7 +9,8 @@ Public API::
 and, for your own model, ``kvjax.jit_decode(step_fn, num_steps=..., greedy=...)``.
 """
 
-from kvjax.api import Generation, Model, generate, load
+from kvjax.api import Generation, Model, TokenStream, generate, generate_stream, load
+from kvjax.chat import ChatSession
 from kvjax.cache import KVCache, TokenHistory
 from kvjax.checkpoint import CheckpointError
 from kvjax.config import ConfigError, ModelConfig, RopeScaling
@@ -18,7 +19,8 @@ from kvjax.model import forward, init_params
 from kvjax.sampling import SamplingParams, sample
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DecodeResult", "Generation", "KVCache", "Model",
+    "ChatSession", "CheckpointError", "ConfigError", "DecodeResult", "Generation", "KVCache", "Model",
     "ModelConfig", "PAD_TOKEN", "RopeScaling", "SamplingParams", "TokenHistory", "decode",
-    "forward", "generate", "init_params", "jit_decode", "load", "sample",
+    "TokenStream", "forward", "generate", "generate_stream", "init_params", "jit_decode", "load",
+    "sample",
 ]

@@ -17,7 +17,7 @@ import numpy as np
 from kvjax.cache import KVCache, TokenHistory
 from kvjax.checkpoint import DTYPES, load_params
 from kvjax.config import ModelConfig
-from kvjax.decode import jit_decode
+from kvjax.decode import PAD_TOKEN, decode_steps, jit_decode, prefill
 from kvjax.model import recompute_step_fn, step_fn
 from kvjax.sampling import SamplingParams, check_sampling_values
 from kvjax.tokenizer import Tokenizer
@@ -174,12 +174,68 @@ def _check_lengths(config: ModelConfig, longest: int, max_new_tokens: int,
     return capacity
 
 
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """A validated generation request, padded to the shapes of its compiled programs."""
+
+    encoded: list[list[int]]
+    prompt_tokens: np.ndarray  # int32[batch, prompt_bucket], right-padded
+    prompt_lengths: np.ndarray  # int32[batch]
+    capacity: int
+    num_steps: int  # power-of-two bound on new tokens
+    controls: dict  # max_new_tokens, sampling, seed, stop_tokens: the dynamic loop inputs
+
+    @property
+    def batch(self) -> int:
+        return len(self.encoded)
+
+    @property
+    def greedy(self) -> bool:
+        return self.controls["sampling"].is_greedy
+
+
+def _request(model: Model, prompts, *, max_new_tokens, temperature, top_k, top_p, min_p, seed,
+             stop_tokens, capacity) -> _Request:
+    check_sampling_values(temperature, top_k, top_p, min_p)
+    if not 0 <= seed < 2 ** 32 or int(seed) != seed:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed}")
+    encoded = _encode_prompts(model, prompts)
+    stops = _stop_array(model, stop_tokens)
+    longest = max(len(ids) for ids in encoded)
+    capacity = _check_lengths(model.config, longest, max_new_tokens, capacity)
+    prompt_tokens, prompt_lengths = _pad_block(encoded, min(_bucket(longest, MIN_PROMPT_BUCKET),
+                                                            capacity))
+    sampling = SamplingParams.create(len(encoded), temperature, top_k, top_p, min_p)
+    controls = dict(max_new_tokens=np.int32(max_new_tokens), sampling=sampling,
+                    seed=np.uint32(seed), stop_tokens=stops)
+    return _Request(encoded=encoded, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths,
+                    capacity=capacity, num_steps=_bucket(max_new_tokens, MIN_STEPS_BUCKET),
+                    controls=controls)
+
+
+def _pad_block(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads token rows to ``int32[batch, width]``; returns it and the row lengths."""
+    block = np.zeros((len(rows), width), np.int32)
+    for row, ids in enumerate(rows):
+        block[row, :len(ids)] = ids
+    return block, np.array([len(ids) for ids in rows], np.int32)
+
+
+def _new_cache(model: Model, batch: int, capacity: int, use_cache: bool = True):
+    if use_cache:
+        return KVCache.create(model.config, batch, capacity, model.dtype)
+    return TokenHistory.create(batch, capacity)
+
+
+def _step(config: ModelConfig, use_cache: bool):
+    return step_fn(config) if use_cache else recompute_step_fn(config)
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted_decode(config: ModelConfig, use_cache: bool, num_steps: int, greedy: bool,
                    return_logits: bool):
-    step = step_fn(config) if use_cache else recompute_step_fn(config)
-    return jit_decode(step, num_steps=num_steps, greedy=greedy, return_logits=return_logits,
-                      on_prefill=_PREFILL_CLOCK)
+    return jit_decode(_step(config, use_cache), num_steps=num_steps, greedy=greedy,
+                      return_logits=return_logits, on_prefill=_PREFILL_CLOCK)
 
 
 class _PrefillClock:
@@ -221,36 +277,21 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
       return_logits: also return the logits of every new token.
 
     Prompt lengths are padded to power-of-two buckets and ``max_new_tokens`` to a
-    power-of-two number of scan steps, so other prompts, lengths in the same bucket,
+    power-of-two number of loop steps, so other prompts, lengths in the same bucket,
     seeds and sampling values reuse the compiled program.
 
     Raises:
       ValueError: bad prompts, lengths or sampling values (before any compilation).
     """
-    check_sampling_values(temperature, top_k, top_p, min_p)
-    if not 0 <= seed < 2 ** 32 or int(seed) != seed:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed}")
-    encoded = _encode_prompts(model, prompts)
-    stops = _stop_array(model, stop_tokens)
-    longest = max(len(ids) for ids in encoded)
-    capacity = _check_lengths(model.config, longest, max_new_tokens, capacity)
-    batch = len(encoded)
-    prompt_bucket = min(_bucket(longest, MIN_PROMPT_BUCKET), capacity)
-    num_steps = _bucket(max_new_tokens, MIN_STEPS_BUCKET)
-
-    prompt_tokens = np.zeros((batch, prompt_bucket), np.int32)  # [batch, prompt_bucket]
-    for row, ids in enumerate(encoded):
-        prompt_tokens[row, :len(ids)] = ids
-    prompt_lengths = np.array([len(ids) for ids in encoded], np.int32)
-    sampling = SamplingParams.create(batch, temperature, top_k, top_p, min_p)
-    if use_cache:
-        cache = KVCache.create(model.config, batch, capacity, model.dtype)
-    else:
-        cache = TokenHistory.create(batch, capacity)
-    args = (model.params, cache, prompt_tokens, prompt_lengths, np.int32(max_new_tokens),
-            sampling, np.uint32(seed), stops)
-
-    jitted = _jitted_decode(model.config, use_cache, num_steps, sampling.is_greedy, return_logits)
+    req = _request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
+                   capacity=capacity)
+    cache = _new_cache(model, req.batch, req.capacity, use_cache)
+    cache_bytes = cache.nbytes
+    c = req.controls
+    args = (model.params, cache, req.prompt_tokens, req.prompt_lengths, c["max_new_tokens"],
+            c["sampling"], c["seed"], c["stop_tokens"])
+    jitted = _jitted_decode(model.config, use_cache, req.num_steps, req.greedy, return_logits)
     compile_start = time.perf_counter()
     compiled = _compiled(jitted, args)
     compile_s = time.perf_counter() - compile_start
@@ -262,24 +303,154 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
     end = time.perf_counter()
     prefill_done = _PREFILL_CLOCK.time or end
     tokens_out = np.asarray(result.tokens)
-    tokens = [tokens_out[row, :num_generated[row]].tolist() for row in range(batch)]
-    texts = [model.tokenizer.decode(t) for t in tokens] if model.tokenizer else None
+    tokens = [tokens_out[row, :num_generated[row]].tolist() for row in range(req.batch)]
     logits = None
     if return_logits:
         all_logits = np.asarray(result.logits)
-        logits = [all_logits[row, :num_generated[row]] for row in range(batch)]
-    steps_run = int(result.steps_run)
-    prefill_s, decode_s = prefill_done - start, end - prefill_done
-    new_tokens = int(num_generated.sum())
-    stats = {
+        logits = [all_logits[row, :num_generated[row]] for row in range(req.batch)]
+    stats = _stats(req, tokens, compile_s, prefill_done - start, end - prefill_done,
+                   int(result.steps_run), cache_bytes)
+    return Generation(tokens=tokens, texts=_texts(model, tokens), stats=stats, logits=logits)
+
+
+def _texts(model: Model, tokens: list[list[int]]) -> list[str] | None:
+    return [model.tokenizer.decode(t) for t in tokens] if model.tokenizer else None
+
+
+def _stats(req: _Request, tokens: list[list[int]], compile_s: float, prefill_s: float,
+           decode_s: float, decode_steps: int, cache_bytes: int) -> dict[str, Any]:
+    new_tokens = sum(len(t) for t in tokens)
+    return {
         "compile_s": compile_s, "prefill_s": prefill_s, "decode_s": decode_s,
-        "decode_steps": steps_run, "new_tokens": new_tokens,
-        "tokens_per_s": new_tokens / max(end - start, 1e-9),
-        "decode_tokens_per_s": batch * steps_run / max(decode_s, 1e-9),
-        "cache_bytes": cache.nbytes, "batch": batch, "prompt_bucket": prompt_bucket,
-        "capacity": capacity,
+        "decode_steps": decode_steps, "new_tokens": new_tokens,
+        "tokens_per_s": new_tokens / max(prefill_s + decode_s, 1e-9),
+        "decode_tokens_per_s": req.batch * decode_steps / max(decode_s, 1e-9),
+        "cache_bytes": cache_bytes, "batch": req.batch,
+        "prompt_bucket": req.prompt_tokens.shape[1], "capacity": req.capacity,
     }
-    return Generation(tokens=tokens, texts=texts, stats=stats, logits=logits)
+
+
+# ----- streaming: a prefill program, then compiled chunks of decode steps -----
+
+@functools.lru_cache(maxsize=64)
+def _stream_programs(config: ModelConfig, use_cache: bool, greedy: bool, chunk_size: int):
+    """(prefill program, chunk program), each jitted once with its cache/state donated."""
+    step = _step(config, use_cache)
+
+    def prefill_block(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed,
+                      stop_tokens):
+        return prefill(step, params, cache, tokens, lengths, start=start, greedy=greedy,
+                       max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                       stop_tokens=stop_tokens)[0]
+
+    def chunk(params, state, max_new_tokens, sampling, seed, stop_tokens):
+        state, tokens, _ = decode_steps(step, params, state, num_steps=chunk_size, greedy=greedy,
+                                        max_new_tokens=max_new_tokens, sampling=sampling,
+                                        seed=seed, stop_tokens=stop_tokens)
+        return state, tokens, jnp.all(state.done)
+
+    return jax.jit(prefill_block, donate_argnums=1), jax.jit(chunk, donate_argnums=1)
+
+
+class _Chunks:
+    """Runs prefill then decode chunks, yielding ``int32[batch, n]`` host token blocks.
+
+    The next chunk is dispatched before the current one is read back, so the device
+    never waits for the host; the loop ends once every row is done (one spare chunk,
+    which does no model work, may have been dispatched). ``state`` holds the final
+    loop state (and its cache) after iteration; ``times`` the compile, prefill and
+    decode seconds.
+    """
+
+    def __init__(self, model: Model, use_cache: bool, chunk_size: int, cache, block: np.ndarray,
+                 lengths: np.ndarray, start: np.ndarray, controls: dict):
+        prefill_program, chunk_program = _stream_programs(
+            model.config, use_cache, controls["sampling"].is_greedy, chunk_size)
+        self._params, self._controls = model.params, controls
+        self._prefill_args = (model.params, cache, block, lengths, start, *controls.values())
+        t0 = time.perf_counter()
+        self._prefill = _compiled(prefill_program, self._prefill_args)
+        state_shape = jax.eval_shape(prefill_program, *self._prefill_args)
+        self._chunk = _compiled(chunk_program, (model.params, state_shape, *controls.values()))
+        self.compile_s = time.perf_counter() - t0
+        self.state = None
+        self.prefill_s = self.decode_s = 0.0
+        self.decode_steps = 0
+
+    def _run_chunk(self, state):
+        return self._chunk(self._params, state, *self._controls.values())
+
+    def __iter__(self):
+        t0 = time.perf_counter()
+        state = self._prefill(*self._prefill_args)
+        first = np.asarray(state.tokens)[:, None]  # [batch, 1]
+        finished = bool(np.all(np.asarray(state.done)))
+        self.prefill_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        pending = None if finished else self._run_chunk(state)
+        yield first
+        while pending is not None:
+            state, tokens, done = pending
+            pending = None if bool(done) else self._run_chunk(state)
+            yield np.asarray(tokens)
+        self.decode_s = time.perf_counter() - t1
+        self.state = state
+        self.decode_steps = int(state.steps_run)
+
+
+class TokenStream:
+    """Iterating yields, per chunk, each row's new tokens (a list per row, empty once the
+    row has stopped); afterwards ``generation`` holds the whole ``Generation``."""
+
+    def __init__(self, model: Model, req: _Request, chunks: _Chunks, cache_bytes: int):
+        self._model, self._req, self._chunks, self._cache_bytes = model, req, chunks, cache_bytes
+        self.generation: Generation | None = None
+
+    def __iter__(self):
+        batch = self._req.batch
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        finished = [False] * batch
+        stops = set(self._req.controls["stop_tokens"].tolist()) - {PAD_TOKEN}
+        for block in self._chunks:
+            delta: list[list[int]] = []
+            for row in range(batch):
+                new = [] if finished[row] else [int(t) for t in block[row] if t != PAD_TOKEN]
+                new = new[:int(self._req.controls["max_new_tokens"]) - len(tokens[row])]
+                for i, t in enumerate(new):
+                    if t in stops:
+                        new, finished[row] = new[:i + 1], True
+                        break
+                tokens[row].extend(new)
+                delta.append(new)
+            yield delta
+        c = self._chunks
+        stats = _stats(self._req, tokens, c.compile_s, c.prefill_s, c.decode_s, c.decode_steps,
+                       self._cache_bytes)
+        self.generation = Generation(tokens=tokens, texts=_texts(self._model, tokens), stats=stats)
+
+
+def generate_stream(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
+                    chunk_size: int = 16, max_new_tokens: int = 64, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    min_p: float | None = None, seed: int = 0,
+                    stop_tokens: Sequence[int] | None = None, capacity: int | None = None,
+                    use_cache: bool = True) -> TokenStream:
+    """Like ``generate`` but yields new tokens as they are made, ``chunk_size`` steps at a time.
+
+    Two compiled programs (the prefill and a chunk of ``chunk_size`` decode steps) serve
+    the whole run, so nothing recompiles per token; the tokens are exactly those of
+    ``generate`` with the same arguments. Validation happens here, before compiling.
+    """
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size}")
+    req = _request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
+                   capacity=capacity)
+    cache = _new_cache(model, req.batch, req.capacity, use_cache)
+    cache_bytes = cache.nbytes
+    chunks = _Chunks(model, use_cache, chunk_size, cache, req.prompt_tokens, req.prompt_lengths,
+                     np.zeros((req.batch,), np.int32), req.controls)
+    return TokenStream(model, req, chunks, cache_bytes)
 
 
 _COMPILED: dict = {}

@@ -1,5 +1,7 @@
 """Shared fixtures: small random models built directly in kvjax (no checkpoint)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -61,3 +63,39 @@ def compile_counter() -> CompileCounter:
     if _COUNTER is None:
         _COUNTER = CompileCounter()
     return _COUNTER
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+          "message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TEXT = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot today",
+        "we like to read books", "she sings a song at night"] * 4
+
+
+@pytest.fixture(scope="session")
+def text_checkpoint(tmp_path_factory) -> str:
+    """A tiny random Llama with a byte-level BPE tokenizer and a ChatML chat template,
+    saved as Hugging Face files (config, safetensors, tokenizer.json, tokenizer_config)."""
+    import tokenizers
+    import torch
+    import transformers
+
+    directory = tmp_path_factory.mktemp("text_model")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXT, trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+         "chat_template": CHATML}))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, eos_token_id=0, bos_token_id=None, initializer_range=0.2)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return str(directory)

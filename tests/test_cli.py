@@ -6,36 +6,15 @@ import subprocess
 import sys
 
 import pytest
-import tokenizers
-import torch
-import transformers
 
 import kvjax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot today",
-        "we like to read books", "she sings a song at night"] * 4
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny Llama with a byte-level BPE tokenizer, saved as Hugging Face files."""
-    directory = tmp_path_factory.mktemp("cli_model")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXT, trainer)
-    tok.save(str(directory / "tokenizer.json"))
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, eos_token_id=0, bos_token_id=None)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    return str(directory)
+def checkpoint(text_checkpoint):
+    return text_checkpoint
 
 
 def run_cli(*args):

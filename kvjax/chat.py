@@ -1,0 +1,132 @@
+"""Multi-turn chat that keeps its KV cache: each turn prefills only its own new tokens."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from kvjax.api import (MIN_PROMPT_BUCKET, Model, _bucket, _Chunks, _pad_block, _stop_array,
+                       _new_cache)
+from kvjax.decode import PAD_TOKEN
+from kvjax.sampling import SamplingParams
+from kvjax.tokenizer import StreamDecoder
+
+
+class CapacityError(ValueError):
+    """The conversation no longer fits in the session's cache."""
+
+
+class ChatSession:
+    """A conversation with a model: the messages, their tokens and the KV cache holding them.
+
+    ``send(message)`` renders the conversation with the checkpoint's chat template, takes
+    the text the new turn adds after what is already cached, prefills just those tokens at
+    the end of the cache and decodes the reply. Greedy replies equal what ``generate``
+    gives for the whole token history from scratch (``history`` is exactly what the cache
+    holds, plus the last reply token, which the next turn feeds first).
+
+    Args:
+      model: a model whose tokenizer has a chat template.
+      capacity: cache slots for the whole conversation (default: max positions, at most 4096).
+      system: an optional system message.
+      max_new_tokens: the longest reply.
+      temperature, top_k, top_p, min_p: as in ``generate``.
+      seed: turn ``i`` samples with seed ``seed + i``.
+      stop_tokens: default the model's.
+      chunk_size: decode steps per compiled chunk while streaming.
+    """
+
+    def __init__(self, model: Model, *, capacity: int | None = None, system: str | None = None,
+                 max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, min_p: float | None = None, seed: int = 0,
+                 stop_tokens: Sequence[int] | None = None, chunk_size: int = 16):
+        if model.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (tokenizer.json in the checkpoint)")
+        if model.tokenizer.chat_template is None:
+            raise ValueError("this checkpoint has no chat_template in tokenizer_config.json; "
+                             "use generate() with plain prompts")
+        self.model = model
+        self.capacity = capacity or min(model.config.max_position_embeddings, 4096)
+        self.max_new_tokens = max_new_tokens
+        self.sampling = SamplingParams.create(1, temperature, top_k, top_p, min_p)
+        self.seed = seed
+        self.stops = _stop_array(model, stop_tokens)
+        self.chunk_size = chunk_size
+        self.system = system
+        self.last_stats: dict = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the conversation (the cache is reused, its contents overwritten)."""
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.history: list[int] = []  # the cache holds history[:-1]
+        self._rendered = ""  # the text that `history` encodes
+        self._turn = 0
+        self._cache = _new_cache(self.model, 1, self.capacity)
+
+    @property
+    def cache_fill(self) -> int:
+        """Tokens in the cache."""
+        return max(len(self.history) - 1, 0)
+
+    def send(self, message: str) -> str:
+        """The model's whole reply to ``message``."""
+        return "".join(self.stream(message))
+
+    def stream(self, message: str) -> Iterator[str]:
+        """Yields the reply to ``message`` as text pieces, as they are generated."""
+        tokenizer = self.model.tokenizer
+        messages = self.messages + [{"role": "user", "content": message}]
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if not rendered.startswith(self._rendered):
+            # The template rewrites earlier turns (some drop old reasoning text): the cache
+            # no longer matches the conversation, so start it again from the top.
+            self.history, self._rendered = [], ""
+        new_tokens = tokenizer.encode(rendered[len(self._rendered):], add_special_tokens=False)
+        block_tokens = self.history[-1:] + new_tokens
+        start = self.cache_fill
+        needed = start + len(block_tokens) + self.max_new_tokens
+        if needed > self.capacity:
+            raise CapacityError(
+                f"the conversation has reached the cache capacity: {start} cached tokens + "
+                f"{len(block_tokens)} new + up to {self.max_new_tokens} for the reply = {needed} "
+                f"> {self.capacity}; reset the conversation (/reset) or use a larger capacity")
+        width = min(_bucket(len(block_tokens), MIN_PROMPT_BUCKET), self.capacity - start)
+        block, lengths = _pad_block([block_tokens], width)
+        controls = dict(max_new_tokens=np.int32(self.max_new_tokens), sampling=self.sampling,
+                        seed=np.uint32(self.seed + self._turn), stop_tokens=self.stops)
+        chunks = _Chunks(self.model, True, self.chunk_size, self._cache, block, lengths,
+                         np.array([start], np.int32), controls)
+        self._cache = None  # donated to the prefill program
+        stops = set(self.stops.tolist()) - {PAD_TOKEN}
+        decoder = StreamDecoder(tokenizer)
+        reply: list[int] = []
+        finished = False
+        t0 = time.perf_counter()
+        for block_out in chunks:
+            new = [] if finished else [int(t) for t in block_out[0] if t != PAD_TOKEN]
+            for i, t in enumerate(new):
+                if t in stops:
+                    new, finished = new[:i + 1], True
+                    break
+            reply.extend(new)
+            text = decoder.add(new)
+            if text:
+                yield text
+        text = decoder.flush()
+        if text:
+            yield text
+        self._cache = chunks.state.cache
+        self.history = self.history + new_tokens + reply
+        self._rendered = rendered + tokenizer.decode(reply, skip_special_tokens=False)
+        self.messages = messages + [{"role": "assistant", "content": tokenizer.decode(reply)}]
+        self._turn += 1
+        self.last_stats = {
+            "prefill_tokens": len(block_tokens), "prefill_s": chunks.prefill_s,
+            "reply_tokens": len(reply), "decode_s": chunks.decode_s,
+            "decode_tokens_per_s": max(len(reply) - 1, 0) / max(chunks.decode_s, 1e-9),
+            "compile_s": chunks.compile_s, "cache_fill": self.cache_fill,
+            "capacity": self.capacity, "turn_s": time.perf_counter() - t0,
+        }

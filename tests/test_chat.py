@@ -1,0 +1,101 @@
+"""Streaming and multi-turn chat: same tokens as one-shot generation, history never recomputed."""
+
+import numpy as np
+import pytest
+import transformers
+
+import kvjax
+from kvjax.chat import CapacityError, ChatSession
+from kvjax.tokenizer import StreamDecoder
+from tests.conftest import make_config, make_model
+
+STOPS = [0, 2]  # <eos>, <|im_end|> of the text checkpoint
+
+
+@pytest.fixture(scope="module")
+def chat_model(text_checkpoint):
+    return kvjax.load(text_checkpoint, dtype="float32")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16])
+def test_stream_equals_generate(gqa_model, chunk_size):
+    prompts = [[5, 17, 3, 88, 41, 9, 60], [2, 71, 33]]
+    for kwargs in [dict(stop_tokens=[]), dict(temperature=0.9, top_p=0.9, seed=4, stop_tokens=[7, 11])]:
+        expected = kvjax.generate(gqa_model, prompts, max_new_tokens=21, **kwargs)
+        stream = kvjax.generate_stream(gqa_model, prompts, max_new_tokens=21,
+                                       chunk_size=chunk_size, **kwargs)
+        pieces = list(stream)
+        assert stream.generation.tokens == expected.tokens
+        assert [sum((p[row] for p in pieces), []) for row in range(2)] == expected.tokens
+        assert len(pieces) >= 1 + (max(map(len, expected.tokens)) - 1) // chunk_size
+
+
+def test_stream_decoder_never_splits_a_character(chat_model):
+    tokenizer = chat_model.tokenizer
+    text = "naïve café: 東京タワー 🎉🚀 and 한국어 ok"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text) // 2  # byte-level pieces: characters span several tokens
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.add([t]) for t in ids]
+    assert decoder.flush() == ""
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stream_decoder_flushes_an_unfinished_character(chat_model):
+    tokenizer = chat_model.tokenizer
+    ids = tokenizer.encode("ok 🎉", add_special_tokens=False)
+    decoder = StreamDecoder(tokenizer)
+    held = "".join(decoder.add([t]) for t in ids[:-1])  # the emoji's last byte is missing
+    assert held == "ok " and decoder.flush() == tokenizer.decode(ids[:-1])[len("ok "):]
+
+
+def test_chat_template_matches_transformers(chat_model, text_checkpoint):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    hf = transformers.AutoTokenizer.from_pretrained(text_checkpoint)
+    for add in (True, False):
+        assert chat_model.tokenizer.apply_chat_template(messages, add_generation_prompt=add) == \
+            hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
+
+
+def test_three_turns_equal_generation_from_scratch(chat_model):
+    session = ChatSession(chat_model, capacity=256, max_new_tokens=12, stop_tokens=STOPS)
+    turns = ["the cat sat", "a dog ran in the park today", "we like to read"]
+    for turn, message in enumerate(turns):
+        before = list(session.history)
+        reply = session.send(message)
+        new = session.history[len(before):]
+        # The turn's prompt is what the template adds; the reply follows it.
+        reply_tokens = new[session.last_stats["prefill_tokens"] - (1 if before else 0):]
+        assert session.last_stats["reply_tokens"] == len(reply_tokens)
+        scratch = kvjax.generate(chat_model, [session.history[:len(session.history) - len(reply_tokens)]],
+                                 max_new_tokens=12, stop_tokens=STOPS)
+        assert scratch.tokens[0] == reply_tokens
+        assert scratch.texts[0] == reply
+        if turn == 2:
+            # Only this turn's tokens (plus the previous reply's last token) were prefilled.
+            turn_tokens = chat_model.tokenizer.encode(
+                "<|im_end|>\n<|im_start|>user\nwe like to read<|im_end|>\n<|im_start|>assistant\n",
+                add_special_tokens=False)
+            assert session.last_stats["prefill_tokens"] <= len(turn_tokens) + 1
+            assert session.last_stats["prefill_tokens"] < len(before) / 2
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] * 3
+    assert session.cache_fill == len(session.history) - 1
+
+
+def test_chat_reports_capacity(chat_model):
+    session = ChatSession(chat_model, capacity=48, max_new_tokens=16, stop_tokens=STOPS)
+    session.send("hi")
+    with pytest.raises(CapacityError) as e:
+        session.send("the cat sat on the mat and the dog ran in the park")
+    assert "the conversation has reached the cache capacity" in str(e.value)
+    assert "reset the conversation (/reset) or use a larger capacity" in str(e.value)
+    session.reset()
+    assert session.history == [] and session.send("hi") is not None
+
+
+def test_chat_needs_a_template(gqa_model):
+    with pytest.raises(ValueError) as e:
+        ChatSession(gqa_model)
+    assert str(e.value) == "chat needs a tokenizer (tokenizer.json in the checkpoint)"
