@@ -1,16 +1,25 @@
-"""``kvjax-generate`` / ``python scripts/generate.py``: generate text from a checkpoint."""
+"""``kvjax-generate`` / ``python scripts/generate.py``: generate text, stream it, or chat."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "kvjax-tiny")
+DEFAULT_PROMPT = "The Python interpreter"
+
 EXAMPLES = """examples:
-  python scripts/generate.py --model ./my-llama --prompt "The capital of France is"
+  python scripts/generate.py                       # the bundled model, a default prompt, streaming
+  python scripts/generate.py --prompt "The list type" --max-new-tokens 100 --stream
   python scripts/generate.py --model ./my-llama --prompt "Hi" --prompt "Once upon a time" \\
-      --max-new-tokens 64 --temperature 0.8 --top-p 0.95 --seed 1
-  python scripts/generate.py --model ./my-llama --prompt "Hi" --json
+      --temperature 0.8 --top-p 0.95 --seed 1 --json
+  echo "Tell me about tuples" | python scripts/generate.py --quiet
+  python scripts/generate.py --model Qwen/Qwen2.5-0.5B-Instruct --chat
+  python scripts/generate.py --no-cache --max-new-tokens 64   # the recompute baseline
+
+exit codes: 0 ok, 1 bad input or model, 2 bad flags, 130 interrupted
 """
 
 
@@ -18,53 +27,202 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="kvjax-generate", description="Generate text with a KV-cached JAX decoder.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True,
-                        help="Hugging Face checkpoint directory or Hub id (org/name)")
-    parser.add_argument("--prompt", action="append", required=True,
+    parser.add_argument("--model", default=BUNDLED_MODEL,
+                        help="Hugging Face checkpoint directory or Hub id (org/name); "
+                             "default: the bundled kvjax-tiny model")
+    parser.add_argument("--prompt", action="append", default=[],
                         help="prompt text; repeat for a batch (one row each)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--min-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stop", type=int, action="append", default=None,
-                        help="stop token id (repeatable); default from generation_config.json")
-    parser.add_argument("--capacity", type=int, default=None, help="KV cache slots per row")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--no-cache", action="store_true",
-                        help="recompute the whole sequence every step (baseline)")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object with tokens, texts and stats")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser.parse_args(argv)
+    parser.add_argument("--prompt-file", action="append", default=[],
+                        help="a file whose whole text is one prompt (repeatable)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--max-new-tokens", type=int, default=64)
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    sampling.add_argument("--top-k", type=int, default=None)
+    sampling.add_argument("--top-p", type=float, default=None)
+    sampling.add_argument("--min-p", type=float, default=None)
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--stop", type=int, action="append", default=None, metavar="ID",
+                          help="stop token id (repeatable); default from generation_config.json")
+    run = parser.add_argument_group("run")
+    run.add_argument("--capacity", type=int, default=None, help="KV cache slots per row")
+    run.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    run.add_argument("--no-cache", action="store_true",
+                     help="recompute the whole sequence every step (the baseline)")
+    run.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default=None,
+                     help="JAX backend (default: the best present)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--stream", action="store_true", help="print text as it is generated")
+    output.add_argument("--chunk-size", type=int, default=16,
+                        help="decode steps per compiled chunk when streaming")
+    output.add_argument("--json", action="store_true",
+                        help="one JSON object with tokens, texts and stats (JSON lines with --stream)")
+    output.add_argument("--quiet", action="store_true", help="only the generated text")
+    output.add_argument("--chat", action="store_true",
+                        help="interactive multi-turn chat (/reset, /stats, /quit)")
+    output.add_argument("--system", default=None, help="system message for --chat")
+    output.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    if args.chat and (args.json or args.prompt or args.prompt_file):
+        parser.error("--chat is interactive: it takes no --prompt, --prompt-file or --json")
+    if args.chunk_size < 1:
+        parser.error("--chunk-size must be >= 1")
+    return args
+
+
+def _prompts(args: argparse.Namespace) -> tuple[list[str], bool]:
+    """The prompts, and whether none was given (then: the default prompt, streamed)."""
+    prompts = list(args.prompt)
+    for path in args.prompt_file:
+        with open(path) as f:
+            prompts.append(f.read())
+    if not prompts and not sys.stdin.isatty():
+        text = sys.stdin.read()
+        if text.strip():
+            prompts.append(text)
+    if prompts:
+        return prompts, False
+    return [DEFAULT_PROMPT], True
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.platform:
+        os.environ["JAX_PLATFORMS"] = args.platform  # before jax is imported
     try:
-        import kvjax
-
-        model = kvjax.load(args.model, dtype=args.dtype)
-        out = kvjax.generate(
-            model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-            stop_tokens=args.stop, capacity=args.capacity, use_cache=not args.no_cache)
-    except (ValueError, FileNotFoundError) as e:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    import kvjax
+
+    if args.model == BUNDLED_MODEL and not os.path.isdir(BUNDLED_MODEL):
+        raise FileNotFoundError(f"the bundled model is missing from {BUNDLED_MODEL}; "
+                                "reinstall kvjax or pass --model")
+    model = kvjax.load(args.model, dtype=args.dtype)
+    if args.chat:
+        return _chat(model, args)
+    prompts, defaulted = _prompts(args)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+                   stop_tokens=args.stop, capacity=args.capacity, use_cache=not args.no_cache)
+    show_progress = (not (args.stream or defaulted or args.quiet or args.json)
+                     and sys.stderr.isatty() and args.max_new_tokens >= 128)
+    if args.stream or defaulted or show_progress:
+        stream = kvjax.generate_stream(model, prompts, chunk_size=args.chunk_size, **options)
+        if show_progress:
+            out = _with_progress(stream, len(prompts) * args.max_new_tokens)
+        else:
+            out = _print_stream(model, prompts, stream, args)
+            if out is None:
+                return 0
+    else:
+        out = kvjax.generate(model, prompts, **options)
     if args.json:
         print(json.dumps({"tokens": out.tokens, "texts": out.texts, "stats": out.stats}))
         return 0
-    for prompt, text in zip(args.prompt, out.texts or [str(t) for t in out.tokens]):
-        print(prompt + text)
-    s = out.stats
-    print(f"[compile {s['compile_s']:.2f}s | prefill {s['prefill_s'] * 1e3:.1f}ms | decode "
-          f"{s['decode_tokens_per_s']:.1f} tok/s | cache {s['cache_bytes'] / 2**20:.1f} MiB]",
-          file=sys.stderr)
+    if not (args.stream or defaulted):
+        texts = out.texts or [" ".join(map(str, t)) for t in out.tokens]
+        for prompt, text in zip(prompts, texts):
+            print(text if args.quiet else prompt + text)
+    if not args.quiet:
+        _print_stats(out.stats)
     return 0
+
+
+def _print_stats(s: dict) -> None:
+    print(f"[compile {s['compile_s']:.2f} s | prefill {s['prefill_s'] * 1e3:.1f} ms | decode "
+          f"{s['decode_tokens_per_s']:.1f} tok/s | {s['new_tokens']} new tokens | cache "
+          f"{s['cache_bytes'] / 2 ** 20:.1f} MiB]", file=sys.stderr)
+
+
+def _with_progress(stream, total: int):
+    from tqdm import tqdm  # a dependency of huggingface_hub
+
+    with tqdm(total=total, unit="tok", file=sys.stderr, leave=False) as bar:
+        for delta in stream:
+            bar.update(sum(len(d) for d in delta))
+    return stream.generation
+
+
+def _print_stream(model, prompts: list[str], stream, args):
+    """Prints a stream; returns the Generation, or None when it printed JSON lines itself."""
+    from kvjax.tokenizer import StreamDecoder
+
+    decoders = [StreamDecoder(model.tokenizer) if model.tokenizer else None for _ in prompts]
+
+    def text_of(row: int, tokens: list[int], final: bool = False) -> str:
+        if decoders[row] is None:
+            return "".join(f" {t}" for t in tokens)
+        return decoders[row].add(tokens) + (decoders[row].flush() if final else "")
+
+    single = len(prompts) == 1 and not args.json
+    if single and not args.quiet:
+        print(prompts[0], end="", flush=True)
+    for delta in stream:
+        for row, tokens in enumerate(delta):
+            text = text_of(row, tokens)
+            if args.json:
+                if tokens:
+                    print(json.dumps({"row": row, "tokens": tokens, "text": text}), flush=True)
+            elif text:
+                print(text if single else f"[{row}] {text}", end="" if single else "\n", flush=True)
+    for row in range(len(prompts)):  # whatever an unfinished character held back
+        text = text_of(row, [], final=True)
+        if text and not args.json:
+            print(text if single else f"[{row}] {text}", end="" if single else "\n")
+    if single:
+        print()
+    out = stream.generation
+    if args.json:
+        print(json.dumps({"tokens": out.tokens, "texts": out.texts, "stats": out.stats}))
+        return None
+    return out
+
+
+def _chat(model, args: argparse.Namespace) -> int:
+    import kvjax
+    from kvjax.chat import CapacityError
+
+    session = kvjax.ChatSession(
+        model, capacity=args.capacity, system=args.system, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        seed=args.seed, stop_tokens=args.stop, chunk_size=args.chunk_size)
+    print("chat with the model: /reset starts over, /stats shows the last turn, /quit ends",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/quit", "/exit"):
+            return 0
+        if command == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if command == "/stats":
+            print(json.dumps(session.last_stats), file=sys.stderr)
+            continue
+        try:
+            print("model> ", end="", flush=True)
+            for piece in session.stream(line):
+                print(piece, end="", flush=True)
+            print()
+        except CapacityError as e:
+            print(f"\n{e}", file=sys.stderr)
+            continue
 
 
 if __name__ == "__main__":
