@@ -20,6 +20,7 @@ from kvjax.config import ModelConfig
 from kvjax.decode import PAD_TOKEN, decode_steps, jit_decode, prefill
 from kvjax.model import recompute_step_fn, step_fn
 from kvjax.sampling import SamplingParams, check_sampling_values
+from kvjax import sharding
 from kvjax.tokenizer import Tokenizer
 
 MAX_STOP_TOKENS = 16  # stop ids are a fixed-size array so their number never recompiles
@@ -36,6 +37,7 @@ class Model:
     params: Any
     tokenizer: Tokenizer | None = None
     stop_tokens: tuple[int, ...] = ()
+    mesh: Any = None  # the jax.sharding.Mesh the params live on (kvjax.sharding), or None
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -63,7 +65,7 @@ class Generation:
     logits: list[np.ndarray] | None = None
 
 
-def load(path_or_hub_id: str, dtype: str = "bfloat16") -> Model:
+def load(path_or_hub_id: str, dtype: str = "bfloat16", mesh=None) -> Model:
     """Loads a Hugging Face-format checkpoint (a local directory or a Hub id).
 
     Reads ``config.json``, the safetensors weights (single file or sharded index),
@@ -75,14 +77,16 @@ def load(path_or_hub_id: str, dtype: str = "bfloat16") -> Model:
         (downloaded with ``huggingface_hub.snapshot_download``, honouring ``HF_HOME``
         and ``HF_HUB_OFFLINE``).
       dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+      mesh: a ``kvjax.sharding.make_mesh`` mesh: each tensor is placed straight onto its
+        sharding while loading, and ``generate`` runs over the mesh (docs/sharding.md).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
     directory = _resolve(path_or_hub_id)
     config = ModelConfig.from_json(directory)
-    params = load_params(directory, config, dtype)
+    params = load_params(directory, config, dtype, mesh=mesh)
     return Model(config=config, params=params, tokenizer=Tokenizer.from_directory(directory),
-                 stop_tokens=_default_stop_tokens(directory, config))
+                 stop_tokens=_default_stop_tokens(directory, config), mesh=mesh)
 
 
 def _resolve(path_or_hub_id: str) -> str:
@@ -286,7 +290,8 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
     req = _request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
                    capacity=capacity)
-    cache = _new_cache(model, req.batch, req.capacity, use_cache)
+    sharding.check_model(model, req.batch)  # a mesh that can't split this batch/model
+    cache = sharding.new_cache(model, req.batch, req.capacity, use_cache)  # sharded on model.mesh
     cache_bytes = cache.nbytes
     c = req.controls
     args = (model.params, cache, req.prompt_tokens, req.prompt_lengths, c["max_new_tokens"],

@@ -2,7 +2,10 @@
 
 Tensors are read one at a time (memory-mapped by safetensors), checked against the
 shape the config implies, converted to the requested dtype on the host and only then
-put on the device, so the host holds at most one converted tensor at a time.
+put on the device, so the host holds at most one converted tensor at a time. With a
+mesh (``kvjax.sharding``), each tensor goes straight from the host onto its sharding:
+every device receives only its own shard (``jax.make_array_from_callback``), and no
+device ever holds a whole sharded tensor.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from safetensors import safe_open
 
 from kvjax.config import ModelConfig
 from kvjax.model import layer_param_shapes, top_param_shapes
+from kvjax.sharding import DEFAULT_RULES, param_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -88,8 +92,14 @@ def tensor_files(directory: str) -> dict[str, str]:
         return {name: single for name in f.keys()}
 
 
-def load_params(directory: str, config: ModelConfig, dtype: str = "bfloat16") -> dict:
+def load_params(directory: str, config: ModelConfig, dtype: str = "bfloat16", mesh=None,
+                rules=None) -> dict:
     """Reads the parameter pytree of ``config`` from the safetensors in ``directory``.
+
+    With ``mesh`` (a ``kvjax.sharding.make_mesh`` mesh), each tensor is converted on the
+    host and placed directly onto its ``NamedSharding`` (``kvjax.sharding.ShardingRules``,
+    default ``rules``), each device receiving only its shard; in a multi-process job each
+    process places only the shards of its own devices.
 
     Raises:
       CheckpointError: a tensor is missing or has the wrong shape (naming the tensor,
@@ -98,6 +108,9 @@ def load_params(directory: str, config: ModelConfig, dtype: str = "bfloat16") ->
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
     np_dtype = np.float32 if dtype == "float32" else getattr(ml_dtypes, dtype, np.float16)
+    shardings = None
+    if mesh is not None:  # validates the mesh against the config before reading anything
+        shardings = param_shardings(config, mesh, rules or DEFAULT_RULES)
     files = tensor_files(directory)
     specs = tensor_specs(config)
     for spec in jax.tree.leaves(specs):  # check every name before reading anything
@@ -107,7 +120,7 @@ def load_params(directory: str, config: ModelConfig, dtype: str = "bfloat16") ->
             raise CheckpointError(f"tensor {spec.hf_name} is missing from {where} in {directory}")
     handles: dict[str, object] = {}
     try:
-        def read(spec: TensorSpec) -> jax.Array:
+        def read(spec: TensorSpec, placement=None) -> jax.Array:
             path = files[spec.hf_name]
             if path not in handles:
                 handles[path] = _open(path).__enter__()
@@ -117,9 +130,15 @@ def load_params(directory: str, config: ModelConfig, dtype: str = "bfloat16") ->
                     f"tensor {spec.hf_name} in {os.path.basename(path)} has shape "
                     f"{tuple(array.shape)}, expected {spec.hf_shape} from config.json")
             array = array.astype(np_dtype)
-            return jnp.asarray(array.T if spec.transpose else array)
+            array = array.T if spec.transpose else array
+            if placement is None:
+                return jnp.asarray(array)
+            return jax.make_array_from_callback(array.shape, placement,
+                                                lambda index: array[index])
 
-        return jax.tree.map(read, specs)
+        if shardings is None:
+            return jax.tree.map(read, specs)
+        return jax.tree.map(read, specs, shardings)
     finally:
         for handle in handles.values():
             handle.__exit__(None, None, None)

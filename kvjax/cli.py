@@ -50,6 +50,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="recompute the whole sequence every step (the baseline)")
     run.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default=None,
                      help="JAX backend (default: the best present)")
+    run.add_argument("--mesh", type=_mesh_flag, default=None, metavar="data=D,model=M",
+                     help="spread one generation over D x M devices: batch rows over data, "
+                          "weights and KV heads over model (e.g. data=2,model=4; docs/sharding.md)")
+    dist = parser.add_argument_group("several processes (run the same command in each)")
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    dist.add_argument("--num-processes", type=int, default=None)
+    dist.add_argument("--process-id", type=int, default=None)
     output = parser.add_argument_group("output")
     output.add_argument("--stream", action="store_true", help="print text as it is generated")
     output.add_argument("--chunk-size", type=int, default=16,
@@ -66,7 +73,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--chat is interactive: it takes no --prompt, --prompt-file or --json")
     if args.chunk_size < 1:
         parser.error("--chunk-size must be >= 1")
+    if len({args.coordinator is None, args.num_processes is None, args.process_id is None}) > 1:
+        parser.error("--coordinator, --num-processes and --process-id go together")
     return args
+
+
+def _mesh_flag(text: str) -> dict[str, int]:
+    """``data=2,model=4`` -> ``{"data": 2, "model": 4}`` (either may be left out)."""
+    sizes = {}
+    for part in text.split(","):
+        name, _, value = part.strip().partition("=")
+        if name not in ("data", "model") or name in sizes or not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"expected data=D,model=M (e.g. data=2,model=4), got {text!r}")
+        sizes[name] = int(value)
+    return sizes
 
 
 def _prompts(args: argparse.Namespace) -> tuple[list[str], bool]:
@@ -106,7 +126,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.model == BUNDLED_MODEL and not os.path.isdir(BUNDLED_MODEL):
         raise FileNotFoundError(f"the bundled model is missing from {BUNDLED_MODEL}; "
                                 "reinstall kvjax or pass --model")
-    model = kvjax.load(args.model, dtype=args.dtype)
+    mesh = None
+    if args.coordinator is not None:  # before anything touches a device
+        kvjax.sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        if args.process_id > 0:  # every process computes the same tokens; process 0 prints them
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.mesh is not None or args.coordinator is not None:
+        mesh = kvjax.sharding.make_mesh(**(args.mesh or {}))
+    model = kvjax.load(args.model, dtype=args.dtype, mesh=mesh)
     if args.chat:
         return _chat(model, args)
     prompts, defaulted = _prompts(args)

@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""Decode speed of one generation spread over a device mesh (kvjax.sharding).
+
+Default: a Llama-3.1-8B-shaped model (random bf16 weights: vocab 128256, hidden 4096,
+intermediate 14336, 32 layers, 32 heads over 8 KV heads, head_dim 128), prompt 512 +
+128 new tokens, greedy, on two devices:
+
+* tensor parallelism at batch 1: mesh data=1 x model=1 (one device) against model=2;
+* data parallelism at batch 32: data=1 x model=1 against data=2.
+
+Every figure is measured in the run that prints it. Weights are drawn directly onto
+each mesh (jitted random draws with ``out_shardings=param_shardings(...)``: no device
+ever holds more than its shard), the cache is created sharded, and the program is
+``kvjax.jit_decode`` compiled once per (mesh, batch). ms/step = (median time of a run
+of ``--new`` tokens - median time of a 1-token run) / (new - 1): the same compiled
+program, so prefill, dispatch and read-back cancel. ``prefill_ms`` is the 1-token run.
+``agree`` is the fraction of greedy tokens equal to the first run of the same batch,
+``agree_first`` the same for each row's first new token: with random bf16 weights the
+logits have many near-ties, and sums in another order (a split contraction, or GEMM
+kernels picked for another batch size) flip some, after which a row diverges; float32
+with ``JAX_DEFAULT_MATMUL_PRECISION=highest`` is the exactness check.
+
+Usage::
+
+    python scripts/sharding_benchmark.py                    # 2 GPUs, a few minutes
+    python scripts/sharding_benchmark.py --runs 1:1x1 1:1x2 1:1x4 32:1x1 32:4x1
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
+        python scripts/sharding_benchmark.py --shape tiny --prompt 32 --new 16 \\
+        --runs 1:1x1 1:1x2 8:1x1 8:2x1 8:2x4      # CPU smoke test, seconds
+
+A run is ``BATCH:DATAxMODEL``. Results: a table on stdout and a JSON list of records
+(``--json``, default ``benchmarks/results/sharding-<device>-<date>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kvjax
+from kvjax import sharding
+from kvjax.model import layer_param_shapes, step_fn, top_param_shapes
+
+SHAPES = {
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                     num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                     rms_norm_eps=1e-5, max_position_embeddings=131072),
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+                 num_heads=8, num_kv_heads=2, head_dim=16, max_position_embeddings=4096),
+}
+DEFAULT_RUNS = ["1:1x1", "1:1x2", "32:1x1", "32:2x1"]
+
+
+def parse_run(text: str) -> tuple[int, int, int]:
+    m = re.fullmatch(r"(\d+):(\d+)x(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"a run is BATCH:DATAxMODEL (e.g. 32:2x1), got {text!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+def sharded_params(config, mesh, dtype):
+    """Random params (norms 1, the rest N(0, 0.02), as ``init_params``) drawn directly
+    onto their shardings: no device holds more than its shard, and the values do not
+    depend on the mesh (threefry is partitionable). One small program per distinct
+    (kind, shape, sharding), reused for every layer: far faster to compile than one
+    program for the whole 8B tree."""
+    shardings = sharding.param_shardings(config, mesh)
+    makers: dict = {}
+    counter = iter(range(1 << 30))
+
+    def make(name: str, shape: tuple, placement):
+        norm = name.endswith("norm")
+        key = (norm, shape, placement)
+        if key not in makers:
+            if norm:
+                fn = lambda k, shape=shape: jnp.ones(shape, dtype)
+            else:
+                fn = lambda k, shape=shape: (0.02 * jax.random.normal(k, shape, jnp.float32)
+                                             ).astype(dtype)
+            makers[key] = jax.jit(fn, out_shardings=placement)
+        return makers[key](jax.random.fold_in(jax.random.key(0), next(counter)))
+
+    params = {name: make(name, shape, shardings[name])
+              for name, shape in top_param_shapes(config).items()}
+    params["layers"] = tuple(
+        {name: make(name, shape, shardings["layers"][i][name])
+         for name, shape in layer_param_shapes(config).items()}
+        for i in range(config.num_layers))
+    jax.block_until_ready(params)
+    return params
+
+
+def collectives(hlo: str) -> dict:
+    """How many collectives of each kind the compiled program holds (prefill and loop)."""
+    kinds = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+    return {k: len(re.findall(rf" {k}(?:-start)?\(", hlo)) for k in kinds}
+
+
+def gib(n: int) -> float:
+    return n / 2 ** 30
+
+
+def peak_device_memory() -> float | None:
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    peaks = [s.get("peak_bytes_in_use") for s in stats if s]
+    return gib(max(peaks)) if peaks and None not in peaks else None
+
+
+def measure(config, params, mesh, batch: int, args, dtype) -> tuple[dict, np.ndarray]:
+    rng = np.random.default_rng(batch)
+    prompt = rng.integers(3, config.vocab_size, size=(batch, args.prompt)).astype(np.int32)
+    lengths = np.full((batch,), args.prompt, np.int32)
+    capacity = args.prompt + args.new
+    controls = (kvjax.SamplingParams.create(batch), np.uint32(0), np.full((16,), -1, np.int32))
+
+    def new_cache():
+        cache = sharding.make_cache(config, batch, capacity, dtype, mesh)
+        jax.block_until_ready(cache)
+        return cache
+
+    run = kvjax.jit_decode(step_fn(config), num_steps=args.new, greedy=True)
+    t0 = time.perf_counter()
+    compiled = run.lower(params, new_cache(), prompt, lengths, np.int32(args.new),
+                         *controls).compile()
+    compile_s = time.perf_counter() - t0
+
+    def once(n: int):
+        cache = new_cache()  # donated: each run needs its own
+        t = time.perf_counter()
+        result = compiled(params, cache, prompt, lengths, np.int32(n), *controls)
+        jax.block_until_ready(result.tokens)
+        return time.perf_counter() - t, result
+
+    _, result = once(args.new)  # warm-up
+    tokens = sharding.to_host(result.tokens)
+    del result
+    once(1)
+    full = statistics.median(once(args.new)[0] for _ in range(args.reps))
+    one = statistics.median(once(1)[0] for _ in range(args.reps))
+    step = (full - one) / (args.new - 1)
+    cache = new_cache()
+    row = dict(ms_per_step=step * 1e3, tokens_per_s=batch / step, prefill_ms=one * 1e3,
+               compile_s=compile_s,
+               params_gib_per_device=gib(max(sharding.bytes_per_device(params).values())),
+               cache_gib_per_device=gib(max(sharding.bytes_per_device(cache).values())),
+               cache_spec=str(cache.keys[0].sharding.spec),
+               collectives=collectives(compiled.as_text()))
+    return row, tokens
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run(r) for r in DEFAULT_RUNS],
+                        metavar="BATCH:DATAxMODEL")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.new < 2:
+        parser.error("--new must be >= 2")
+
+    start = time.perf_counter()
+    device = jax.devices()[0]
+    dtype = jnp.dtype(args.dtype)
+    config = kvjax.ModelConfig(model_type="llama", **SHAPES[args.shape])
+    meta = dict(device=device.device_kind, platform=device.platform, devices=jax.device_count(),
+                jax=jax.__version__, shape=args.shape, dtype=args.dtype, prompt=args.prompt,
+                new=args.new, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"))
+    print(f"# {json.dumps(meta)}", flush=True)
+
+    # Runs on the same mesh share one set of params; one set is alive at a time.
+    order = sorted(range(len(args.runs)), key=lambda i: (args.runs[i][1:], i))
+    rows: list[dict] = [None] * len(args.runs)  # type: ignore[list-item]
+    params, params_mesh = None, None
+    for i in order:
+        batch, data, model = args.runs[i]
+        row = dict(batch=batch, data=data, model=model)
+        try:
+            if params_mesh != (data, model):
+                params, params_mesh = None, None
+                mesh = sharding.make_mesh(data=data, model=model)
+                t0 = time.perf_counter()
+                params = sharded_params(config, mesh, dtype)
+                params_mesh, init_s = (data, model), time.perf_counter() - t0
+            result, tokens = measure(config, params, mesh, batch, args, dtype)
+            row |= result | dict(init_s=init_s)
+            row["_tokens"] = tokens
+        except Exception as e:  # a failed run is recorded and the others go on
+            row["failed"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        rows[i] = row
+        print(f"# {batch}:{data}x{model} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    params = None
+
+    # Speed-up and token agreement against the first run of the same batch.
+    for row in rows:
+        base = next(r for r in rows if r["batch"] == row["batch"])
+        if "failed" in row or "failed" in base:
+            continue
+        row["speedup"] = base["ms_per_step"] / row["ms_per_step"]
+        row["agree"] = float(np.mean(row["_tokens"] == base["_tokens"]))
+        row["agree_first"] = float(np.mean(row["_tokens"][:, 0] == base["_tokens"][:, 0]))
+    for row in rows:
+        row.pop("_tokens", None)
+    meta["peak_gib_per_device"] = peak_device_memory()
+    meta["total_s"] = time.perf_counter() - start
+
+    header = (f"{'batch':>5} {'data':>4} {'model':>5} {'ms/step':>8} {'tok/s':>9} {'speedup':>7} "
+              f"{'prefill ms':>10} {'compile s':>9} {'params GiB/dev':>14} {'cache GiB/dev':>13} "
+              f"{'agree':>5} {'first':>5}")
+    print(header)
+    for r in rows:
+        if "failed" in r:
+            print(f"{r['batch']:>5} {r['data']:>4} {r['model']:>5}  failed: {r['failed']}")
+            continue
+        print(f"{r['batch']:>5} {r['data']:>4} {r['model']:>5} {r['ms_per_step']:>8.3f} "
+              f"{r['tokens_per_s']:>9.1f} {r.get('speedup', float('nan')):>7.2f} "
+              f"{r['prefill_ms']:>10.1f} {r['compile_s']:>9.1f} {r['params_gib_per_device']:>14.3f} "
+              f"{r['cache_gib_per_device']:>13.3f} {r.get('agree', float('nan')):>5.2f} "
+              f"{r.get('agree_first', float('nan')):>5.2f}")
+    print(f"# total {meta['total_s']:.0f} s, peak device memory "
+          f"{meta['peak_gib_per_device'] if meta['peak_gib_per_device'] is None else round(meta['peak_gib_per_device'], 2)} GiB")
+
+    path = args.json or os.path.join(
+        "benchmarks", "results",
+        f"sharding-{device.device_kind.replace(' ', '_')}-{meta['date'][:10]}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump([meta | r for r in rows], f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"# wrote {path}")
+    return 0 if all("failed" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Multi-device checks for tests/test_sharding.py, run in a subprocess.
+
+The pytest process has one CPU device; these tasks need several, which XLA only makes
+when ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` is set before jax is
+imported. ``test_sharding.py`` runs ``python -m tests.sharding_worker TASK ...`` with that
+set and reads one JSON object from the last line of stdout.
+
+Tasks:
+  meshes HF_DIR            8 devices: meshes 1x8, 2x4, 4x2, 8x1 against one device, for a
+                           model built with init_params and one loaded from HF_DIR
+  errors HF_DIR            8 devices: error messages, and that nothing compiles first;
+                           KV placements that fall back to replication
+  process PID PORT HF_DIR  one of two processes with 4 devices each (multi-process)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]  # (data, model)
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 1, 4, 1, 5, 9, 2], [40, 41], [7],
+           [20, 30, 40, 50, 60, 70, 80, 90, 11, 12, 13], [2, 7, 1, 8], [61, 62, 63, 64, 65, 66]]
+NEW_TOKENS = 24
+
+
+def gqa_config():
+    from tests.conftest import make_config
+
+    # 8 query heads over 2 KV heads (fewer than 8 devices), tied embeddings, QK-norm:
+    # every parameter kind except biases (the HF model has those).
+    return make_config(num_heads=8, num_kv_heads=2, head_dim=8, hidden_size=64, vocab_size=96,
+                       tie_word_embeddings=True, qk_norm=True)
+
+
+def gqa_model():
+    from tests.conftest import make_model
+
+    return make_model(gqa_config())
+
+
+def spec_of(array) -> dict:
+    sharding = array.sharding
+    return {"spec": [None if p is None else p for p in sharding.spec],
+            "mesh": dict(sharding.mesh.shape)}
+
+
+def param_specs(params) -> dict:
+    out = {name: spec_of(params[name]) for name in params if name != "layers"}
+    out.update({name: spec_of(a) for name, a in params["layers"][0].items()})
+    # every layer is placed like layer 0
+    for layer in params["layers"][1:]:
+        for name, a in layer.items():
+            assert a.sharding == params["layers"][0][name].sharding, name
+    return out
+
+
+def weight_shapes(params) -> set:
+    import jax
+
+    return {tuple(a.shape) for a in jax.tree.leaves(params) if a.ndim == 2}
+
+
+def collectives(hlo: str) -> dict:
+    """All-reduce count and all-gather output shapes in optimized HLO text."""
+    gathers = []
+    for line in hlo.splitlines():
+        m = re.search(r"= \(?\w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", line)
+        if m:
+            gathers.append([int(x) for x in m.group(1).split(",") if x])
+    return {"all_reduce": len(re.findall(r" all-reduce(?:-start)?\(", hlo)),
+            "all_gather_shapes": gathers,
+            "all_to_all": len(re.findall(r" all-to-all\(", hlo))}
+
+
+def step_checks(model, batch: int, capacity: int) -> dict:
+    """Compiles one decode step on the sharded params and cache: collectives, aliasing."""
+    import jax
+    import numpy as np
+
+    from kvjax import sharding
+    from kvjax.model import step_fn
+
+    cache = sharding.new_cache(model, batch, capacity)
+    per_device_cache = max(sharding.bytes_per_device(cache).values())
+    step = jax.jit(step_fn(model.config), donate_argnums=3)
+    tokens = np.ones((batch, 1), np.int32)
+    positions = np.full((batch, 1), 5, np.int32)
+    compiled = step.lower(model.params, tokens, positions, cache).compile()
+    memory = compiled.memory_analysis()
+    out = collectives(compiled.as_text())
+    out.update(cache_buffer=list(cache.keys[0].shape), cache_per_device=per_device_cache,
+               alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes)
+    return out
+
+
+def program_gathers(model, batch: int, capacity: int) -> dict:
+    """All-gather shapes of the whole compiled generation (prefill + decode loop)."""
+    import numpy as np
+
+    import kvjax
+    from kvjax import sharding
+    from kvjax.model import step_fn
+
+    cache = sharding.new_cache(model, batch, capacity)
+    args = (model.params, cache, np.zeros((batch, 16), np.int32), np.ones((batch,), np.int32),
+            np.int32(8), kvjax.SamplingParams.create(batch), np.uint32(0),
+            np.full((16,), -1, np.int32))
+    run = kvjax.jit_decode(step_fn(model.config), num_steps=16, greedy=True)
+    return collectives(run.lower(*args).compile().as_text())
+
+
+def fresh_compile_cache():
+    # kvjax.api._compiled keys its AOT programs by argument shapes and dtypes only, so the
+    # same shapes placed on another mesh would reuse a program compiled for other
+    # shardings and fail ("Computation was compiled for input shardings that disagree").
+    # Until the key includes shardings, start each placement with an empty cache.
+    import kvjax.api
+
+    kvjax.api._COMPILED.clear()
+
+
+def task_meshes(hf_dir: str) -> dict:
+    import jax
+
+    import kvjax
+    from kvjax import sharding
+
+    assert jax.device_count() == 8, jax.devices()
+    result = {"devices": jax.device_count(), "memory_stats": jax.devices()[0].memory_stats()}
+    opts = dict(max_new_tokens=NEW_TOKENS, stop_tokens=[])
+
+    # --- a GQA model built in memory with init_params, placed with shard_params ---
+    base = gqa_model()
+    reference = kvjax.generate(base, PROMPTS, **opts).tokens
+    gqa = {"reference": reference}
+    for data, model_ways in MESHES:
+        mesh = sharding.make_mesh(data=data, model=model_ways)
+        model = sharding.shard_model(base, mesh)
+        fresh_compile_cache()
+        out = kvjax.generate(model, PROMPTS, **opts)
+        cache = sharding.new_cache(model, len(PROMPTS), 64)
+        entry = {"tokens_equal": out.tokens == reference, "tokens": out.tokens,
+                 "params": param_specs(model.params),
+                 "cache_keys": spec_of(cache.keys[0]), "cache_values": spec_of(cache.values[-1]),
+                 "cache_lengths": spec_of(cache.lengths),
+                 "cache_shard": list(cache.keys[0].sharding.shard_shape(cache.keys[0].shape)),
+                 "weight_shapes": sorted(weight_shapes(model.params)),
+                 "step": step_checks(model, 16, 256)}
+        if model_ways > base.config.num_kv_heads:  # KV heads grouped: whole program
+            entry["program"] = program_gathers(model, 8, 64)
+        gqa[f"{data}x{model_ways}"] = entry
+        del model, cache
+    result["gqa"] = gqa
+
+    # --- a tiny HF checkpoint loaded straight onto each mesh ---
+    reference = kvjax.generate(kvjax.load(hf_dir, dtype="float32"), PROMPTS, **opts).tokens
+    hf = {"reference": reference}
+    for data, model_ways in MESHES:
+        mesh = sharding.make_mesh(data=data, model=model_ways)
+        probe = LoadProbe()
+        with probe:
+            model = kvjax.load(hf_dir, dtype="float32", mesh=mesh)
+        fresh_compile_cache()
+        out = kvjax.generate(model, PROMPTS, **opts)
+        hf[f"{data}x{model_ways}"] = {
+            "tokens_equal": out.tokens == reference, "params": param_specs(model.params),
+            "load": probe.report(model.params)}
+        del model
+    result["hf"] = hf
+    return result
+
+
+class LoadProbe:
+    """Watches ``jax.make_array_from_callback`` while a checkpoint loads onto a mesh.
+
+    Records, for every tensor: the global shape, the shape of every host slice the
+    loader hands to a device (what is actually transferred), and the bytes live on each
+    device right after the tensor is placed (``jax.live_arrays``, relative to before the
+    load). CPU devices report no ``memory_stats()``, so live arrays are the measure.
+    """
+
+    def __init__(self):
+        self.tensors = []
+        self.peak: dict = {}
+
+    def _live(self) -> dict:
+        import jax
+
+        buffers = {}  # a buffer can be live in several arrays (a shard and its global array)
+        for a in jax.live_arrays():
+            for shard in a.addressable_shards:
+                buffers[(shard.device.id, shard.data.unsafe_buffer_pointer())] = shard.data.nbytes
+        held: dict = {}
+        for (device, _), nbytes in buffers.items():
+            held[device] = held.get(device, 0) + nbytes
+        return held
+
+    def __enter__(self):
+        import gc
+
+        import jax
+
+        gc.collect()
+        self.before = self._live()
+        self._original = jax.make_array_from_callback
+
+        def wrapped(shape, sharding, callback, dtype=None):
+            slices = []
+
+            def recording(index):
+                piece = callback(index)
+                slices.append(list(piece.shape))
+                return piece
+
+            array = self._original(shape, sharding, recording, dtype)
+            expected = list(sharding.shard_shape(tuple(shape)))
+            self.tensors.append({"shape": list(shape), "nbytes": array.nbytes,
+                                 "slices": slices, "shard": expected})
+            now = self._live()
+            for device, held in now.items():
+                delta = held - self.before.get(device, 0)
+                self.peak[device] = max(self.peak.get(device, 0), delta)
+            return array
+
+        jax.make_array_from_callback = wrapped
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+
+        jax.make_array_from_callback = self._original
+
+    def report(self, params) -> dict:
+        import jax
+
+        final: dict = {}
+        whole_copies = 0
+        shard_mismatch = 0
+        for a in jax.tree.leaves(params):
+            full = tuple(a.shape)
+            split = tuple(a.sharding.shard_shape(full)) != full
+            for shard in a.addressable_shards:
+                final[shard.device.id] = final.get(shard.device.id, 0) + shard.data.nbytes
+                if tuple(shard.data.shape) != tuple(a.sharding.shard_shape(full)):
+                    shard_mismatch += 1
+                if split and tuple(shard.data.shape) == full:
+                    whole_copies += 1
+        return {
+            "tensors": len(self.tensors),
+            "slices_are_shards": all(all(s == t["shard"] for s in t["slices"]) for t in self.tensors),
+            "whole_tensor_slices_of_split_tensors": sum(
+                1 for t in self.tensors if t["shard"] != t["shape"]
+                for s in t["slices"] if s == t["shape"]),
+            "largest_tensor": max(t["nbytes"] for t in self.tensors),
+            "total_bytes": sum(t["nbytes"] for t in self.tensors),
+            "final_per_device": {str(k): v for k, v in sorted(final.items())},
+            "peak_per_device": {str(k): v for k, v in sorted(self.peak.items())},
+            "whole_copies_on_a_device": whole_copies, "shard_mismatch": shard_mismatch,
+        }
+
+
+def kv_placement(config, mesh, rules=None) -> dict:
+    """Specs of wk, wq and the cache buffers under ``rules`` (no arrays made)."""
+    from kvjax import sharding
+
+    rules = rules or sharding.DEFAULT_RULES
+    specs = sharding.param_specs(config, mesh, rules)["layers"][0]
+    cache = sharding.cache_shardings(config, mesh, 8, rules).keys[0].spec
+    return {"wk": list(specs["wk"]), "wq": list(specs["wq"]), "cache": list(cache)}
+
+
+def task_errors(hf_dir: str) -> dict:
+    import jax
+
+    import kvjax
+    from kvjax import sharding
+    from tests.conftest import make_config, make_model
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *_a, **_k: compiles.append(name)
+        if name == "/jax/core/compile/backend_compile_duration" else None)
+
+    def error(fn):
+        before = len(compiles)
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - we report whatever was raised
+            return {"type": type(e).__name__, "message": str(e), "compiles": len(compiles) - before}
+        return {"type": None, "message": None, "compiles": len(compiles) - before}
+
+    base = gqa_model()
+    mesh24 = sharding.make_mesh(data=2, model=4)
+    model24 = sharding.shard_model(base, mesh24)
+    model42 = sharding.shard_model(base, sharding.make_mesh(data=4, model=2))
+    six_heads = make_model(make_config(num_heads=6, num_kv_heads=2, head_dim=8, hidden_size=48))
+    out = {
+        "too_many_devices": error(lambda: sharding.make_mesh(data=4, model=4)),
+        "model_not_dividing": error(lambda: sharding.make_mesh(model=3)),
+        "batch": error(lambda: kvjax.generate(model24, PROMPTS[:3], max_new_tokens=4)),
+        "batch_data4": error(lambda: kvjax.generate(model42, PROMPTS[:6], max_new_tokens=4)),
+        "heads": error(lambda: sharding.shard_model(six_heads, mesh24)),
+        "heads_load": error(lambda: kvjax.load(hf_dir, dtype="float32",
+                                               mesh=sharding.make_mesh(data=1, model=3))),
+        "fallback": {
+            "no_grouping_1x8": kv_placement(base.config, sharding.make_mesh(data=1, model=8),
+                                            sharding.ShardingRules(group_kv_heads=False)),
+            "kv3_model2": kv_placement(make_config(num_heads=6, num_kv_heads=3, head_dim=8),
+                                       sharding.make_mesh(data=4, model=2)),
+            "mqa_model4": kv_placement(make_config(num_heads=4, num_kv_heads=1, head_dim=8),
+                                       sharding.make_mesh(data=2, model=4)),
+        },
+        "default_mesh": dict(sharding.make_mesh().shape),
+        "data_only": dict(sharding.make_mesh(data=2).shape),
+        "subset": dict(sharding.make_mesh(data=1, model=2).shape),
+    }
+    return out
+
+
+def task_process(process_id: int, port: str, hf_dir: str) -> dict:
+    """One of two processes (4 CPU devices each): the same tokens as one process."""
+    from kvjax import sharding
+
+    sharding.initialize_distributed(f"localhost:{port}", 2, process_id)
+    import jax
+    import numpy as np
+
+    import kvjax
+    from kvjax.model import step_fn
+
+    out = {"process": jax.process_index(), "processes": jax.process_count(),
+           "devices": jax.device_count(), "local_devices": jax.local_device_count()}
+    opts = dict(max_new_tokens=NEW_TOKENS, stop_tokens=[])
+    base = gqa_model()
+
+    # The model axis spans both processes: kvjax.generate as is.
+    mesh = sharding.make_mesh()  # data=1, model=8
+    model = sharding.shard_model(base, mesh)
+    out["generate_1x8"] = kvjax.generate(model, PROMPTS, **opts).tokens
+
+    # The data axis spans the processes (each process's rows on its own devices): the
+    # same program; rows are fetched with sharding.to_host (generate reads results with
+    # np.asarray, which needs every row in this process).
+    mesh = sharding.make_mesh(data=2, model=4)
+    model = sharding.shard_model(base, mesh)
+    block = np.zeros((len(PROMPTS), 16), np.int32)
+    for row, ids in enumerate(PROMPTS):
+        block[row, :len(ids)] = ids
+    run = kvjax.jit_decode(step_fn(base.config), num_steps=32, greedy=True)
+    result = run(model.params, sharding.new_cache(model, len(PROMPTS), 64), block,
+                 np.array([len(p) for p in PROMPTS], np.int32), np.int32(NEW_TOKENS),
+                 kvjax.SamplingParams.create(len(PROMPTS)), np.uint32(0),
+                 np.full((16,), -1, np.int32))
+    tokens = sharding.to_host(result.tokens)[:, :NEW_TOKENS]
+    out["decode_2x4"] = tokens.tolist()
+    out["decode_2x4_rows_local"] = [list(s.index[0].indices(len(PROMPTS)))
+                                    for s in result.tokens.addressable_shards]
+
+    # A checkpoint loaded onto a mesh spanning both processes: each process places only
+    # its own devices' shards.
+    fresh_compile_cache()
+    loaded = kvjax.load(hf_dir, dtype="float32", mesh=sharding.make_mesh())
+    out["hf_1x8"] = kvjax.generate(loaded, PROMPTS, **opts).tokens
+    out["hf_embed_local_shards"] = len(loaded.params["embed"].addressable_shards)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    task, *args = argv
+    if task == "meshes":
+        result = task_meshes(*args)
+    elif task == "errors":
+        result = task_errors(*args)
+    elif task == "process":
+        result = task_process(int(args[0]), args[1], args[2])
+    else:
+        raise SystemExit(f"unknown task {task}")
+    sys.stdout.flush()
+    print("\n" + json.dumps(result))
+
+
+if __name__ == "__main__":
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    main(sys.argv[1:])

@@ -1,0 +1,374 @@
+"""One generation over several devices (kvjax.sharding): meshes, placements, collectives,
+loading onto a mesh, errors, two processes, the CLI flags and the benchmark script.
+
+The pytest process has a single CPU device; everything that needs several runs in a
+subprocess started with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (set
+before jax is imported there): ``tests/sharding_worker.py`` does the work and prints one
+JSON object, which the tests here check. Models are tiny and each subprocess groups
+several meshes, so the file takes about two minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import kvjax
+import kvjax.api as kvjax_api
+from kvjax import sharding
+from tests.conftest import make_config, make_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESHES = ["1x8", "2x4", "4x2", "8x1"]  # data x model
+NUM_LAYERS = 2
+NEW_TOKENS = 24  # tests/sharding_worker.py NEW_TOKENS
+
+
+def device_env(devices: int) -> dict:
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    return dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}",
+                JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+                    filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_worker(*args: str, devices: int = 8, timeout: int = 300) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "tests.sharding_worker", *args], cwd=ROOT,
+                          env=device_env(devices), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return last_json(proc.stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> str:
+    """A tiny HF Llama with every bias, 8 query heads over 2 KV heads and a vocabulary of
+    100 (split over model=2 and 4, replicated over model=8: 100 % 8 != 0)."""
+    from tests.hf_fixtures import make_hf_model, save_checkpoint
+
+    model = make_hf_model("llama_bias", hidden_size=64, num_attention_heads=8,
+                          num_key_value_heads=2, head_dim=8, vocab_size=100)
+    return save_checkpoint(model, tmp_path_factory.mktemp("hf_sharded"))
+
+
+@pytest.fixture(scope="module")
+def meshes(hf_dir) -> dict:
+    return run_worker("meshes", hf_dir)
+
+
+# ----- same tokens on every mesh -----
+
+@pytest.mark.parametrize("model_kind", ["gqa", "hf"])
+@pytest.mark.parametrize("mesh", MESHES)
+def test_tokens_equal_one_device(meshes, model_kind, mesh):
+    """float32, greedy, 8 rows of different lengths, 24 new tokens: each mesh gives the
+    tokens of the same model on one device (built with init_params and shard_params, or
+    loaded with kvjax.load(dir, mesh=...))."""
+    assert meshes["devices"] == 8
+    reference = meshes[model_kind]["reference"]
+    assert len(reference) == 8 and all(len(row) == NEW_TOKENS for row in reference)
+    assert meshes[model_kind][mesh]["tokens_equal"]
+
+
+# ----- where every parameter and cache buffer lives -----
+
+MODEL_ALL = ["model_kv", "model_rep"]  # all of `model` on the grouped view of the mesh
+
+
+def expected_specs(data: int, model: int, vocab: int, kv_heads: int = 2) -> dict:
+    grouped = 1 < kv_heads < model and model % kv_heads == 0
+    full = MODEL_ALL if grouped else "model"
+    kv = "model_kv" if grouped else ("model" if kv_heads % model == 0 else None)
+    mesh = ({"data": data, "model_kv": kv_heads, "model_rep": model // kv_heads} if grouped
+            else {"data": data, "model": model})
+    vocab_axis = full if vocab % model == 0 else None
+    specs = {
+        "embed": [None, None], "lm_head": [vocab_axis, None], "final_norm": [None],
+        "attn_norm": [None], "mlp_norm": [None], "q_norm": [None], "k_norm": [None],
+        "wq": [None, full], "bq": [full], "wo": [full, None], "bo": [None],
+        "wk": [None, kv], "bk": [kv], "wv": [None, kv], "bv": [kv],
+        "w_gate": [None, full], "b_gate": [full], "w_up": [None, full], "b_up": [full],
+        "w_down": [full, None], "b_down": [None],
+        "cache": ["data", kv, None, None], "lengths": ["data"],
+    }
+    return {name: {"spec": spec, "mesh": mesh} for name, spec in specs.items()}
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_param_and_cache_shardings(meshes, mesh):
+    """The partition table, read back from the arrays' ``.sharding``: wq/w_gate/w_up
+    column-split over model, wo/w_down row-split, norms replicated, the LM head
+    vocab-parallel when model divides the vocabulary (100 is not split by 8), the
+    embedding table (tied or not) replicated, KV heads over model or, with fewer KV
+    heads than model devices, each on the devices that read it; the cache (data,
+    model | model_kv, None, None)."""
+    data, model = map(int, mesh.split("x"))
+    gqa, hf = meshes["gqa"][mesh], meshes["hf"][mesh]
+    want = expected_specs(data, model, vocab=96)
+    assert set(gqa["params"]) == {"embed", "final_norm", "attn_norm", "mlp_norm", "q_norm",
+                                  "k_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+    for name, got in gqa["params"].items():
+        assert got == want[name], name
+    assert gqa["cache_keys"] == gqa["cache_values"] == want["cache"]
+    assert gqa["cache_lengths"]["spec"] == want["lengths"]["spec"]
+    kv_per_device = 2 // min(model, 2)  # grouped KV heads: one per device when model > 2
+    assert gqa["cache_shard"] == [8 // data, kv_per_device, 64, 8]
+
+    want = expected_specs(data, model, vocab=100)
+    assert set(hf["params"]) == {"embed", "lm_head", "final_norm", "attn_norm", "mlp_norm",
+                                 "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "w_gate",
+                                 "b_gate", "w_up", "b_up", "w_down", "b_down"}
+    for name, got in hf["params"].items():
+        assert got == want[name], name
+
+
+def test_kv_heads_that_cannot_be_grouped_are_replicated(hf_dir):
+    """KV heads are never split: with group_kv_heads=False, with KV heads that do not
+    divide model (3 on model=2) or a single KV head (MQA), wk and the cache are
+    replicated over model."""
+    fallback = run_worker("errors", hf_dir)["fallback"]
+    assert fallback["no_grouping_1x8"] == {"wk": [None, None], "wq": [None, "model"],
+                                           "cache": ["data", None, None, None]}
+    assert fallback["kv3_model2"] == {"wk": [None, None], "wq": [None, "model"],
+                                      "cache": ["data", None, None, None]}
+    assert fallback["mqa_model4"] == {"wk": [None, None], "wq": [None, "model"],
+                                      "cache": ["data", None, None, None]}
+
+
+def test_generate_on_a_one_device_mesh_matches_no_mesh():
+    """A model with a 1x1 mesh goes through the sharded path (cache made by
+    kvjax.sharding.new_cache) and gives the unsharded tokens."""
+    model = make_model(make_config(num_heads=4, num_kv_heads=2))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    plain = kvjax.generate(model, prompts, max_new_tokens=8, stop_tokens=[])
+    on_mesh = sharding.shard_model(model, sharding.make_mesh(data=1, model=1))
+    assert on_mesh.mesh is not None
+    kvjax_api._COMPILED.clear()  # see sharding_worker.fresh_compile_cache
+    assert kvjax.generate(on_mesh, prompts, max_new_tokens=8, stop_tokens=[]).tokens == plain.tokens
+
+
+# ----- the compiled program -----
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_decode_step_collectives(meshes, mesh):
+    """One compiled decode step (``jit(step_fn).lower(...).compile().as_text()``): with
+    model > 1 the row-split wo and w_down end in all-reduces; no all-gather ever rebuilds a whole weight matrix or a whole
+    cache buffer; pure data parallelism (model=1) communicates nothing. The sharded
+    cache is still updated in place (every per-device cache byte aliased)."""
+    data, model = map(int, mesh.split("x"))
+    entry = meshes["gqa"][mesh]
+    step = entry["step"]
+    weights = {tuple(s) for s in entry["weight_shapes"]}
+    gathered = {tuple(s) for s in step["all_gather_shapes"]}
+    assert not gathered & weights, gathered & weights
+    assert tuple(step["cache_buffer"]) not in gathered
+    assert step["all_to_all"] == 0
+    if model > 1:
+        assert step["all_reduce"] >= 2 * NUM_LAYERS
+    else:
+        assert step["all_reduce"] == 0 and not gathered
+    assert step["alias_bytes"] >= step["cache_per_device"]
+    assert step["temp_bytes"] < step["cache_per_device"]
+
+
+@pytest.mark.parametrize("mesh", ["1x8", "2x4"])
+def test_grouped_kv_heads_never_gather_the_cache(meshes, mesh):
+    """2 KV heads on model=8 or 4: the whole generation (prefill + decode loop) never
+    gathers K/V or the cache (with KV heads replicated instead, XLA re-split the cache
+    inside the loop and all-gathered the whole of it afterwards). At most argmax
+    partials ([rows, model] values of a vocab-split LM head) are gathered; this model's
+    LM head is its replicated tied embedding, so nothing is."""
+    program = meshes["gqa"][mesh]["program"]
+    data, model = map(int, mesh.split("x"))
+    for shape in program["all_gather_shapes"]:
+        assert shape == [8 // data, model], shape
+    assert program["all_reduce"] >= 2 * NUM_LAYERS
+
+
+# ----- loading a checkpoint onto a mesh -----
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_load_places_each_shard_directly(meshes, mesh):
+    """kvjax.load(dir, mesh=...): every host slice handed to a device is exactly that
+    device's shard (never a whole split tensor), every device ends with only its
+    shards, and the bytes live on each device while loading never exceed its final
+    share plus one tensor (in fact they never exceed the final share).
+
+    CPU devices report no memory_stats(), so the measure is jax.live_arrays() after
+    each tensor is placed, counting each device buffer once."""
+    data, model = map(int, mesh.split("x"))
+    load = meshes["hf"][mesh]["load"]
+    assert load["tensors"] == 3 + NUM_LAYERS * 16  # embed, final_norm, lm_head; 16 a layer
+    assert load["slices_are_shards"]
+    assert load["whole_tensor_slices_of_split_tensors"] == 0
+    assert load["whole_copies_on_a_device"] == 0 and load["shard_mismatch"] == 0
+    final, peak = load["final_per_device"], load["peak_per_device"]
+    assert set(final) == {str(i) for i in range(8)}
+    for device, held in final.items():
+        assert peak[device] <= held + load["largest_tensor"]
+        assert peak[device] == held
+        if model > 1:
+            assert held < load["total_bytes"] / 1.5
+        else:
+            assert held == load["total_bytes"]  # data parallel: a full replica each
+    assert meshes["memory_stats"] is None  # what CPU reports; GPUs give bytes in use
+
+
+# ----- errors, before anything compiles -----
+
+def test_error_messages(hf_dir):
+    errors = run_worker("errors", hf_dir)
+    expected = {
+        "too_many_devices": "mesh data=4 x model=4 needs 16 devices but only 8 exist (cpu, 1 "
+                            "process); use data * model <= 8",
+        "model_not_dividing": "model=3 does not divide the 8 devices; pass data too, or a "
+                              "model size in {1, 2, 4, 8}",
+        "batch": "batch 3 is not divisible by mesh axis data=2; use a batch that is a multiple "
+                 "of 2 or data=1",
+        "batch_data4": "batch 6 is not divisible by mesh axis data=4; use a batch that is a "
+                       "multiple of 4 or data in {1, 2}",
+        "heads": "num_heads 6 not divisible by model=4; use model in {1, 2, 3, 6}",
+        "heads_load": "num_heads 8 not divisible by model=3; use model in {1, 2, 4, 8}",
+    }
+    for name, message in expected.items():
+        assert errors[name]["type"] == "ShardingError", (name, errors[name])
+        assert errors[name]["message"] == message
+        assert errors[name]["compiles"] == 0, name
+    assert errors["default_mesh"] == {"data": 1, "model": 8}  # all devices on model
+    assert errors["data_only"] == {"data": 2, "model": 4}
+    assert errors["subset"] == {"data": 1, "model": 2}
+
+
+def test_too_many_devices_in_this_process():
+    n, platform = jax.device_count(), jax.devices()[0].platform
+    with pytest.raises(sharding.ShardingError, match=re.escape(
+            f"mesh data={n + 1} x model=1 needs {n + 1} devices but only {n} exist "
+            f"({platform}, 1 process); use data * model <= {n}")):
+        sharding.make_mesh(data=n + 1)
+    assert issubclass(sharding.ShardingError, ValueError)
+
+
+# ----- two processes -----
+
+def test_two_processes_give_one_process_tokens(meshes, hf_dir):
+    """Two processes with 4 CPU devices each, joined with initialize_distributed (gloo
+    collectives): generate over model=8 spanning both, the decode program over data=2 x
+    model=4 with each process holding its own rows, and a checkpoint loaded onto the
+    8-device mesh, all give the single-process tokens."""
+    port = str(free_port())
+    env = device_env(4)
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding_worker", "process", str(i),
+                               port, hf_dir], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, stderr[-4000:]
+        outs.append(last_json(stdout))
+    for i, out in enumerate(outs):
+        assert (out["process"], out["processes"], out["devices"], out["local_devices"]) == (i, 2, 8, 4)
+        assert out["generate_1x8"] == meshes["gqa"]["reference"]
+        assert out["decode_2x4"] == meshes["gqa"]["reference"]
+        assert out["hf_1x8"] == meshes["hf"]["reference"]
+        assert out["hf_embed_local_shards"] == 4
+    assert outs[0]["decode_2x4_rows_local"] == [[0, 4, 1]] * 4  # rows 0-3 live in process 0
+    assert outs[1]["decode_2x4_rows_local"] == [[4, 8, 1]] * 4
+
+
+# ----- the command line -----
+
+def run_cli(*args: str, devices: int, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, env=device_env(devices),
+                          timeout=timeout)
+
+
+def test_cli_mesh_flags(text_checkpoint):
+    common = ["--model", text_checkpoint, "--prompt", "the cat", "--prompt", "a dog ran in",
+              "--max-new-tokens", "12", "--dtype", "float32", "--stop", "0", "--json"]
+    expected = kvjax.generate(kvjax.load(text_checkpoint, dtype="float32"),
+                              ["the cat", "a dog ran in"], max_new_tokens=12, stop_tokens=[0])
+    proc = run_cli(*common, "--mesh", "data=2,model=2", devices=8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert last_json(proc.stdout)["tokens"] == expected.tokens
+
+    bad = run_cli("--model", text_checkpoint, "--mesh", "data=2,heads=4", devices=1)
+    assert bad.returncode == 2 and "argument --mesh: expected data=D,model=M" in bad.stderr
+    bad = run_cli("--model", text_checkpoint, "--coordinator", "localhost:1", devices=1)
+    assert bad.returncode == 2
+    assert "--coordinator, --num-processes and --process-id go together" in bad.stderr
+    bad = run_cli(*common, "--mesh", "data=1,model=3", devices=8)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: num_heads 4 not divisible by model=3; use model in {1, 2, 4}")
+
+
+def test_cli_two_processes(text_checkpoint):
+    """The same command in two processes (2 devices each): process 0 prints the tokens
+    of one process; process 1 prints nothing. (On CPU, gloo itself writes its
+    "[Gloo] Rank ... connected" lines to standard output, hence the last line.)"""
+    args = ["--model", text_checkpoint, "--prompt", "the cat", "--max-new-tokens", "12",
+            "--dtype", "float32", "--stop", "0", "--json", "--mesh", "model=4",
+            "--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
+    env = device_env(2)
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "generate.py"),
+                               *args, "--process-id", str(i)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = []
+    for proc in procs:
+        try:
+            outs.append(proc.communicate(timeout=240))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, outs[-1][1][-3000:]
+    expected = kvjax.generate(kvjax.load(text_checkpoint, dtype="float32"), ["the cat"],
+                              max_new_tokens=12, stop_tokens=[0])
+    assert last_json(outs[0][0])["tokens"] == expected.tokens
+    assert outs[1][0] == ""
+
+
+# ----- the benchmark script -----
+
+def test_sharding_benchmark_smoke(tmp_path):
+    """scripts/sharding_benchmark.py with a tiny model on 8 fake CPU devices: every run
+    measured, the table printed, the JSON written."""
+    path = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "sharding_benchmark.py"), "--shape", "tiny",
+         "--prompt", "16", "--new", "8", "--reps", "1", "--dtype", "float32",
+         "--runs", "1:1x1", "1:1x2", "4:1x1", "4:2x4", "--json", str(path)],
+        cwd=ROOT, env=device_env(8), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ms/step" in proc.stdout and "# wrote" in proc.stdout
+    records = json.loads(path.read_text())
+    assert [(r["batch"], r["data"], r["model"]) for r in records] == [
+        (1, 1, 1), (1, 1, 2), (4, 1, 1), (4, 2, 4)]
+    for r in records:
+        assert "failed" not in r and r["ms_per_step"] > 0 and 0 <= r["agree"] <= 1
+        assert r["devices"] == 8 and r["shape"] == "tiny"
+    assert records[1]["params_gib_per_device"] < records[0]["params_gib_per_device"]
+    assert records[3]["cache_gib_per_device"] < records[2]["cache_gib_per_device"]
+    assert np.isclose(records[0]["speedup"], 1.0)
