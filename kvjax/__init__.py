@@ -2,14 +2,14 @@
 
 Public API::
 
-    model = kvjax.load("path/or/org-name", dtype="bfloat16")
+    model = kvjax.load("path/or/org-name", dtype="bfloat16")  # or kvjax.BUNDLED_MODEL
     out = kvjax.generate(model, ["Hello"], max_new_tokens=32)
     out.tokens, out.texts, out.stats
 
 and, for your own model, ``kvjax.jit_decode(step_fn, num_steps=..., greedy=...)``.
 """
 
-from kvjax.api import Generation, Model, TokenStream, generate, generate_stream, load
+from kvjax.api import BUNDLED_MODEL, Generation, Model, TokenStream, generate, generate_stream, load
 from kvjax.chat import ChatSession
 from kvjax.cache import KVCache, TokenHistory
 from kvjax.checkpoint import CheckpointError
@@ -19,7 +19,7 @@ from kvjax.model import forward, init_params
 from kvjax.sampling import SamplingParams, sample
 
 __all__ = [
-    "ChatSession", "CheckpointError", "ConfigError", "DecodeResult", "Generation", "KVCache", "Model",
+    "BUNDLED_MODEL", "ChatSession", "CheckpointError", "ConfigError", "DecodeResult", "Generation", "KVCache", "Model",
     "ModelConfig", "PAD_TOKEN", "RopeScaling", "SamplingParams", "TokenHistory", "decode",
     "TokenStream", "forward", "generate", "generate_stream", "init_params", "jit_decode", "load",
     "sample",

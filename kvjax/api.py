@@ -13,16 +13,18 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from kvjax.cache import KVCache, TokenHistory
 from kvjax.checkpoint import DTYPES, load_params
-from kvjax.config import ModelConfig
-from kvjax.decode import PAD_TOKEN, decode_steps, jit_decode, prefill
+from kvjax.config import ConfigError, ModelConfig
+from kvjax.decode import PAD_TOKEN, DecodeState, decode_steps, jit_decode, prefill
 from kvjax.model import recompute_step_fn, step_fn
 from kvjax.sampling import SamplingParams, check_sampling_values
-from kvjax import sharding
+from kvjax import orbax_store, sharding
 from kvjax.tokenizer import Tokenizer
 
+# The small English model shipped inside the package (docs/bundled_model.md).
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "kvjax-tiny")
 MAX_STOP_TOKENS = 16  # stop ids are a fixed-size array so their number never recompiles
 MIN_PROMPT_BUCKET = 16
 MIN_STEPS_BUCKET = 16
@@ -38,6 +40,17 @@ class Model:
     tokenizer: Tokenizer | None = None
     stop_tokens: tuple[int, ...] = ()
     mesh: Any = None  # the jax.sharding.Mesh the params live on (kvjax.sharding), or None
+    # Sampling values used where a call passes None: temperature, top_k, top_p, min_p
+    # (from generation_config.json when it samples; empty: greedy, no filters).
+    generation_defaults: dict = dataclasses.field(default_factory=dict)
+
+    def sampling_values(self, temperature: float | None, top_k: int | None,
+                        top_p: float | None, min_p: float | None) -> dict[str, Any]:
+        """The sampling values of a call: each given value, else the model's default."""
+        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        fallback = dict(temperature=0.0, top_k=None, top_p=None, min_p=None)
+        return {name: value if value is not None else self.generation_defaults.get(name, fallback[name])
+                for name, value in given.items()}
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -54,7 +67,8 @@ class Generation:
       stats: ``compile_s``, ``prefill_s``, ``decode_s``, ``decode_steps``, ``new_tokens``,
         ``tokens_per_s`` (new tokens over prefill + decode time), ``decode_tokens_per_s``
         (batch x decode steps over decode time), ``cache_bytes``, ``batch``,
-        ``prompt_bucket``, ``capacity``.
+        ``prompt_bucket``, ``capacity``, ``sampling`` (the temperature, top_k, top_p and
+        min_p used, the model's defaults filled in).
       logits: per prompt, ``float32[len(tokens), vocab]`` logits each new token was
         chosen from (only with ``return_logits=True``).
     """
@@ -68,7 +82,8 @@ class Generation:
 def load(path_or_hub_id: str, dtype: str = "bfloat16", mesh=None) -> Model:
     """Loads a Hugging Face-format checkpoint (a local directory or a Hub id).
 
-    Reads ``config.json``, the safetensors weights (single file or sharded index),
+    Reads ``config.json``, the safetensors weights (single file or sharded index; or the
+    params of a kvjax orbax store made by ``scripts/convert.py``, docs/checkpoints.md),
     ``tokenizer.json`` when present and the stop tokens of ``generation_config.json``
     (falling back to ``eos_token_id`` of ``config.json``).
 
@@ -82,14 +97,21 @@ def load(path_or_hub_id: str, dtype: str = "bfloat16", mesh=None) -> Model:
     """
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
-    directory = _resolve(path_or_hub_id)
+    directory = resolve_checkpoint(path_or_hub_id)
     config = ModelConfig.from_json(directory)
-    params = load_params(directory, config, dtype, mesh=mesh)
+    if orbax_store.is_orbax_store(directory):  # params converted before (scripts/convert.py)
+        params = orbax_store.restore_params(directory, config, dtype, mesh=mesh)
+    else:
+        params = load_params(directory, config, dtype, mesh=mesh)
+    stop_tokens, defaults = _generation_config(directory, config)
     return Model(config=config, params=params, tokenizer=Tokenizer.from_directory(directory),
-                 stop_tokens=_default_stop_tokens(directory, config), mesh=mesh)
+                 stop_tokens=stop_tokens, mesh=mesh, generation_defaults=defaults)
 
 
-def _resolve(path_or_hub_id: str) -> str:
+def resolve_checkpoint(path_or_hub_id: str) -> str:
+    """The local directory of a checkpoint: ``path_or_hub_id`` itself when it is a
+    directory (which must hold ``config.json``), else the Hub snapshot it names,
+    downloaded (or found in the ``HF_HOME`` cache) with ``huggingface_hub``."""
     path = os.fspath(path_or_hub_id)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -111,14 +133,40 @@ def _resolve(path_or_hub_id: str) -> str:
             "and copy the directory (or HF_HOME cache) here, then pass its path") from e
 
 
-def _default_stop_tokens(directory: str, config: ModelConfig) -> tuple[int, ...]:
+# transformers' values for sampling fields that a sampling generation_config leaves unset
+# (GenerationConfig._get_default_generation_params).
+_HF_SAMPLING_DEFAULTS = dict(temperature=1.0, top_k=50, top_p=1.0, min_p=None)
+
+
+def _generation_config(directory: str, config: ModelConfig) -> tuple[tuple[int, ...], dict]:
+    """Stop tokens and sampling defaults from ``generation_config.json``.
+
+    Stop tokens: its ``eos_token_id``, else ``config.json``'s. Sampling defaults, as
+    transformers' ``generate`` reads the file: none (greedy) unless ``do_sample`` is true;
+    then ``temperature``, ``top_k``, ``top_p`` and ``min_p``, each unset one taking
+    transformers' default (1.0, 50, 1.0, off), filters at their neutral value dropped.
+    """
     path = os.path.join(directory, "generation_config.json")
+    generation = {}
     if os.path.isfile(path):
         with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
-        if eos is not None:
-            return tuple(eos) if isinstance(eos, list) else (eos,)
-    return config.eos_token_ids
+            generation = json.load(f)
+    eos = generation.get("eos_token_id")
+    stop_tokens = config.eos_token_ids if eos is None else (
+        tuple(eos) if isinstance(eos, list) else (eos,))
+    if not generation.get("do_sample"):
+        return stop_tokens, {}
+    values = {name: generation.get(name) if generation.get(name) is not None else default
+              for name, default in _HF_SAMPLING_DEFAULTS.items()}
+    neutral = dict(top_k=0, top_p=1.0, min_p=0.0)
+    defaults = {name: value for name, value in values.items()
+                if value is not None and value != neutral.get(name)}
+    try:
+        check_sampling_values(defaults.get("temperature", 0.0), defaults.get("top_k"),
+                              defaults.get("top_p"), defaults.get("min_p"))
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    return stop_tokens, defaults
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -188,6 +236,7 @@ class _Request:
     capacity: int
     num_steps: int  # power-of-two bound on new tokens
     controls: dict  # max_new_tokens, sampling, seed, stop_tokens: the dynamic loop inputs
+    sampling_values: dict  # temperature, top_k, top_p, min_p as used (defaults resolved)
 
     @property
     def batch(self) -> int:
@@ -200,7 +249,8 @@ class _Request:
 
 def _request(model: Model, prompts, *, max_new_tokens, temperature, top_k, top_p, min_p, seed,
              stop_tokens, capacity) -> _Request:
-    check_sampling_values(temperature, top_k, top_p, min_p)
+    values = model.sampling_values(temperature, top_k, top_p, min_p)
+    check_sampling_values(**values)
     if not 0 <= seed < 2 ** 32 or int(seed) != seed:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed}")
     encoded = _encode_prompts(model, prompts)
@@ -209,12 +259,12 @@ def _request(model: Model, prompts, *, max_new_tokens, temperature, top_k, top_p
     capacity = _check_lengths(model.config, longest, max_new_tokens, capacity)
     prompt_tokens, prompt_lengths = _pad_block(encoded, min(_bucket(longest, MIN_PROMPT_BUCKET),
                                                             capacity))
-    sampling = SamplingParams.create(len(encoded), temperature, top_k, top_p, min_p)
+    sampling = SamplingParams.create(len(encoded), **values)
     controls = dict(max_new_tokens=np.int32(max_new_tokens), sampling=sampling,
                     seed=np.uint32(seed), stop_tokens=stops)
     return _Request(encoded=encoded, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths,
                     capacity=capacity, num_steps=_bucket(max_new_tokens, MIN_STEPS_BUCKET),
-                    controls=controls)
+                    controls=controls, sampling_values=values)
 
 
 def _pad_block(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -223,12 +273,6 @@ def _pad_block(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarra
     for row, ids in enumerate(rows):
         block[row, :len(ids)] = ids
     return block, np.array([len(ids) for ids in rows], np.int32)
-
-
-def _new_cache(model: Model, batch: int, capacity: int, use_cache: bool = True):
-    if use_cache:
-        return KVCache.create(model.config, batch, capacity, model.dtype)
-    return TokenHistory.create(batch, capacity)
 
 
 def _step(config: ModelConfig, use_cache: bool):
@@ -259,7 +303,7 @@ _PREFILL_CLOCK = _PrefillClock()
 
 
 def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
-             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+             max_new_tokens: int = 64, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, min_p: float | None = None, seed: int = 0,
              stop_tokens: Sequence[int] | None = None, capacity: int | None = None,
              use_cache: bool = True, return_logits: bool = False) -> Generation:
@@ -271,7 +315,10 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
         different lengths.
       max_new_tokens: new tokens per prompt, stop token included.
       temperature: 0 for greedy; otherwise sample from softmax(logits / temperature).
-      top_k, top_p, min_p: filters (None = off), applied in that order after temperature.
+      top_k, top_p, min_p: filters applied in that order after temperature (off: top_k 0,
+        top_p 1, min_p 0).
+        For each of these four, None takes the model's default (``generation_config.json``
+        when its ``do_sample`` is true, else greedy without filters).
       seed: seed of the per-row randomness (row ``r`` draws the same numbers whatever
         the other rows are).
       stop_tokens: ids that end a row; default the model's (``generation_config.json``).
@@ -304,14 +351,14 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
     _PREFILL_CLOCK.time = None
     start = time.perf_counter()
     result = compiled(*args)
-    num_generated = np.asarray(result.num_generated)
+    num_generated = sharding.to_host(result.num_generated)
     end = time.perf_counter()
     prefill_done = _PREFILL_CLOCK.time or end
-    tokens_out = np.asarray(result.tokens)
+    tokens_out = sharding.to_host(result.tokens)
     tokens = [tokens_out[row, :num_generated[row]].tolist() for row in range(req.batch)]
     logits = None
     if return_logits:
-        all_logits = np.asarray(result.logits)
+        all_logits = sharding.to_host(result.logits)
         logits = [all_logits[row, :num_generated[row]] for row in range(req.batch)]
     stats = _stats(req, tokens, compile_s, prefill_done - start, end - prefill_done,
                    int(result.steps_run), cache_bytes)
@@ -332,14 +379,20 @@ def _stats(req: _Request, tokens: list[list[int]], compile_s: float, prefill_s: 
         "decode_tokens_per_s": req.batch * decode_steps / max(decode_s, 1e-9),
         "cache_bytes": cache_bytes, "batch": req.batch,
         "prompt_bucket": req.prompt_tokens.shape[1], "capacity": req.capacity,
+        "sampling": req.sampling_values,
     }
 
 
 # ----- streaming: a prefill program, then compiled chunks of decode steps -----
 
 @functools.lru_cache(maxsize=64)
-def _stream_programs(config: ModelConfig, use_cache: bool, greedy: bool, chunk_size: int):
-    """(prefill program, chunk program), each jitted once with its cache/state donated."""
+def _stream_programs(config: ModelConfig, use_cache: bool, greedy: bool, chunk_size: int,
+                     state_shardings: DecodeState | None):
+    """(prefill program, chunk program), each jitted once with its cache/state donated.
+
+    On a mesh both programs return the loop state with ``state_shardings``, so the state
+    one chunk returns is exactly what the next chunk (or a chat's next prefill) was
+    compiled for."""
     step = _step(config, use_cache)
 
     def prefill_block(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed,
@@ -354,15 +407,31 @@ def _stream_programs(config: ModelConfig, use_cache: bool, greedy: bool, chunk_s
                                         seed=seed, stop_tokens=stop_tokens)
         return state, tokens, jnp.all(state.done)
 
-    return jax.jit(prefill_block, donate_argnums=1), jax.jit(chunk, donate_argnums=1)
+    if state_shardings is None:
+        return jax.jit(prefill_block, donate_argnums=1), jax.jit(chunk, donate_argnums=1)
+    rows, scalar = state_shardings.tokens, state_shardings.steps_run
+    return (jax.jit(prefill_block, donate_argnums=1, out_shardings=state_shardings),
+            jax.jit(chunk, donate_argnums=1, out_shardings=(state_shardings, rows, scalar)))
+
+
+def _state_shardings(model: Model, cache) -> DecodeState | None:
+    """Where the decode loop's state lives on ``model.mesh`` (None without a mesh): the
+    cache where it was created, per-row values with the cache's rows, the step count
+    replicated."""
+    if model.mesh is None:
+        return None
+    rows = cache.lengths.sharding
+    return DecodeState(cache=jax.tree.map(lambda x: x.sharding, cache), tokens=rows,
+                       positions=rows, done=rows, num_generated=rows,
+                       steps_run=NamedSharding(rows.mesh, PartitionSpec()))
 
 
 class _Chunks:
     """Runs prefill then decode chunks, yielding ``int32[batch, n]`` host token blocks.
 
     The next chunk is dispatched before the current one is read back, so the device
-    never waits for the host; the loop ends once every row is done (one spare chunk,
-    which does no model work, may have been dispatched). ``state`` holds the final
+    never waits for the host; the loop ends once a chunk reports every row done (the
+    chunk queued after it is a spare that does no model work). ``state`` holds the final
     loop state (and its cache) after iteration; ``times`` the compile, prefill and
     decode seconds.
     """
@@ -370,12 +439,17 @@ class _Chunks:
     def __init__(self, model: Model, use_cache: bool, chunk_size: int, cache, block: np.ndarray,
                  lengths: np.ndarray, start: np.ndarray, controls: dict):
         prefill_program, chunk_program = _stream_programs(
-            model.config, use_cache, controls["sampling"].is_greedy, chunk_size)
+            model.config, use_cache, controls["sampling"].is_greedy, chunk_size,
+            _state_shardings(model, cache))
         self._params, self._controls = model.params, controls
         self._prefill_args = (model.params, cache, block, lengths, start, *controls.values())
         t0 = time.perf_counter()
         self._prefill = _compiled(prefill_program, self._prefill_args)
-        state_shape = jax.eval_shape(prefill_program, *self._prefill_args)
+        # The chunk program is compiled for the state exactly as prefill leaves it.
+        state_shape = jax.tree.map(
+            lambda shape, placement: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
+                                                          sharding=placement),
+            jax.eval_shape(prefill_program, *self._prefill_args), self._prefill.output_shardings)
         self._chunk = _compiled(chunk_program, (model.params, state_shape, *controls.values()))
         self.compile_s = time.perf_counter() - t0
         self.state = None
@@ -388,16 +462,19 @@ class _Chunks:
     def __iter__(self):
         t0 = time.perf_counter()
         state = self._prefill(*self._prefill_args)
-        first = np.asarray(state.tokens)[:, None]  # [batch, 1]
-        finished = bool(np.all(np.asarray(state.done)))
+        first = sharding.to_host(state.tokens)[:, None]  # [batch, 1]
+        finished = bool(np.all(sharding.to_host(state.done)))
         self.prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         pending = None if finished else self._run_chunk(state)
         yield first
         while pending is not None:
             state, tokens, done = pending
-            pending = None if bool(done) else self._run_chunk(state)
-            yield np.asarray(tokens)
+            following = self._run_chunk(state)  # queued before this chunk is read back
+            yield sharding.to_host(tokens)
+            pending = None if bool(done) else following
+            if pending is None:
+                state = following[0]  # the spare chunk's state: nothing left to run
         self.decode_s = time.perf_counter() - t1
         self.state = state
         self.decode_steps = int(state.steps_run)
@@ -435,7 +512,8 @@ class TokenStream:
 
 
 def generate_stream(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
-                    chunk_size: int = 16, max_new_tokens: int = 64, temperature: float = 0.0,
+                    chunk_size: int = 16, max_new_tokens: int = 64,
+                    temperature: float | None = None,
                     top_k: int | None = None, top_p: float | None = None,
                     min_p: float | None = None, seed: int = 0,
                     stop_tokens: Sequence[int] | None = None, capacity: int | None = None,
@@ -451,7 +529,8 @@ def generate_stream(model: Model, prompts: Sequence[str] | Sequence[Sequence[int
     req = _request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
                    capacity=capacity)
-    cache = _new_cache(model, req.batch, req.capacity, use_cache)
+    sharding.check_model(model, req.batch)
+    cache = sharding.new_cache(model, req.batch, req.capacity, use_cache)
     cache_bytes = cache.nbytes
     chunks = _Chunks(model, use_cache, chunk_size, cache, req.prompt_tokens, req.prompt_lengths,
                      np.zeros((req.batch,), np.int32), req.controls)
@@ -462,10 +541,11 @@ _COMPILED: dict = {}
 
 
 def _compiled(jitted, args):
-    """AOT-compiles ``jitted`` for the shapes of ``args`` once; later calls only look up."""
+    """AOT-compiles ``jitted`` for the shapes, dtypes and shardings of ``args`` once; later
+    calls only look up (the same shapes placed on another mesh compile anew)."""
     leaves, treedef = jax.tree.flatten(args)
-    key = (jitted, treedef, tuple((np.shape(x), getattr(x, "dtype", None) or np.result_type(x))
-                                  for x in leaves))
+    key = (jitted, treedef, tuple((np.shape(x), getattr(x, "dtype", None) or np.result_type(x),
+                                   getattr(x, "sharding", None)) for x in leaves))
     if key not in _COMPILED:
         _COMPILED[key] = jitted.lower(*args).compile()
     return _COMPILED[key]

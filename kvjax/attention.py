@@ -25,9 +25,15 @@ def attention_mask(query_positions: jax.Array, key_positions: jax.Array,
     return mask
 
 
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+    """``cap * tanh(x / cap)``: squashes ``x`` smoothly into ``(-cap, cap)`` (Gemma 2)."""
+    return cap * jnp.tanh(x / cap)
+
+
 def attend(queries: jax.Array, keys: jax.Array, values: jax.Array,
            query_positions: jax.Array, key_positions: jax.Array,
-           sliding_window: int | None = None) -> jax.Array:
+           sliding_window: int | None = None, scale: float | None = None,
+           logit_softcap: float | None = None) -> jax.Array:
     """Scaled dot-product attention with grouped KV heads.
 
     Args:
@@ -36,6 +42,9 @@ def attend(queries: jax.Array, keys: jax.Array, values: jax.Array,
         layout); ``heads`` is a multiple of ``kv_heads`` (MHA, GQA and MQA alike).
       query_positions: ``int32[batch, queries]``.
       key_positions: ``int32[batch, keys]``.
+      sliding_window: attend only to the last ``sliding_window`` positions.
+      scale: multiplies the scores (default ``head_dim ** -0.5``).
+      logit_softcap: ``soft_cap`` the scaled scores at this value (before masking).
 
     Returns:
       ``[batch, queries, heads, head_dim]`` in the dtype of ``queries``.
@@ -45,7 +54,9 @@ def attend(queries: jax.Array, keys: jax.Array, values: jax.Array,
     grouped = queries.reshape(batch, num_queries, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("bqkgd,bksd->bkgqs", grouped, keys,
                         preferred_element_type=jnp.float32)  # [batch, kv_heads, group, queries, keys]
-    scores = scores * (head_dim ** -0.5)
+    scores = scores * (head_dim ** -0.5 if scale is None else scale)
+    if logit_softcap is not None:
+        scores = soft_cap(scores, logit_softcap)
     mask = attention_mask(query_positions, key_positions, sliding_window)[:, None, None]
     scores = jnp.where(mask, scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)

@@ -7,8 +7,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from kvjax.api import (MIN_PROMPT_BUCKET, Model, _bucket, _Chunks, _pad_block, _stop_array,
-                       _new_cache)
+from kvjax import sharding
+from kvjax.api import MIN_PROMPT_BUCKET, Model, _bucket, _Chunks, _pad_block, _stop_array
 from kvjax.decode import PAD_TOKEN
 from kvjax.sampling import SamplingParams
 from kvjax.tokenizer import StreamDecoder
@@ -32,14 +32,15 @@ class ChatSession:
       capacity: cache slots for the whole conversation (default: max positions, at most 4096).
       system: an optional system message.
       max_new_tokens: the longest reply.
-      temperature, top_k, top_p, min_p: as in ``generate``.
+      temperature, top_k, top_p, min_p: as in ``generate`` (None: the model's default).
       seed: turn ``i`` samples with seed ``seed + i``.
       stop_tokens: default the model's.
       chunk_size: decode steps per compiled chunk while streaming.
     """
 
     def __init__(self, model: Model, *, capacity: int | None = None, system: str | None = None,
-                 max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+                 max_new_tokens: int = 256, temperature: float | None = None,
+                 top_k: int | None = None,
                  top_p: float | None = None, min_p: float | None = None, seed: int = 0,
                  stop_tokens: Sequence[int] | None = None, chunk_size: int = 16):
         if model.tokenizer is None:
@@ -47,10 +48,12 @@ class ChatSession:
         if model.tokenizer.chat_template is None:
             raise ValueError("this checkpoint has no chat_template in tokenizer_config.json; "
                              "use generate() with plain prompts")
+        sharding.check_model(model, 1)  # one conversation is one batch row
         self.model = model
         self.capacity = capacity or min(model.config.max_position_embeddings, 4096)
         self.max_new_tokens = max_new_tokens
-        self.sampling = SamplingParams.create(1, temperature, top_k, top_p, min_p)
+        self.sampling = SamplingParams.create(
+            1, **model.sampling_values(temperature, top_k, top_p, min_p))
         self.seed = seed
         self.stops = _stop_array(model, stop_tokens)
         self.chunk_size = chunk_size
@@ -64,7 +67,7 @@ class ChatSession:
         self.history: list[int] = []  # the cache holds history[:-1]
         self._rendered = ""  # the text that `history` encodes
         self._turn = 0
-        self._cache = _new_cache(self.model, 1, self.capacity)
+        self._cache = sharding.new_cache(self.model, 1, self.capacity)
 
     @property
     def cache_fill(self) -> int:

@@ -7,7 +7,8 @@ import json
 import os
 import sys
 
-BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "kvjax-tiny")
+from kvjax.api import BUNDLED_MODEL
+
 DEFAULT_PROMPT = "The Python interpreter"
 
 EXAMPLES = """examples:
@@ -34,12 +35,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="prompt text; repeat for a batch (one row each)")
     parser.add_argument("--prompt-file", action="append", default=[],
                         help="a file whose whole text is one prompt (repeatable)")
-    sampling = parser.add_argument_group("sampling")
+    sampling = parser.add_argument_group(
+        "sampling", "unset values come from the model's generation_config.json when it "
+        "samples (do_sample: true); otherwise decoding is greedy without filters")
     sampling.add_argument("--max-new-tokens", type=int, default=64)
-    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    sampling.add_argument("--top-k", type=int, default=None)
-    sampling.add_argument("--top-p", type=float, default=None)
-    sampling.add_argument("--min-p", type=float, default=None)
+    sampling.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    sampling.add_argument("--top-k", type=int, default=None, help="0 = off")
+    sampling.add_argument("--top-p", type=float, default=None, help="1 = off")
+    sampling.add_argument("--min-p", type=float, default=None, help="0 = off")
     sampling.add_argument("--seed", type=int, default=0)
     sampling.add_argument("--stop", type=int, action="append", default=None, metavar="ID",
                           help="stop token id (repeatable); default from generation_config.json")

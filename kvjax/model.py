@@ -1,19 +1,28 @@
 """The functional decoder: ``forward(params, tokens, positions, cache) -> (logits, cache)``.
 
-One parameterised block covers Llama 2/3.x, Mistral, Qwen2/2.5 and Qwen3 (MHA, GQA and
-MQA); the families differ only by ``ModelConfig`` fields. Layers are a Python loop over
-a tuple of per-layer parameter dicts, each with its own cache buffer (measured faster
-than scanning over stacked layers: docs/architecture.md).
+One parameterised block covers Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3 (text),
+Phi-3, GPT-2 and OLMo-2 (MHA, GQA and MQA); the families differ only by ``ModelConfig``
+fields (docs/models.md). Layers are a Python loop over a tuple of per-layer parameter
+dicts, each with its own cache buffer (measured faster than scanning over stacked
+layers: docs/architecture.md).
 
-Params are a plain pytree::
+Params are a plain pytree; a name is present only where the config asks for it::
 
-    {"embed": [vocab, hidden], "final_norm": [hidden], "lm_head": [vocab, hidden] (untied only),
-     "layers": ({"attn_norm": [hidden], "wq": [hidden, heads * head_dim], "bq": ...,
-                 "wk", "bk", "wv", "bv": [hidden, kv_heads * head_dim] / [kv_heads * head_dim],
+    {"embed": [vocab, hidden], "pos_embed": [max_positions, hidden] (learned positions),
+     "final_norm", "final_norm_bias": [hidden], "lm_head": [vocab, hidden] (untied only),
+     "layers": ({"attn_norm", "attn_norm_bias": [hidden] (pre_norms),
+                 "wq": [hidden, heads * head_dim], "bq": [heads * head_dim],
+                 "wk", "wv": [hidden, kv_heads * head_dim], "bk", "bv": [kv_heads * head_dim],
                  "wo": [heads * head_dim, hidden], "bo": [hidden],
-                 "q_norm", "k_norm": [head_dim] (qk_norm only),
-                 "mlp_norm": [hidden], "w_gate", "w_up": [hidden, intermediate],
-                 "w_down": [intermediate, hidden], "b_gate", "b_up", "b_down" (mlp_bias only)}, ...)}
+                 "q_norm", "k_norm": [head_dim] (qk_norm; without qk_norm_per_head
+                                     [heads * head_dim] and [kv_heads * head_dim]),
+                 "attn_post_norm": [hidden] (post_norms),
+                 "mlp_norm", "mlp_norm_bias": [hidden] (pre_norms),
+                 "w_gate" (gated_mlp), "w_up": [hidden, intermediate],
+                 "w_down": [intermediate, hidden], "b_gate", "b_up", "b_down" (mlp_bias),
+                 "mlp_post_norm": [hidden] (post_norms)}, ...)}
+
+Norm biases (``*_norm_bias``) exist for LayerNorm models (``norm="layer"``) only.
 """
 
 from __future__ import annotations
@@ -23,32 +32,55 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import attend
+from kvjax.attention import attend, soft_cap
 from kvjax.cache import KVCache, TokenHistory
 from kvjax.config import ModelConfig
-from kvjax.rope import apply_rope, rope_tables
+from kvjax.rope import apply_rope, layer_rope_tables
+
+_ACTIVATIONS = {"silu": jax.nn.silu,
+                "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+                "gelu": functools.partial(jax.nn.gelu, approximate=False)}
+
+
+def _norm_shapes(config: ModelConfig, name: str, width: int) -> dict[str, tuple[int, ...]]:
+    shapes = {name: (width,)}
+    if config.norm == "layer":
+        shapes[name + "_bias"] = (width,)
+    return shapes
 
 
 def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of one layer's parameters, by name (biases and norms only where configured)."""
     d, f = config.hidden_size, config.intermediate_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    shapes = {"attn_norm": (d,), "wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d),
-              "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+    shapes = _norm_shapes(config, "attn_norm", d) if config.pre_norms else {}
+    shapes |= {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d)}
+    if config.pre_norms:
+        shapes |= _norm_shapes(config, "mlp_norm", d)
+    if config.gated_mlp:
+        shapes["w_gate"] = (d, f)
+    shapes |= {"w_up": (d, f), "w_down": (f, d)}
     if config.qkv_bias:
         shapes |= {"bq": (q,), "bk": (kv,), "bv": (kv,)}
     if config.o_bias:
         shapes["bo"] = (d,)
-    if config.qk_norm:
+    if config.qk_norm and config.qk_norm_per_head:
         shapes |= {"q_norm": (config.head_dim,), "k_norm": (config.head_dim,)}
+    elif config.qk_norm:
+        shapes |= {"q_norm": (q,), "k_norm": (kv,)}
     if config.mlp_bias:
-        shapes |= {"b_gate": (f,), "b_up": (f,), "b_down": (d,)}
+        shapes |= ({"b_gate": (f,)} if config.gated_mlp else {}) | {"b_up": (f,), "b_down": (d,)}
+    if config.post_norms:
+        shapes |= {"attn_post_norm": (d,), "mlp_post_norm": (d,)}
     return shapes
 
 
 def top_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of the parameters outside the layers, by name."""
-    shapes = {"embed": (config.vocab_size, config.hidden_size), "final_norm": (config.hidden_size,)}
+    shapes = {"embed": (config.vocab_size, config.hidden_size)}
+    shapes |= _norm_shapes(config, "final_norm", config.hidden_size)
+    if config.position_embedding == "learned":
+        shapes["pos_embed"] = (config.max_position_embeddings, config.hidden_size)
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (config.vocab_size, config.hidden_size)
     return shapes
@@ -56,11 +88,12 @@ def top_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> dict:
     """Random parameters of the right shapes (for tests and benchmarks; speed does not
-    depend on the values). Norm weights are ones, everything else N(0, 0.02)."""
+    depend on the values). Norm weights are the identity scale (ones, or zeros for
+    ``(offset + w)`` norms), everything else N(0, 0.02)."""
 
     def make(name, shape, k):
         if name.endswith("norm"):
-            return jnp.ones(shape, dtype)
+            return jnp.full(shape, 1.0 - config.norm_offset, dtype)
         return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
 
     def make_all(shapes, k):
@@ -73,11 +106,38 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> dict
     return params
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, scaled in the input dtype (as in HF transformers)."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0,
+             scale_float32: bool = False) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32, scaled by ``offset + weight``.
+
+    Llama rounds to ``x``'s dtype, then scales by ``weight``; with ``scale_float32`` or an
+    ``offset`` the scaling is done in float32 and the result rounded (OLMo-2; Gemma's
+    ``(1 + w)``). Both as in HF transformers.
+    """
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * normed.astype(x.dtype)
+    if not (scale_float32 or offset):
+        return weight * normed.astype(x.dtype)
+    scale = weight.astype(jnp.float32)
+    if offset:
+        scale = offset + scale
+    return (scale * normed).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis with a bias, computed in float32 (GPT-2)."""
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    return (normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def norm(config: ModelConfig, params: dict, name: str, x: jax.Array) -> jax.Array:
+    """The config's norm of ``x`` with the weight ``params[name]`` (and its bias)."""
+    if config.norm == "layer":
+        return layer_norm(x, params[name], params[name + "_bias"], config.rms_norm_eps)
+    return rms_norm(x, params[name], config.rms_norm_eps, config.norm_offset,
+                    config.norm_scale_float32)
 
 
 def _linear(x: jax.Array, layer: dict, weight: str, bias: str) -> jax.Array:
@@ -85,40 +145,78 @@ def _linear(x: jax.Array, layer: dict, weight: str, bias: str) -> jax.Array:
     return y + layer[bias] if bias in layer else y
 
 
-def qkv_projection(config: ModelConfig, layer: dict, x: jax.Array, cos: jax.Array,
-                   sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def embed(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """Token embeddings (scaled by sqrt(hidden) for Gemma, plus learned position
+    embeddings for GPT-2): ``[batch, seq, hidden]``."""
+    x = params["embed"][tokens]  # [batch, seq, hidden]
+    if config.scale_embeddings:  # the factor rounded to the activation dtype, as in HF
+        x = x * jnp.asarray(config.hidden_size ** 0.5, x.dtype)
+    if config.position_embedding == "learned":  # padding (-1) reads row 0; it is never attended
+        x = x + params["pos_embed"][jnp.maximum(positions, 0)]
+    return x
+
+
+def qkv_projection(config: ModelConfig, layer: dict, x: jax.Array, cos: jax.Array | None,
+                   sin: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Normed, projected (QK-normed) and rotated queries, keys and values of one layer.
 
+    ``cos``, ``sin``: the layer's ``rope_tables`` (``None`` without RoPE).
     Returns ``q [batch, seq, heads, head_dim]`` and ``k, v [batch, seq, kv_heads, head_dim]``.
     """
     batch, seq, _ = x.shape
-    h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-    q = _linear(h, layer, "wq", "bq").reshape(batch, seq, config.num_heads, config.head_dim)
-    k = _linear(h, layer, "wk", "bk").reshape(batch, seq, config.num_kv_heads, config.head_dim)
-    v = _linear(h, layer, "wv", "bv").reshape(batch, seq, config.num_kv_heads, config.head_dim)
-    if config.qk_norm:
-        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
-        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    h = norm(config, layer, "attn_norm", x) if config.pre_norms else x
+    q = _linear(h, layer, "wq", "bq")  # [batch, seq, heads * head_dim]
+    k = _linear(h, layer, "wk", "bk")  # [batch, seq, kv_heads * head_dim]
+    v = _linear(h, layer, "wv", "bv")
+    if config.qk_norm and not config.qk_norm_per_head:  # OLMo-2: over the whole projection
+        q, k = norm(config, layer, "q_norm", q), norm(config, layer, "k_norm", k)
+    q = q.reshape(batch, seq, config.num_heads, config.head_dim)
+    k = k.reshape(batch, seq, config.num_kv_heads, config.head_dim)
+    v = v.reshape(batch, seq, config.num_kv_heads, config.head_dim)
+    if config.qk_norm and config.qk_norm_per_head:
+        q, k = norm(config, layer, "q_norm", q), norm(config, layer, "k_norm", k)
+    if config.position_embedding == "rope":
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k, v
+
+
+def mlp(config: ModelConfig, layer: dict, h: jax.Array) -> jax.Array:
+    """The feed-forward block of one layer on its (normed) input ``[batch, seq, hidden]``."""
+    activation = _ACTIVATIONS[config.activation]
+    if config.gated_mlp:
+        gate = activation(_linear(h, layer, "w_gate", "b_gate"))
+        hidden = gate * _linear(h, layer, "w_up", "b_up")  # [batch, seq, intermediate]
+    else:
+        hidden = activation(_linear(h, layer, "w_up", "b_up"))
+    return _linear(hidden, layer, "w_down", "b_down")
 
 
 def finish_layer(config: ModelConfig, layer: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
-    """Output projection and residual, then the gated MLP and residual.
+    """Output projection and residual, then the MLP and residual (each output normed
+    before its residual with ``post_norms``).
 
     ``x``: the layer's input ``[batch, seq, hidden]``; ``attn``: ``[batch, seq, heads, head_dim]``.
     """
     batch, seq, _ = x.shape
-    x = x + _linear(attn.reshape(batch, seq, -1), layer, "wo", "bo")
-    h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-    gate = jax.nn.silu(_linear(h, layer, "w_gate", "b_gate"))
-    return x + _linear(gate * _linear(h, layer, "w_up", "b_up"), layer, "w_down", "b_down")
+    out = _linear(attn.reshape(batch, seq, -1), layer, "wo", "bo")
+    if config.post_norms:
+        out = norm(config, layer, "attn_post_norm", out)
+    x = x + out
+    h = norm(config, layer, "mlp_norm", x) if config.pre_norms else x
+    out = mlp(config, layer, h)
+    if config.post_norms:
+        out = norm(config, layer, "mlp_post_norm", out)
+    return x + out
 
 
 def final_logits(config: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
-    """Final norm and LM head: ``float32[batch, seq, vocab]``."""
-    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    """Final norm, LM head and optional soft-capping: ``float32[batch, seq, vocab]``."""
+    x = norm(config, params, "final_norm", x)
     head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
+    if config.final_logit_softcap is not None:
+        logits = soft_cap(logits, config.final_logit_softcap)
+    return logits
 
 
 def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
@@ -138,10 +236,11 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
       ``(logits float32[batch, seq, vocab], cache)``, the cache with the block written
       and its lengths advanced.
     """
-    x = params["embed"][tokens]  # [batch, seq, hidden]
-    cos, sin = rope_tables(config, positions)
+    x = embed(config, params, tokens, positions)  # [batch, seq, hidden]
+    max_length = tokens.shape[1] if cache is None else cache.capacity
+    tables = layer_rope_tables(config, positions, max_length)
     for index, layer in enumerate(params["layers"]):
-        q, k, v = qkv_projection(config, layer, x, cos, sin)
+        q, k, v = qkv_projection(config, layer, x, *tables[index])
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]
         if cache is None:  # recompute mode: attend within the given tokens
             keys, values, key_positions = k, v, positions
@@ -149,7 +248,8 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
             cache = cache.update(index, k, v, positions)
             keys, values = cache.keys[index], cache.values[index]  # [batch, kv_heads, capacity, head_dim]
             key_positions = cache.slot_positions
-        attn = attend(q, keys, values, positions, key_positions, config.sliding_window)
+        attn = attend(q, keys, values, positions, key_positions, config.layer_window(index),
+                      config.query_scale, config.attn_logit_softcap)
         x = finish_layer(config, layer, x, attn)
     if cache is not None:
         cache = cache.advance(positions)

@@ -155,14 +155,17 @@ LOGICAL_AXES = ("batch", "vocab", "vocab_in", "embed", "heads", "kv_heads", "mlp
 
 # Logical axes of each parameter, by kvjax name (kvjax/model.py's pytree).
 TOP_AXES = {"embed": ("vocab_in", "embed"), "lm_head": ("vocab", "embed"),
-            "final_norm": ("embed",)}
+            "final_norm": ("embed",), "final_norm_bias": ("embed",),
+            "pos_embed": ("cache_seq", "embed")}  # rows are positions, like cache slots
 LAYER_AXES = {
     "attn_norm": ("embed",), "mlp_norm": ("embed",),
+    "attn_norm_bias": ("embed",), "mlp_norm_bias": ("embed",),
+    "attn_post_norm": ("embed",), "mlp_post_norm": ("embed",),
     "wq": ("embed", "heads"), "bq": ("heads",),
     "wk": ("embed", "kv_heads"), "bk": ("kv_heads",),
     "wv": ("embed", "kv_heads"), "bv": ("kv_heads",),
     "wo": ("heads", "embed"), "bo": ("embed",),
-    "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+    "q_norm": ("head_dim",), "k_norm": ("head_dim",),  # replicated (also OLMo-2's full width)
     "w_gate": ("embed", "mlp"), "b_gate": ("mlp",),
     "w_up": ("embed", "mlp"), "b_up": ("mlp",),
     "w_down": ("mlp", "embed"), "b_down": ("embed",),

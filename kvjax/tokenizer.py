@@ -63,6 +63,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """Renders ``[{"role": ..., "content": ...}, ...]`` with the checkpoint's Jinja template
         (as transformers' ``apply_chat_template(..., tokenize=False)`` does)."""
+        check_messages(messages)
         template = self.chat_template
         if not template:
             raise ChatTemplateError("this tokenizer has no chat_template in tokenizer_config.json; "
@@ -82,6 +83,26 @@ class Tokenizer:
             raise
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the chat template failed to render: {e}") from e
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages: Sequence[dict]) -> None:
+    """Raises ``ChatTemplateError`` unless ``messages`` is a list of ``{"role", "content"}``
+    dicts with a known role and text content (what every chat template expects)."""
+    if isinstance(messages, (str, dict)) or not isinstance(messages, Sequence):
+        raise ChatTemplateError('messages must be a list of {"role": ..., "content": ...} dicts')
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ChatTemplateError(f'message {i} must be a dict with "role" and "content", '
+                                    f"got {message!r}")
+        if message["role"] not in CHAT_ROLES:
+            raise ChatTemplateError(f"message {i} has unknown role {message['role']!r}; "
+                                    f"roles are {', '.join(CHAT_ROLES)}")
+        if not isinstance(message["content"], str):
+            raise ChatTemplateError(f"message {i} content must be text (a str), got "
+                                    f"{type(message['content']).__name__}")
 
 
 class StreamDecoder:

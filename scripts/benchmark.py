@@ -11,8 +11,9 @@ Cases (``--cases``, default all):
 * ``stream``: decode ms/step of ``kvjax.generate`` (one compiled program) against
   ``kvjax.generate_stream`` with chunks of 1, 4, 16 and 64 steps; streaming's cost is the
   ratio.
-* ``chat``: a ``ChatSession`` whose history grows turn by turn; each turn's prefill time
-  and the tokens it prefilled, against a from-scratch prefill of the whole history.
+* ``chat``: a ``ChatSession`` whose history grows turn by turn; the prefill of each
+  turn's new tokens at the end of the cache (what the session runs) against a
+  from-scratch prefill of the whole history, both timed as the prefill program alone.
 * ``nocache``: ms per token with the cache against ``use_cache=False`` (recompute the
   sequence every step) at total lengths 128 ... 1024: what the cache buys.
 
@@ -36,7 +37,9 @@ import jax
 import numpy as np
 
 import kvjax
-from kvjax.cli import BUNDLED_MODEL
+from kvjax import BUNDLED_MODEL
+from kvjax.decode import prefill
+from kvjax.model import step_fn
 
 SHAPES = {  # vocab comes from the tokenizer; speed hardly depends on it here
     "tiny": dict(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4,
@@ -90,23 +93,59 @@ def case_stream(model, args):
     return rows
 
 
+def prefill_timer(model):
+    """``time(tokens, start, capacity)``: median seconds of prefilling ``tokens`` (one row)
+    at positions ``start...`` into a cache of ``capacity`` slots, the prefill program
+    alone (``kvjax.decode.prefill`` jitted with the cache donated, a fresh cache per call)."""
+    step = step_fn(model.config)
+
+    def run(params, cache, tokens, lengths, start):
+        state, _ = prefill(step, params, cache, tokens, lengths, start=start, greedy=True,
+                           max_new_tokens=np.int32(1), sampling=kvjax.SamplingParams.create(1),
+                           seed=np.uint32(0), stop_tokens=np.full((1,), -1, np.int32))
+        return state
+
+    program = jax.jit(run, donate_argnums=1)
+
+    def time_prefill(tokens: list[int], start: int, capacity: int) -> float:
+        width = max(16, 1 << (len(tokens) - 1).bit_length())  # generate's prompt bucket
+        block = np.zeros((1, width), np.int32)
+        block[0, :len(tokens)] = tokens
+        times = []
+        for _ in range(4):  # the first call compiles and warms up
+            cache = kvjax.KVCache.create(model.config, 1, capacity, model.dtype)
+            jax.block_until_ready(cache)
+            t0 = time.perf_counter()
+            jax.block_until_ready(program(model.params, cache, block,
+                                          np.array([len(tokens)], np.int32),
+                                          np.array([start], np.int32)))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    return time_prefill
+
+
 def case_chat(model, args):
+    """Each turn of a growing conversation: the prefill of its new tokens at the end of
+    the cache (what ChatSession runs) against a from-scratch prefill of the history."""
     session = kvjax.ChatSession(model, capacity=args.chat_capacity, max_new_tokens=args.new,
                                 stop_tokens=[])
+    time_prefill = prefill_timer(model)
     words = "the module defines a function that returns the value of the object".split()
     rows = []
     for turn in range(args.turns):
         message = " ".join(words[(turn + i) % len(words)] for i in range(args.turn_words))
         if session.cache_fill + 2 * args.turn_words + args.new + 64 > session.capacity:
             break
+        start = session.cache_fill
         session.send(message)
-        s = session.last_stats
-        history = list(session.history[:s["cache_fill"] + 1 - s["reply_tokens"]])
-        scratch = timed(lambda: kvjax.generate(model, [history], max_new_tokens=1, stop_tokens=[],
-                                               capacity=session.capacity), 1)
+        new = session.last_stats["prefill_tokens"]
+        history = session.history[:start + new]  # what the turn's prefill made the cache hold
+        turn_ms = time_prefill(history[start:], start, session.capacity) * 1e3
+        scratch_ms = time_prefill(history, 0, session.capacity) * 1e3
         rows.append(dict(case="chat", turn=turn + 1, history_tokens=len(history),
-                         prefill_tokens=s["prefill_tokens"], turn_prefill_ms=s["prefill_s"] * 1e3,
-                         scratch_prefill_ms=scratch * 1e3))
+                         prefill_tokens=new, turn_prefill_ms=turn_ms,
+                         scratch_prefill_ms=scratch_ms, scratch_over_turn=scratch_ms / turn_ms))
     return rows
 
 

@@ -1,8 +1,8 @@
 """Tiny random Hugging Face checkpoints and a torch greedy oracle for the parity tests.
 
 torch and transformers are the reference implementation here; kvjax itself never imports
-them. Every model is float32, 2 layers, hidden 64, 4 query heads over 2 KV heads (GQA),
-head_dim 16, vocab 128, built from a fixed torch seed.
+them. Every model is float32, 2 layers, hidden 64, 4 query heads over 2 KV heads (GQA;
+GPT-2 is MHA), head_dim 16, vocab 128, built from a fixed torch seed.
 
 The weights are drawn wider than transformers' default N(0, 0.02) (see ``INIT_STD``) and
 every norm weight and bias is randomised: with the default init the attention scores are
@@ -37,7 +37,17 @@ _CLASSES = {
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
 }
+# GPT-2 names its fields differently and has no GQA, head_dim or RMSNorm fields.
+GPT2_COMMON = dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_inner=INTERMEDIATE,
+                   n_head=HEADS, initializer_range=INIT_STD, n_positions=128,
+                   bos_token_id=1, eos_token_id=2)
 
 # name -> (model_type, extra config kwargs). Each variant exercises one config feature.
 VARIANTS = {
@@ -58,13 +68,37 @@ VARIANTS = {
     "rope_yarn": ("llama", {"max_position_embeddings": 64,
                             "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                              "original_max_position_embeddings": 16}}),
+    # Gemma: GeGLU, (1 + w) RMSNorm, embeddings scaled by sqrt(hidden), tied head.
+    "gemma": ("gemma", {"pad_token_id": 0}),
+    # Gemma 2: + post-norms, soft-capping (caps low enough to bend these logits and
+    # scores), query_pre_attn_scalar != head_dim, layer 0 sliding (window 8), layer 1 global.
+    "gemma2": ("gemma2", {"pad_token_id": 0, "sliding_window": 8, "query_pre_attn_scalar": 24,
+                          "attn_logit_softcapping": 3.0, "final_logit_softcapping": 4.0}),
+    # Gemma 3: + QK-norm; layer 0 sliding with its own RoPE base, layer 1 global with
+    # another base and linear scaling.
+    "gemma3": ("gemma3_text", {"pad_token_id": 0, "sliding_window": 8, "query_pre_attn_scalar": 24,
+                               "sliding_window_pattern": 2, "rope_theta": 1_000_000.0,
+                               "rope_local_base_freq": 10_000.0,
+                               "rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    # Phi-3: fused qkv_proj and gate_up_proj (split at load), sliding window 16.
+    "phi3": ("phi3", {"pad_token_id": 0, "sliding_window": 16}),
+    # Phi-3 longrope: short factors up to 16 positions, long factors beyond.
+    "phi3_longrope": ("phi3", {"pad_token_id": 0, "max_position_embeddings": 64,
+                               "original_max_position_embeddings": 16,
+                               "rope_scaling": {"rope_type": "longrope",
+                                                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                                "long_factor": [1.0 + 2.0 * i for i in range(8)]}}),
+    # GPT-2: learned positions, LayerNorm with bias, MHA, Conv1D layout, fused c_attn, gelu_new.
+    "gpt2": ("gpt2", {}),
+    # OLMo-2: post-norms only, QK-norm over the whole projection width.
+    "olmo2": ("olmo2", {}),
 }
 
 
 def hf_config(variant: str, **overrides) -> transformers.PretrainedConfig:
     model_type, extra = VARIANTS[variant]
     config_cls, _ = _CLASSES[model_type]
-    return config_cls(**{**COMMON, **extra, **overrides})
+    return config_cls(**{**(GPT2_COMMON if model_type == "gpt2" else COMMON), **extra, **overrides})
 
 
 def make_hf_model(variant: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -78,7 +112,7 @@ def make_hf_model(variant: str, seed: int = 0, **overrides) -> torch.nn.Module:
         for name, param in model.named_parameters():
             if name.endswith("bias"):  # transformers initialises biases to zero
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-            elif "norm" in name:  # ... and norm weights to one
+            elif "norm" in name or "ln_" in name:  # ... and norm weights to one (Gemma: zero)
                 param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
     return model
 

@@ -112,16 +112,6 @@ def program_gathers(model, batch: int, capacity: int) -> dict:
     return collectives(run.lower(*args).compile().as_text())
 
 
-def fresh_compile_cache():
-    # kvjax.api._compiled keys its AOT programs by argument shapes and dtypes only, so the
-    # same shapes placed on another mesh would reuse a program compiled for other
-    # shardings and fail ("Computation was compiled for input shardings that disagree").
-    # Until the key includes shardings, start each placement with an empty cache.
-    import kvjax.api
-
-    kvjax.api._COMPILED.clear()
-
-
 def task_meshes(hf_dir: str) -> dict:
     import jax
 
@@ -139,10 +129,13 @@ def task_meshes(hf_dir: str) -> dict:
     for data, model_ways in MESHES:
         mesh = sharding.make_mesh(data=data, model=model_ways)
         model = sharding.shard_model(base, mesh)
-        fresh_compile_cache()
         out = kvjax.generate(model, PROMPTS, **opts)
+        stream = kvjax.generate_stream(model, PROMPTS, chunk_size=8, **opts)
+        for _ in stream:
+            pass
         cache = sharding.new_cache(model, len(PROMPTS), 64)
         entry = {"tokens_equal": out.tokens == reference, "tokens": out.tokens,
+                 "stream_equal": stream.generation.tokens == reference,
                  "params": param_specs(model.params),
                  "cache_keys": spec_of(cache.keys[0]), "cache_values": spec_of(cache.values[-1]),
                  "cache_lengths": spec_of(cache.lengths),
@@ -163,14 +156,30 @@ def task_meshes(hf_dir: str) -> dict:
         probe = LoadProbe()
         with probe:
             model = kvjax.load(hf_dir, dtype="float32", mesh=mesh)
-        fresh_compile_cache()
         out = kvjax.generate(model, PROMPTS, **opts)
         hf[f"{data}x{model_ways}"] = {
             "tokens_equal": out.tokens == reference, "params": param_specs(model.params),
             "load": probe.report(model.params)}
         del model
     result["hf"] = hf
+    result["chat"] = chat_on_mesh()
     return result
+
+
+def chat_on_mesh() -> dict:
+    """Three greedy turns of a ChatSession with the bundled model, without a mesh and
+    on data=1 x model=4 (4 query heads, 2 KV heads: grouped), and the cache's placement."""
+    import kvjax
+    from kvjax import sharding
+
+    turns = ["Hello there.", "What is a module?", "Thank you."]
+    replies = {}
+    for name, mesh in (("plain", None), ("1x4", sharding.make_mesh(data=1, model=4))):
+        session = kvjax.ChatSession(kvjax.load(kvjax.BUNDLED_MODEL, dtype="float32", mesh=mesh),
+                                    max_new_tokens=12, capacity=256)
+        replies[name] = [session.send(turn) for turn in turns]
+    replies["1x4_cache"] = spec_of(session._cache.keys[0])
+    return replies
 
 
 class LoadProbe:
@@ -326,10 +335,8 @@ def task_process(process_id: int, port: str, hf_dir: str) -> dict:
 
     sharding.initialize_distributed(f"localhost:{port}", 2, process_id)
     import jax
-    import numpy as np
 
     import kvjax
-    from kvjax.model import step_fn
 
     out = {"process": jax.process_index(), "processes": jax.process_count(),
            "devices": jax.device_count(), "local_devices": jax.local_device_count()}
@@ -341,31 +348,55 @@ def task_process(process_id: int, port: str, hf_dir: str) -> dict:
     model = sharding.shard_model(base, mesh)
     out["generate_1x8"] = kvjax.generate(model, PROMPTS, **opts).tokens
 
-    # The data axis spans the processes (each process's rows on its own devices): the
-    # same program; rows are fetched with sharding.to_host (generate reads results with
-    # np.asarray, which needs every row in this process).
+    # The data axis spans the processes: each process holds its own rows (their cache
+    # and tokens); generate and generate_stream gather the rows into every process.
     mesh = sharding.make_mesh(data=2, model=4)
     model = sharding.shard_model(base, mesh)
-    block = np.zeros((len(PROMPTS), 16), np.int32)
-    for row, ids in enumerate(PROMPTS):
-        block[row, :len(ids)] = ids
-    run = kvjax.jit_decode(step_fn(base.config), num_steps=32, greedy=True)
-    result = run(model.params, sharding.new_cache(model, len(PROMPTS), 64), block,
-                 np.array([len(p) for p in PROMPTS], np.int32), np.int32(NEW_TOKENS),
-                 kvjax.SamplingParams.create(len(PROMPTS)), np.uint32(0),
-                 np.full((16,), -1, np.int32))
-    tokens = sharding.to_host(result.tokens)[:, :NEW_TOKENS]
-    out["decode_2x4"] = tokens.tolist()
-    out["decode_2x4_rows_local"] = [list(s.index[0].indices(len(PROMPTS)))
-                                    for s in result.tokens.addressable_shards]
+    out["generate_2x4"] = kvjax.generate(model, PROMPTS, **opts).tokens
+    stream = kvjax.generate_stream(model, PROMPTS, chunk_size=8, **opts)
+    for _ in stream:
+        pass
+    out["stream_2x4"] = stream.generation.tokens
+    cache = sharding.new_cache(model, len(PROMPTS), 64)
+    out["cache_rows_local"] = [list(s.index[0].indices(len(PROMPTS)))
+                               for s in cache.keys[0].addressable_shards]
 
     # A checkpoint loaded onto a mesh spanning both processes: each process places only
     # its own devices' shards.
-    fresh_compile_cache()
     loaded = kvjax.load(hf_dir, dtype="float32", mesh=sharding.make_mesh())
     out["hf_1x8"] = kvjax.generate(loaded, PROMPTS, **opts).tokens
     out["hf_embed_local_shards"] = len(loaded.params["embed"].addressable_shards)
     return out
+
+
+def task_orbax_restore(store: str) -> dict:
+    """8 devices: restores a kvjax orbax store onto meshes 1x8, 2x4, 4x2 and 8x1. Each
+    leaf's sharding must be ``param_shardings``', each device hold only its shard, and the
+    values equal a one-device restore."""
+    import jax
+    import numpy as np
+
+    from kvjax import orbax_store, sharding
+    from kvjax.config import ModelConfig
+
+    config = ModelConfig.from_json(store)
+    reference = orbax_store.restore_params(store, config)
+    result = {"devices": len(jax.devices())}
+    for data, model in MESHES:
+        mesh = sharding.make_mesh(data, model)
+        params = orbax_store.restore_params(store, config, mesh=mesh)
+        pairs = list(zip(jax.tree.leaves(params),
+                         jax.tree.leaves(sharding.param_shardings(config, mesh))))
+        result[f"{data}x{model}"] = {
+            "same_structure": jax.tree.structure(params) == jax.tree.structure(reference),
+            "shardings_equal": all(a.sharding == s for a, s in pairs),
+            "shards_only": all(shard.data.shape == s.shard_shape(a.shape)
+                               for a, s in pairs for shard in a.addressable_shards),
+            "split_leaves": sum(s.shard_shape(a.shape) != a.shape for a, s in pairs),
+            "values_equal": all(np.array_equal(np.asarray(a), np.asarray(r))
+                                for (a, _), r in zip(pairs, jax.tree.leaves(reference))),
+        }
+    return result
 
 
 def main(argv: list[str]) -> None:
@@ -376,6 +407,8 @@ def main(argv: list[str]) -> None:
         result = task_errors(*args)
     elif task == "process":
         result = task_process(int(args[0]), args[1], args[2])
+    elif task == "orbax_restore":
+        result = task_orbax_restore(*args)
     else:
         raise SystemExit(f"unknown task {task}")
     sys.stdout.flush()

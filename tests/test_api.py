@@ -1,4 +1,7 @@
-"""Bad input to kvjax.generate fails with a clear message before anything compiles."""
+"""Bad input to kvjax.generate fails with a clear message before anything compiles;
+sampling defaults of a model."""
+
+import dataclasses
 
 import pytest
 
@@ -28,7 +31,7 @@ def small_model():
     ([[1]], dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
     ([[1]], dict(temperature=-1.0), "temperature must be >= 0 (0 = greedy), got -1.0"),
     ([[1]], dict(top_p=0.0), "top_p must be in (0, 1] (or None to disable), got 0.0"),
-    ([[1]], dict(top_k=0), "top_k must be an integer >= 1 (or None to disable), got 0"),
+    ([[1]], dict(top_k=-1), "top_k must be an integer >= 0 (0 or None to disable), got -1"),
     ([[1]], dict(min_p=1.0), "min_p must be in [0, 1) (or None to disable), got 1.0"),
     ([[1]], dict(seed=-3), "seed must be an integer in [0, 2**32), got -3"),
     ([[1]], dict(stop_tokens=[5, 200]), "stop token 200 is outside the vocabulary [0, 97)"),
@@ -52,3 +55,22 @@ def test_unknown_dtype():
     with pytest.raises(ValueError) as e:
         kvjax.load("/nonexistent", dtype="float64")
     assert str(e.value) == "unsupported dtype 'float64'; supported: float32, bfloat16, float16"
+
+
+def test_sampling_defaults_fill_only_values_not_given(small_model):
+    """A model's generation_defaults (from generation_config.json) are used for the
+    values a call leaves None; a given value wins, 0 / 1 turn a default filter off."""
+    prompts = [[1, 2, 3], [4, 5]]
+    sampling = dataclasses.replace(small_model, generation_defaults=dict(temperature=0.8, top_k=5,
+                                                                         top_p=0.9))
+    opts = dict(max_new_tokens=12, seed=3, stop_tokens=[])
+    by_default = kvjax.generate(sampling, prompts, **opts)
+    explicit = kvjax.generate(small_model, prompts, temperature=0.8, top_k=5, top_p=0.9, **opts)
+    assert by_default.tokens == explicit.tokens
+    assert by_default.stats["sampling"] == dict(temperature=0.8, top_k=5, top_p=0.9, min_p=None)
+    greedy = kvjax.generate(small_model, prompts, **opts)
+    assert greedy.stats["sampling"] == dict(temperature=0.0, top_k=None, top_p=None, min_p=None)
+    assert kvjax.generate(sampling, prompts, temperature=0.0, **opts).tokens == greedy.tokens
+    hotter = kvjax.generate(sampling, prompts, temperature=1.5, top_k=0, top_p=1.0, **opts)
+    assert hotter.stats["sampling"] == dict(temperature=1.5, top_k=0, top_p=1.0, min_p=None)
+    assert hotter.tokens == kvjax.generate(small_model, prompts, temperature=1.5, **opts).tokens

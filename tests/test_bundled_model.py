@@ -19,7 +19,7 @@ import pytest
 import kvjax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLED = os.path.join(os.path.dirname(os.path.abspath(kvjax.__file__)), "assets", "kvjax-tiny")
+BUNDLED = kvjax.BUNDLED_MODEL
 TRAIN_SCRIPT = os.path.join(ROOT, "scripts", "train_tiny.py")
 MAX_BYTES = 10_000_000
 

@@ -6,7 +6,7 @@ import transformers
 
 import kvjax
 from kvjax.chat import CapacityError, ChatSession
-from kvjax.tokenizer import StreamDecoder
+from kvjax.tokenizer import ChatTemplateError, StreamDecoder, Tokenizer
 from tests.conftest import make_config, make_model
 
 STOPS = [0, 2]  # <eos>, <|im_end|> of the text checkpoint
@@ -40,6 +40,68 @@ def test_stream_decoder_never_splits_a_character(chat_model):
     assert decoder.flush() == ""
     assert "".join(pieces) == tokenizer.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def byte_fallback_tokenizer() -> Tokenizer:
+    """A SentencePiece-style BPE (Llama 2, Gemma): characters outside the vocabulary become
+    ``<0xNN>`` byte tokens, joined back by the ByteFallback decoder."""
+    import tokenizers
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    for piece in ["\u2581", "o", "k", "\u2581o", "\u2581ok", "a", "b"]:
+        vocab[piece] = len(vocab)
+    model = tokenizers.models.BPE(vocab=vocab, merges=[("\u2581", "o"), ("\u2581o", "k")],
+                                  byte_fallback=True)
+    tok = tokenizers.Tokenizer(model)
+    tok.normalizer = tokenizers.normalizers.Sequence([
+        tokenizers.normalizers.Prepend("\u2581"), tokenizers.normalizers.Replace(" ", "\u2581")])
+    tok.decoder = tokenizers.decoders.Sequence([
+        tokenizers.decoders.Replace("\u2581", " "), tokenizers.decoders.ByteFallback(),
+        tokenizers.decoders.Fuse(), tokenizers.decoders.Strip(" ", 1, 0)])
+    return Tokenizer(tok)
+
+
+def test_stream_decoder_with_byte_fallback_tokens():
+    tokenizer = byte_fallback_tokenizer()
+    text = "ok 東京 🎉 ab"
+    ids = tokenizer.encode(text)
+    assert sum(1 for t in ids if t < 256) >= 10  # the CJK and emoji went to byte tokens
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.add([t]) for t in ids]
+    assert decoder.flush() == ""
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "robot", "content": "hi"}],
+     "message 0 has unknown role 'robot'; roles are system, user, assistant, tool"),
+    ([{"role": "user", "content": "hi"}, {"role": "user"}],
+     "message 1 must be a dict with \"role\" and \"content\", got {'role': 'user'}"),
+    ([{"role": "user", "content": 3}], "message 0 content must be text (a str), got int"),
+    ("hi", 'messages must be a list of {"role": ..., "content": ...} dicts'),
+])
+def test_bad_chat_messages(chat_model, messages, message):
+    with pytest.raises(ChatTemplateError) as e:
+        chat_model.tokenizer.apply_chat_template(messages)
+    assert str(e.value) == message
+
+
+def test_chat_template_errors(chat_model):
+    tokenizer = chat_model.tokenizer
+    config = {"chat_template": "{% if messages[0]['role'] != 'user' %}"
+                               "{{ raise_exception('the first message must be the user') }}"
+                               "{% endif %}{{ messages[0]['content'] }}"}
+    refusing = Tokenizer(tokenizer._tokenizer, config)
+    with pytest.raises(ChatTemplateError) as e:
+        refusing.apply_chat_template([{"role": "system", "content": "x"}])
+    assert str(e.value) == ("the chat template refused the messages: "
+                            "the first message must be the user")
+    broken = Tokenizer(tokenizer._tokenizer, {"chat_template": "{{ messages[0].content | nosuch }}"})
+    with pytest.raises(ChatTemplateError) as e:
+        broken.apply_chat_template([{"role": "user", "content": "x"}])
+    assert str(e.value).startswith("the chat template failed to render: ")
+    assert "nosuch" in str(e.value)
 
 
 def test_stream_decoder_flushes_an_unfinished_character(chat_model):

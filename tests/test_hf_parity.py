@@ -18,8 +18,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import kvjax
 from kvjax.config import RopeScaling, rope_inverse_frequencies
-from tests.hf_fixtures import (HEAD_DIM, KV_HEADS, LAYERS, VOCAB, hf_greedy, hf_logits,
-                               make_hf_model, save_checkpoint)
+from tests.hf_fixtures import (HEAD_DIM, HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, VOCAB,
+                               hf_greedy, hf_logits, make_hf_model, save_checkpoint)
 
 STEPS = 32
 ATOL = 1e-4  # float32 vs float32: observed max |diff| ~3e-6 with logits spread over ~6 units
@@ -30,7 +30,22 @@ FAMILY_PROMPTS = [_rng.integers(3, VOCAB, n).tolist() for n in (13, 5, 9)]
 RAGGED_PROMPTS = [_rng.integers(3, VOCAB, n).tolist() for n in (3, 11, 7)]
 ROPE_PROMPT = _rng.integers(3, VOCAB, 20).tolist()
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "llama_bias", "llama_tied"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "llama_bias", "llama_tied",
+            "gemma", "gemma2", "gemma3", "phi3", "gpt2", "olmo2"]
+
+# HF config overrides that each switch one feature of a variant off. With the same
+# weights, each gives clearly different logits on the generated sequence, so the 1e-4
+# parity could not pass with that feature ignored (the window bites: 44 positions, window
+# 8 or 16; a window of 128 never does).
+ABLATIONS = {
+    "mistral": [{"sliding_window": None}],
+    "gemma2": [{"sliding_window": 128}, {"attn_logit_softcapping": None},
+               {"final_logit_softcapping": None}, {"query_pre_attn_scalar": HEAD_DIM}],
+    "gemma3": [{"sliding_window": 128},
+               {"rope_local_base_freq": 1_000_000.0},  # sliding layer with the global base
+               {"rope_scaling": None}],  # global layer without its linear scaling
+    "phi3": [{"sliding_window": None}],
+}
 
 
 @pytest.fixture(scope="module")
@@ -95,18 +110,55 @@ def test_greedy_tokens_and_logits_match_hf(variant, checkpoint, float32_run):
 
 
 def _assert_feature_is_exercised(variant, model, hf_model, generation):
-    """The config feature a variant is about was read and matters for these weights."""
+    """The config features a variant is about were read and matter for these weights."""
+    prompt = FAMILY_PROMPTS[0]
+    sequence = prompt + generation.tokens[0][:-1]
+    for overrides in ABLATIONS.get(variant, []):
+        ablated = make_hf_model(variant, **overrides)
+        ablated.load_state_dict(hf_model.state_dict())
+        logits = hf_logits(ablated, sequence)[len(prompt) - 1:]
+        assert np.abs(logits - generation.logits[0]).max() > 0.05, f"{variant} {overrides}"
+
     config, layer0 = model.config, model.params["layers"][0]
     if variant == "mistral":
-        assert config.sliding_window == 8
-        # The same weights without the window give clearly different logits on this very
-        # sequence, so the 1e-4 parity above could not pass with the window ignored.
-        no_window = make_hf_model("mistral", sliding_window=None)
-        no_window.load_state_dict(hf_model.state_dict())
-        prompt = FAMILY_PROMPTS[0]
-        sequence = prompt + generation.tokens[0][:-1]
-        full = hf_logits(no_window, sequence)[len(prompt) - 1:]
-        assert np.abs(full - generation.logits[0]).max() > 0.05
+        assert config.sliding_window == 8 and config.layer_window(1) == 8
+    elif variant in ("gemma", "gemma2", "gemma3"):
+        assert config.norm_offset == 1.0 and config.norm_scale_float32
+        assert config.scale_embeddings and config.activation == "gelu_tanh"
+        assert config.tie_word_embeddings and "lm_head" not in model.params
+        # HF stores (1 + w) norm weights as w: randomised around 1 here, so the offset matters.
+        assert np.asarray(layer0["attn_norm"]).mean() > 0.5
+        if variant != "gemma":
+            assert config.post_norms and config.query_scale == pytest.approx(24 ** -0.5)
+            assert config.layer_types == ("sliding_attention", "full_attention")
+            assert (config.layer_window(0), config.layer_window(1)) == (8, None)
+        if variant == "gemma2":
+            assert (config.attn_logit_softcap, config.final_logit_softcap) == (3.0, 4.0)
+            assert np.abs(generation.logits[0]).max() < 4.0  # capped
+        if variant == "gemma3":
+            assert config.qk_norm and config.qk_norm_per_head
+            assert (config.local_rope_theta, config.rope_theta) == (10_000.0, 1_000_000.0)
+            assert config.rope_scaling.rope_type == "linear"
+    elif variant == "phi3":  # fused [q | k | v] and [gate | up] rows, split at load
+        assert config.sliding_window == 16
+        state = hf_model.state_dict()
+        qkv = state["model.layers.0.self_attn.qkv_proj.weight"].numpy()
+        gate_up = state["model.layers.0.mlp.gate_up_proj.weight"].numpy()
+        q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+        np.testing.assert_array_equal(layer0["wk"], qkv[q:q + kv].T)
+        np.testing.assert_array_equal(layer0["w_up"], gate_up[INTERMEDIATE:].T)
+    elif variant == "gpt2":
+        assert config.position_embedding == "learned" and config.norm == "layer"
+        assert not config.gated_mlp and "w_gate" not in layer0
+        assert config.num_kv_heads == config.num_heads == HEADS
+        assert config.qkv_bias and config.o_bias and config.mlp_bias
+        assert model.params["pos_embed"].shape == (128, HIDDEN)
+        assert np.abs(np.asarray(layer0["attn_norm_bias"])).max() > 0.1
+    elif variant == "olmo2":
+        assert not config.pre_norms and config.post_norms and "attn_norm" not in layer0
+        assert config.qk_norm and not config.qk_norm_per_head
+        assert layer0["q_norm"].shape == (HEADS * HEAD_DIM,)
+        assert layer0["k_norm"].shape == (KV_HEADS * HEAD_DIM,)
     elif variant == "qwen2":
         assert config.qkv_bias and not config.o_bias
         for name in ("bq", "bk", "bv"):
@@ -176,6 +228,36 @@ def test_rope_scaling_matches_hf(variant, checkpoint):
     sequence = ROPE_PROMPT + generation.tokens[0][:-1]
     unscaled_logits = hf_logits(unscaled, sequence)[len(ROPE_PROMPT) - 1:]
     assert np.abs(unscaled_logits - generation.logits[0]).max() > 0.05
+
+
+def test_phi3_longrope_matches_hf(checkpoint):
+    """Longrope: kvjax picks short or long factors per compiled program, by the cache
+    capacity (long when capacity > original_max_position_embeddings). HF picks by the
+    current length and recomputes its cache when a run crosses over; the two agree for
+    every run that stays within the capacity <= original length (short) and for prompts
+    longer than the original length (long from the first step)."""
+    hf_model, directory = checkpoint("phi3_longrope")
+    model = kvjax.load(directory, dtype="float32")
+    scaling = model.config.rope_scaling
+    assert scaling.rope_type == "longrope" and scaling.original_max_position_embeddings == 16
+
+    tables = {}
+    for label, max_length, hf_seq_len in (("short", 16, 16), ("long", 32, 17)):
+        inv_freq, attention_factor = rope_inverse_frequencies(model.config, max_length=max_length)
+        hf_inv_freq, hf_attention_factor = ROPE_INIT_FUNCTIONS["longrope"](
+            hf_model.config, "cpu", seq_len=hf_seq_len)
+        np.testing.assert_allclose(inv_freq, hf_inv_freq.double().numpy(), rtol=1e-6, atol=0)
+        assert attention_factor == pytest.approx(float(hf_attention_factor), rel=1e-6)
+        assert attention_factor > 1.2  # sqrt(1 + ln 4 / ln 16): applied to both sets
+        tables[label] = np.asarray(inv_freq)
+    assert np.abs(tables["long"] / tables["short"] - 1).max() > 0.5
+
+    steps = 8
+    for prompt, capacity in ((ROPE_PROMPT[:5], 16), (ROPE_PROMPT, 64)):  # short, long
+        generation = kvjax.generate(model, [prompt], max_new_tokens=steps, temperature=0.0,
+                                    stop_tokens=[], capacity=capacity, return_logits=True)
+        assert generation.stats["capacity"] == capacity
+        assert_rows_match_hf(hf_model, [prompt], generation, steps, f"longrope capacity {capacity}")
 
 
 # Reduced precision: kvjax's prefill logits vs its own float32 logits (which match HF to

@@ -91,8 +91,8 @@ def test_generate_seeds(gqa_model):
 
 @pytest.mark.parametrize("values, message", [
     (dict(temperature=-0.1), "temperature must be >= 0 (0 = greedy), got -0.1"),
-    (dict(top_k=0), "top_k must be an integer >= 1 (or None to disable), got 0"),
-    (dict(top_k=2.5), "top_k must be an integer >= 1 (or None to disable), got 2.5"),
+    (dict(top_k=-1), "top_k must be an integer >= 0 (0 or None to disable), got -1"),
+    (dict(top_k=2.5), "top_k must be an integer >= 0 (0 or None to disable), got 2.5"),
     (dict(top_p=0.0), "top_p must be in (0, 1] (or None to disable), got 0.0"),
     (dict(top_p=1.5), "top_p must be in (0, 1] (or None to disable), got 1.5"),
     (dict(min_p=1.0), "min_p must be in [0, 1) (or None to disable), got 1.0"),

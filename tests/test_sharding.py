@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 import kvjax
-import kvjax.api as kvjax_api
 from kvjax import sharding
 from tests.conftest import make_config, make_model
 
@@ -80,11 +79,22 @@ def meshes(hf_dir) -> dict:
 def test_tokens_equal_one_device(meshes, model_kind, mesh):
     """float32, greedy, 8 rows of different lengths, 24 new tokens: each mesh gives the
     tokens of the same model on one device (built with init_params and shard_params, or
-    loaded with kvjax.load(dir, mesh=...))."""
+    loaded with kvjax.load(dir, mesh=...)); streamed in chunks of 8 too (the GQA model)."""
     assert meshes["devices"] == 8
     reference = meshes[model_kind]["reference"]
     assert len(reference) == 8 and all(len(row) == NEW_TOKENS for row in reference)
     assert meshes[model_kind][mesh]["tokens_equal"]
+    if model_kind == "gqa":
+        assert meshes[model_kind][mesh]["stream_equal"]
+
+
+def test_chat_session_on_a_mesh(meshes):
+    """A ChatSession on a model=4 mesh keeps its cache sharded (KV heads over model_kv)
+    and replies exactly as without a mesh, turn after turn."""
+    chat = meshes["chat"]
+    assert chat["1x4"] == chat["plain"] and all(chat["plain"])
+    assert chat["1x4_cache"] == {"spec": ["data", "model_kv", None, None],
+                                 "mesh": {"data": 1, "model_kv": 2, "model_rep": 2}}
 
 
 # ----- where every parameter and cache buffer lives -----
@@ -160,7 +170,6 @@ def test_generate_on_a_one_device_mesh_matches_no_mesh():
     plain = kvjax.generate(model, prompts, max_new_tokens=8, stop_tokens=[])
     on_mesh = sharding.shard_model(model, sharding.make_mesh(data=1, model=1))
     assert on_mesh.mesh is not None
-    kvjax_api._COMPILED.clear()  # see sharding_worker.fresh_compile_cache
     assert kvjax.generate(on_mesh, prompts, max_new_tokens=8, stop_tokens=[]).tokens == plain.tokens
 
 
@@ -269,9 +278,9 @@ def test_too_many_devices_in_this_process():
 
 def test_two_processes_give_one_process_tokens(meshes, hf_dir):
     """Two processes with 4 CPU devices each, joined with initialize_distributed (gloo
-    collectives): generate over model=8 spanning both, the decode program over data=2 x
-    model=4 with each process holding its own rows, and a checkpoint loaded onto the
-    8-device mesh, all give the single-process tokens."""
+    collectives): generate over model=8 spanning both; generate and generate_stream over
+    data=2 x model=4, each process holding its own rows; and a checkpoint loaded onto the
+    8-device mesh: all give the single-process tokens."""
     port = str(free_port())
     env = device_env(4)
     procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding_worker", "process", str(i),
@@ -289,11 +298,12 @@ def test_two_processes_give_one_process_tokens(meshes, hf_dir):
     for i, out in enumerate(outs):
         assert (out["process"], out["processes"], out["devices"], out["local_devices"]) == (i, 2, 8, 4)
         assert out["generate_1x8"] == meshes["gqa"]["reference"]
-        assert out["decode_2x4"] == meshes["gqa"]["reference"]
+        assert out["generate_2x4"] == meshes["gqa"]["reference"]
+        assert out["stream_2x4"] == meshes["gqa"]["reference"]
         assert out["hf_1x8"] == meshes["hf"]["reference"]
         assert out["hf_embed_local_shards"] == 4
-    assert outs[0]["decode_2x4_rows_local"] == [[0, 4, 1]] * 4  # rows 0-3 live in process 0
-    assert outs[1]["decode_2x4_rows_local"] == [[4, 8, 1]] * 4
+    assert outs[0]["cache_rows_local"] == [[0, 4, 1]] * 4  # rows 0-3 live in process 0
+    assert outs[1]["cache_rows_local"] == [[4, 8, 1]] * 4
 
 
 # ----- the command line -----
