@@ -132,6 +132,8 @@ def decode_steps(step_fn: StepFn, params: Any, state: DecodeState, *, num_steps:
             lambda s: step_fn(params, s.tokens[:, None], s.positions[:, None], s.cache)[0],
             state).shape[-1]
         all_logits = jnp.zeros((batch, num_steps, vocab), jnp.float32)
+    if num_steps == 0:  # nothing to run (a generation of one token is its prefill)
+        return state, tokens, all_logits
 
     def keep_going(carry) -> jax.Array:
         state, _, _, i = carry

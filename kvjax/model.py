@@ -141,7 +141,17 @@ def norm(config: ModelConfig, params: dict, name: str, x: jax.Array) -> jax.Arra
 
 
 def _linear(x: jax.Array, layer: dict, weight: str, bias: str) -> jax.Array:
-    y = jnp.einsum("btd,df->btf", x, layer[weight])
+    """``x [batch, seq, in] @ layer[weight] [in, out]`` (+ bias)."""
+    batch, seq, _ = x.shape
+    if batch * seq == 1:
+        # One row (batch-1 decode): XLA:GPU rewrites a vector-matrix product with a weight
+        # under 10M elements into multiply + reduce, which read an [in, out] weight at 60%
+        # of the bandwidth of a GEMM on an H200 (docs/benchmarks.md). A zero second row
+        # keeps it a GEMM; the weight is still read once.
+        x = jnp.concatenate([x, jnp.zeros_like(x)], axis=1)  # [1, 2, in]
+        y = jnp.einsum("btd,df->btf", x, layer[weight])[:, :1]
+    else:
+        y = jnp.einsum("btd,df->btf", x, layer[weight])
     return y + layer[bias] if bias in layer else y
 
 

@@ -1,12 +1,43 @@
 #!/usr/bin/env python
-"""kvjax benchmarks: streaming vs one-shot decode, chat turn cost, cache vs recompute.
+"""kvjax benchmarks: the issue-13 suite (bounds, decode, long context, long prompt,
+cache vs recompute, Hugging Face peers) and the streaming and chat cases.
 
-Every figure is measured in the run that prints it, on one device, with random weights
-of a model shape (speed does not depend on the values) and the bundled model's tokenizer
-where text is needed. Results: a table on stdout and one JSON record per case
-(``--json``, default ``benchmarks/results/<device>-<date>.json``).
+Every figure is measured in the run that records it, on one device, with random weights
+(speed does not depend on the values). A run first measures the device's bounds: HBM
+read bandwidth (a jitted ``jnp.sum`` over ``--hbm-gib`` GiB of bf16, 4 on GPU/TPU),
+the best throughput of a chain of ``--gemm-size``^3 bf16 matmuls, and the spec-sheet
+bf16 dense peak (``bench_lib.PEAK_BF16_TFLOPS``); then the cases, one record per point.
 
-Cases (``--cases``, default all):
+Suite cases (model shapes from ``configs/``, ``--models``, random bf16 weights):
+
+* ``decode``: ``--batches`` x ``--decode-shapes`` (prompt+new), capacity prompt + new;
+  one compiled program (``kvjax.jit_decode``'s, greedy, cache donated) timed with
+  ``max_new_tokens`` 1 (= prefill_ms) and N: ms/step = (t(N) - t(1)) / (N - 1), medians
+  of ``--reps`` after a warm-up, a fresh cache per call outside the timed region.
+* ``longctx``: batch 1, capacity ``--longctx-capacity``, decode of ``--longctx-new``
+  steps after ``--longctx-fills`` tokens, plus the smallest fill in a cache of
+  capacity fill + new (the reference the issue's targets compare with). Fills up to
+  ``--longctx-prefill`` are a real prefill of that many tokens. Larger fills are NOT
+  prefilled: a block of ``--longctx-block`` random tokens is prefilled at positions
+  fill - block ... fill - 1 (``kvjax.decode``'s ``start``, as a chat turn continues a
+  cache); the slots before it keep the empty cache's zeros but count as filled (the
+  row's length becomes ``fill``), so decode attends over ``fill`` real-looking slots.
+  prefill_ms / mfu of such a record are those of the block.
+* ``prefill32k``: one ``--long-prompt``-token prompt (32768) + 16 new; needs the score
+  matrix of the whole prompt today, so it is expected to be skipped/failed until
+  prefill is chunked or flash.
+* ``hf``: transformers ``generate`` with the dynamic cache, the static cache and the
+  static cache with transformers' torch.compile (``hf-static-compile``), same shapes
+  (``--hf-shapes``, ``--hf-batches``), same GPU; only where torch has CUDA (on CPU
+  skipped with the reason unless ``--hf-on-cpu``). Errors are recorded.
+* ``nocache``: ms per token with the cache against ``use_cache=False`` (recompute the
+  sequence every step) at total lengths ``--nocache-totals`` (default 128 ... 1024;
+  issue 13: up to 4096), prompt = total - new, new = half the total unless
+  ``--nocache-new`` caps it (the CPU preset: 16; both modes cost the same per step at
+  any fill of a given capacity today, so a cap only shortens the run). On the
+  ``--shape`` model.
+
+Issue-5 cases, on ``--shape`` (bundled tokenizer's vocabulary), unchanged:
 
 * ``stream``: decode ms/step of ``kvjax.generate`` (one compiled program) against
   ``kvjax.generate_stream`` with chunks of 1, 4, 16 and 64 steps; streaming's cost is the
@@ -14,32 +45,58 @@ Cases (``--cases``, default all):
 * ``chat``: a ``ChatSession`` whose history grows turn by turn; the prefill of each
   turn's new tokens at the end of the cache (what the session runs) against a
   from-scratch prefill of the whole history, both timed as the prefill program alone.
-* ``nocache``: ms per token with the cache against ``use_cache=False`` (recompute the
-  sequence every step) at total lengths 128 ... 1024: what the cache buys.
+
+A point that cannot fit (weights + cache, then the compiled program's
+``memory_analysis``, against the device memory or ``--memory-limit``) or that starts
+after ``--time-budget`` seconds is recorded with ``skipped``; one that raises, with
+``failed: "Type: message"``; the run goes on. Records (fields: docs/benchmarks.md)
+are rewritten after every point to ``--json`` (default
+``benchmarks/results/<device>-<date>.json``, temp file + rename), a progress line per
+point goes to stdout, and with matplotlib (``pip install -e ".[bench]"``) PNG plots
+are written next to the JSON. jax does not preallocate GPU memory here
+(``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless set) so the torch peers share the GPU.
 
 Usage::
 
-    python scripts/benchmark.py --shape tiny            # CPU, seconds
-    python scripts/benchmark.py --shape llama-1b        # GPU
+    python scripts/benchmark.py --shape tiny            # CPU preset, about a minute
+    python scripts/benchmark.py --cases decode longctx --models llama-3.1-8b  # GPU
+    python scripts/benchmark.py --shape llama-1b --cases stream chat nocache  # issue 5
+    python scripts/benchmark.py --plot benchmarks/results/a.json b.json --json out.json
+    (docs/benchmarks.md lists the GPU commands that split the suite into <9-min runs)
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
-import statistics
-import sys
 import time
 
-import jax
-import numpy as np
+STARTED = time.perf_counter()  # --time-budget counts from here
 
-import kvjax
-from kvjax import BUNDLED_MODEL
-from kvjax.decode import prefill
-from kvjax.model import step_fn
+# Before jax starts: the transformers peers need GPU memory that jax would otherwise hold.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import kvjax  # noqa: E402
+import bench_lib as lib  # noqa: E402  (scripts/, next to this file)
+from bench_lib import Skipped, timed  # noqa: E402
+from kvjax import BUNDLED_MODEL  # noqa: E402
+from kvjax.decode import prefill  # noqa: E402
+from kvjax.model import step_fn  # noqa: E402
+
+# CPU cannot donate buffers; the warning would repeat on every call.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 SHAPES = {  # vocab comes from the tokenizer; speed hardly depends on it here
     "tiny": dict(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4,
@@ -49,6 +106,24 @@ SHAPES = {  # vocab comes from the tokenizer; speed hardly depends on it here
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                      num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5),
 }
+
+# Defaults of the suite's sizes, by platform ("gpu" also serves TPUs); flags override.
+PRESETS = {
+    "gpu": dict(models=["llama-3.2-1b", "llama-3.1-8b"], batches=[1, 8, 32, 64],
+                decode_shapes=["512+256", "2048+64"], longctx_capacity=32768,
+                longctx_fills=[2048, 8192, 16384, 32768], longctx_new=64, longctx_prefill=2048,
+                long_prompt=32768, hf_batches=[1], hbm_gib=4.0, gemm_size=8192, nocache_new=0),
+    "cpu": dict(models=["bundled"], batches=[1, 4], decode_shapes=["64+16"],
+                longctx_capacity=1024, longctx_fills=[128, 512, 1024], longctx_new=16,
+                longctx_prefill=128, long_prompt=1008, hf_batches=[1], hbm_gib=0.25,
+                gemm_size=512, nocache_new=16),
+}
+LONG_PROMPT_NEW = 16
+
+# Every suite record has these keys (None where not measured); docs/benchmarks.md.
+FIELDS = ("case", "implementation", "model", "device", "batch", "prompt_len", "new_tokens",
+          "capacity", "filled", "prefill_ms", "mfu", "decode_ms_per_step", "tokens_per_s",
+          "mbu", "bound_GBps", "compile_s", "peak_bytes", "versions", "date")
 
 
 def random_model(shape: str, dtype: str) -> kvjax.Model:
@@ -61,21 +136,12 @@ def random_model(shape: str, dtype: str) -> kvjax.Model:
                        stop_tokens=bundled.stop_tokens)
 
 
-def timed(fn, reps: int) -> float:
-    """Median seconds of ``reps`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def prompt_ids(model: kvjax.Model, length: int, seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     return rng.integers(3, model.config.vocab_size, size=length).tolist()
 
+
+# ----- issue-5 cases (one point each: a list of rows on the --shape model) -----------
 
 def case_stream(model, args):
     prompt = [prompt_ids(model, args.prompt)] * args.batch
@@ -151,9 +217,9 @@ def case_chat(model, args):
 
 def case_nocache(model, args):
     rows = []
-    for total in (128, 256, 512, 1024):
-        prompt = [prompt_ids(model, total // 2)]
-        n = total - total // 2
+    for total in args.nocache_totals:
+        n = min(args.nocache_new or total - total // 2, total - 1)
+        prompt = [prompt_ids(model, total - n)]
         per_token = {}
         for use_cache in (True, False):
             full = timed(lambda: kvjax.generate(model, prompt, max_new_tokens=n, stop_tokens=[],
@@ -163,52 +229,277 @@ def case_nocache(model, args):
             per_token[use_cache] = (full - one) / (n - 1)
         rows.append(dict(case="nocache", total_tokens=total, cache_ms_per_token=per_token[True] * 1e3,
                          recompute_ms_per_token=per_token[False] * 1e3,
-                         speedup=per_token[False] / per_token[True]))
+                         speedup=per_token[False] / per_token[True], prompt_len=total - n,
+                         new_tokens=n))
     return rows
 
 
-CASES = {"stream": case_stream, "chat": case_chat, "nocache": case_nocache}
+SHAPE_CASES = {"stream": case_stream, "chat": case_chat, "nocache": case_nocache}
+
+
+# ----- suite cases: each yields its points (dicts of record fields) for one model -------
+
+def decode_points(args, model):
+    for prompt, new in args.decode_shapes:
+        for batch in args.batches:
+            yield dict(model=model, batch=batch, prompt_len=prompt, start=0, new_tokens=new,
+                       capacity=prompt + new, filled=prompt)
+
+
+def longctx_points(args, model):
+    new, capacity = args.longctx_new, args.longctx_capacity
+    fills = [min(fill, capacity - new) for fill in args.longctx_fills]
+    for fill, cap in [(fills[0], fills[0] + new)] + [(fill, capacity) for fill in fills]:
+        prompt = fill if fill <= args.longctx_prefill else args.longctx_block
+        yield dict(model=model, batch=1, prompt_len=prompt, start=fill - prompt, new_tokens=new,
+                   capacity=cap, filled=fill)
+
+
+def prefill32k_points(args, model):
+    yield dict(model=model, batch=1, prompt_len=args.long_prompt, start=0,
+               new_tokens=LONG_PROMPT_NEW, capacity=args.long_prompt + LONG_PROMPT_NEW,
+               filled=args.long_prompt)
+
+
+def hf_points(args, model):
+    for prompt, new in args.hf_shapes:
+        for batch in args.hf_batches:
+            for variant in lib.HF_VARIANTS:
+                yield dict(model=model, implementation=variant, batch=batch, prompt_len=prompt,
+                           start=0, new_tokens=new, capacity=prompt + new, filled=prompt)
+
+
+SUITE_CASES = {"decode": decode_points, "longctx": longctx_points,
+               "prefill32k": prefill32k_points, "hf": hf_points}
+CASES = [*SUITE_CASES, "nocache", "stream", "chat"]
+
+
+class Run:
+    """What every point of a run shares: arguments, device, bounds, memory, the model held."""
+
+    def __init__(self, args, device, bounds: dict, versions: dict, date: str):
+        self.args, self.device, self.bounds, self.versions, self.date = args, device, bounds, versions, date
+        self.memory = lib.device_memory(device, args.memory_limit)
+        self.models = lib.OneModel()
+
+    def metrics(self, config: kvjax.ModelConfig, p: dict, prefill_s: float,
+                step_s: float | None) -> dict:
+        """prefill_ms, prefill_tflops, mfu and, with a step time, decode_ms_per_step,
+        tokens_per_s and mbu (bench_lib's definitions)."""
+        flops = lib.prefill_flops(config, p["batch"], p["prompt_len"], p["start"])
+        peak = self.bounds["peak_tflops"]
+        out = dict(prefill_ms=prefill_s * 1e3, prefill_tflops=flops / prefill_s / 1e12,
+                   mfu=flops / (prefill_s * peak * 1e12) if peak else None)
+        if step_s:
+            read = lib.step_bytes(config, p["batch"], p["filled"], p["new_tokens"], p["capacity"])
+            out |= dict(decode_ms_per_step=step_s * 1e3, tokens_per_s=p["batch"] / step_s,
+                        mbu=read / (step_s * self.bounds["bound_GBps"] * 1e9))
+        return out
+
+    def kvjax_point(self, p: dict) -> dict:
+        model = self.models.get(("kvjax", p["model"]), lambda: lib.random_kvjax_model(p["model"]))
+        t = lib.time_decode(model, p["batch"], p["prompt_len"], p["new_tokens"], p["capacity"],
+                            self.args.reps, self.memory, start=p["start"])
+        return self.metrics(model.config, p, t.prefill_s, t.step_s) | dict(
+            compile_s=t.compile_s, program_bytes=t.program_bytes,
+            peak_bytes=lib.peak_bytes(self.device))
+
+    def hf_point(self, p: dict) -> dict:
+        torch_device = lib.torch_device(self.args.hf_on_cpu)
+        import torch
+        import transformers
+
+        config = kvjax.ModelConfig.from_json(lib.config_path(p["model"]))
+        key = ("hf", p["model"])
+        free = torch.cuda.mem_get_info()[0] if torch_device == "cuda" else self.memory
+        weights = 0 if self.models.key == key else lib.nbytes(lib.param_shapes(config))
+        lib.check_fits("weights + cache", weights + lib.cache_bytes(config, p["batch"], p["capacity"]),
+                       free)
+        model = self.models.get(key, lambda: lib.random_hf_model(p["model"], torch_device))
+        t = lib.time_hf(model, p["implementation"], p["batch"], p["prompt_len"], p["new_tokens"],
+                        self.args.reps)
+        return self.metrics(config, p, t["prefill_s"], t["step_s"]) | dict(
+            compile_s=t["compile_s"], peak_bytes=t["peak_bytes"], device=t["device"],
+            versions=self.versions | dict(torch=torch.__version__,
+                                          transformers=transformers.__version__))
+
+    def point(self, case: str, p: dict) -> dict:
+        """The record of one point: measured, skipped or failed."""
+        record = dict.fromkeys(FIELDS) | dict(
+            case=case, implementation="kvjax", device=self.device.device_kind,
+            bound_GBps=self.bounds["bound_GBps"], versions=self.versions, date=self.date) | p
+        try:
+            if self.args.time_budget is not None and self.elapsed() > self.args.time_budget:
+                raise Skipped(f"time budget of {self.args.time_budget:g} s spent")
+            record |= self.hf_point(p) if case == "hf" else self.kvjax_point(p)
+        except Skipped as e:
+            record["skipped"] = str(e)
+        except Exception as e:  # a failed point is recorded and the run goes on
+            record["failed"] = f"{type(e).__name__}: {str(e)[:1000]}"
+        return record
+
+    @staticmethod
+    def elapsed() -> float:
+        return time.perf_counter() - STARTED
+
+
+def describe(r: dict) -> str:
+    """One progress line for a suite record."""
+    what = (f"{r['case']} {r['implementation']} {r['model']} B={r['batch']} "
+            f"prompt {r['prompt_len']}+{r['new_tokens']} capacity {r['capacity']} filled {r['filled']}")
+    if r.get("skipped") or r.get("failed"):
+        return f"{what}: {'SKIPPED' if r.get('skipped') else 'FAILED'} {r.get('skipped') or r.get('failed')}"
+    pct = lambda x: "-" if x is None else f"{x:.1%}"
+    step = ("" if r["decode_ms_per_step"] is None else
+            f"{r['decode_ms_per_step']:.3f} ms/step, {r['tokens_per_s']:.0f} tok/s, MBU {pct(r['mbu'])}; ")
+    compile_s = "" if r["compile_s"] is None else f"; compile {r['compile_s']:.1f} s"
+    return f"{what}: {step}prefill {r['prefill_ms']:.2f} ms, MFU {pct(r['mfu'])}{compile_s}"
+
+
+def versions() -> dict:
+    def dist(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    v = dict(jax=jax.__version__, jaxlib=dist("jaxlib"), kvjax=dist("kvjax"),
+             python=platform.python_version())
+    try:  # the checkout's commit, "+" when the tree has changes
+        git = lambda *a: subprocess.run(["git", *a], cwd=lib.ROOT, capture_output=True, text=True,
+                                        timeout=10, check=True).stdout.strip()
+        v["kvjax_commit"] = git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return v
+
+
+def save(records: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(tmp, path)
+
+
+def shape_pair(text: str) -> tuple[int, int]:
+    prompt, sep, new = text.partition("+")
+    if not sep or not prompt.isdigit() or not new.isdigit() or int(prompt) < 1 or int(new) < 2:
+        raise argparse.ArgumentTypeError(f"expected PROMPT+NEW with NEW >= 2, e.g. 512+256: {text!r}")
+    return int(prompt), int(new)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=CASES)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="defaults of the suite's sizes (default: cpu on CPU, else gpu)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds; points that would start later are recorded as skipped")
+    parser.add_argument("--memory-limit", type=lib.parse_bytes, default=None,
+                        help="device memory to plan with, e.g. 70GB (default: the device's)")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--plot", nargs="+", metavar="JSON",
+                        help="only draw the plots of these result files (merged), next to the "
+                             "first or at --json's stem, and exit")
+    suite = parser.add_argument_group("suite (decode, longctx, prefill32k, hf)")
+    suite.add_argument("--models", nargs="+", help="configs/ names, 'bundled' or config.json paths")
+    suite.add_argument("--batches", type=int, nargs="+")
+    suite.add_argument("--decode-shapes", type=shape_pair, nargs="+", metavar="PROMPT+NEW")
+    suite.add_argument("--longctx-capacity", type=int)
+    suite.add_argument("--longctx-fills", type=int, nargs="+")
+    suite.add_argument("--longctx-new", type=int)
+    suite.add_argument("--longctx-prefill", type=int,
+                       help="fills up to this are prefilled for real, larger ones constructed")
+    suite.add_argument("--longctx-block", type=int, default=16)
+    suite.add_argument("--long-prompt", type=int)
+    suite.add_argument("--hf-shapes", type=shape_pair, nargs="+", metavar="PROMPT+NEW",
+                       help="default: --decode-shapes")
+    suite.add_argument("--hf-batches", type=int, nargs="+")
+    suite.add_argument("--hf-on-cpu", action="store_true")
+    suite.add_argument("--hbm-gib", type=float)
+    suite.add_argument("--gemm-size", type=int)
+    old = parser.add_argument_group("issue-5 cases (stream, chat, nocache) on --shape")
+    old.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    old.add_argument("--dtype", default="bfloat16")
+    old.add_argument("--batch", type=int, default=1)
+    old.add_argument("--prompt", type=int, default=128)
+    old.add_argument("--new", type=int, default=128)
+    old.add_argument("--turns", type=int, default=6)
+    old.add_argument("--turn-words", type=int, default=40)
+    old.add_argument("--chat-capacity", type=int, default=4096)
+    old.add_argument("--nocache-totals", type=int, nargs="+", default=[128, 256, 512, 1024])
+    old.add_argument("--nocache-new", type=int, default=None,
+                     help="new tokens per nocache run; 0: half the total (the gpu preset's "
+                          "default; cpu: 16)")
+    return parser.parse_args(argv)
+
+
+def plot(records: list[dict], path: str) -> None:
+    try:
+        for written in lib.write_plots(records, os.path.splitext(path)[0]):
+            print(f"# wrote {written}")
+    except ImportError:
+        print('# no plots: matplotlib is not installed (pip install -e ".[bench]")')
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--turn-words", type=int, default=40)
-    parser.add_argument("--chat-capacity", type=int, default=4096)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-
+    args = parse_args(argv)
+    if args.plot:  # e.g. the JSON files of several GPU runs, drawn where matplotlib is
+        records = []
+        for name in args.plot:
+            with open(name) as f:
+                records += json.load(f)
+        plot(records, args.json or args.plot[0])
+        return 0
     device = jax.devices()[0]
+    args.preset = args.preset or ("cpu" if device.platform == "cpu" else "gpu")
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.decode_shapes = [shape_pair(s) if isinstance(s, str) else s for s in args.decode_shapes]
+    args.hf_shapes = args.hf_shapes or args.decode_shapes
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    path = args.json or os.path.join("benchmarks", "results",
+                                     f"{device.device_kind.replace(' ', '_')}-{date[:10]}.json")
+
+    bounds = lib.measure_bounds(device, args.hbm_gib, args.gemm_size)
+    run = Run(args, device, bounds, versions(), date)
+    records = [dict(case="bounds", device=device.device_kind, platform=device.platform,
+                    memory_bytes=run.memory, preset=args.preset, versions=run.versions,
+                    date=date) | bounds]
+    print(f"# {records[0]}", flush=True)
+
     meta = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
-                kvjax_shape=args.shape, dtype=args.dtype, batch=args.batch,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    print(f"# {meta}", flush=True)
-    model = random_model(args.shape, args.dtype)
-    records = []
-    for name in args.cases:
+                kvjax_shape=args.shape, dtype=args.dtype, batch=args.batch, date=date)
+    shape_cases = [c for c in args.cases if c in SHAPE_CASES]
+    if shape_cases:
+        print(f"# {meta}", flush=True)
+    for name in shape_cases:
         try:
-            rows = CASES[name](model, args)
+            rows = SHAPE_CASES[name](run.models.get(("shape", args.shape, args.dtype),
+                                                    lambda: random_model(args.shape, args.dtype)),
+                                     args)
         except Exception as e:  # a failed case is recorded and the run goes on
             rows = [dict(case=name, failed=f"{type(e).__name__}: {e}")]
         for row in rows:
             records.append(meta | row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
                   flush=True)
-    path = args.json or os.path.join("benchmarks", "results",
-                                     f"{device.device_kind.replace(' ', '_')}-{meta['date'][:10]}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(tmp, path)
+        save(records, path)
+
+    points = [(case, p) for model in args.models for case in args.cases if case in SUITE_CASES
+              for p in SUITE_CASES[case](args, model)]
+    for i, (case, p) in enumerate(points):
+        records.append(run.point(case, p))
+        print(f"[{i + 1}/{len(points)} {run.elapsed():.0f}s] {describe(records[-1])}", flush=True)
+        save(records, path)
     print(f"# wrote {path}")
+
+    if not args.no_plots:
+        plot(records, path)
     return 0
 
 

@@ -88,6 +88,20 @@ def test_no_model_work_after_every_row_stopped(gqa_model):
     assert last_stop < 29  # the loop could have run 29 decode steps
 
 
+def test_one_step_program_is_the_prefill(gqa_model):
+    """jit_decode(num_steps=1) runs the prefill alone: its token is generate's first."""
+    expected = kvjax.generate(gqa_model, PROMPTS, max_new_tokens=4, stop_tokens=[])
+    prompt_tokens = np.zeros((2, 16), np.int32)
+    for row, p in enumerate(PROMPTS):
+        prompt_tokens[row, :len(p)] = p
+    run = kvjax.jit_decode(kvjax.model.step_fn(gqa_model.config), num_steps=1, greedy=True)
+    result = run(gqa_model.params, kvjax.KVCache.create(gqa_model.config, 2, 64, jnp.float32),
+                 prompt_tokens, np.array([7, 3], np.int32), np.int32(1), SamplingParams.create(2),
+                 np.uint32(0), np.full((4,), -1, np.int32))
+    assert np.asarray(result.tokens).tolist() == [[t[0]] for t in expected.tokens]
+    assert np.asarray(result.num_generated).tolist() == [1, 1] and int(result.steps_run) == 0
+
+
 def test_reuses_compiled_program(gqa_model, compile_counter):
     """After the first call per sampling mode, other prompts, lengths in the same bucket,
     max_new_tokens in the same step bucket, seeds and sampling values compile nothing."""

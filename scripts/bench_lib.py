@@ -1,0 +1,423 @@
+"""Helpers of ``scripts/benchmark.py`` (issue 13's suite): the hardware bounds, model
+shapes with random weights, FLOP and byte counts, memory checks, the timed decode
+program, Hugging Face peers and the plots.
+
+Definitions (docs/benchmarks.md, "Benchmark suite"):
+
+* model FLOPs of a prompt block of ``P`` tokens per row written after ``S`` cached
+  tokens: ``2 x matmul params x P`` (every layer projection and the LM head; the
+  embedding lookup is no matmul) plus causal attention counted once,
+  ``2 x 2 x layers x heads x head_dim x (P x S + P^2 / 2)``, times the batch;
+  MFU = FLOPs / (prefill time x bf16 dense peak of the spec sheet).
+* bytes read per decode step: every weight once (an untied embedding only for the
+  ``batch`` rows looked up) + the filled K/V at the average fill of the run; MBU =
+  bytes / (step time x HBM read bandwidth measured in the same run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import json
+import os
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kvjax
+from kvjax.model import layer_param_shapes, step_fn
+from layout_benchmark import bytes_per_step, measure_hbm_bandwidth  # scripts/, same folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "configs")
+GIB = 2 ** 30
+
+# bf16 dense tensor-core / MXU peak, TFLOP/s, without sparsity, from the vendors' spec
+# sheets: NVIDIA H100 (SXM5 and PCIe), H200, A100 and L4 datasheets; Google Cloud TPU
+# v4, v5e, v5p and v6e system-architecture pages. Matched in order against jax's
+# ``device_kind`` ("NVIDIA H100 80GB HBM3" is the SXM part; jax names v5e "TPU v5 lite",
+# v5p "TPU v5", v6e "TPU v6 lite"). Unknown devices: None, and MFU stays null.
+PEAK_BF16_TFLOPS = (
+    (r"H100.*PCIe", "NVIDIA H100 PCIe", 756.0),
+    (r"H100 (SXM|80GB HBM3)", "NVIDIA H100 SXM", 989.0),
+    (r"H200(?! NVL)", "NVIDIA H200 SXM", 989.0),
+    (r"A100", "NVIDIA A100", 312.0),
+    (r"\bL4\b", "NVIDIA L4", 121.0),
+    (r"TPU v4", "Google TPU v4", 275.0),
+    (r"TPU v5 ?(lite|e)", "Google TPU v5e", 197.0),
+    (r"TPU v5p?$", "Google TPU v5p", 459.0),
+    (r"TPU v6 ?(lite|e)", "Google TPU v6e", 918.0),
+)
+
+
+class Skipped(Exception):
+    """A case point that is not run (does not fit, out of time, no peer): recorded as skipped."""
+
+
+def timed(fn, reps: int, setup=None, warmup: int = 1) -> float:
+    """Median seconds of ``reps`` calls after ``warmup`` calls. With ``setup``, each call
+    is ``fn(setup())`` and only ``fn`` is timed (e.g. a fresh cache to donate)."""
+    times = []
+    for i in range(warmup + reps):
+        args = () if setup is None else (setup(),)
+        t0 = time.perf_counter()
+        fn(*args)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ----- bounds -----------------------------------------------------------------------
+
+def spec_peak(device_kind: str) -> tuple[float | None, str | None]:
+    """(bf16 dense TFLOP/s, the spec sheet it is from) for a jax ``device_kind``."""
+    for pattern, source, tflops in PEAK_BF16_TFLOPS:
+        if re.search(pattern, device_kind):
+            return tflops, source
+    return None, None
+
+
+def measure_gemm_tflops(size: int, chain: int = 8, reps: int = 5) -> float:
+    """bf16 TFLOP/s of a jitted chain of ``chain`` ``[size, size] @ [size, size]``
+    matmuls (float32 accumulation), median of ``reps``."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.bfloat16) * size ** -0.5
+
+    @jax.jit
+    def run(x, w):
+        return jax.lax.fori_loop(0, chain, lambda _, y: (y @ w).astype(jnp.bfloat16), x)
+
+    seconds = timed(lambda: jax.block_until_ready(run(a, b)), reps)
+    return 2 * chain * size ** 3 / seconds / 1e12
+
+
+def measure_bounds(device, hbm_gib: float, gemm_size: int) -> dict:
+    peak, source = spec_peak(device.device_kind)
+    return dict(bound_GBps=measure_hbm_bandwidth(hbm_gib) / 1e9, hbm_probe_gib=hbm_gib,
+                peak_tflops=peak, peak_source=source and f"{source} spec sheet, bf16 dense",
+                gemm_tflops=measure_gemm_tflops(gemm_size), gemm_size=gemm_size)
+
+
+# ----- models -------------------------------------------------------------------------
+
+def config_path(name: str) -> str:
+    """``bundled`` (the bundled model's shape), a name in configs/, or a config.json path."""
+    if name == "bundled":
+        return os.path.join(kvjax.BUNDLED_MODEL, "config.json")
+    candidates = [os.path.join(CONFIG_DIR, name + ".json"), name,
+                  os.path.join(name, "config.json")]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    known = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+    raise FileNotFoundError(f"no model config {name!r}: use 'bundled', one of {known} "
+                            "or a config.json path")
+
+
+def random_kvjax_model(name: str, dtype=jnp.bfloat16) -> kvjax.Model:
+    """The shape of config ``name`` with random weights (speed does not depend on them)."""
+    config = kvjax.ModelConfig.from_json(config_path(name))
+    params = jax.block_until_ready(kvjax.init_params(config, jax.random.key(0), dtype))
+    return kvjax.Model(config=config, params=params)
+
+
+class OneModel:
+    """Holds one model at a time (the previous one is dropped before the next is built)."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, key, build):
+        if key != self.key:
+            self.key = self.value = None
+            gc.collect()
+            self.value, self.key = build(), key
+        return self.value
+
+
+# ----- counts -------------------------------------------------------------------------
+
+def matmul_params(config: kvjax.ModelConfig) -> int:
+    """Weights used in matmuls per token: layer projections and the LM head."""
+    per_layer = sum(int(np.prod(shape)) for name, shape in layer_param_shapes(config).items()
+                    if name.startswith("w"))
+    return config.num_layers * per_layer + config.vocab_size * config.hidden_size
+
+
+def prefill_flops(config: kvjax.ModelConfig, batch: int, tokens: int, start: int = 0) -> float:
+    attention = 4 * config.num_layers * config.num_heads * config.head_dim * (
+        tokens * start + tokens ** 2 / 2)
+    return batch * (2 * matmul_params(config) * tokens + attention)
+
+
+def param_shapes(config: kvjax.ModelConfig, dtype=jnp.bfloat16):
+    return jax.eval_shape(lambda: kvjax.init_params(config, jax.random.key(0), dtype))
+
+
+def nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def step_bytes(config: kvjax.ModelConfig, batch: int, filled: int, new: int,
+               capacity: int, dtype=jnp.bfloat16) -> int:
+    """Bytes read per decode step: weights + K/V at the average fill ``filled + new / 2``
+    (as scripts/layout_benchmark.py counts them)."""
+    b = bytes_per_step(config, param_shapes(config, dtype), batch, filled, new, capacity,
+                       jnp.dtype(dtype).itemsize)
+    return b["param_bytes_read"] + b["kv_bytes_avg_fill"]
+
+
+def cache_bytes(config: kvjax.ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16) -> int:
+    return nbytes(jax.eval_shape(lambda: kvjax.KVCache.create(config, batch, capacity, dtype)))
+
+
+# ----- memory -------------------------------------------------------------------------
+
+def parse_bytes(text: str) -> int:
+    """``"80GB"``, ``"12MiB"``, ``"1.5GiB"`` or a plain number of bytes."""
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2 ** 10, "MIB": 2 ** 20,
+             "GIB": 2 ** 30}
+    match = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in units:
+        raise ValueError(f"not a size: {text!r} (e.g. 80GB, 512MiB, 1000000)")
+    return int(float(match.group(1)) * units[match.group(2).upper()])
+
+
+def device_memory(device, override: int | None) -> int | None:
+    """Bytes this process may use on ``device``: ``override``, else the allocator's
+    limit (GPU/TPU), else the host's available memory (CPU)."""
+    if override:
+        return override
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
+
+
+def peak_bytes(device) -> int | None:
+    """The device allocator's peak bytes in use so far in this process (None on CPU)."""
+    return (device.memory_stats() or {}).get("peak_bytes_in_use")
+
+
+def program_bytes(compiled) -> int | None:
+    """Device bytes a compiled program needs: arguments + outputs + scratch - donated."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
+
+
+def check_fits(what: str, need: int | None, limit: int | None) -> None:
+    if need is not None and limit is not None and need > limit:
+        raise Skipped(f"{what} needs {need / GIB:.2f} GiB > {limit / GIB:.2f} GiB of device memory")
+
+
+# ----- the kvjax decode program -----------------------------------------------------
+
+@functools.lru_cache(maxsize=32)
+def decode_program(config: kvjax.ModelConfig, num_steps: int):
+    """``kvjax.jit_decode``'s program (greedy, cache donated) plus ``kvjax.decode``'s
+    ``start``: where each row's prompt block begins in the cache (0: a fresh prompt)."""
+    step = step_fn(config)
+
+    def run(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed, stops):
+        return kvjax.decode(step, params, cache, tokens, lengths, num_steps=num_steps,
+                            max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                            stop_tokens=stops, greedy=True, start=start)
+
+    return jax.jit(run, donate_argnums=1)
+
+
+@dataclasses.dataclass
+class DecodeTiming:
+    compile_s: float
+    program_bytes: int | None
+    prefill_s: float  # the 1-token run: prefill + first token
+    step_s: float | None  # (N-token run - 1-token run) / (N - 1)
+
+
+def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capacity: int,
+                reps: int, memory: int | None, start: int = 0) -> DecodeTiming:
+    """Times one compiled program (``num_steps = new``) run with ``max_new_tokens`` 1 and
+    ``new``, a fresh cache for every call (outside the timed region), no stop tokens.
+
+    A ``prompt_len`` block of random tokens is prefilled at positions ``start ...`` of
+    every row; slots before ``start`` are left as the empty cache has them (zeros) but
+    count as filled: the prefill sets each row's length to ``start + prompt_len``,
+    exactly as a chat turn continues a cache (kvjax.decode's ``start``)."""
+    config, dtype = model.config, model.dtype
+    if start + prompt_len + new - 1 > capacity:
+        raise ValueError(f"{start} + {prompt_len} + {new} - 1 tokens exceed capacity {capacity}")
+    check_fits("weights + cache", nbytes(model.params) + cache_bytes(config, batch, capacity, dtype),
+               memory)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, config.vocab_size, (batch, prompt_len)).astype(np.int32)
+    lengths = np.full((batch,), prompt_len, np.int32)
+    starts = np.full((batch,), start, np.int32)
+    controls = (kvjax.SamplingParams.create(batch), np.uint32(0), np.full((1,), -1, np.int32))
+    new_cache = lambda: jax.block_until_ready(kvjax.KVCache.create(config, batch, capacity, dtype))
+    args = lambda cache, n: (model.params, cache, tokens, lengths, starts, np.int32(n), *controls)
+
+    t0 = time.perf_counter()
+    cache_shape = jax.eval_shape(lambda: kvjax.KVCache.create(config, batch, capacity, dtype))
+    compiled = decode_program(config, new).lower(*args(cache_shape, new)).compile()
+    compile_s = time.perf_counter() - t0
+    need = program_bytes(compiled)
+    check_fits("the compiled program", need, memory)
+
+    def run(n):
+        def call(cache):
+            out = jax.block_until_ready(compiled(*args(cache, n)))
+            if int(out.steps_run) != n - 1:
+                raise RuntimeError(f"expected {n - 1} decode steps, ran {int(out.steps_run)}")
+        return call
+
+    first = timed(run(1), reps, setup=new_cache)
+    step = (timed(run(new), reps, setup=new_cache) - first) / (new - 1) if new > 1 else None
+    return DecodeTiming(compile_s=compile_s, program_bytes=need, prefill_s=first, step_s=step)
+
+
+# ----- Hugging Face transformers peers ------------------------------------------------
+
+HF_VARIANTS = {  # name -> generate() keywords
+    "hf-dynamic": dict(cache_implementation="dynamic", disable_compile=True),
+    "hf-static": dict(cache_implementation="static", disable_compile=True),
+    # transformers' own torch.compile of the decode step (reduce-overhead) on a static cache
+    "hf-static-compile": dict(cache_implementation="static", disable_compile=False),
+}
+
+
+def torch_device(hf_on_cpu: bool) -> str:
+    """``"cuda"`` when torch with CUDA is importable, ``"cpu"`` with ``hf_on_cpu``;
+    otherwise raises ``Skipped``."""
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise Skipped(f"torch/transformers not importable ({e})") from e
+    if torch.cuda.is_available():
+        return "cuda"
+    if hf_on_cpu:
+        return "cpu"
+    raise Skipped("torch has no CUDA device (pass --hf-on-cpu to run the peers on CPU)")
+
+
+def random_hf_model(name: str, device: str):
+    """transformers' model of config ``name``, random bf16 weights, SDPA attention."""
+    import torch
+    import transformers
+
+    with open(config_path(name)) as f:
+        d = json.load(f)
+    config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.eval()
+
+
+def time_hf(model, variant: str, batch: int, prompt_len: int, new: int, reps: int) -> dict:
+    """Prefill seconds (a 1-token ``generate``), seconds per step ((N-token - 1-token) /
+    (N - 1)), for the compile variant the first N-token run's extra time (compilation),
+    and the peak CUDA bytes of the point."""
+    import torch
+
+    device = model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if variant == "hf-static-compile" and device.type != "cuda":
+        raise Skipped("transformers compiles the decode step on accelerators only")
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
+                  eos_token_id=None, **HF_VARIANTS[variant])
+
+    def generate(n):
+        def call():
+            with torch.inference_mode():
+                out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+            sync()
+            if out.shape[1] != prompt_len + n:
+                raise RuntimeError(f"generated {out.shape[1] - prompt_len} tokens, not {n}")
+        return call
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first = timed(generate(1), reps)
+    t0 = time.perf_counter()
+    generate(new)()  # the first run of the N-token shape compiles (for the compile variant)
+    first_full = time.perf_counter() - t0
+    compiles = variant == "hf-static-compile"
+    if compiles and not hasattr(model, "_compiled_call"):
+        raise RuntimeError("transformers ran the static cache without compiling the decode step")
+    full = timed(generate(new), reps, warmup=int(compiles))
+    return dict(prefill_s=first, step_s=(full - first) / (new - 1),
+                compile_s=first_full - full if compiles else None,
+                peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+
+
+# ----- plots --------------------------------------------------------------------------
+
+def write_plots(records: list[dict], stem: str) -> list[str]:
+    """tokens/s vs batch, ms/step vs filled context, cache vs recompute speed-up, as
+    ``<stem>_<name>.png`` (each written to a temporary name, then renamed). Returns the
+    paths written; raises ImportError without matplotlib."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    ok = [r for r in records if not r.get("failed") and not r.get("skipped")]
+
+    def series(case, x, y, by):
+        groups: dict = {}
+        for r in ok:
+            if r.get("case") == case and r.get(x) is not None and r.get(y) is not None:
+                groups.setdefault(by(r), []).append((r[x], r[y]))
+        return {k: sorted(v) for k, v in groups.items()}
+
+    plots = {
+        "tokens_per_s": (
+            series("decode", "batch", "tokens_per_s",
+                   lambda r: f"{r['implementation']} {r['model']} {r['prompt_len']}+{r['new_tokens']}")
+            | series("hf", "batch", "tokens_per_s",
+                     lambda r: f"{r['implementation']} {r['model']} {r['prompt_len']}+{r['new_tokens']}"),
+            "batch", "decode tokens/s", True),
+        "ms_per_step": (series("longctx", "filled", "decode_ms_per_step",
+                               lambda r: f"{r['model']} capacity {r['capacity']}"),
+                        "filled context (tokens)", "decode ms/step", False),
+        "nocache_speedup": (series("nocache", "total_tokens", "speedup",
+                                   lambda r: f"{r.get('kvjax_shape')} batch {r.get('batch')}"),
+                            "total tokens (prompt + new)", "cache speed-up over recompute", False),
+    }
+    written = []
+    for name, (groups, xlabel, ylabel, logy) in plots.items():
+        if not groups:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, points in groups.items():
+            ax.plot(*zip(*points), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        if logy:
+            ax.set_yscale("log")
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=os.path.basename(stem))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        path = f"{stem}_{name}.png"
+        fig.savefig(path + ".tmp", format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(path + ".tmp", path)
+        written.append(path)
+    return written

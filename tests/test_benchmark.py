@@ -1,0 +1,66 @@
+"""scripts/benchmark.py as the owner runs it: a subprocess on CPU with the smallest sizes.
+
+Checks the records' fields, that points which cannot fit a tiny ``--memory-limit`` are
+recorded as skipped (before or after compiling) and a model that does not exist as failed while the run goes on."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = {"case", "implementation", "model", "device", "batch", "prompt_len", "new_tokens",
+          "capacity", "filled", "prefill_ms", "mfu", "decode_ms_per_step", "tokens_per_s",
+          "mbu", "bound_GBps", "compile_s", "peak_bytes", "versions", "date"}
+
+
+def test_suite_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"),
+         "--cases", "decode", "longctx", "hf", "nocache",
+         "--models", "bundled", "no-such-model", "--batches", "1", "512", "4096",
+         "--decode-shapes", "16+4", "--longctx-capacity", "128", "--longctx-fills", "32", "96",
+         "--longctx-new", "4", "--longctx-prefill", "16", "--nocache-totals", "32",
+         "--nocache-new", "4", "--memory-limit", "64MiB", "--reps", "1", "--hbm-gib", "0.01",
+         "--gemm-size", "64", "--no-plots", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+
+    bounds = records[0]
+    assert bounds["case"] == "bounds" and bounds["bound_GBps"] > 0 and bounds["gemm_tflops"] > 0
+    assert bounds["peak_tflops"] is None  # no spec sheet for a CPU: MFU stays null
+    nocache = [r for r in records if r.get("case") == "nocache"]
+    assert [r["total_tokens"] for r in nocache] == [32] and nocache[0]["speedup"] > 0
+
+    suite = [r for r in records if r.get("case") in ("decode", "longctx", "hf")]
+    assert all(FIELDS <= set(r) for r in suite)
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert len(progress) == len(suite)
+
+    def find(case, model, **kw):
+        return [r for r in suite if r["case"] == case and r["model"] == model
+                and all(r[k] == v for k, v in kw.items())]
+
+    (small,) = find("decode", "bundled", batch=1)
+    assert not small.get("skipped") and not small.get("failed"), small
+    # (t(N) - t(1)) / (N - 1) of one rep on a shared CPU may be any sign: only present
+    assert None not in (small["decode_ms_per_step"], small["tokens_per_s"], small["mbu"])
+    assert small["prefill_ms"] > 0 and small["compile_s"] > 0 and small["mfu"] is None
+    assert (small["prompt_len"], small["new_tokens"], small["capacity"]) == (16, 4, 20)
+    (big,) = find("decode", "bundled", batch=512)  # weights + cache fit 64 MiB, the program not
+    assert big["skipped"].startswith("the compiled program needs") and big["mbu"] is None
+    (huge,) = find("decode", "bundled", batch=4096)  # the cache alone exceeds 64 MiB
+    assert huge["skipped"].startswith("weights + cache needs") and huge["compile_s"] is None
+
+    longctx = find("longctx", "bundled")
+    assert [(r["filled"], r["capacity"], r["prompt_len"]) for r in longctx] == [
+        (32, 36, 16), (32, 128, 16), (96, 128, 16)]  # fills > --longctx-prefill: a 16-token block
+    assert [r["start"] for r in longctx] == [16, 16, 80]
+    assert all(r["decode_ms_per_step"] is not None for r in longctx), longctx
+
+    missing = find("decode", "no-such-model") + find("longctx", "no-such-model")
+    assert missing and all(r["failed"].startswith("FileNotFoundError") for r in missing)
+    assert find("hf", "bundled") and all(r.get("skipped") for r in find("hf", "bundled"))
