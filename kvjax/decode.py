@@ -4,8 +4,10 @@
 
 * ``tokens``: ``int32[batch, seq]``; ``positions``: ``int32[batch, seq]``, the position of
   each token in its row, ``-1`` for padding (which always follows a row's real tokens);
-* ``logits``: ``float32[batch, seq, vocab]``; ``cache``: any pytree the step function
-  owns (the loop only carries it).
+* ``logits``: ``float32[batch, seq, vocab]``, or ``float32[batch, 1, vocab]`` holding only
+  each row's last real token (all the loop reads of a prompt block; kvjax's model does
+  this for prefills); ``cache``: any pytree the step function owns (the loop only
+  carries it).
 
 It is called once with the (padded) prompt block and then once per step with one token
 per row. Wrap ``decode`` in ``jax.jit`` with the cache donated, and the whole generation
@@ -100,7 +102,10 @@ def prefill(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
     batch, seq = prompt_tokens.shape
     positions = prompt_positions(prompt_lengths, seq, start)
     logits, cache = step_fn(params, prompt_tokens, positions, cache)
-    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    if logits.shape[1] == 1:  # the step returned each row's last real token only
+        last = logits[:, 0]
+    else:
+        last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     first = sample(last, _row_keys(seed, batch, jnp.int32(0)), sampling, greedy)  # [batch]
     one = jnp.ones((batch,), jnp.int32)
     state = DecodeState(cache=cache, tokens=first, positions=start + prompt_lengths,

@@ -243,8 +243,11 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
         ``None`` to attend within ``tokens`` only (the recompute baseline).
 
     Returns:
-      ``(logits float32[batch, seq, vocab], cache)``, the cache with the block written
-      and its lengths advanced.
+      ``(logits, cache)``, the cache with the block written and its lengths advanced.
+      ``logits``: ``float32[batch, seq, vocab]``, except for a block of several tokens
+      written to a cache (a prefill), where only each row's last real token's logits
+      are computed: ``float32[batch, 1, vocab]`` (the decode loop needs no others, and a
+      ``[batch, seq, vocab]`` float32 array is the largest of a long prefill).
     """
     x = embed(config, params, tokens, positions)  # [batch, seq, hidden]
     max_length = tokens.shape[1] if cache is None else cache.capacity
@@ -263,6 +266,9 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
         x = finish_layer(config, layer, x, attn)
     if cache is not None:
         cache = cache.advance(positions)
+        if tokens.shape[1] > 1:
+            last = jnp.argmax(positions, axis=1)  # each row's last real token (padding is -1)
+            x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, hidden]
     return final_logits(config, params, x), cache
 
 

@@ -102,6 +102,28 @@ def test_one_step_program_is_the_prefill(gqa_model):
     assert np.asarray(result.num_generated).tolist() == [1, 1] and int(result.steps_run) == 0
 
 
+def test_prefill_computes_only_each_rows_last_logits():
+    """A block written to the cache returns [batch, 1, vocab]: the logits of each row's
+    last real token, equal to a full forward's there; the [batch, seq, vocab] float32
+    logits are never materialised (scratch memory below their size)."""
+    config = make_config(vocab_size=16384, max_position_embeddings=512)
+    model = make_model(config, seed=2)
+    batch, seq, lengths = 2, 256, [256, 100]
+    tokens = np.random.default_rng(0).integers(0, 16384, (batch, seq)).astype(np.int32)
+    positions = np.where(np.arange(seq)[None] < np.array(lengths)[:, None],
+                         np.arange(seq)[None], -1).astype(np.int32)
+    step = jax.jit(kvjax.model.step_fn(config), donate_argnums=3)
+    cache = kvjax.KVCache.create(config, batch, 512, jnp.float32)
+    memory = step.lower(model.params, tokens, positions, cache).compile().memory_analysis()
+    assert memory.temp_size_in_bytes < batch * seq * config.vocab_size * 4 / 2
+    logits, _ = step(model.params, tokens, positions, cache)
+    full, _ = kvjax.forward(config, model.params, tokens, positions, None)
+    assert logits.shape == (batch, 1, config.vocab_size)
+    np.testing.assert_allclose(np.asarray(logits[:, 0]),
+                               np.asarray(full)[[0, 1], [lengths[0] - 1, lengths[1] - 1]],
+                               atol=1e-5, rtol=0)
+
+
 def test_reuses_compiled_program(gqa_model, compile_counter):
     """After the first call per sampling mode, other prompts, lengths in the same bucket,
     max_new_tokens in the same step bucket, seeds and sampling values compile nothing."""
