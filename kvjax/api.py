@@ -29,6 +29,10 @@ MAX_STOP_TOKENS = 16  # stop ids are a fixed-size array so their number never re
 MIN_PROMPT_BUCKET = 16
 MIN_STEPS_BUCKET = 16
 MIN_CAPACITY = 64
+# Prompt blocks longer than this are prefilled in pieces of this many tokens (one after
+# another, each attending to the cache so far): a long prompt's attention scores and
+# activations then never exist for the whole of it at once.
+PREFILL_CHUNK = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +287,8 @@ def _step(config: ModelConfig, use_cache: bool):
 def _jitted_decode(config: ModelConfig, use_cache: bool, num_steps: int, greedy: bool,
                    return_logits: bool):
     return jit_decode(_step(config, use_cache), num_steps=num_steps, greedy=greedy,
-                      return_logits=return_logits, on_prefill=_PREFILL_CLOCK)
+                      return_logits=return_logits, on_prefill=_PREFILL_CLOCK,
+                      prefill_chunk=PREFILL_CHUNK if use_cache else None)
 
 
 class _PrefillClock:
@@ -399,7 +404,7 @@ def _stream_programs(config: ModelConfig, use_cache: bool, greedy: bool, chunk_s
                       stop_tokens):
         return prefill(step, params, cache, tokens, lengths, start=start, greedy=greedy,
                        max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                       stop_tokens=stop_tokens)[0]
+                       stop_tokens=stop_tokens, chunk=PREFILL_CHUNK if use_cache else None)[0]
 
     def chunk(params, state, max_new_tokens, sampling, seed, stop_tokens):
         state, tokens, _ = decode_steps(step, params, state, num_steps=chunk_size, greedy=greedy,

@@ -127,16 +127,22 @@ def write_rows(buffer: jax.Array, block: jax.Array, positions: jax.Array,
 
     ``buffer`` and ``block`` have the batch first and agree on every axis but
     ``seq_axis`` (capacity slots in ``buffer``, new tokens in ``block``);
-    ``positions``: ``int32[batch, new]`` (a leading ``-1``, an all-padding row, writes
-    at slot 0 and is masked everywhere).
+    ``positions``: ``int32[batch, new]``. Entries at position ``-1`` (padding) leave
+    their slot as it was, so a row with no real token in the block (a chunk of a long
+    prompt past that row's end) writes nothing.
     """
     start = jnp.maximum(positions[:, 0], 0)  # [batch]
+    real = positions >= 0  # [batch, new]
 
-    def write_row(buf, new, s):
+    def write_row(buf, new, s, keep_new):
         index = tuple(s if axis == seq_axis - 1 else 0 for axis in range(buf.ndim))
+        old = jax.lax.dynamic_slice(buf, index, new.shape)
+        mask_shape = [1] * new.ndim
+        mask_shape[seq_axis - 1] = new.shape[seq_axis - 1]
+        new = jnp.where(keep_new.reshape(mask_shape), new, old)
         return jax.lax.dynamic_update_slice(buf, new, index)
 
-    return jax.vmap(write_row)(buffer, block.astype(buffer.dtype), start)
+    return jax.vmap(write_row)(buffer, block.astype(buffer.dtype), start, real)
 
 
 def advanced_lengths(lengths: jax.Array, positions: jax.Array) -> jax.Array:

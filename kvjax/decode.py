@@ -85,7 +85,7 @@ def _is_stop(tokens: jax.Array, stop_tokens: jax.Array) -> jax.Array:
 def prefill(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
             prompt_lengths: jax.Array, *, start: jax.Array, max_new_tokens: jax.Array,
             sampling: SamplingParams, seed: jax.Array, stop_tokens: jax.Array,
-            greedy: bool) -> tuple[DecodeState, jax.Array]:
+            greedy: bool, chunk: int | None = None) -> tuple[DecodeState, jax.Array]:
     """Runs the prompt block through ``step_fn`` and samples each row's first new token.
 
     Args:
@@ -93,6 +93,10 @@ def prefill(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
       prompt_lengths: ``int32[batch]``, real tokens per row (>= 1).
       start: ``int32[batch]``, position of each prompt's first token (0 for an empty
         cache; the cache's length to continue a conversation).
+      chunk: static; a block longer than this is fed to ``step_fn`` in pieces of
+        ``chunk`` tokens, one after another (a ``lax.scan``), so the attention scores
+        and activations of a long prompt never exist for all of it at once. None: the
+        whole block in one call.
       Others as in ``decode``.
 
     Returns:
@@ -101,17 +105,58 @@ def prefill(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
     """
     batch, seq = prompt_tokens.shape
     positions = prompt_positions(prompt_lengths, seq, start)
-    logits, cache = step_fn(params, prompt_tokens, positions, cache)
-    if logits.shape[1] == 1:  # the step returned each row's last real token only
-        last = logits[:, 0]
+    if chunk is None or seq <= chunk:
+        logits, cache = step_fn(params, prompt_tokens, positions, cache)
+        last = _last_real_logits(logits, positions)
     else:
-        last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+        last, cache = _chunked_prefill(step_fn, params, cache, prompt_tokens, positions, chunk)
     first = sample(last, _row_keys(seed, batch, jnp.int32(0)), sampling, greedy)  # [batch]
     one = jnp.ones((batch,), jnp.int32)
     state = DecodeState(cache=cache, tokens=first, positions=start + prompt_lengths,
                         done=_is_stop(first, stop_tokens) | (one >= max_new_tokens),
                         num_generated=one, steps_run=jnp.int32(0))
     return state, last
+
+
+def _last_real_logits(logits: jax.Array, positions: jax.Array) -> jax.Array:
+    """``float32[batch, vocab]``: each row's logits at its last real token of the block
+    (``logits`` ``[batch, seq, vocab]``, or ``[batch, 1, vocab]`` holding just those)."""
+    if logits.shape[1] == 1:
+        return logits[:, 0]
+    last = jnp.argmax(positions, axis=1)  # padding is -1, real positions increase
+    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+
+
+def _chunked_prefill(step_fn: StepFn, params: Any, cache: Any, tokens: jax.Array,
+                     positions: jax.Array, chunk: int) -> tuple[jax.Array, Any]:
+    """The prompt block in pieces of ``chunk`` tokens; returns each row's last logits.
+
+    A row whose prompt ended in an earlier piece gets an all-padding piece, which
+    writes nothing to its cache; its logits are those of the piece its last token was in.
+    """
+    batch, seq = tokens.shape
+    pad = -seq % chunk
+    tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
+    positions = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+    pieces = seq // chunk + (pad > 0)
+    last_position = positions.max(axis=1)  # [batch]
+
+    def split(x):  # [batch, pieces * chunk] -> [pieces, batch, chunk]
+        return x.reshape(batch, pieces, chunk).transpose(1, 0, 2)
+
+    def piece(carry, block):
+        cache, last = carry
+        piece_tokens, piece_positions = block
+        logits, cache = step_fn(params, piece_tokens, piece_positions, cache)
+        holds_last = jnp.any(piece_positions == last_position[:, None], axis=1)  # [batch]
+        last = jnp.where(holds_last[:, None], _last_real_logits(logits, piece_positions), last)
+        return (cache, last), None
+
+    vocab = jax.eval_shape(lambda: step_fn(params, tokens[:, :chunk], positions[:, :chunk],
+                                           cache))[0].shape[-1]
+    init = (cache, jnp.zeros((batch, vocab), jnp.float32))
+    (cache, last), _ = jax.lax.scan(piece, init, (split(tokens), split(positions)))
+    return last, cache
 
 
 def decode_steps(step_fn: StepFn, params: Any, state: DecodeState, *, num_steps: int,
@@ -169,7 +214,8 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
            prompt_lengths: jax.Array, *, num_steps: int, max_new_tokens: jax.Array,
            sampling: SamplingParams, seed: jax.Array, stop_tokens: jax.Array,
            greedy: bool, start: jax.Array | None = None, return_logits: bool = False,
-           on_prefill: Callable[[jax.Array], None] | None = None) -> DecodeResult:
+           on_prefill: Callable[[jax.Array], None] | None = None,
+           prefill_chunk: int | None = None) -> DecodeResult:
     """Prefills the prompts and decodes up to ``num_steps`` new tokens per row.
 
     Args:
@@ -188,6 +234,7 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
       return_logits: static; also return the logits each token was chosen from.
       on_prefill: optional host function called (through ``jax.debug.callback``) with
         the first sampled tokens once prefill has run; used for timing.
+      prefill_chunk: static; feed prompt blocks longer than this in pieces (``prefill``).
 
     The steps run in a ``jax.lax.while_loop`` (a scan that can end early): once every
     row is done, no further model work is done. A ``lax.scan`` whose body skips finished
@@ -199,7 +246,7 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
     controls = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                     stop_tokens=stop_tokens, greedy=greedy)
     state, last = prefill(step_fn, params, cache, prompt_tokens, prompt_lengths, start=start,
-                          **controls)
+                          chunk=prefill_chunk, **controls)
     first = state.tokens  # [batch]
     if on_prefill is not None:
         jax.debug.callback(on_prefill, first)
@@ -213,7 +260,8 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
 
 
 def jit_decode(step_fn: StepFn, *, num_steps: int, greedy: bool, return_logits: bool = False,
-               on_prefill: Callable[[jax.Array], None] | None = None):
+               on_prefill: Callable[[jax.Array], None] | None = None,
+               prefill_chunk: int | None = None):
     """``decode`` for ``step_fn`` as one jitted program with the cache donated.
 
     The program takes ``(params, cache, prompt_tokens, prompt_lengths, max_new_tokens,
@@ -226,6 +274,7 @@ def jit_decode(step_fn: StepFn, *, num_steps: int, greedy: bool, return_logits: 
         return decode(step_fn, params, cache, prompt_tokens, prompt_lengths,
                       num_steps=num_steps, max_new_tokens=max_new_tokens, sampling=sampling,
                       seed=seed, stop_tokens=stop_tokens, greedy=greedy,
-                      return_logits=return_logits, on_prefill=on_prefill)
+                      return_logits=return_logits, on_prefill=on_prefill,
+                      prefill_chunk=prefill_chunk)
 
     return jax.jit(run, donate_argnums=1)

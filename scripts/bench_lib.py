@@ -226,14 +226,17 @@ def check_fits(what: str, need: int | None, limit: int | None) -> None:
 
 @functools.lru_cache(maxsize=32)
 def decode_program(config: kvjax.ModelConfig, num_steps: int):
-    """``kvjax.jit_decode``'s program (greedy, cache donated) plus ``kvjax.decode``'s
-    ``start``: where each row's prompt block begins in the cache (0: a fresh prompt)."""
+    """``kvjax.jit_decode``'s program (greedy, cache donated, prompts longer than
+    ``kvjax.api.PREFILL_CHUNK`` prefilled in pieces, as ``kvjax.generate`` does) plus
+    ``kvjax.decode``'s ``start``: where each row's prompt block begins in the cache (0: a
+    fresh prompt)."""
     step = step_fn(config)
 
     def run(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed, stops):
         return kvjax.decode(step, params, cache, tokens, lengths, num_steps=num_steps,
                             max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                            stop_tokens=stops, greedy=True, start=start)
+                            stop_tokens=stops, greedy=True, start=start,
+                            prefill_chunk=kvjax.api.PREFILL_CHUNK)
 
     return jax.jit(run, donate_argnums=1)
 

@@ -23,19 +23,23 @@ def test_create_shapes_and_bytes():
 
 def test_update_writes_each_row_at_its_position():
     config = make_config(num_kv_heads=2, head_dim=4, num_layers=2)
-    cache = kvjax.KVCache.create(config, batch=3, capacity=10, dtype=jnp.float32)
+    cache = kvjax.KVCache.create(config, batch=4, capacity=10, dtype=jnp.float32)
     rng = np.random.default_rng(0)
-    new_k = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)  # [batch, kv_heads, new, head_dim]
-    new_v = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)
-    positions = np.array([[0, 1], [5, 6], [8, -1]], np.int32)  # row 2: one token + padding
+    first_k = rng.normal(size=(4, 2, 2, 4)).astype(np.float32)  # [batch, kv_heads, new, head_dim]
+    cache = cache.update(1, first_k, first_k, np.array([[-1, -1]] * 3 + [[0, 1]], np.int32))
+    new_k = rng.normal(size=(4, 2, 2, 4)).astype(np.float32)
+    new_v = rng.normal(size=(4, 2, 2, 4)).astype(np.float32)
+    # row 2: one token + padding; row 3: padding only (a prompt chunk past its end)
+    positions = np.array([[0, 1], [5, 6], [8, -1], [-1, -1]], np.int32)
     updated = cache.update(1, new_k, new_v, positions).advance(positions)
 
-    expected_k = np.zeros((3, 2, 10, 4), np.float32)
-    for row, start in enumerate([0, 5, 8]):
-        expected_k[row, :, start:start + 2] = new_k[row]
+    expected_k = np.zeros((4, 2, 10, 4), np.float32)
+    for row, start, count in [(0, 0, 2), (1, 5, 2), (2, 8, 1)]:
+        expected_k[row, :, start:start + count] = new_k[row, :, :count]
+    expected_k[3, :, 0:2] = first_k[3]  # padding writes nothing: the earlier tokens stay
     np.testing.assert_array_equal(updated.keys[1], expected_k)
     np.testing.assert_array_equal(updated.keys[0], 0)  # other layers untouched
-    np.testing.assert_array_equal(updated.lengths, [2, 7, 9])
+    np.testing.assert_array_equal(updated.lengths, [2, 7, 9, 0])
 
 
 def test_decode_step_updates_cache_in_place():

@@ -124,6 +124,36 @@ def test_prefill_computes_only_each_rows_last_logits():
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [16, 24])
+def test_chunked_prefill_equals_one_block(gqa_model, chunk):
+    """A 64-token prompt block fed in pieces (16: four pieces; 24: three, the last one
+    padded) gives the same logits and tokens as one block, for rows that end in
+    different pieces (lengths 61, 7 and 33) and rows continuing a cache (start > 0)."""
+    config = gqa_model.config
+    rng = np.random.default_rng(3)
+    lengths = np.array([61, 7, 33], np.int32)
+    block = np.zeros((3, 64), np.int32)
+    for row, n in enumerate(lengths):
+        block[row, :n] = rng.integers(0, config.vocab_size, n)
+    step = kvjax.model.step_fn(config)
+    controls = dict(max_new_tokens=jnp.int32(20), sampling=SamplingParams.create(3),
+                    seed=jnp.uint32(0), stop_tokens=jnp.full((4,), -1, jnp.int32), greedy=True)
+
+    def run(prefill_chunk, start):
+        cache = kvjax.KVCache.create(config, 3, 128, jnp.float32)
+        return jax.jit(lambda c: kvjax.decode(
+            step, gqa_model.params, c, block, lengths, num_steps=20, return_logits=True,
+            start=jnp.asarray(start, jnp.int32), prefill_chunk=prefill_chunk, **controls))(cache)
+
+    for start in ([0, 0, 0], [5, 0, 40]):
+        whole, pieces = run(None, start), run(chunk, start)
+        assert np.asarray(pieces.tokens).tolist() == np.asarray(whole.tokens).tolist()
+        np.testing.assert_allclose(np.asarray(pieces.logits), np.asarray(whole.logits),
+                                   atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(np.asarray(pieces.cache.lengths),
+                                      np.asarray(whole.cache.lengths))
+
+
 def test_reuses_compiled_program(gqa_model, compile_counter):
     """After the first call per sampling mode, other prompts, lengths in the same bucket,
     max_new_tokens in the same step bucket, seeds and sampling values compile nothing."""
