@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           help="stop token id (repeatable); default from generation_config.json")
     run = parser.add_argument_group("run")
     run.add_argument("--capacity", type=int, default=None, help="KV cache slots per row")
-    run.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="default: bfloat16 on GPU/TPU, float32 on CPU")
     run.add_argument("--no-cache", action="store_true",
                      help="recompute the whole sequence every step (the baseline)")
     run.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default=None,

@@ -148,6 +148,14 @@ def test_gpt2_conv1d_weights_are_not_transposed_and_c_attn_splits_by_column(tmp_
                           state["transformer.ln_f.bias"])
 
 
+def test_default_dtype_is_float32_on_cpu(single_dir):
+    """Without a dtype, CPU gets float32 (bfloat16 would be converted in every call)."""
+    assert jax.default_backend() == "cpu"
+    model = kvjax.load(single_dir)
+    assert {str(x.dtype) for x in jax.tree.leaves(model.params)} == {"float32"}
+    assert kvjax.load(single_dir, dtype="bfloat16").dtype == jax.numpy.bfloat16
+
+
 def test_base_model_names_without_prefix_load_like_prefixed(tmp_path):
     """The Hub's gpt2 stores the bare GPT2Model's names (``h.0.attn...``, ``wte.weight``),
     save_pretrained of GPT2LMHeadModel ``transformer.h.0...``: both load the same params."""
