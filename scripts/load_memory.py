@@ -65,7 +65,9 @@ def write_checkpoint(directory: str, config_json: dict, shards: int) -> dict:
 
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config_json, f, indent=2)
-    specs = jax.tree.leaves(tensor_specs(ModelConfig.from_json(directory)))
+    # one entry per stored tensor (the parts of a fused tensor share one)
+    specs = list({s.hf_name: s for s in
+                  jax.tree.leaves(tensor_specs(ModelConfig.from_json(directory)))}.values())
     sizes = [4 * int(np.prod(s.hf_shape)) for s in specs]
     total = sum(sizes)
     rng = np.random.default_rng(0)
