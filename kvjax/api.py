@@ -461,12 +461,10 @@ class _Chunks:
         self._prefill_args = (model.params, cache, block, lengths, start, *controls.values())
         t0 = time.perf_counter()
         self._prefill = _compiled(prefill_program, self._prefill_args)
-        # The chunk program is compiled for the state exactly as prefill leaves it.
-        state_shape = jax.tree.map(
-            lambda shape, placement: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
-                                                          sharding=placement),
-            jax.eval_shape(prefill_program, *self._prefill_args), self._prefill.output_shardings)
-        self._chunk = _compiled(chunk_program, (model.params, state_shape, *controls.values()))
+        # The chunk program is compiled for the state exactly as prefill leaves it
+        # (shapes, dtypes and shardings of the compiled prefill's outputs).
+        self._chunk = _compiled(chunk_program, (model.params, self._prefill.out_info,
+                                                *controls.values()))
         self.compile_s = time.perf_counter() - t0
         self.state = None
         self.prefill_s = self.decode_s = 0.0
