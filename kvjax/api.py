@@ -353,8 +353,8 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
     req = _request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
                    capacity=capacity)
-    sharding.check_model(model, req.batch)  # a mesh that can't split this batch/model
-    cache = sharding.new_cache(model, req.batch, req.capacity, use_cache)  # sharded on model.mesh
+    # sharded on model.mesh, after checking that the mesh splits this batch and model
+    cache = sharding.new_cache(model, req.batch, req.capacity, use_cache)
     cache_bytes = cache.nbytes
     c = req.controls
     args = (model.params, cache, req.prompt_tokens, req.prompt_lengths, c["max_new_tokens"],
@@ -543,7 +543,6 @@ def generate_stream(model: Model, prompts: Sequence[str] | Sequence[Sequence[int
     req = _request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
                    capacity=capacity)
-    sharding.check_model(model, req.batch)
     cache = sharding.new_cache(model, req.batch, req.capacity, use_cache)
     cache_bytes = cache.nbytes
     chunks = _Chunks(model, use_cache, chunk_size, cache, req.prompt_tokens, req.prompt_lengths,

@@ -48,7 +48,6 @@ class ChatSession:
         if model.tokenizer.chat_template is None:
             raise ValueError("this checkpoint has no chat_template in tokenizer_config.json; "
                              "use generate() with plain prompts")
-        sharding.check_model(model, 1)  # one conversation is one batch row
         self.model = model
         self.capacity = capacity or min(model.config.max_position_embeddings, 4096)
         self.max_new_tokens = max_new_tokens

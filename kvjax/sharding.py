@@ -312,7 +312,12 @@ def _history_creator(config, batch, capacity, mesh, rules):
 
 def new_cache(model, batch: int, capacity: int, use_cache: bool = True):
     """The cache ``kvjax.generate`` starts from: as before without a mesh, else created
-    sharded on ``model.mesh`` (``TokenHistory`` rows over ``data`` for ``use_cache=False``)."""
+    sharded on ``model.mesh`` (``TokenHistory`` rows over ``data`` for ``use_cache=False``).
+
+    Raises:
+      ShardingError: ``model.mesh`` cannot split this model or ``batch`` (``check_mesh``),
+        before anything is allocated or compiled.
+    """
     mesh = getattr(model, "mesh", None)
     if mesh is None:
         if use_cache:
@@ -361,12 +366,6 @@ def check_mesh(config: ModelConfig, mesh: Mesh | None, *, batch: int | None = No
             raise ShardingError(
                 f"batch {batch} is not divisible by mesh axis {rules.batch}={ways}; use a batch "
                 f"that is a multiple of {ways} or {other}")
-
-
-def check_model(model, batch: int | None = None) -> None:
-    """``check_mesh`` for a ``kvjax.Model`` (does nothing without a mesh); ``generate``
-    calls it before compiling."""
-    check_mesh(model.config, getattr(model, "mesh", None), batch=batch)
 
 
 # ----- describing where things are -----
