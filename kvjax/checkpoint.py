@@ -10,6 +10,7 @@ device ever holds a whole sharded tensor.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -205,18 +206,30 @@ def load_params(directory: str, config: ModelConfig, dtype: str = "bfloat16", me
     bar = tqdm(total=len(leaves), desc="loading", unit="tensor", file=sys.stderr, leave=False,
                disable=not progress)
 
+    parts_left = collections.Counter(spec.hf_name for spec in leaves)
+    fused: dict[str, np.ndarray] = {}  # fused tensors read whose parts are not all placed
+
+    def stored(spec: TensorSpec) -> np.ndarray:
+        """The stored tensor of ``spec``, read from its file once even when fused."""
+        array = fused.pop(spec.hf_name, None)
+        if array is None:
+            path = files[spec.hf_name]
+            # safetensors copies the tensor out of its memory map, and the mapped pages
+            # stay resident until the file is closed: closing it here keeps one tensor's
+            # pages, not the whole checkpoint's, in the process's memory.
+            with _open(path) as f:
+                array = f.get_tensor(spec.hf_name)
+            if tuple(array.shape) != spec.hf_shape:
+                raise CheckpointError(
+                    f"tensor {spec.hf_name} in {os.path.basename(path)} has shape "
+                    f"{tuple(array.shape)}, expected {spec.hf_shape} from config.json")
+        parts_left[spec.hf_name] -= 1
+        if parts_left[spec.hf_name]:
+            fused[spec.hf_name] = array
+        return array
+
     def read(spec: TensorSpec, placement=None) -> jax.Array:
-        path = files[spec.hf_name]
-        # safetensors copies the tensor out of its memory map, and the mapped pages stay
-        # resident until the file is closed: closing it here keeps one tensor's pages, not
-        # the whole checkpoint's, in the process's memory.
-        with _open(path) as f:
-            array = f.get_tensor(spec.hf_name)
-        if tuple(array.shape) != spec.hf_shape:
-            raise CheckpointError(
-                f"tensor {spec.hf_name} in {os.path.basename(path)} has shape "
-                f"{tuple(array.shape)}, expected {spec.hf_shape} from config.json")
-        array = spec.select(array)  # this parameter's part of a fused tensor
+        array = spec.select(stored(spec))  # this parameter's part of a fused tensor
         array = array.astype(np_dtype, copy=False)
         array = array.T if spec.transpose else array
         if placement is None:
