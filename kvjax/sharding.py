@@ -370,17 +370,6 @@ def check_mesh(config: ModelConfig, mesh: Mesh | None, *, batch: int | None = No
 
 # ----- describing where things are -----
 
-def describe(tree: Any) -> dict:
-    """``{path: (shape, spec, per-device shard shape)}`` of every array in a pytree."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        sharding = leaf.sharding
-        spec = getattr(sharding, "spec", None)
-        out[jax.tree_util.keystr(path)] = (tuple(leaf.shape), spec,
-                                           tuple(sharding.shard_shape(leaf.shape)))
-    return out
-
-
 def bytes_per_device(tree: Any) -> dict:
     """Bytes each device holds of the arrays in ``tree`` (from their addressable shards)."""
     held: dict = {}
