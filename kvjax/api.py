@@ -261,6 +261,13 @@ class _Request:
     def greedy(self) -> bool:
         return self.controls["sampling"].is_greedy
 
+    @property
+    def key_limit(self) -> int | None:
+        """Slots this generation can fill (prompt block + decode steps), None when that
+        is the whole cache: attention of a fresh cache reads no slot past it."""
+        limit = self.prompt_tokens.shape[1] + self.num_steps
+        return limit if limit < self.capacity else None
+
 
 def _request(model: Model, prompts, *, max_new_tokens, temperature, top_k, top_p, min_p, seed,
              stop_tokens, capacity) -> _Request:
@@ -290,15 +297,21 @@ def _pad_block(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarra
     return block, np.array([len(ids) for ids in rows], np.int32)
 
 
-def _step(config: ModelConfig, use_cache: bool):
-    return step_fn(config) if use_cache else recompute_step_fn(config)
+def _steps(config: ModelConfig, use_cache: bool, key_limit: int | None, fresh: bool):
+    """``(step_fn, whole_block_fn)`` of a generation; ``fresh``: its cache starts empty,
+    ``key_limit``: slots it can fill (``_Request.key_limit``)."""
+    if not use_cache:
+        return recompute_step_fn(config), None
+    whole_block_fn = step_fn(config, fresh=True) if fresh else None
+    return step_fn(config, key_limit=key_limit), whole_block_fn
 
 
 @functools.lru_cache(maxsize=64)
 def _jitted_decode(config: ModelConfig, use_cache: bool, num_steps: int, greedy: bool,
-                   return_logits: bool):
-    return jit_decode(_step(config, use_cache), num_steps=num_steps, greedy=greedy,
-                      return_logits=return_logits, on_prefill=_PREFILL_CLOCK,
+                   return_logits: bool, key_limit: int | None):
+    step, whole_block_fn = _steps(config, use_cache, key_limit, fresh=True)
+    return jit_decode(step, num_steps=num_steps, greedy=greedy, return_logits=return_logits,
+                      on_prefill=_PREFILL_CLOCK, whole_block_fn=whole_block_fn,
                       prefill_chunk=PREFILL_CHUNK if use_cache else None)
 
 
@@ -359,7 +372,8 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
     c = req.controls
     args = (model.params, cache, req.prompt_tokens, req.prompt_lengths, c["max_new_tokens"],
             c["sampling"], c["seed"], c["stop_tokens"])
-    jitted = _jitted_decode(model.config, use_cache, req.num_steps, req.greedy, return_logits)
+    jitted = _jitted_decode(model.config, use_cache, req.num_steps, req.greedy, return_logits,
+                            req.key_limit)
     compile_start = time.perf_counter()
     compiled = _compiled(jitted, args)
     compile_s = time.perf_counter() - compile_start
@@ -403,19 +417,21 @@ def _stats(req: _Request, tokens: list[list[int]], compile_s: float, prefill_s: 
 
 @functools.lru_cache(maxsize=64)
 def _stream_programs(config: ModelConfig, use_cache: bool, greedy: bool, chunk_size: int,
-                     state_shardings: DecodeState | None):
+                     state_shardings: DecodeState | None, key_limit: int | None, fresh: bool):
     """(prefill program, chunk program), each jitted once with its cache/state donated.
 
-    On a mesh both programs return the loop state with ``state_shardings``, so the state
-    one chunk returns is exactly what the next chunk (or a chat's next prefill) was
-    compiled for."""
-    step = _step(config, use_cache)
+    ``fresh``, ``key_limit`` as in ``_steps`` (a chat continues its cache: neither). On a
+    mesh both programs return the loop state with ``state_shardings``, so the state one
+    chunk returns is exactly what the next chunk (or a chat's next prefill) was compiled
+    for."""
+    step, whole_block_fn = _steps(config, use_cache, key_limit, fresh)
 
     def prefill_block(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed,
                       stop_tokens):
         return prefill(step, params, cache, tokens, lengths, start=start, greedy=greedy,
                        max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                       stop_tokens=stop_tokens, chunk=PREFILL_CHUNK if use_cache else None)[0]
+                       stop_tokens=stop_tokens, chunk=PREFILL_CHUNK if use_cache else None,
+                       whole_block_fn=whole_block_fn)[0]
 
     def chunk(params, state, max_new_tokens, sampling, seed, stop_tokens):
         state, tokens, _ = decode_steps(step, params, state, num_steps=chunk_size, greedy=greedy,
@@ -453,10 +469,11 @@ class _Chunks:
     """
 
     def __init__(self, model: Model, use_cache: bool, chunk_size: int, cache, block: np.ndarray,
-                 lengths: np.ndarray, start: np.ndarray, controls: dict):
+                 lengths: np.ndarray, start: np.ndarray, controls: dict,
+                 key_limit: int | None = None, fresh: bool = False):
         prefill_program, chunk_program = _stream_programs(
             model.config, use_cache, controls["sampling"].is_greedy, chunk_size,
-            _state_shardings(model, cache))
+            _state_shardings(model, cache), key_limit, fresh)
         self._params, self._controls = model.params, controls
         self._prefill_args = (model.params, cache, block, lengths, start, *controls.values())
         t0 = time.perf_counter()
@@ -546,7 +563,8 @@ def generate_stream(model: Model, prompts: Sequence[str] | Sequence[Sequence[int
     cache = sharding.new_cache(model, req.batch, req.capacity, use_cache)
     cache_bytes = cache.nbytes
     chunks = _Chunks(model, use_cache, chunk_size, cache, req.prompt_tokens, req.prompt_lengths,
-                     np.zeros((req.batch,), np.int32), req.controls)
+                     np.zeros((req.batch,), np.int32), req.controls, key_limit=req.key_limit,
+                     fresh=True)
     return TokenStream(model, req, chunks, cache_bytes)
 
 

@@ -85,7 +85,8 @@ def _is_stop(tokens: jax.Array, stop_tokens: jax.Array) -> jax.Array:
 def prefill(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
             prompt_lengths: jax.Array, *, start: jax.Array, max_new_tokens: jax.Array,
             sampling: SamplingParams, seed: jax.Array, stop_tokens: jax.Array,
-            greedy: bool, chunk: int | None = None) -> tuple[DecodeState, jax.Array]:
+            greedy: bool, chunk: int | None = None, whole_block_fn: StepFn | None = None
+            ) -> tuple[DecodeState, jax.Array]:
     """Runs the prompt block through ``step_fn`` and samples each row's first new token.
 
     Args:
@@ -97,6 +98,9 @@ def prefill(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
         ``chunk`` tokens, one after another (a ``lax.scan``), so the attention scores
         and activations of a long prompt never exist for all of it at once. None: the
         whole block in one call.
+      whole_block_fn: the step function for a block fed whole (not in pieces); default
+        ``step_fn``. kvjax's model passes one that attends within the block when the
+        cache starts empty (``kvjax.model.step_fn(config, fresh=True)``).
       Others as in ``decode``.
 
     Returns:
@@ -106,7 +110,7 @@ def prefill(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
     batch, seq = prompt_tokens.shape
     positions = prompt_positions(prompt_lengths, seq, start)
     if chunk is None or seq <= chunk:
-        logits, cache = step_fn(params, prompt_tokens, positions, cache)
+        logits, cache = (whole_block_fn or step_fn)(params, prompt_tokens, positions, cache)
         last = _last_real_logits(logits, positions)
     else:
         last, cache = _chunked_prefill(step_fn, params, cache, prompt_tokens, positions, chunk)
@@ -215,7 +219,8 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
            sampling: SamplingParams, seed: jax.Array, stop_tokens: jax.Array,
            greedy: bool, start: jax.Array | None = None, return_logits: bool = False,
            on_prefill: Callable[[jax.Array], None] | None = None,
-           prefill_chunk: int | None = None) -> DecodeResult:
+           prefill_chunk: int | None = None, whole_block_fn: StepFn | None = None
+           ) -> DecodeResult:
     """Prefills the prompts and decodes up to ``num_steps`` new tokens per row.
 
     Args:
@@ -235,6 +240,7 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
       on_prefill: optional host function called (through ``jax.debug.callback``) with
         the first sampled tokens once prefill has run; used for timing.
       prefill_chunk: static; feed prompt blocks longer than this in pieces (``prefill``).
+      whole_block_fn: the step function for a prompt block fed whole (``prefill``).
 
     The steps run in a ``jax.lax.while_loop`` (a scan that can end early): once every
     row is done, no further model work is done. A ``lax.scan`` whose body skips finished
@@ -246,7 +252,7 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
     controls = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                     stop_tokens=stop_tokens, greedy=greedy)
     state, last = prefill(step_fn, params, cache, prompt_tokens, prompt_lengths, start=start,
-                          chunk=prefill_chunk, **controls)
+                          chunk=prefill_chunk, whole_block_fn=whole_block_fn, **controls)
     first = state.tokens  # [batch]
     if on_prefill is not None:
         jax.debug.callback(on_prefill, first)
@@ -261,7 +267,7 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
 
 def jit_decode(step_fn: StepFn, *, num_steps: int, greedy: bool, return_logits: bool = False,
                on_prefill: Callable[[jax.Array], None] | None = None,
-               prefill_chunk: int | None = None):
+               prefill_chunk: int | None = None, whole_block_fn: StepFn | None = None):
     """``decode`` for ``step_fn`` as one jitted program with the cache donated.
 
     The program takes ``(params, cache, prompt_tokens, prompt_lengths, max_new_tokens,
@@ -275,6 +281,6 @@ def jit_decode(step_fn: StepFn, *, num_steps: int, greedy: bool, return_logits: 
                       num_steps=num_steps, max_new_tokens=max_new_tokens, sampling=sampling,
                       seed=seed, stop_tokens=stop_tokens, greedy=greedy,
                       return_logits=return_logits, on_prefill=on_prefill,
-                      prefill_chunk=prefill_chunk)
+                      prefill_chunk=prefill_chunk, whole_block_fn=whole_block_fn)
 
     return jax.jit(run, donate_argnums=1)

@@ -32,7 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import attend, soft_cap
+from kvjax.attention import attend, attend_block, soft_cap
 from kvjax.cache import KVCache, TokenHistory
 from kvjax.config import ModelConfig
 from kvjax.rope import apply_rope, layer_rope_tables
@@ -230,7 +230,8 @@ def final_logits(config: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
 
 
 def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
-            cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+            cache: KVCache | None = None, *, fresh: bool = False,
+            key_limit: int | None = None) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder on a block of tokens.
 
     Args:
@@ -241,6 +242,12 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
         marks padding (after the real tokens of a row).
       cache: a ``KVCache`` to write the new keys/values into and attend over, or
         ``None`` to attend within ``tokens`` only (the recompute baseline).
+      fresh: static; the cache is empty and this block starts every row at position 0,
+        so attention stays within the block (``attend_block``: flash attention on GPUs)
+        and never reads the cache's empty slots.
+      key_limit: static; no query of this call attends to a slot at or past it (e.g. a
+        generation that can fill only its first ``key_limit`` slots), so attention reads
+        only the slots before it: the work follows what can be filled, not the capacity.
 
     Returns:
       ``(logits, cache)``, the cache with the block written and its lengths advanced.
@@ -254,15 +261,19 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
     tables = layer_rope_tables(config, positions, max_length)
     for index, layer in enumerate(params["layers"]):
         q, k, v = qkv_projection(config, layer, x, *tables[index])
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]
-        if cache is None:  # recompute mode: attend within the given tokens
-            keys, values, key_positions = k, v, positions
+        window, scale, softcap = (config.layer_window(index), config.query_scale,
+                                  config.attn_logit_softcap)
+        if cache is not None:
+            cache = cache.update(index, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                 positions)  # written [batch, kv_heads, seq, head_dim]
+        if cache is None or fresh:  # attend within the given tokens
+            attn = attend_block(q, k, v, positions, window, scale, softcap)
         else:
-            cache = cache.update(index, k, v, positions)
-            keys, values = cache.keys[index], cache.values[index]  # [batch, kv_heads, capacity, head_dim]
-            key_positions = cache.slot_positions
-        attn = attend(q, keys, values, positions, key_positions, config.layer_window(index),
-                      config.query_scale, config.attn_logit_softcap)
+            limit = cache.capacity if key_limit is None else min(key_limit, cache.capacity)
+            keys = cache.keys[index][:, :, :limit]  # [batch, kv_heads, limit, head_dim]
+            values = cache.values[index][:, :, :limit]
+            attn = attend(q, keys, values, positions, cache.slot_positions[:, :limit], window,
+                          scale, softcap)
         x = finish_layer(config, layer, x, attn)
     if cache is not None:
         cache = cache.advance(positions)
@@ -272,10 +283,10 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
     return final_logits(config, params, x), cache
 
 
-def step_fn(config: ModelConfig):
-    """``forward`` bound to a config: the ``step_fn(params, tokens, positions, cache)``
-    that ``kvjax.decode`` drives."""
-    return functools.partial(forward, config)
+def step_fn(config: ModelConfig, *, fresh: bool = False, key_limit: int | None = None):
+    """``forward`` bound to a config (and ``fresh`` / ``key_limit``): the
+    ``step_fn(params, tokens, positions, cache)`` that ``kvjax.decode`` drives."""
+    return functools.partial(forward, config, fresh=fresh, key_limit=key_limit)
 
 
 def recompute_forward(config: ModelConfig, params: dict, tokens: jax.Array,

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
-from kvjax.model import layer_param_shapes, step_fn
+from kvjax.model import layer_param_shapes
 from layout_benchmark import bytes_per_step, measure_hbm_bandwidth  # scripts/, same folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,18 +225,21 @@ def check_fits(what: str, need: int | None, limit: int | None) -> None:
 # ----- the kvjax decode program -----------------------------------------------------
 
 @functools.lru_cache(maxsize=32)
-def decode_program(config: kvjax.ModelConfig, num_steps: int):
-    """``kvjax.jit_decode``'s program (greedy, cache donated, prompts longer than
-    ``kvjax.api.PREFILL_CHUNK`` prefilled in pieces, as ``kvjax.generate`` does) plus
-    ``kvjax.decode``'s ``start``: where each row's prompt block begins in the cache (0: a
-    fresh prompt)."""
-    step = step_fn(config)
+def decode_program(config: kvjax.ModelConfig, num_steps: int, key_limit: int | None,
+                   fresh: bool):
+    """``kvjax.generate``'s program (greedy, cache donated, prompts longer than
+    ``kvjax.api.PREFILL_CHUNK`` prefilled in pieces; with ``fresh`` the prompt attends
+    within itself and decode steps read the first ``key_limit`` slots only) plus
+    ``kvjax.decode``'s ``start``: where each row's prompt block begins in the cache.
+    ``fresh`` is for ``start`` 0 only; otherwise the cache is continued, as a chat turn
+    does, and attention reads every slot."""
+    step, whole_block_fn = kvjax.api._steps(config, True, key_limit, fresh)
 
     def run(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed, stops):
         return kvjax.decode(step, params, cache, tokens, lengths, num_steps=num_steps,
                             max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                             stop_tokens=stops, greedy=True, start=start,
-                            prefill_chunk=kvjax.api.PREFILL_CHUNK)
+                            prefill_chunk=kvjax.api.PREFILL_CHUNK, whole_block_fn=whole_block_fn)
 
     return jax.jit(run, donate_argnums=1)
 
@@ -257,7 +260,8 @@ def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capac
     A ``prompt_len`` block of random tokens is prefilled at positions ``start ...`` of
     every row; slots before ``start`` are left as the empty cache has them (zeros) but
     count as filled: the prefill sets each row's length to ``start + prompt_len``,
-    exactly as a chat turn continues a cache (kvjax.decode's ``start``)."""
+    exactly as a chat turn continues a cache (kvjax.decode's ``start``). With ``start``
+    0 the program is ``kvjax.generate``'s for a fresh cache (``decode_program``)."""
     config, dtype = model.config, model.dtype
     if start + prompt_len + new - 1 > capacity:
         raise ValueError(f"{start} + {prompt_len} + {new} - 1 tokens exceed capacity {capacity}")
@@ -273,7 +277,9 @@ def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capac
 
     t0 = time.perf_counter()
     cache_shape = jax.eval_shape(lambda: kvjax.KVCache.create(config, batch, capacity, dtype))
-    compiled = decode_program(config, new).lower(*args(cache_shape, new)).compile()
+    fresh = start == 0
+    key_limit = prompt_len + new if fresh and prompt_len + new < capacity else None
+    compiled = decode_program(config, new, key_limit, fresh).lower(*args(cache_shape, new)).compile()
     compile_s = time.perf_counter() - t0
     need = program_bytes(compiled)
     check_fits("the compiled program", need, memory)

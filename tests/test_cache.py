@@ -72,6 +72,6 @@ def test_whole_generation_holds_one_cache():
     cache = kvjax.KVCache.create(config, batch, capacity, jnp.float32)
     args = (model.params, cache, np.zeros((batch, 1), np.int32), np.ones((batch,), np.int32),
             np.int32(8), SamplingParams.create(batch), np.uint32(0), np.full((16,), -1, np.int32))
-    memory = _jitted_decode(config, True, 16, True, False).lower(*args).compile().memory_analysis()
+    memory = _jitted_decode(config, True, 16, True, False, None).lower(*args).compile().memory_analysis()
     assert memory.alias_size_in_bytes >= cache.nbytes
     assert memory.temp_size_in_bytes < cache.nbytes / 4

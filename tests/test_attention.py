@@ -1,0 +1,112 @@
+"""The attention paths: within a block (a prefill into an empty cache), over the first
+``key_limit`` slots, and cuDNN flash attention against the plain path (CUDA GPUs only)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.attention import attend_block, flash_supported
+from kvjax.decode import prompt_positions
+from kvjax.model import forward, step_fn
+from kvjax.sampling import SamplingParams
+
+from conftest import make_config, make_model
+
+
+def _ragged_block(lengths, width, vocab, seed=0):
+    tokens = np.random.default_rng(seed).integers(0, vocab, (len(lengths), width), np.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    return jnp.asarray(tokens), prompt_positions(lengths, width, jnp.zeros_like(lengths))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_fresh_prefill_equals_attention_over_the_cache(window):
+    """A block attending within itself gives the logits and the cache of the same block
+    attending over an (empty) cache, for ragged rows and a window shorter than them."""
+    config = make_config(sliding_window=window)
+    model = make_model(config)
+    tokens, positions = _ragged_block([8, 5, 1], 8, config.vocab_size)
+    empty = kvjax.KVCache.create(config, 3, 32, jnp.float32)
+    want_logits, want_cache = forward(config, model.params, tokens, positions, empty)
+    got_logits, got_cache = forward(config, model.params, tokens, positions, empty, fresh=True)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_key_limit_reads_only_the_slots_before_it(gqa_model):
+    """A decode step limited to the first 64 of 4096 slots gives the unlimited step's
+    logits, and XLA's cost analysis counts at least the skipped slots' bytes fewer
+    (its count of the in-place cache write covers whole buffers, so it is compared by
+    difference)."""
+    config, params = gqa_model.config, gqa_model.params
+    tokens, positions = _ragged_block([20, 9], 32, config.vocab_size)
+    cache = kvjax.KVCache.create(config, 2, 4096, jnp.float32)
+    _, cache = forward(config, params, tokens, positions, cache, fresh=True)
+    step_tokens, step_positions = tokens[:, :1], cache.lengths[:, None]
+
+    def step(key_limit):  # the cache updated in place, as in the decode loop
+        return jax.jit(lambda p, c: forward(config, p, step_tokens, step_positions, c,
+                                            key_limit=key_limit), donate_argnums=1)
+
+    copy = lambda: jax.tree.map(jnp.copy, cache)
+    want = step(None)(params, copy())[0]
+    np.testing.assert_allclose(step(64)(params, copy())[0], want, rtol=1e-5, atol=1e-5)
+    bytes_accessed = lambda f: f.lower(params, cache).compile().cost_analysis()["bytes accessed"]
+    skipped = cache.nbytes * (1 - 64 / 4096)
+    assert bytes_accessed(step(None)) - bytes_accessed(step(64)) >= skipped
+
+
+def test_generation_with_room_to_spare_equals_one_over_the_whole_cache(gqa_model):
+    """generate() into a cache far larger than it can fill (fresh prefill, key limit)
+    gives the logits of kvjax.decode continuing a cache over every slot."""
+    config = gqa_model.config
+    prompts = [[5, 9, 2, 7, 1, 3], [4, 4, 8]]
+    gen = kvjax.generate(gqa_model, prompts, max_new_tokens=12, capacity=256,
+                         return_logits=True)
+    block = np.zeros((2, 16), np.int32)
+    for row, ids in enumerate(prompts):
+        block[row, :len(ids)] = ids
+    run = kvjax.jit_decode(step_fn(config), num_steps=16, greedy=True, return_logits=True)
+    result = run(gqa_model.params, kvjax.KVCache.create(config, 2, 256, jnp.float32), block,
+                 np.array([6, 3], np.int32), np.int32(12), SamplingParams.create(2),
+                 np.uint32(0), np.full((1,), -1, np.int32))
+    for row in range(2):
+        assert gen.tokens[row] == result.tokens[row, :12].tolist()
+        np.testing.assert_allclose(gen.logits[row], result.logits[row, :12], rtol=1e-4, atol=1e-4)
+
+
+def test_flash_attention_falls_back_off_cuda():
+    """Without a CUDA GPU (CI), attend_block picks the plain path by itself; soft-capped
+    logits never take the fused kernel."""
+    q = jax.random.normal(jax.random.key(0), (2, 8, 4, 16), jnp.bfloat16)
+    k = v = jax.random.normal(jax.random.key(1), (2, 8, 2, 16), jnp.bfloat16)
+    _, positions = _ragged_block([8, 5], 8, 10)
+    assert not flash_supported(16, jnp.bfloat16, logit_softcap=50.0)
+    assert not flash_supported(16, jnp.float32)
+    if jax.default_backend() != "gpu":
+        assert not flash_supported(16, jnp.bfloat16)
+        np.testing.assert_array_equal(attend_block(q, k, v, positions),
+                                      attend_block(q, k, v, positions, implementation="xla"))
+    with pytest.raises(ValueError, match="does not apply a logit soft-cap; use 'xla'"):
+        attend_block(q, k, v, positions, logit_softcap=50.0, implementation="cudnn")
+
+
+@pytest.mark.skipif(not flash_supported(128, jnp.bfloat16), reason="needs cuDNN flash attention")
+@pytest.mark.parametrize("window", [None, 48])
+def test_cudnn_flash_attention_matches_the_plain_path(window):
+    """cuDNN's fused kernel against the float32 plain path: ragged rows, GQA, windows."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (3, 256, 16, 128), jnp.float32)
+    k = jax.random.normal(keys[1], (3, 256, 4, 128), jnp.float32)
+    v = jax.random.normal(keys[2], (3, 256, 4, 128), jnp.float32)
+    _, positions = _ragged_block([256, 100, 1], 256, 10)
+    want = attend_block(q, k, v, positions, window, implementation="xla")
+    bf16 = lambda x: x.astype(jnp.bfloat16)
+    got = attend_block(bf16(q), bf16(k), bf16(v), positions, window, implementation="cudnn")
+    real = np.asarray(positions >= 0)
+    np.testing.assert_allclose(np.asarray(got, np.float32)[real], np.asarray(want)[real],
+                               rtol=0.05, atol=0.03)
+    assert not np.any(np.asarray(got, np.float32)[~real])  # padding rows are zeros
