@@ -33,6 +33,10 @@ MIN_CAPACITY = 64
 # another, each attending to the cache so far): a long prompt's attention scores and
 # activations then never exist for the whole of it at once.
 PREFILL_CHUNK = 2048
+# generate's decode steps run in groups of this many between checks that every row is
+# done (kvjax.decode's sync_every): on GPUs a check is a read-back the host waits for,
+# and a group runs at most this many - 1 steps past the last row's stop token.
+SYNC_EVERY = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +316,7 @@ def _jitted_decode(config: ModelConfig, use_cache: bool, num_steps: int, greedy:
     step, whole_block_fn = _steps(config, use_cache, key_limit, fresh=True)
     return jit_decode(step, num_steps=num_steps, greedy=greedy, return_logits=return_logits,
                       on_prefill=_PREFILL_CLOCK, whole_block_fn=whole_block_fn,
-                      prefill_chunk=PREFILL_CHUNK if use_cache else None)
+                      prefill_chunk=PREFILL_CHUNK if use_cache else None, sync_every=SYNC_EVERY)
 
 
 class _PrefillClock:
@@ -436,7 +440,8 @@ def _stream_programs(config: ModelConfig, use_cache: bool, greedy: bool, chunk_s
     def chunk(params, state, max_new_tokens, sampling, seed, stop_tokens):
         state, tokens, _ = decode_steps(step, params, state, num_steps=chunk_size, greedy=greedy,
                                         max_new_tokens=max_new_tokens, sampling=sampling,
-                                        seed=seed, stop_tokens=stop_tokens)
+                                        seed=seed, stop_tokens=stop_tokens,
+                                        sync_every=chunk_size)
         return state, tokens, jnp.all(state.done)
 
     if state_shardings is None:
@@ -461,11 +466,14 @@ def _state_shardings(model: Model, cache) -> DecodeState | None:
 class _Chunks:
     """Runs prefill then decode chunks, yielding ``int32[batch, n]`` host token blocks.
 
-    The next chunk is dispatched before the current one is read back, so the device
-    never waits for the host; the loop ends once a chunk reports every row done (the
-    chunk queued after it is a spare that does no model work). ``state`` holds the final
-    loop state (and its cache) after iteration; ``times`` the compile, prefill and
-    decode seconds.
+    A chunk is a loop of known length that the device runs without consulting the host
+    (``decode_steps`` with ``sync_every = chunk_size``), so calling it only queues it:
+    the next chunk is queued before the current one is read back, and the device never
+    waits for detokenizing or printing. The host stops queueing once the chunks queued
+    reach ``max_new_tokens``; a row that ends on a stop token ends the loop after the
+    chunk that reported it, and the chunk queued behind that one runs its steps to no
+    effect. ``state`` holds the final loop state (and its cache) after iteration (not
+    waited for); ``times`` the compile, prefill and decode seconds.
     """
 
     def __init__(self, model: Model, use_cache: bool, chunk_size: int, cache, block: np.ndarray,
@@ -474,7 +482,7 @@ class _Chunks:
         prefill_program, chunk_program = _stream_programs(
             model.config, use_cache, controls["sampling"].is_greedy, chunk_size,
             _state_shardings(model, cache), key_limit, fresh)
-        self._params, self._controls = model.params, controls
+        self._params, self._controls, self._chunk_size = model.params, controls, chunk_size
         self._prefill_args = (model.params, cache, block, lengths, start, *controls.values())
         t0 = time.perf_counter()
         self._prefill = _compiled(prefill_program, self._prefill_args)
@@ -497,18 +505,23 @@ class _Chunks:
         finished = bool(np.all(sharding.to_host(state.done)))
         self.prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        pending = None if finished else self._run_chunk(state)
+        steps_left = int(self._controls["max_new_tokens"]) - 1  # decode steps a row may need
+        pending = None
+        if not finished:
+            pending, steps_left = self._run_chunk(state), steps_left - self._chunk_size
         yield first
         while pending is not None:
             state, tokens, done = pending
-            following = self._run_chunk(state)  # queued before this chunk is read back
-            yield sharding.to_host(tokens)
-            pending = None if bool(done) else following
-            if pending is None:
-                state = following[0]  # the spare chunk's state: nothing left to run
+            pending = None
+            if steps_left > 0:  # queued before this chunk is read back
+                pending, steps_left = self._run_chunk(state), steps_left - self._chunk_size
+            tokens = sharding.to_host(tokens)
+            self.decode_steps += int(np.sum(np.any(tokens != PAD_TOKEN, axis=0)))
+            yield tokens
+            if pending is not None and bool(done):
+                state, pending = pending[0], None  # every row stopped: a spare, not read
         self.decode_s = time.perf_counter() - t1
         self.state = state
-        self.decode_steps = int(state.steps_run)
 
 
 class TokenStream:

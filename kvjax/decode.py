@@ -165,13 +165,26 @@ def _chunked_prefill(step_fn: StepFn, params: Any, cache: Any, tokens: jax.Array
 
 def decode_steps(step_fn: StepFn, params: Any, state: DecodeState, *, num_steps: int,
                  max_new_tokens: jax.Array, sampling: SamplingParams, seed: jax.Array,
-                 stop_tokens: jax.Array, greedy: bool, return_logits: bool = False
-                 ) -> tuple[DecodeState, jax.Array, jax.Array | None]:
+                 stop_tokens: jax.Array, greedy: bool, return_logits: bool = False,
+                 sync_every: int = 1) -> tuple[DecodeState, jax.Array, jax.Array | None]:
     """Runs up to ``num_steps`` decode steps, fewer once every row is done.
 
     Calling it again with the returned state continues exactly where it stopped (the
     randomness of a step depends only on the seed, the row and the step's index), so
     chunks of any size give the tokens of one long run: this is how streaming works.
+
+    A row that is done takes no further part: its step is fed position ``-1``, so
+    nothing is written to its cache and its length stays its real tokens'.
+
+    Args:
+      sync_every: static; steps run in groups of this many, a loop of known length that
+        the device runs without the host, and whether every row is done is checked
+        between groups. 1: after every step (no model work once all rows are done). On
+        GPUs each check is a read-back the host waits for; with ``sync_every >=
+        num_steps`` the call has no check at all, so the host can queue the next call
+        while this one runs (streaming chunks). Steps of a group after every row is done
+        (or past ``num_steps``) still run the model, to no effect.
+      Others as in ``decode``.
 
     Returns:
       ``(state, tokens, logits)``: ``tokens`` ``int32[batch, num_steps]`` sampled by this
@@ -179,39 +192,56 @@ def decode_steps(step_fn: StepFn, params: Any, state: DecodeState, *, num_steps:
       ``float32[batch, num_steps, vocab]`` or None.
     """
     batch = state.tokens.shape[0]
-    tokens = jnp.full((batch, num_steps), PAD_TOKEN, jnp.int32)
+    group = max(1, min(sync_every, num_steps))
+    slots = -(-num_steps // group) * group  # num_steps rounded up to whole groups
+    tokens = jnp.full((batch, slots), PAD_TOKEN, jnp.int32)
     all_logits = None
     if return_logits:
         vocab = jax.eval_shape(
             lambda s: step_fn(params, s.tokens[:, None], s.positions[:, None], s.cache)[0],
             state).shape[-1]
-        all_logits = jnp.zeros((batch, num_steps, vocab), jnp.float32)
+        all_logits = jnp.zeros((batch, slots, vocab), jnp.float32)
     if num_steps == 0:  # nothing to run (a generation of one token is its prefill)
         return state, tokens, all_logits
 
-    def keep_going(carry) -> jax.Array:
-        state, _, _, i = carry
-        return (i < num_steps) & ~jnp.all(state.done)
-
-    def step(carry):
-        state, tokens, all_logits, i = carry
-        logits, cache = step_fn(params, state.tokens[:, None], state.positions[:, None], state.cache)
+    def step(i, carry):
+        state, tokens, all_logits = carry
+        active = ~state.done & (i < num_steps)  # [batch]
+        positions = jnp.where(active, state.positions, -1)[:, None]
+        logits, cache = step_fn(params, state.tokens[:, None], positions, state.cache)
         logits = logits[:, 0]  # [batch, vocab]
         index = state.steps_run + 1
         new = sample(logits, _row_keys(seed, batch, index), sampling, greedy)
-        new = jnp.where(state.done, PAD_TOKEN, new)
-        num_generated = state.num_generated + (~state.done).astype(jnp.int32)
-        done = state.done | _is_stop(new, stop_tokens) | (num_generated >= max_new_tokens)
-        state = DecodeState(cache=cache, tokens=new, positions=state.positions + 1, done=done,
-                            num_generated=num_generated, steps_run=index)
+        new = jnp.where(active, new, PAD_TOKEN)
+        num_generated = state.num_generated + active.astype(jnp.int32)
+        finished = _is_stop(new, stop_tokens) | (num_generated >= max_new_tokens)
+        state = DecodeState(cache=cache, tokens=jnp.where(active, new, state.tokens),
+                            positions=state.positions + active.astype(jnp.int32),
+                            done=state.done | (active & finished), num_generated=num_generated,
+                            steps_run=state.steps_run + jnp.any(active).astype(jnp.int32))
         tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (0, i))
         if return_logits:
             all_logits = jax.lax.dynamic_update_slice(all_logits, logits[:, None], (0, i, 0))
-        return state, tokens, all_logits, i + 1
+        return state, tokens, all_logits
 
-    state, tokens, all_logits, _ = jax.lax.while_loop(
-        keep_going, step, (state, tokens, all_logits, jnp.int32(0)))
-    return state, tokens, all_logits
+    def run_group(carry):
+        *carry, first = carry  # static bounds: a loop of known length (no host check)
+        carry = jax.lax.fori_loop(0, group, lambda j, c: step(first + j, c), tuple(carry))
+        return (*carry, first + group)
+
+    def keep_going(carry) -> jax.Array:
+        state, _, _, next_step = carry
+        return (next_step < num_steps) & ~jnp.all(state.done)
+
+    carry = (state, tokens, all_logits, jnp.int32(0))
+    if slots == group:  # one group: no check, nothing for the host to wait on
+        carry = run_group(carry)
+    else:
+        carry = jax.lax.while_loop(keep_going, run_group, carry)
+    state, tokens, all_logits, _ = carry
+    if return_logits:
+        all_logits = all_logits[:, :num_steps]
+    return state, tokens[:, :num_steps], all_logits
 
 
 def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
@@ -219,8 +249,8 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
            sampling: SamplingParams, seed: jax.Array, stop_tokens: jax.Array,
            greedy: bool, start: jax.Array | None = None, return_logits: bool = False,
            on_prefill: Callable[[jax.Array], None] | None = None,
-           prefill_chunk: int | None = None, whole_block_fn: StepFn | None = None
-           ) -> DecodeResult:
+           prefill_chunk: int | None = None, whole_block_fn: StepFn | None = None,
+           sync_every: int = 1) -> DecodeResult:
     """Prefills the prompts and decodes up to ``num_steps`` new tokens per row.
 
     Args:
@@ -241,6 +271,7 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
         the first sampled tokens once prefill has run; used for timing.
       prefill_chunk: static; feed prompt blocks longer than this in pieces (``prefill``).
       whole_block_fn: the step function for a prompt block fed whole (``prefill``).
+      sync_every: static; decode steps per check that every row is done (``decode_steps``).
 
     The steps run in a ``jax.lax.while_loop`` (a scan that can end early): once every
     row is done, no further model work is done. A ``lax.scan`` whose body skips finished
@@ -257,7 +288,8 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
     if on_prefill is not None:
         jax.debug.callback(on_prefill, first)
     state, tokens, step_logits = decode_steps(step_fn, params, state, num_steps=num_steps - 1,
-                                              return_logits=return_logits, **controls)
+                                              return_logits=return_logits, sync_every=sync_every,
+                                              **controls)
     tokens = jnp.concatenate([first[:, None], tokens], axis=1)  # [batch, num_steps]
     if return_logits:
         step_logits = jnp.concatenate([last[:, None], step_logits], axis=1)
@@ -267,7 +299,8 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
 
 def jit_decode(step_fn: StepFn, *, num_steps: int, greedy: bool, return_logits: bool = False,
                on_prefill: Callable[[jax.Array], None] | None = None,
-               prefill_chunk: int | None = None, whole_block_fn: StepFn | None = None):
+               prefill_chunk: int | None = None, whole_block_fn: StepFn | None = None,
+               sync_every: int = 1):
     """``decode`` for ``step_fn`` as one jitted program with the cache donated.
 
     The program takes ``(params, cache, prompt_tokens, prompt_lengths, max_new_tokens,
@@ -281,6 +314,7 @@ def jit_decode(step_fn: StepFn, *, num_steps: int, greedy: bool, return_logits: 
                       num_steps=num_steps, max_new_tokens=max_new_tokens, sampling=sampling,
                       seed=seed, stop_tokens=stop_tokens, greedy=greedy,
                       return_logits=return_logits, on_prefill=on_prefill,
-                      prefill_chunk=prefill_chunk, whole_block_fn=whole_block_fn)
+                      prefill_chunk=prefill_chunk, whole_block_fn=whole_block_fn,
+                      sync_every=sync_every)
 
     return jax.jit(run, donate_argnums=1)

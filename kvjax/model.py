@@ -32,7 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import attend, attend_block, soft_cap
+from kvjax.attention import attend_block, attend_cache, soft_cap
 from kvjax.cache import KVCache, TokenHistory
 from kvjax.config import ModelConfig
 from kvjax.rope import apply_rope, layer_rope_tables
@@ -269,11 +269,8 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
         if cache is None or fresh:  # attend within the given tokens
             attn = attend_block(q, k, v, positions, window, scale, softcap)
         else:
-            limit = cache.capacity if key_limit is None else min(key_limit, cache.capacity)
-            keys = cache.keys[index][:, :, :limit]  # [batch, kv_heads, limit, head_dim]
-            values = cache.values[index][:, :, :limit]
-            attn = attend(q, keys, values, positions, cache.slot_positions[:, :limit], window,
-                          scale, softcap)
+            attn = attend_cache(q, k, v, cache.keys[index], cache.values[index], positions,
+                                window, scale, softcap, key_limit)
         x = finish_layer(config, layer, x, attn)
     if cache is not None:
         cache = cache.advance(positions)

@@ -239,7 +239,8 @@ def decode_program(config: kvjax.ModelConfig, num_steps: int, key_limit: int | N
         return kvjax.decode(step, params, cache, tokens, lengths, num_steps=num_steps,
                             max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                             stop_tokens=stops, greedy=True, start=start,
-                            prefill_chunk=kvjax.api.PREFILL_CHUNK, whole_block_fn=whole_block_fn)
+                            prefill_chunk=kvjax.api.PREFILL_CHUNK, whole_block_fn=whole_block_fn,
+                            sync_every=kvjax.api.SYNC_EVERY)
 
     return jax.jit(run, donate_argnums=1)
 

@@ -110,3 +110,76 @@ def test_cudnn_flash_attention_matches_the_plain_path(window):
     np.testing.assert_allclose(np.asarray(got, np.float32)[real], np.asarray(want)[real],
                                rtol=0.05, atol=0.03)
     assert not np.any(np.asarray(got, np.float32)[~real])  # padding rows are zeros
+
+
+@pytest.mark.skipif(not flash_supported(128, jnp.bfloat16), reason="needs cuDNN flash attention")
+@pytest.mark.parametrize("seq", [1, 64])
+def test_cudnn_attention_over_a_cache_matches_the_plain_path(seq):
+    """Decode steps (one token) and blocks continuing a cache: rows that start their
+    sequence, continue it, or hold only padding; a cache far larger than its fill."""
+    batch, capacity = 4, 1024
+    keys = jax.random.split(jax.random.key(1), 5)
+    q = jax.random.normal(keys[0], (batch, seq, 16, 128), jnp.float32)
+    block_k = jax.random.normal(keys[1], (batch, seq, 4, 128), jnp.float32)
+    block_v = jax.random.normal(keys[2], (batch, seq, 4, 128), jnp.float32)
+    cache = kvjax.KVCache(keys=(jax.random.normal(keys[3], (batch, 4, capacity, 128)),),
+                          values=(jax.random.normal(keys[4], (batch, 4, capacity, 128)),),
+                          lengths=jnp.zeros((batch,), jnp.int32))
+    starts = jnp.array([0, 300, 17, 900], jnp.int32)
+    lengths = jnp.array([seq, seq, max(seq // 2, 1), 0 if seq > 1 else 1], jnp.int32)
+    positions = prompt_positions(lengths, seq, starts)
+    heads_major = lambda x: x.transpose(0, 2, 1, 3)
+    cache = cache.update(0, heads_major(block_k), heads_major(block_v), positions)
+    bf16 = lambda x: x.astype(jnp.bfloat16)
+    want = kvjax.attention.attend_cache(q, block_k, block_v, cache.keys[0], cache.values[0],
+                                        positions, implementation="xla")
+    got = kvjax.attention.attend_cache(bf16(q), bf16(block_k), bf16(block_v), bf16(cache.keys[0]),
+                                       bf16(cache.values[0]), positions, implementation="cudnn")
+    real = np.asarray(positions >= 0)
+    got = np.asarray(got, np.float32)
+    np.testing.assert_allclose(got[real], np.asarray(want)[real], rtol=0.05, atol=0.03)
+    assert not np.any(got[~real])
+
+
+@pytest.mark.skipif(not flash_supported(64, jnp.bfloat16), reason="needs cuDNN flash attention")
+def test_bfloat16_generation_with_cudnn_matches_the_plain_path(monkeypatch):
+    """A bfloat16 model generates with cuDNN attention (generate: fresh prefill and decode
+    steps; then kvjax.decode continuing that cache with a second prompt, as a chat turn
+    does) and with the plain path: the logits agree to bf16 precision and nearly every
+    greedy token is the same."""
+    config = make_config(num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256,
+                         vocab_size=512, num_layers=3)
+    model = make_model(config, dtype=jnp.bfloat16, scale=2.0)
+    prompts = [list(range(3, 40)), list(range(100, 110))]
+    block = np.zeros((2, 16), np.int32)
+    block[:, :5] = [[7, 8, 9, 10, 11], [12, 13, 14, 15, 16]]
+    controls = (np.int32(12), SamplingParams.create(2), np.uint32(0), np.full((1,), -1, np.int32))
+
+    def run():
+        gen = kvjax.generate(model, prompts, max_new_tokens=24, capacity=256, return_logits=True)
+        first = kvjax.jit_decode(step_fn(config), num_steps=16, greedy=True)(
+            model.params, kvjax.KVCache.create(config, 2, 256, jnp.bfloat16), block[:, :8],
+            np.array([5, 3], np.int32), *controls)
+        turn = kvjax.decode(step_fn(config), model.params, first.cache, block,
+                            np.array([5, 2], np.int32), num_steps=16, max_new_tokens=controls[0],
+                            sampling=controls[1], seed=controls[2], stop_tokens=controls[3],
+                            greedy=True, start=first.cache.lengths, return_logits=True)
+        return [gen.logits[0][0], gen.logits[1][0], turn.logits[:, 0]], gen.tokens + [
+            first.tokens.tolist(), turn.tokens.tolist()]
+
+    def fused_attention_calls():  # cuDNN attention custom calls in generate's program
+        return sum(c.as_text().count("__cudnn$fmha") for c in kvjax.api._COMPILED.values())
+
+    kvjax.api._COMPILED.clear()
+    logits_flash, tokens_flash = run()
+    assert fused_attention_calls() >= 2 * config.num_layers  # prefill and decode step
+    monkeypatch.setattr(kvjax.attention, "flash_supported", lambda *a, **k: False)
+    kvjax.api._COMPILED.clear()
+    kvjax.api._jitted_decode.cache_clear()
+    logits_plain, tokens_plain = run()
+    assert fused_attention_calls() == 0
+    for got, want in zip(logits_flash, logits_plain):
+        np.testing.assert_allclose(got, want, atol=0.1)
+    same = np.mean(np.concatenate([np.ravel(a) == np.ravel(b)
+                                   for a, b in zip(tokens_flash, tokens_plain)]))
+    assert same >= 0.9, (tokens_flash, tokens_plain)

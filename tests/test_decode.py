@@ -88,6 +88,35 @@ def test_no_model_work_after_every_row_stopped(gqa_model):
     assert last_stop < 29  # the loop could have run 29 decode steps
 
 
+@pytest.mark.parametrize("sync_every", [4, 64])
+def test_steps_in_groups_equal_steps_checked_one_by_one(gqa_model, sync_every):
+    """Groups of steps between done-checks (30 steps: not a whole number of groups of 4;
+    64: one group, never checked) give the tokens, step count and cache of a loop that
+    checks after every step; rows that stopped write nothing more to their cache."""
+    config = gqa_model.config
+    full = kvjax.generate(gqa_model, PROMPTS, max_new_tokens=31, stop_tokens=[])
+    stops = np.array([full.tokens[0][2], full.tokens[1][9]], np.int32)
+    prompt_tokens = np.zeros((2, 16), np.int32)
+    for row, p in enumerate(PROMPTS):
+        prompt_tokens[row, :len(p)] = p
+
+    def run(sync_every):
+        program = kvjax.jit_decode(kvjax.model.step_fn(config), num_steps=31, greedy=True,
+                                   sync_every=sync_every)
+        return program(gqa_model.params, kvjax.KVCache.create(config, 2, 64, jnp.float32),
+                       prompt_tokens, np.array([7, 3], np.int32), np.int32(31),
+                       SamplingParams.create(2), np.uint32(0), stops)
+
+    grouped, single = run(sync_every), run(1)
+    np.testing.assert_array_equal(grouped.tokens, single.tokens)
+    np.testing.assert_array_equal(grouped.num_generated, single.num_generated)
+    assert int(grouped.steps_run) == int(single.steps_run) < 30
+    lengths = np.array([7, 3]) + np.asarray(single.num_generated) - 1  # the last token is not fed
+    np.testing.assert_array_equal(grouped.cache.lengths, lengths)
+    for a, b in zip(jax.tree.leaves(grouped.cache), jax.tree.leaves(single.cache)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_one_step_program_is_the_prefill(gqa_model):
     """jit_decode(num_steps=1) runs the prefill alone: its token is generate's first."""
     expected = kvjax.generate(gqa_model, PROMPTS, max_new_tokens=4, stop_tokens=[])
