@@ -23,9 +23,8 @@ Suite cases (model shapes from ``configs/``, ``--models``, random bf16 weights):
   cache); the slots before it keep the empty cache's zeros but count as filled (the
   row's length becomes ``fill``), so decode attends over ``fill`` real-looking slots.
   prefill_ms / mfu of such a record are those of the block.
-* ``prefill32k``: one ``--long-prompt``-token prompt (32768) + 16 new; needs the score
-  matrix of the whole prompt today, so it is expected to be skipped/failed until
-  prefill is chunked or flash.
+* ``prefill32k``: one ``--long-prompt``-token prompt (32768) + 16 new, prefilled in
+  ``kvjax.api.PREFILL_CHUNK``-token pieces as ``kvjax.generate`` does.
 * ``hf``: transformers ``generate`` with the dynamic cache, the static cache and the
   static cache with transformers' torch.compile (``hf-static-compile``), same shapes
   (``--hf-shapes``, ``--hf-batches``), same GPU; only where torch has CUDA (on CPU

@@ -11,7 +11,8 @@ intermediate 14336, 32 layers, 32 heads over 8 KV heads, head_dim 128), prompt 5
 Every figure is measured in the run that prints it. Weights are drawn directly onto
 each mesh (jitted random draws with ``out_shardings=param_shardings(...)``: no device
 ever holds more than its shard), the cache is created sharded, and the program is
-``kvjax.jit_decode`` compiled once per (mesh, batch). ms/step = (median time of a run
+``kvjax.generate``'s program (``kvjax.jit_decode`` with its fresh prefill and groups of
+decode steps) compiled once per (mesh, batch). ms/step = (median time of a run
 of ``--new`` tokens - median time of a 1-token run) / (new - 1): the same compiled
 program, so prefill, dispatch and read-back cancel. ``prefill_ms`` is the 1-token run.
 ``agree`` is the fraction of greedy tokens equal to the first run of the same batch,
@@ -49,7 +50,7 @@ import numpy as np
 
 import kvjax
 from kvjax import sharding
-from kvjax.model import layer_param_shapes, step_fn, top_param_shapes
+from kvjax.model import layer_param_shapes, top_param_shapes
 
 SHAPES = {
     "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
@@ -128,7 +129,10 @@ def measure(config, params, mesh, batch: int, args, dtype) -> tuple[dict, np.nda
         jax.block_until_ready(cache)
         return cache
 
-    run = kvjax.jit_decode(step_fn(config), num_steps=args.new, greedy=True)
+    # kvjax.generate's program: a fresh prefill, steps in groups between done-checks
+    step, whole_block_fn = kvjax.api._steps(config, True, None, fresh=True)
+    run = kvjax.jit_decode(step, num_steps=args.new, greedy=True, whole_block_fn=whole_block_fn,
+                           sync_every=kvjax.api.SYNC_EVERY)
     t0 = time.perf_counter()
     compiled = run.lower(params, new_cache(), prompt, lengths, np.int32(args.new),
                          *controls).compile()
