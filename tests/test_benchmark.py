@@ -64,3 +64,22 @@ def test_suite_smoke(tmp_path):
     missing = find("decode", "no-such-model") + find("longctx", "no-such-model")
     assert missing and all(r["failed"].startswith("FileNotFoundError") for r in missing)
     assert find("hf", "bundled") and all(r.get("skipped") for r in find("hf", "bundled"))
+
+
+def test_profile_step_classifies_kernels_and_needs_a_device_trace():
+    """scripts/profile_step.py sorts kernel names into kinds, and on CPU (no device
+    planes in the trace) stops with a message instead of printing zeros."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import profile_step
+
+    kinds = [profile_step.kind_of(name) for name in (
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "gemm_fusion_dot_12",
+        "nvjet_sm90_tst_128x256", "MemcpyD2D", "loop_add_fusion_2")]
+    assert kinds == ["attention", "matmul", "matmul", "copy", "other"]
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "profile_step.py"), "--model", "bundled",
+         "--prompt", "16", "--new", "4"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1
+    assert "the trace has no device kernels (a CPU run?): profile on a GPU" in proc.stderr
