@@ -260,7 +260,7 @@ class Variant:
 VARIANTS = {
     "A": Variant("kvjax", lambda p: p,
                  lambda c, b, cap, dt: KVCache.create(c, b, cap, dt),
-                 lambda c, n, rl: _jitted_decode(c, True, n, True, rl)),
+                 lambda c, n, rl: _jitted_decode(c, True, n, True, rl, None)),
     "B": Variant("stacked-scan", stack_params, StackedCache.create,
                  lambda c, n, rl: make_program(functools.partial(stacked_scan_forward, c), n, rl)),
     "C": Variant("seq-major", lambda p: p, SeqMajorCache.create,
