@@ -273,10 +273,11 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
       whole_block_fn: the step function for a prompt block fed whole (``prefill``).
       sync_every: static; decode steps per check that every row is done (``decode_steps``).
 
-    The steps run in a ``jax.lax.while_loop`` (a scan that can end early): once every
-    row is done, no further model work is done. A ``lax.scan`` whose body skips finished
-    steps with ``lax.cond`` made XLA copy the whole cache through the conditional
-    (compiled temp memory of one full cache); the while loop updates it in place.
+    The steps run in a ``jax.lax.while_loop`` over groups of ``sync_every`` steps (a scan
+    that can end early): once every row is done, no further group runs. A ``lax.scan``
+    whose body skips finished steps with ``lax.cond`` made XLA copy the whole cache
+    through the conditional (compiled temp memory of one full cache); the while loop
+    updates it in place.
     """
     if start is None:
         start = jnp.zeros(prompt_lengths.shape, jnp.int32)
