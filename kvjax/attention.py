@@ -6,9 +6,10 @@ carries position ``-1`` and is never seen.
 
 ``attend`` is the plain path (XLA einsums, any backend). ``attend_block`` is causal
 attention within one block of tokens (a prefill into an empty cache, the recompute
-baseline): on NVIDIA GPUs it runs cuDNN's fused flash attention, which never writes
-the score matrix to memory and skips the masked half, and elsewhere it falls back to
-``attend`` (``flash_supported`` says which).
+baseline); ``attend_cache`` attends a block (a decode step, a chat turn, a piece of a
+long prompt) over a cache that holds it. On NVIDIA GPUs both run cuDNN's fused flash
+attention, which never writes a score matrix to memory and skips masked and unfilled
+keys; elsewhere they fall back to ``attend`` (``flash_supported`` says which).
 """
 
 from __future__ import annotations
