@@ -154,6 +154,24 @@ def attend_block(queries: jax.Array, keys: jax.Array, values: jax.Array,
     return jnp.where(real[:, :, None, None], out, 0).astype(queries.dtype)
 
 
+def window_slices(cache_keys: jax.Array, cache_values: jax.Array, positions: jax.Array,
+                  span: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``span`` slots of each row that a sliding window over a block can see.
+
+    A block at positions ``p ... p + seq - 1`` with a window ``w`` sees slots
+    ``p - w + 1 ... p + seq - 1``: ``span = w + seq - 1`` slots, taken per row with
+    ``dynamic_slice`` (moved inside the buffer where they would cross its start or end,
+    which only adds slots the masks exclude). Returns keys and values ``[batch, kv_heads,
+    span, head_dim]`` and the slots' positions ``int32[batch, span]``.
+    """
+    capacity = cache_keys.shape[2]
+    seq = positions.shape[1]
+    first = jnp.clip(positions[:, 0] - (span - seq), 0, capacity - span)  # [batch]
+    take = jax.vmap(lambda buffer, start: jax.lax.dynamic_slice_in_dim(buffer, start, span, axis=1))
+    slots = first[:, None] + jnp.arange(span, dtype=jnp.int32)[None, :]
+    return take(cache_keys, first), take(cache_values, first), slots
+
+
 def attend_cache(queries: jax.Array, block_keys: jax.Array, block_values: jax.Array,
                  cache_keys: jax.Array, cache_values: jax.Array, positions: jax.Array,
                  sliding_window: int | None = None, scale: float | None = None,
@@ -169,7 +187,7 @@ def attend_cache(queries: jax.Array, block_keys: jax.Array, block_values: jax.Ar
       positions: ``int32[batch, seq]``, consecutive in each row from where the row's
         cache ended, then ``-1`` padding.
       key_limit: static; no query sees a slot at or past it (the XLA path reads only the
-        slots before it).
+        slots before it; with a sliding window, only the window's slots).
       implementation: ``"cudnn"``, ``"xla"`` or None: cuDNN where ``flash_supported``
         and there is no sliding window, else XLA.
       Others as in ``attend``.
@@ -179,7 +197,8 @@ def attend_cache(queries: jax.Array, block_keys: jax.Array, block_values: jax.Ar
     slots. A longer block is two: its queries over the slots before the block (no mask)
     and over the block itself (causal), merged by their log-sum-exps, so no score matrix
     over the capacity is ever formed. The XLA path masks by positions over the first
-    ``key_limit`` slots.
+    ``key_limit`` slots, or, with a sliding window, over the ``window + seq - 1`` slots
+    the window can reach (``window_slices``): a windowed layer's work follows its window.
 
     Returns:
       ``[batch, seq, heads, head_dim]`` in the dtype of ``queries``.
@@ -189,10 +208,16 @@ def attend_cache(queries: jax.Array, block_keys: jax.Array, block_values: jax.Ar
         flash = sliding_window is None and flash_supported(head_dim, queries.dtype, logit_softcap)
         implementation = "cudnn" if flash else "xla"
     if implementation == "xla":
-        limit = cache_keys.shape[2] if key_limit is None else min(key_limit, cache_keys.shape[2])
-        slots = jnp.broadcast_to(jnp.arange(limit, dtype=jnp.int32), (batch, limit))
-        return attend(queries, cache_keys[:, :, :limit], cache_values[:, :, :limit], positions,
-                      slots, sliding_window, scale, logit_softcap)
+        capacity = cache_keys.shape[2]
+        limit = capacity if key_limit is None else min(key_limit, capacity)
+        if sliding_window is not None and sliding_window + seq - 1 < limit:
+            keys, values, slots = window_slices(cache_keys, cache_values, positions,
+                                                sliding_window + seq - 1)
+        else:
+            keys, values = cache_keys[:, :, :limit], cache_values[:, :, :limit]
+            slots = jnp.broadcast_to(jnp.arange(limit, dtype=jnp.int32), (batch, limit))
+        return attend(queries, keys, values, positions, slots, sliding_window, scale,
+                      logit_softcap)
     if logit_softcap is not None or sliding_window is not None:
         raise ValueError("cuDNN flash attention over a cache takes no logit soft-cap and no "
                          "sliding window; use 'xla'")

@@ -183,3 +183,33 @@ def test_bfloat16_generation_with_cudnn_matches_the_plain_path(monkeypatch):
     same = np.mean(np.concatenate([np.ravel(a) == np.ravel(b)
                                    for a, b in zip(tokens_flash, tokens_plain)]))
     assert same >= 0.9, (tokens_flash, tokens_plain)
+
+
+@pytest.mark.parametrize("seq", [1, 5])
+def test_sliding_window_over_a_cache_reads_only_the_window(seq):
+    """Rows at the start, in the middle and at the end of a 1024-slot cache, window 8: the
+    window's slices give the attention over the whole cache, and its work (XLA's count
+    of FLOPs) is a small fraction of masking the whole cache's."""
+    batch, capacity, window = 4, 1024, 8
+    keys = jax.random.split(jax.random.key(2), 5)
+    q = jax.random.normal(keys[0], (batch, seq, 4, 16))
+    block_k = jax.random.normal(keys[1], (batch, seq, 2, 16))
+    block_v = jax.random.normal(keys[2], (batch, seq, 2, 16))
+    cache_k = jax.random.normal(keys[3], (batch, 2, capacity, 16))
+    cache_v = jax.random.normal(keys[4], (batch, 2, capacity, 16))
+    starts = jnp.array([0, 3, 500, capacity - seq], jnp.int32)
+    lengths = jnp.array([seq, seq, max(seq - 2, 1), seq], jnp.int32)
+    positions = prompt_positions(lengths, seq, starts)
+    slots = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (batch, capacity))
+    want = kvjax.attention.attend(q, cache_k, cache_v, positions, slots, window)
+
+    def over_cache(window):
+        return jax.jit(lambda q, k, v: kvjax.attention.attend_cache(
+            q, block_k, block_v, k, v, positions, window, implementation="xla"))
+
+    real = np.asarray(positions >= 0)  # padding queries' outputs are never read
+    np.testing.assert_allclose(np.asarray(over_cache(window)(q, cache_k, cache_v))[real],
+                               np.asarray(want)[real], rtol=1e-5, atol=1e-5)
+    flops = lambda window: over_cache(window).lower(q, cache_k, cache_v).compile(
+        ).cost_analysis()["flops"]
+    assert flops(window) < flops(capacity) / 16  # a window of the capacity: the whole cache
