@@ -267,10 +267,14 @@ class _Request:
 
     @property
     def key_limit(self) -> int | None:
-        """Slots this generation can fill (prompt block + decode steps), None when that
-        is the whole cache: attention of a fresh cache reads no slot past it."""
-        limit = self.prompt_tokens.shape[1] + self.num_steps
-        return limit if limit < self.capacity else None
+        return fresh_key_limit(self.prompt_tokens.shape[1], self.num_steps, self.capacity)
+
+
+def fresh_key_limit(prompt_width: int, num_steps: int, capacity: int) -> int | None:
+    """Slots a generation into a fresh cache can fill (its prompt block + its loop
+    bound), None when that is the whole cache: its attention reads no slot past it."""
+    limit = prompt_width + num_steps
+    return limit if limit < capacity else None
 
 
 def _request(model: Model, prompts, *, max_new_tokens, temperature, top_k, top_p, min_p, seed,

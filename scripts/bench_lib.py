@@ -279,7 +279,7 @@ def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capac
     t0 = time.perf_counter()
     cache_shape = jax.eval_shape(lambda: kvjax.KVCache.create(config, batch, capacity, dtype))
     fresh = start == 0
-    key_limit = prompt_len + new if fresh and prompt_len + new < capacity else None
+    key_limit = kvjax.api.fresh_key_limit(prompt_len, new, capacity) if fresh else None
     compiled = decode_program(config, new, key_limit, fresh).lower(*args(cache_shape, new)).compile()
     compile_s = time.perf_counter() - t0
     need = program_bytes(compiled)
