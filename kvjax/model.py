@@ -260,6 +260,12 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
     max_length = tokens.shape[1] if cache is None else cache.capacity
     tables = layer_rope_tables(config, positions, max_length)
     for index, layer in enumerate(params["layers"]):
+        if index and tokens.shape[1] > 1:
+            # XLA:GPU multiplies a block by q, k and v at once, as one GEMM over a copy of
+            # the three weights concatenated; left free, its scheduler may make every
+            # layer's copy up front (1.5 GiB for the Llama-3.1-8B shape). Tying a layer's
+            # weights to its input makes each copy when its layer runs (a no-op at run time).
+            x, layer = jax.lax.optimization_barrier((x, layer))
         q, k, v = qkv_projection(config, layer, x, *tables[index])
         window, scale, softcap = (config.layer_window(index), config.query_scale,
                                   config.attn_logit_softcap)

@@ -102,8 +102,14 @@ def hf_config(variant: str, **overrides) -> transformers.PretrainedConfig:
 
 
 def make_hf_model(variant: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A random float32 ``*ForCausalLM`` (eval mode) with nonzero biases and norm weights."""
+    """A random float32 ``*ForCausalLM`` (eval mode) with nonzero biases and norm weights.
+
+    Its attention is transformers' eager (plain) implementation: the oracle is the written
+    math, and the default that some transformers versions pick for Gemma 2 (sdpa) leaves
+    out its attention soft-capping.
+    """
     config = hf_config(variant, **overrides)
+    config._attn_implementation = "eager"
     _, model_cls = _CLASSES[config.model_type]
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32).eval()
