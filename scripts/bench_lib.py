@@ -119,9 +119,19 @@ def config_path(name: str) -> str:
                             "or a config.json path")
 
 
+# Short names the scripts' ``--shape`` / ``--config`` flags give the Llama shapes of configs/.
+LLAMA_SHAPES = {"llama-1b": "llama-3.2-1b", "llama-8b": "llama-3.1-8b"}
+
+
+def model_config(name: str) -> kvjax.ModelConfig:
+    """The config of ``name``: as ``config_path`` takes it, or a short name of
+    ``LLAMA_SHAPES``."""
+    return kvjax.ModelConfig.from_json(config_path(LLAMA_SHAPES.get(name, name)))
+
+
 def random_kvjax_model(name: str, dtype=jnp.bfloat16) -> kvjax.Model:
     """The shape of config ``name`` with random weights (speed does not depend on them)."""
-    config = kvjax.ModelConfig.from_json(config_path(name))
+    config = model_config(name)
     params = jax.block_until_ready(kvjax.init_params(config, jax.random.key(0), dtype))
     return kvjax.Model(config=config, params=params)
 

@@ -75,6 +75,7 @@ STARTED = time.perf_counter()  # --time-budget counts from here
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
@@ -97,14 +98,10 @@ from kvjax.model import step_fn  # noqa: E402
 # CPU cannot donate buffers; the warning would repeat on every call.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
-SHAPES = {  # vocab comes from the tokenizer; speed hardly depends on it here
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4,
-                 num_kv_heads=2, head_dim=32),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
-                     num_kv_heads=8, head_dim=64, rope_theta=500000.0, rms_norm_eps=1e-5),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                     num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5),
-}
+# The issue-5 cases' smallest shape; the others are lib.LLAMA_SHAPES, from configs/.
+TINY_SHAPE = dict(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=32)
+SHAPES = ("tiny", *lib.LLAMA_SHAPES)
 
 # Defaults of the suite's sizes, by platform ("gpu" also serves TPUs); flags override.
 PRESETS = {
@@ -126,10 +123,16 @@ FIELDS = ("case", "implementation", "model", "device", "batch", "prompt_len", "n
 
 
 def random_model(shape: str, dtype: str) -> kvjax.Model:
+    """A model of ``shape`` with random weights and the bundled model's tokenizer (and
+    its vocabulary, so that text can be streamed and chats templated)."""
     bundled = kvjax.load(BUNDLED_MODEL, dtype="float32")
-    config = kvjax.ModelConfig(model_type="llama", vocab_size=bundled.config.vocab_size,
-                               max_position_embeddings=32768, tie_word_embeddings=True,
-                               **SHAPES[shape])
+    common = dict(vocab_size=bundled.config.vocab_size, bos_token_id=bundled.config.bos_token_id,
+                  eos_token_ids=bundled.config.eos_token_ids, max_position_embeddings=32768,
+                  tie_word_embeddings=True)
+    if shape == "tiny":
+        config = kvjax.ModelConfig(model_type="llama", **TINY_SHAPE, **common)
+    else:
+        config = dataclasses.replace(lib.model_config(shape), **common)
     params = kvjax.init_params(config, jax.random.key(0), jax.numpy.dtype(dtype))
     return kvjax.Model(config=config, params=params, tokenizer=bundled.tokenizer,
                        stop_tokens=bundled.stop_tokens)
@@ -421,7 +424,7 @@ def parse_args(argv):
     suite.add_argument("--hbm-gib", type=float)
     suite.add_argument("--gemm-size", type=int)
     old = parser.add_argument_group("issue-5 cases (stream, chat, nocache) on --shape")
-    old.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    old.add_argument("--shape", choices=SHAPES, default="tiny")
     old.add_argument("--dtype", default="bfloat16")
     old.add_argument("--batch", type=int, default=1)
     old.add_argument("--prompt", type=int, default=128)

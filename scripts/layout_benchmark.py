@@ -95,23 +95,11 @@ warnings.filterwarnings("ignore", message="Some donated buffers were not usable"
 
 _MASKED = -1e30  # as kvjax.attention
 
-CONFIGS = {
-    "tiny": ModelConfig(model_type="llama", vocab_size=512, hidden_size=64,
-                        intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                        head_dim=16, max_position_embeddings=4096),
-    # Llama 3.2 1B shapes (llama3 rope scaling left out: it does not change speed).
-    "llama-1b": ModelConfig(model_type="llama", vocab_size=128256, hidden_size=2048,
-                            intermediate_size=8192, num_layers=16, num_heads=32,
-                            num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5,
-                            rope_theta=500000.0, max_position_embeddings=131072,
-                            tie_word_embeddings=True),
-    # Llama 3.1 8B shapes.
-    "llama-8b": ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096,
-                            intermediate_size=14336, num_layers=32, num_heads=32,
-                            num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                            rope_theta=500000.0, max_position_embeddings=131072,
-                            tie_word_embeddings=False),
-}
+# A test-sized shape; "llama-1b" and "llama-8b" are the Llama shapes of configs/
+# (bench_lib.LLAMA_SHAPES).
+TINY = ModelConfig(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                   max_position_embeddings=4096)
 
 
 def _key_positions(batch: int, capacity: int):
@@ -282,7 +270,7 @@ def _nbytes(tree) -> int:
 
 def check_variants(variant_keys: list[str]) -> None:
     """All variants give the same greedy tokens on a tiny float32 model (asserts)."""
-    config = dataclasses.replace(CONFIGS["tiny"], vocab_size=97, hidden_size=32,
+    config = dataclasses.replace(TINY, vocab_size=97, hidden_size=32,
                                  intermediate_size=64, num_layers=3, head_dim=8)
     # Weights scaled up from N(0, 0.02) so logits are far from ties (as tests/conftest.py).
     params = kvjax.init_params(config, jax.random.key(1), jnp.float32)
@@ -410,8 +398,10 @@ def run_case(config: ModelConfig, params: dict, key: str, batch: int, prompt: in
 
 
 def main(argv=None) -> int:
+    import bench_lib as lib  # imports this module; scripts/ is on the path when run
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--config", choices=("tiny", *lib.LLAMA_SHAPES), default="tiny")
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per row")
     parser.add_argument("--new", type=int, default=256, help="new tokens per row (>= 2)")
@@ -466,7 +456,7 @@ def main(argv=None) -> int:
     print(f"measured HBM read bandwidth: {hbm / 1e9:.1f} GB/s ({gib:g} GiB jnp.sum, median of 5)",
           flush=True)
 
-    config = CONFIGS[args.config]
+    config = TINY if args.config == "tiny" else lib.model_config(args.config)
     dtype_name = args.dtype
     dtype = jnp.dtype(dtype_name)
     start = time.perf_counter()

@@ -52,13 +52,15 @@ import kvjax
 from kvjax import sharding
 from kvjax.model import layer_param_shapes, top_param_shapes
 
-SHAPES = {
-    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                     num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-                     rms_norm_eps=1e-5, max_position_embeddings=131072),
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
-                 num_heads=8, num_kv_heads=2, head_dim=16, max_position_embeddings=4096),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_lib as lib  # noqa: E402  (scripts/, next to this file)
+
+# A test-sized shape (8 query heads over 2 KV heads, so model=4 and 8 replicate KV
+# heads); "llama-8b" and "llama-1b" are the Llama shapes of configs/ (bench_lib).
+TINY = kvjax.ModelConfig(model_type="llama", vocab_size=512, hidden_size=128,
+                         intermediate_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
+                         head_dim=16, max_position_embeddings=4096)
+SHAPES = ("tiny", *lib.LLAMA_SHAPES)
 DEFAULT_RUNS = ["1:1x1", "1:1x2", "32:1x1", "32:2x1"]
 
 
@@ -164,7 +166,7 @@ def measure(config, params, mesh, batch: int, args, dtype) -> tuple[dict, np.nda
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
+    parser.add_argument("--shape", choices=SHAPES, default="llama-8b")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run(r) for r in DEFAULT_RUNS],
                         metavar="BATCH:DATAxMODEL")
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     device = jax.devices()[0]
     dtype = jnp.dtype(args.dtype)
-    config = kvjax.ModelConfig(model_type="llama", **SHAPES[args.shape])
+    config = TINY if args.shape == "tiny" else lib.model_config(args.shape)
     meta = dict(device=device.device_kind, platform=device.platform, devices=jax.device_count(),
                 jax=jax.__version__, shape=args.shape, dtype=args.dtype, prompt=args.prompt,
                 new=args.new, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
