@@ -31,7 +31,6 @@ import numpy as np
 
 import kvjax
 from kvjax.model import layer_param_shapes
-from layout_benchmark import bytes_per_step, measure_hbm_bandwidth  # scripts/, same folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs")
@@ -173,10 +172,43 @@ def nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def measure_hbm_bandwidth(gib: float, reps: int = 10) -> float:
+    """Bytes/second read by a jitted ``jnp.sum`` over a flat bf16 array of ``gib`` GiB: the
+    best of ``reps`` runs (a bound is what the device can reach). The median of a 2-D sum
+    varied from 2.85 to 3.76 TB/s between runs on one H200 (2026-11-26); the best of a
+    flat sum gave 3.8-4.0."""
+    count = max(1, int(gib * 2 ** 30) // 2)
+    x = jax.jit(lambda: jnp.ones((count,), jnp.bfloat16))()
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    jax.block_until_ready(total(x))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(total(x))
+        times.append(time.perf_counter() - start)
+    del x
+    gc.collect()
+    return count * 2 / min(times)
+
+
+def bytes_per_step(config: kvjax.ModelConfig, params: dict, batch: int, prompt: int, new: int,
+                   capacity: int, kv_itemsize: int) -> dict:
+    total = nbytes(params)
+    embed = params["embed"]
+    if config.tie_word_embeddings:
+        param_read = total  # the LM head reads the whole embedding (counted once)
+    else:
+        param_read = total - nbytes(embed) + batch * embed.shape[1] * embed.dtype.itemsize
+    per_slot = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * kv_itemsize
+    return {"param_bytes": total, "param_bytes_read": param_read,
+            "kv_bytes_avg_fill": int(per_slot * (prompt + new / 2)),
+            "kv_bytes_capacity": per_slot * capacity}
+
+
 def step_bytes(config: kvjax.ModelConfig, batch: int, filled: int, new: int,
                capacity: int, dtype=jnp.bfloat16) -> int:
     """Bytes read per decode step: weights + K/V at the average fill ``filled + new / 2``
-    (as scripts/layout_benchmark.py counts them)."""
+    (as ``bytes_per_step`` counts them)."""
     b = bytes_per_step(config, param_shapes(config, dtype), batch, filled, new, capacity,
                        jnp.dtype(dtype).itemsize)
     return b["param_bytes_read"] + b["kv_bytes_avg_fill"]

@@ -90,6 +90,9 @@ from kvjax.model import final_logits, finish_layer, qkv_projection  # noqa: E402
 from kvjax.rope import rope_tables  # noqa: E402
 from kvjax.sampling import SamplingParams  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_lib as lib  # noqa: E402  (scripts/, next to this file)
+
 # CPU has no buffer donation; the warning would repeat on every call.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
@@ -260,10 +263,6 @@ def _no_stops():
     return np.full((MAX_STOP_TOKENS,), kvjax.PAD_TOKEN, np.int32)
 
 
-def _nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 # ----------------------------------------------------------------------------------------
 # Correctness check
 # ----------------------------------------------------------------------------------------
@@ -311,39 +310,6 @@ def check_variants(variant_keys: list[str]) -> None:
 # ----------------------------------------------------------------------------------------
 # Measurements
 # ----------------------------------------------------------------------------------------
-
-def measure_hbm_bandwidth(gib: float, reps: int = 10) -> float:
-    """Bytes/second read by a jitted ``jnp.sum`` over a flat bf16 array of ``gib`` GiB: the
-    best of ``reps`` runs (a bound is what the device can reach). The median of a 2-D sum
-    varied from 2.85 to 3.76 TB/s between runs on one H200 (2026-11-26); the best of a
-    flat sum gave 3.8-4.0."""
-    count = max(1, int(gib * 2 ** 30) // 2)
-    x = jax.jit(lambda: jnp.ones((count,), jnp.bfloat16))()
-    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    jax.block_until_ready(total(x))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(total(x))
-        times.append(time.perf_counter() - start)
-    del x
-    gc.collect()
-    return count * 2 / min(times)
-
-
-def bytes_per_step(config: ModelConfig, params: dict, batch: int, prompt: int, new: int,
-                   capacity: int, kv_itemsize: int) -> dict:
-    total = _nbytes(params)
-    embed = params["embed"]
-    if config.tie_word_embeddings:
-        param_read = total  # the LM head reads the whole embedding (counted once)
-    else:
-        param_read = total - _nbytes(embed) + batch * embed.shape[1] * embed.dtype.itemsize
-    per_slot = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * kv_itemsize
-    return {"param_bytes": total, "param_bytes_read": param_read,
-            "kv_bytes_avg_fill": int(per_slot * (prompt + new / 2)),
-            "kv_bytes_capacity": per_slot * capacity}
-
 
 def run_case(config: ModelConfig, params: dict, key: str, batch: int, prompt: int, new: int,
              capacity: int, reps: int, dtype, label: str) -> dict:
@@ -398,8 +364,6 @@ def run_case(config: ModelConfig, params: dict, key: str, batch: int, prompt: in
 
 
 def main(argv=None) -> int:
-    import bench_lib as lib  # imports this module; scripts/ is on the path when run
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=("tiny", *lib.LLAMA_SHAPES), default="tiny")
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
@@ -451,7 +415,7 @@ def main(argv=None) -> int:
         check_variants(variants)
 
     gib = args.hbm_gib if args.hbm_gib is not None else (4.0 if device.platform == "gpu" else 0.25)
-    hbm = measure_hbm_bandwidth(gib)
+    hbm = lib.measure_hbm_bandwidth(gib)
     meta |= {"hbm_bytes_per_s": hbm, "hbm_probe_gib": gib}
     print(f"measured HBM read bandwidth: {hbm / 1e9:.1f} GB/s ({gib:g} GiB jnp.sum, median of 5)",
           flush=True)
@@ -462,7 +426,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     params = kvjax.init_params(config, jax.random.key(args.seed), dtype)
     jax.block_until_ready(params)
-    print(f"params: {_nbytes(params) / 2 ** 30:.2f} GiB {dtype_name}, init {time.perf_counter() - start:.1f} s",
+    print(f"params: {lib.nbytes(params) / 2 ** 30:.2f} GiB {dtype_name}, init {time.perf_counter() - start:.1f} s",
           flush=True)
 
     new_records = []
@@ -472,7 +436,7 @@ def main(argv=None) -> int:
             record = dict(meta, config=args.config, variant=key,
                           variant_name=VARIANTS[key].name, batch=batch, prompt=args.prompt,
                           new=args.new, capacity=capacity, dtype=dtype_name, reps=args.reps)
-            record |= bytes_per_step(config, params, batch, args.prompt, args.new, capacity,
+            record |= lib.bytes_per_step(config, params, batch, args.prompt, args.new, capacity,
                                      jnp.dtype(dtype).itemsize)
             try:
                 result = run_case(config, params, key, batch, args.prompt, args.new, capacity,
