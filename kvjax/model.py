@@ -155,6 +155,21 @@ def _linear(x: jax.Array, layer: dict, weight: str, bias: str) -> jax.Array:
     return y + layer[bias] if bias in layer else y
 
 
+def _inputs_of_separate_products(x: jax.Array, count: int) -> tuple[jax.Array, ...]:
+    """``count`` names for the input of ``count`` products (q/k/v, gate/up).
+
+    XLA:GPU merges products of one input into one GEMM; for a block (seq > 1) it first
+    copies their weights into one array, on every call (wq|wk|wv: 48 MiB a layer of the
+    Llama-3.1-8B shape). Distinct names (an ``optimization_barrier``, no work at run
+    time) keep separate GEMMs over the weights as stored: an 8B-shaped prefill is 1.5-3%
+    faster and needs less scratch (docs/architecture.md §6). A decode step's merged GEMM
+    reads the weights in place, so there they stay merged.
+    """
+    if x.shape[1] == 1:
+        return (x,) * count
+    return jax.lax.optimization_barrier((x,) * count)
+
+
 def embed(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """Token embeddings (scaled by sqrt(hidden) for Gemma, plus learned position
     embeddings for GPT-2): ``[batch, seq, hidden]``."""
@@ -175,9 +190,10 @@ def qkv_projection(config: ModelConfig, layer: dict, x: jax.Array, cos: jax.Arra
     """
     batch, seq, _ = x.shape
     h = norm(config, layer, "attn_norm", x) if config.pre_norms else x
-    q = _linear(h, layer, "wq", "bq")  # [batch, seq, heads * head_dim]
-    k = _linear(h, layer, "wk", "bk")  # [batch, seq, kv_heads * head_dim]
-    v = _linear(h, layer, "wv", "bv")
+    hq, hk, hv = _inputs_of_separate_products(h, 3)
+    q = _linear(hq, layer, "wq", "bq")  # [batch, seq, heads * head_dim]
+    k = _linear(hk, layer, "wk", "bk")  # [batch, seq, kv_heads * head_dim]
+    v = _linear(hv, layer, "wv", "bv")
     if config.qk_norm and not config.qk_norm_per_head:  # OLMo-2: over the whole projection
         q, k = norm(config, layer, "q_norm", q), norm(config, layer, "k_norm", k)
     q = q.reshape(batch, seq, config.num_heads, config.head_dim)
@@ -194,8 +210,9 @@ def mlp(config: ModelConfig, layer: dict, h: jax.Array) -> jax.Array:
     """The feed-forward block of one layer on its (normed) input ``[batch, seq, hidden]``."""
     activation = _ACTIVATIONS[config.activation]
     if config.gated_mlp:
-        gate = activation(_linear(h, layer, "w_gate", "b_gate"))
-        hidden = gate * _linear(h, layer, "w_up", "b_up")  # [batch, seq, intermediate]
+        h_gate, h_up = _inputs_of_separate_products(h, 2)
+        gate = activation(_linear(h_gate, layer, "w_gate", "b_gate"))
+        hidden = gate * _linear(h_up, layer, "w_up", "b_up")  # [batch, seq, intermediate]
     else:
         hidden = activation(_linear(h, layer, "w_up", "b_up"))
     return _linear(hidden, layer, "w_down", "b_down")
@@ -261,10 +278,9 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
     tables = layer_rope_tables(config, positions, max_length)
     for index, layer in enumerate(params["layers"]):
         if index and tokens.shape[1] > 1:
-            # XLA:GPU multiplies a block by q, k and v at once, as one GEMM over a copy of
-            # the three weights concatenated; left free, its scheduler may make every
-            # layer's copy up front (1.5 GiB for the Llama-3.1-8B shape). Tying a layer's
-            # weights to its input makes each copy when its layer runs (a no-op at run time).
+            # Ties a layer's weights to its input: XLA:GPU then schedules a block's layers
+            # in order, each reading its weights when it runs; a prefill measured 1-3%
+            # slower without it (docs/architecture.md §6). No work at run time.
             x, layer = jax.lax.optimization_barrier((x, layer))
         q, k, v = qkv_projection(config, layer, x, *tables[index])
         window, scale, softcap = (config.layer_window(index), config.query_scale,

@@ -1,5 +1,7 @@
 """The decode loop: cache vs recompute, ragged batches, early stop, compile reuse."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,6 +153,22 @@ def test_prefill_computes_only_each_rows_last_logits():
     np.testing.assert_allclose(np.asarray(logits[:, 0]),
                                np.asarray(full)[[0, 1], [lengths[0] - 1, lengths[1] - 1]],
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="XLA:GPU's merge of products")
+def test_prefill_projections_read_the_weights_as_stored():
+    """A prefill's q, k and v products read wq, wk and wv in place: the compiled GPU
+    program has no [hidden, ...] concatenation of projection weights (XLA:GPU would merge
+    the three products into one GEMM over such a copy, made on every call)."""
+    config = make_config(num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256,
+                         vocab_size=512, num_layers=2)
+    model = make_model(config, dtype=jnp.bfloat16)
+    tokens = jnp.zeros((1, 128), jnp.int32)
+    positions = jnp.arange(128, dtype=jnp.int32)[None]
+    cache = kvjax.KVCache.create(config, 1, 256, jnp.bfloat16)
+    text = jax.jit(kvjax.model.step_fn(config)).lower(
+        model.params, tokens, positions, cache).compile().as_text()
+    assert not re.findall(r"bf16\[256,\d+\]\{[0-9,]+\} concatenate\(", text)
 
 
 @pytest.mark.parametrize("chunk", [16, 24])
