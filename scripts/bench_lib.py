@@ -193,6 +193,10 @@ def measure_hbm_bandwidth(gib: float, reps: int = 10) -> float:
 
 def bytes_per_step(config: kvjax.ModelConfig, params: dict, batch: int, prompt: int, new: int,
                    capacity: int, kv_itemsize: int) -> dict:
+    """What a decode step reads: all weights (``param_bytes``), the weights a step reads
+    (``param_bytes_read``: only the batch's rows of the input embedding when the LM head
+    is a matrix of its own), and the K/V at the average fill ``prompt + new / 2`` and at
+    ``capacity``."""
     total = nbytes(params)
     embed = params["embed"]
     if config.tie_word_embeddings:

@@ -157,9 +157,9 @@ def test_prefill_computes_only_each_rows_last_logits():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="XLA:GPU's merge of products")
 def test_prefill_projections_read_the_weights_as_stored():
-    """A prefill's q, k and v products read wq, wk and wv in place: the compiled GPU
-    program has no [hidden, ...] concatenation of projection weights (XLA:GPU would merge
-    the three products into one GEMM over such a copy, made on every call)."""
+    """A prefill's q/k/v and gate/up products read their weights in place: the compiled
+    GPU program has no [hidden, ...] concatenation of weights (XLA:GPU would merge each
+    group of products into one GEMM over such a copy, made on every call)."""
     config = make_config(num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256,
                          vocab_size=512, num_layers=2)
     model = make_model(config, dtype=jnp.bfloat16)
