@@ -172,23 +172,42 @@ def nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def measure_hbm_bandwidth(gib: float, reps: int = 10) -> float:
-    """Bytes/second read by a jitted ``jnp.sum`` over a flat bf16 array of ``gib`` GiB: the
-    best of ``reps`` runs (a bound is what the device can reach). The median of a 2-D sum
-    varied from 2.85 to 3.76 TB/s between runs on one H200 (2026-11-26); the best of a
-    flat sum gave 3.8-4.0."""
+def chained_sums(n: int):
+    """A jitted ``f(a) -> float32`` that sums the bf16 array ``a`` ``n`` times in a loop,
+    each sum depending on the last (``a`` times 1 made from the running total), so that
+    the compiler cannot hoist it out of the loop and ``a`` is read ``n`` times."""
+    def add_sum(a, total):
+        one = (total * 0 + 1).astype(jnp.bfloat16)
+        return total + jnp.sum(a * one, dtype=jnp.float32)
+    return jax.jit(lambda a: jax.lax.fori_loop(0, n, lambda _, t: add_sum(a, t), jnp.float32(0)))
+
+
+def measure_hbm_bandwidth(gib: float, reps: int = 5, chain: int = 8) -> float:
+    """Bytes/second that the device reads in a jitted ``jnp.sum`` over a flat bf16 array of
+    ``gib`` GiB: (time of ``1 + chain`` sums in one program - time of 1) / ``chain``,
+    each the best of ``reps`` runs (a bound is what the device can reach).
+
+    The difference cancels what a call costs besides the reads (dispatch, the host's
+    wait), as a decode step's time is a difference of two runs. Timing one sum from the
+    host counted ~0.13 ms of those on a 1.34 ms read of 4 GiB: 2.79-2.94 TB/s between
+    runs on one H100, against 3.13-3.17 TB/s this way and 3.20 TB/s for the kernel
+    alone in a trace (docs/benchmarks.md, 2026-11-26)."""
     count = max(1, int(gib * 2 ** 30) // 2)
     x = jax.jit(lambda: jnp.ones((count,), jnp.bfloat16))()
-    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    jax.block_until_ready(total(x))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(total(x))
-        times.append(time.perf_counter() - start)
+
+    def best_time(fn) -> float:
+        jax.block_until_ready(fn(x))
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(x))
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    one, many = best_time(chained_sums(1)), best_time(chained_sums(1 + chain))
     del x
     gc.collect()
-    return count * 2 / min(times)
+    return chain * count * 2 / max(many - one, 1e-9)
 
 
 def bytes_per_step(config: kvjax.ModelConfig, params: dict, batch: int, prompt: int, new: int,

@@ -4,7 +4,8 @@ cache vs recompute, Hugging Face peers) and the streaming and chat cases.
 
 Every figure is measured in the run that records it, on one device, with random weights
 (speed does not depend on the values). A run first measures the device's bounds: HBM
-read bandwidth (a jitted ``jnp.sum`` over ``--hbm-gib`` GiB of bf16, 4 on GPU/TPU),
+read bandwidth (jitted ``jnp.sum``s over ``--hbm-gib`` GiB of bf16, 4 on GPU/TPU: the
+time of 9 in one program less that of 1, so per-call costs cancel as in ms/step),
 the best throughput of a chain of ``--gemm-size``^3 bf16 matmuls, and the spec-sheet
 bf16 dense peak (``bench_lib.PEAK_BF16_TFLOPS``); then the cases, one record per point.
 

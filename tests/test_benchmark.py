@@ -83,3 +83,30 @@ def test_profile_step_classifies_kernels_and_needs_a_device_trace():
         env=os.environ | {"JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 1
     assert "the trace has no device kernels (a CPU run?): profile on a GPU" in proc.stderr
+
+
+def test_bandwidth_probe_sums_inside_its_loop():
+    """The HBM probe (bench_lib.measure_hbm_bandwidth) times n chained sums less one:
+    each sum must stay inside the compiled loop (a hoisted sum would read the array
+    once and the probe would report n times the bandwidth), and the total is n sums."""
+    import re
+
+    import jax.numpy as jnp
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_lib
+
+    chained = bench_lib.chained_sums(9)
+    ones = jnp.ones((1000,), jnp.bfloat16)
+    assert float(chained(ones)) == 9000.0
+    hlo = chained.lower(ones).compile().as_text()
+    bodies = dict(re.findall(r"^(?:ENTRY )?%(\S+) .*?\{\n(.*?)\n\}", hlo, re.S | re.M))
+
+    def reduces(name: str) -> bool:  # the computation or a fusion it calls reduces
+        text = bodies[name]
+        return " reduce(" in text or any(reduces(c) for c in re.findall(r"calls=%([\w.\-]+)", text))
+
+    entry = re.search(r"^ENTRY %(\S+) ", hlo, re.M).group(1)
+    loop = re.search(r"while\(.*body=%([\w.\-]+)", bodies[entry])
+    assert loop, "the loop of sums was compiled away: the sums do not depend on the carry"
+    assert reduces(loop.group(1)) and not reduces(entry)
