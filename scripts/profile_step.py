@@ -5,7 +5,8 @@ Runs ``kvjax.generate``'s program (``bench_lib.decode_program``) on a model shap
 ``configs/`` with random weights, traces one run of ``max_new_tokens`` 1 (the prefill
 and its first token) and one of ``--new`` tokens with ``jax.profiler``, and sums the
 device's kernel time by kind: matrix multiplies, fused attention (cuDNN), other fused
-kernels (norms, RoPE, sampling, cache writes), copies, and idle time (the span of the
+kernels (norms, RoPE, sampling, cache writes), copies, collectives (a sharded program:
+``scripts/sharding_benchmark.py --profile``), and idle time (the span of the
 device's work less its busy time). A decode step is (``--new`` run - 1-token run) /
 (``--new`` - 1); every kernel a step launches is listed with its time and launches per
 step (``decode_step_kernels`` in the JSON). The kinds are read from the kernels' names
@@ -34,8 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_lib as lib  # noqa: E402
 import kvjax  # noqa: E402
 
-# Kernel name fragments by kind, checked in this order (XLA:GPU and cuDNN names).
-KINDS = (("attention", ("fmha", "cudnn", "flash")),
+# Kernel name fragments by kind, checked in this order (XLA:GPU, cuDNN and NCCL names).
+KINDS = (("collective", ("all_reduce", "all_gather", "reduce_scatter", "nccl")),
+         ("attention", ("fmha", "cudnn", "flash")),
          ("matmul", ("gemm", "cublas", "cutlass", "nvjet", "xmma", "dot")),
          ("copy", ("memcpy", "memset", "copy")))
 

@@ -29,6 +29,9 @@ Usage::
         python scripts/sharding_benchmark.py --shape tiny --prompt 32 --new 16 \\
         --runs 1:1x1 1:1x2 8:1x1 8:2x1 8:2x4      # CPU smoke test, seconds
 
+``--profile`` also traces each run and records where a decode step's time goes on the
+first device (``step_profile``: matmuls, attention, collectives, other kernels, span).
+
 A run is ``BATCH:DATAxMODEL``. Results: a table on stdout and a JSON list of records
 (``--json``, default ``benchmarks/results/sharding-<device>-<date>.json``).
 """
@@ -37,11 +40,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -54,6 +59,7 @@ from kvjax.model import layer_param_shapes, top_param_shapes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_lib as lib  # noqa: E402  (scripts/, next to this file)
+import profile_step  # noqa: E402
 
 # A test-sized shape (8 query heads over 2 KV heads, so model=4 and 8 replicate KV
 # heads); "llama-8b" and "llama-1b" are the Llama shapes of configs/ (bench_lib).
@@ -119,6 +125,51 @@ def peak_device_memory() -> float | None:
     return gib(max(peaks)) if peaks and None not in peaks else None
 
 
+def split_runs(events: list[tuple[int, int, str]], count: int) -> list[list]:
+    """Kernel events ``(start_ns, end_ns, name)`` of ``count`` runs separated by pauses,
+    split at the ``count - 1`` longest gaps between one kernel's end and the next's start."""
+    events = sorted(events)
+    gaps, last_end = [], events[0][1]  # (the gap before event i, i)
+    for i, (start, end, _) in enumerate(events[1:], 1):
+        gaps.append((start - last_end, i))
+        last_end = max(last_end, end)
+    cuts = [0, *sorted(i for _, i in sorted(gaps)[len(gaps) - count + 1:]), len(events)]
+    return [events[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def kernel_ms_by_kind(run: list[tuple[int, int, str]]) -> dict[str, float]:
+    """Milliseconds of kernel time by ``profile_step`` kind in one run, plus its ``span``."""
+    by_kind = dict.fromkeys([k for k, _ in profile_step.KINDS] + ["other"], 0.0)
+    for start, end, name in run:
+        by_kind[profile_step.kind_of(name)] += (end - start) / 1e6
+    return by_kind | dict(span=(max(end for _, end, _ in run) - run[0][0]) / 1e6)
+
+
+def step_profile(once, new: int, pause_s: float = 0.3) -> dict:
+    """Where a decode step's time goes on the first device: milliseconds per step by
+    kernel kind (``profile_step.KINDS``: matmul, attention, collective, copy, other) and
+    the span of the device's work per step.
+
+    One ``jax.profiler`` trace holds three runs of the compiled program, ``pause_s``
+    apart: a 1-token run that absorbs the profiler's start (whose first kernels a trace
+    can miss), a 1-token run and a ``new``-token run, split at the pauses
+    (``split_runs``); a step is (``new``-token run - 1-token run) / (``new`` - 1)."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for n in (1, 1, new):
+                once(n)
+                time.sleep(pause_s)
+        path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[-1]
+        data = jax.profiler.ProfileData.from_file(path)
+    planes = sorted((p for p in data.planes if p.name.startswith("/device:")), key=lambda p: p.name)
+    events = [(e.start_ns, e.start_ns + e.duration_ns, e.name) for p in planes[:1]
+              for line in p.lines if line.name.lower().startswith("stream") for e in line.events]
+    if not events:
+        raise RuntimeError("the trace has no device kernels (a CPU run?): profile on a GPU")
+    _, one, many = (kernel_ms_by_kind(run) for run in split_runs(events, 3))
+    return {f"{k}_ms": (many[k] - one[k]) / (new - 1) for k in one} | dict(device=planes[0].name)
+
+
 def measure(config, params, mesh, batch: int, args, dtype) -> tuple[dict, np.ndarray]:
     rng = np.random.default_rng(batch)
     prompt = rng.integers(3, config.vocab_size, size=(batch, args.prompt)).astype(np.int32)
@@ -161,6 +212,12 @@ def measure(config, params, mesh, batch: int, args, dtype) -> tuple[dict, np.nda
                cache_gib_per_device=gib(max(sharding.bytes_per_device(cache).values())),
                cache_spec=str(cache.keys[0].sharding.spec),
                collectives=collectives(compiled.as_text()))
+    if args.profile:
+        del cache
+        try:
+            row["profile"] = step_profile(once, args.new)
+        except RuntimeError as e:  # no device kernels to read (CPU): the timings stand
+            row["profile"] = dict(failed=str(e))
     return row, tokens
 
 
@@ -174,6 +231,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace each run: a decode step's kernel time by kind on the "
+                             "first device (GPU)")
     args = parser.parse_args(argv)
     if args.new < 2:
         parser.error("--new must be >= 2")
@@ -209,6 +269,10 @@ def main(argv=None) -> int:
             row["failed"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         rows[i] = row
         print(f"# {batch}:{data}x{model} done ({time.perf_counter() - start:.0f} s)", flush=True)
+        if "profile" in row:
+            print(f"# {batch}:{data}x{model} profile per step: "
+                  + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in row["profile"].items()), flush=True)
     params = None
 
     # Speed-up and token agreement against the first run of the same batch.

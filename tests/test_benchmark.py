@@ -74,8 +74,9 @@ def test_profile_step_classifies_kernels_and_needs_a_device_trace():
 
     kinds = [profile_step.kind_of(name) for name in (
         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "gemm_fusion_dot_12",
-        "nvjet_sm90_tst_128x256", "MemcpyD2D", "loop_add_fusion_2")]
-    assert kinds == ["attention", "matmul", "matmul", "copy", "other"]
+        "nvjet_sm90_tst_128x256", "MemcpyD2D", "loop_add_fusion_2", "all_reduce_12_0_fusion_1",
+        "ncclDevKernel_AllGather_RING_LL")]
+    assert kinds == ["attention", "matmul", "matmul", "copy", "other", "collective", "collective"]
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "profile_step.py"), "--model", "bundled",
          "--prompt", "16", "--new", "4"],
