@@ -2,8 +2,9 @@
 """Where the time of a prefill and of a decode step goes: a profiler trace, summed by kind.
 
 Runs ``kvjax.generate``'s program (``bench_lib.decode_program``) on a model shape from
-``configs/`` with random weights, traces one run of ``max_new_tokens`` 1 (the prefill
-and its first token) and one of ``--new`` tokens with ``jax.profiler``, and sums the
+``configs/`` with random weights, traces a run of ``max_new_tokens`` 1 (the prefill
+and its first token) and one of ``--new`` tokens with ``jax.profiler`` (one trace, after
+a throwaway run, the runs split at the pauses between them: ``traced_runs``), and sums the
 device's kernel time by kind: matrix multiplies, fused attention (cuDNN), other fused
 kernels (norms, RoPE, sampling, cache writes), copies, collectives (a sharded program:
 ``scripts/sharding_benchmark.py --profile``), and idle time (the span of the
@@ -26,6 +27,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -50,34 +52,58 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def device_time_by_kind(trace_dir: str) -> tuple[dict[str, float], dict[str, float],
-                                                 dict[str, int]]:
-    """Milliseconds of device kernels by kind in a trace, plus ``busy``, ``span`` and
-    ``idle``; milliseconds by kernel name; and launches by kernel name. Device planes
-    are ``/device:...``; host planes are left out."""
-    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[-1]
-    data = jax.profiler.ProfileData.from_file(path)
-    totals = dict.fromkeys([k for k, _ in KINDS] + ["other"], 0.0)
-    by_name: dict[str, float] = {}
+def traced_runs(once, tokens: tuple[int, ...], pause_s: float = 0.3) -> list[list[tuple]]:
+    """Kernel events ``(start_ns, end_ns, name)`` on the first device of one
+    ``jax.profiler`` trace of ``once(n)`` for each ``n`` in ``tokens``, ``pause_s`` apart,
+    one list per run (``split_runs``). A trace can miss the first kernels after it
+    starts, so callers make their first run a throwaway. Raises RuntimeError when the
+    trace has no device kernels (CPU)."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for n in tokens:
+                once(n)
+                time.sleep(pause_s)
+        path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[-1]
+        data = jax.profiler.ProfileData.from_file(path)
+    planes = sorted((p for p in data.planes if p.name.startswith("/device:")), key=lambda p: p.name)
+    events = [(e.start_ns, e.start_ns + e.duration_ns, e.name) for p in planes[:1]
+              for line in p.lines if line.name.lower().startswith("stream")  # a line per stream
+              for e in line.events]
+    if not events:
+        raise RuntimeError("the trace has no device kernels (a CPU run?): profile on a GPU")
+    return split_runs(events, len(tokens))
+
+
+def split_runs(events: list[tuple[int, int, str]], count: int) -> list[list]:
+    """Kernel events ``(start_ns, end_ns, name)`` of ``count`` runs separated by pauses,
+    split at the ``count - 1`` longest gaps between one kernel's end and the next's start."""
+    events = sorted(events)
+    gaps, last_end = [], events[0][1]  # (the gap before event i, i)
+    for i, (start, end, _) in enumerate(events[1:], 1):
+        gaps.append((start - last_end, i))
+        last_end = max(last_end, end)
+    cuts = [0, *sorted(i for _, i in sorted(gaps)[len(gaps) - count + 1:]), len(events)]
+    return [events[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def kernel_ms_by_kind(run: list[tuple[int, int, str]]) -> dict[str, float]:
+    """Milliseconds of kernel time by kind in one run, plus ``busy`` (their sum), ``span``
+    (first start to last end) and ``idle`` (span less busy, at least 0)."""
+    by_kind = dict.fromkeys([k for k, _ in KINDS] + ["other"], 0.0)
+    for start, end, name in run:
+        by_kind[kind_of(name)] += (end - start) / 1e6
+    busy, span = sum(by_kind.values()), (max(end for _, end, _ in run) - run[0][0]) / 1e6
+    return by_kind | dict(busy=busy, span=span, idle=max(span - busy, 0.0))
+
+
+def ms_and_launches_by_name(run: list[tuple[int, int, str]]) -> tuple[dict[str, float], dict[str, int]]:
+    """Milliseconds and launches of each kernel name in one run."""
+    ms: dict[str, float] = {}
     launches: dict[str, int] = {}
-    starts, ends = [], []
-    for plane in data.planes:
-        if not plane.name.startswith("/device:"):
-            continue
-        for line in plane.lines:
-            if not line.name.lower().startswith("stream"):  # one line per CUDA stream
-                continue
-            for event in line.events:
-                totals[kind_of(event.name)] += event.duration_ns / 1e6
-                by_name[event.name] = by_name.get(event.name, 0.0) + event.duration_ns / 1e6
-                launches[event.name] = launches.get(event.name, 0) + 1
-                starts.append(event.start_ns)
-                ends.append(event.start_ns + event.duration_ns)
-    if not starts:
-        raise SystemExit("the trace has no device kernels (a CPU run?): profile on a GPU")
-    busy = sum(totals.values())
-    span = (max(ends) - min(starts)) / 1e6
-    return totals | dict(busy=busy, span=span, idle=max(span - busy, 0.0)), by_name, launches
+    for start, end, name in run:
+        ms[name] = ms.get(name, 0.0) + (end - start) / 1e6
+        launches[name] = launches.get(name, 0) + 1
+    return ms, launches
 
 
 def main(argv=None) -> None:
@@ -104,14 +130,16 @@ def main(argv=None) -> None:
     def run(cache, new: int) -> None:
         jax.block_until_ready(program(model.params, cache, *fixed, np.int32(new), *controls))
 
+    run(new_cache(), args.new)  # compile and warm up
+    caches = iter([new_cache() for _ in range(3)])  # made outside the trace
+    try:  # a throwaway 1-token run, then the 1-token and the --new run
+        _, *runs = traced_runs(lambda new: run(next(caches), new), (1, 1, args.new))
+    except RuntimeError as e:
+        raise SystemExit(str(e))
     breakdown, names, launches = {}, {}, {}
-    for new in (1, args.new):
-        run(new_cache(), new)  # compile and warm up
-        cache = new_cache()  # made outside the trace
-        with tempfile.TemporaryDirectory() as trace_dir:
-            with jax.profiler.trace(trace_dir):
-                run(cache, new)
-            breakdown[new], names[new], launches[new] = device_time_by_kind(trace_dir)
+    for new, events in zip((1, args.new), runs):
+        breakdown[new] = kernel_ms_by_kind(events)
+        names[new], launches[new] = ms_and_launches_by_name(events)
     prefill = breakdown[1]
     step = {k: (breakdown[args.new][k] - prefill[k]) / (args.new - 1) for k in prefill}
     per_step = lambda table, n: (table[args.new][n] - table[1].get(n, 0)) / (args.new - 1)

@@ -40,13 +40,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import json
 import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -125,49 +123,15 @@ def peak_device_memory() -> float | None:
     return gib(max(peaks)) if peaks and None not in peaks else None
 
 
-def split_runs(events: list[tuple[int, int, str]], count: int) -> list[list]:
-    """Kernel events ``(start_ns, end_ns, name)`` of ``count`` runs separated by pauses,
-    split at the ``count - 1`` longest gaps between one kernel's end and the next's start."""
-    events = sorted(events)
-    gaps, last_end = [], events[0][1]  # (the gap before event i, i)
-    for i, (start, end, _) in enumerate(events[1:], 1):
-        gaps.append((start - last_end, i))
-        last_end = max(last_end, end)
-    cuts = [0, *sorted(i for _, i in sorted(gaps)[len(gaps) - count + 1:]), len(events)]
-    return [events[a:b] for a, b in zip(cuts, cuts[1:])]
-
-
-def kernel_ms_by_kind(run: list[tuple[int, int, str]]) -> dict[str, float]:
-    """Milliseconds of kernel time by ``profile_step`` kind in one run, plus its ``span``."""
-    by_kind = dict.fromkeys([k for k, _ in profile_step.KINDS] + ["other"], 0.0)
-    for start, end, name in run:
-        by_kind[profile_step.kind_of(name)] += (end - start) / 1e6
-    return by_kind | dict(span=(max(end for _, end, _ in run) - run[0][0]) / 1e6)
-
-
-def step_profile(once, new: int, pause_s: float = 0.3) -> dict:
+def step_profile(once, new: int) -> dict:
     """Where a decode step's time goes on the first device: milliseconds per step by
-    kernel kind (``profile_step.KINDS``: matmul, attention, collective, copy, other) and
-    the span of the device's work per step.
-
-    One ``jax.profiler`` trace holds three runs of the compiled program, ``pause_s``
-    apart: a 1-token run that absorbs the profiler's start (whose first kernels a trace
-    can miss), a 1-token run and a ``new``-token run, split at the pauses
-    (``split_runs``); a step is (``new``-token run - 1-token run) / (``new`` - 1)."""
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            for n in (1, 1, new):
-                once(n)
-                time.sleep(pause_s)
-        path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[-1]
-        data = jax.profiler.ProfileData.from_file(path)
-    planes = sorted((p for p in data.planes if p.name.startswith("/device:")), key=lambda p: p.name)
-    events = [(e.start_ns, e.start_ns + e.duration_ns, e.name) for p in planes[:1]
-              for line in p.lines if line.name.lower().startswith("stream") for e in line.events]
-    if not events:
-        raise RuntimeError("the trace has no device kernels (a CPU run?): profile on a GPU")
-    _, one, many = (kernel_ms_by_kind(run) for run in split_runs(events, 3))
-    return {f"{k}_ms": (many[k] - one[k]) / (new - 1) for k in one} | dict(device=planes[0].name)
+    kernel kind (``profile_step.KINDS``: matmul, attention, collective, copy, other),
+    busy, span and idle. One trace of a throwaway 1-token run, a 1-token run and a
+    ``new``-token run (``profile_step.traced_runs``); a step is (``new``-token run -
+    1-token run) / (``new`` - 1)."""
+    _, one, many = (profile_step.kernel_ms_by_kind(run)
+                    for run in profile_step.traced_runs(once, (1, 1, new)))
+    return {f"{k}_ms": (many[k] - one[k]) / (new - 1) for k in one}
 
 
 def measure(config, params, mesh, batch: int, args, dtype) -> tuple[dict, np.ndarray]:

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {"case", "implementation", "model", "device", "batch", "prompt_len", "new_tokens",
           "capacity", "filled", "prefill_ms", "mfu", "decode_ms_per_step", "tokens_per_s",
@@ -111,3 +113,30 @@ def test_bandwidth_probe_sums_inside_its_loop():
     loop = re.search(r"while\(.*body=%([\w.\-]+)", bodies[entry])
     assert loop, "the loop of sums was compiled away: the sums do not depend on the carry"
     assert reduces(loop.group(1)) and not reduces(entry)
+
+
+def test_profile_splits_runs_at_pauses():
+    """profile_step.traced_runs (behind profile_step.py and sharding_benchmark.py
+    --profile): one trace of three runs is split at the two longest gaps between
+    kernels, and each run is summed by kind."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import profile_step
+
+    def run(t0, kernels):  # kernels back to back from t0 (ns), 1 us apart
+        events, t = [], t0
+        for name, duration in kernels:
+            events.append((t, t + duration, name))
+            t += duration + 1_000
+        return events
+
+    one = [("gemm_fusion_dot_1", 50_000), ("all_reduce_3_fusion", 6_000), ("loop_add_fusion", 2_000)]
+    warm = run(0, one[1:])  # a first run the trace caught only in part
+    first = run(400_000_000, one)
+    many = run(800_000_000, one + 4 * [("gemm_fusion_dot_1", 50_000), ("all_reduce_3_fusion", 6_000)])
+    runs = profile_step.split_runs(many + warm + first, 3)
+    assert runs == [warm, first, many]
+    a, b = profile_step.kernel_ms_by_kind(runs[1]), profile_step.kernel_ms_by_kind(runs[2])
+    assert (a["matmul"], a["collective"], a["other"]) == pytest.approx((0.05, 0.006, 0.002))
+    assert (b["matmul"], b["collective"], b["other"]) == pytest.approx((0.25, 0.03, 0.002))
+    assert b["span"] == pytest.approx(0.292)  # 282 us of kernels and 10 gaps of 1 us
+    assert b["busy"] == pytest.approx(0.282) and b["idle"] == pytest.approx(0.010)

@@ -382,33 +382,3 @@ def test_sharding_benchmark_smoke(tmp_path):
     assert records[1]["params_gib_per_device"] < records[0]["params_gib_per_device"]
     assert records[3]["cache_gib_per_device"] < records[2]["cache_gib_per_device"]
     assert np.isclose(records[0]["speedup"], 1.0)
-
-
-def test_sharding_benchmark_profile_splits_runs_at_pauses():
-    """scripts/sharding_benchmark.py --profile: one trace of three runs is split at the
-    two longest gaps between kernels, and a step's time by kind is the difference of
-    the last two runs."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    "scripts"))
-    import sharding_benchmark as sb
-
-    def run(t0, kernels):  # kernels back to back from t0 (ns), 1 us apart
-        events, t = [], t0
-        for name, duration in kernels:
-            events.append((t, t + duration, name))
-            t += duration + 1_000
-        return events
-
-    one = [("gemm_fusion_dot_1", 50_000), ("all_reduce_3_fusion", 6_000), ("loop_add_fusion", 2_000)]
-    warm = run(0, one[1:])  # a first run the trace caught only in part
-    first = run(400_000_000, one)
-    many = run(800_000_000, one + 4 * [("gemm_fusion_dot_1", 50_000), ("all_reduce_3_fusion", 6_000)])
-    runs = sb.split_runs(many + warm + first, 3)
-    assert runs == [warm, first, many]
-    a, b = sb.kernel_ms_by_kind(runs[1]), sb.kernel_ms_by_kind(runs[2])
-    assert (a["matmul"], a["collective"], a["other"]) == pytest.approx((0.05, 0.006, 0.002))
-    assert (b["matmul"], b["collective"], b["other"]) == pytest.approx((0.25, 0.03, 0.002))
-    assert b["span"] == pytest.approx(0.292)  # 282 us of kernels and 10 gaps of 1 us
