@@ -58,9 +58,10 @@ class Skipped(Exception):
     """A case point that is not run (does not fit, out of time, no peer): recorded as skipped."""
 
 
-def timed(fn, reps: int, setup=None, warmup: int = 1) -> float:
-    """Median seconds of ``reps`` calls after ``warmup`` calls. With ``setup``, each call
-    is ``fn(setup())`` and only ``fn`` is timed (e.g. a fresh cache to donate)."""
+def timed(fn, reps: int, setup=None, warmup: int = 1, summary=statistics.median) -> float:
+    """Median (or ``summary``, e.g. ``min``) seconds of ``reps`` calls after ``warmup``
+    calls. With ``setup``, each call is ``fn(setup())`` and only ``fn`` is timed (e.g. a
+    fresh cache to donate)."""
     times = []
     for i in range(warmup + reps):
         args = () if setup is None else (setup(),)
@@ -68,7 +69,7 @@ def timed(fn, reps: int, setup=None, warmup: int = 1) -> float:
         fn(*args)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return summary(times)
 
 
 # ----- bounds -----------------------------------------------------------------------
@@ -194,16 +195,7 @@ def measure_hbm_bandwidth(gib: float, reps: int = 5, chain: int = 8) -> float:
     alone in a trace (docs/benchmarks.md, 2026-11-26)."""
     count = max(1, int(gib * 2 ** 30) // 2)
     x = jax.jit(lambda: jnp.ones((count,), jnp.bfloat16))()
-
-    def best_time(fn) -> float:
-        jax.block_until_ready(fn(x))
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            times.append(time.perf_counter() - start)
-        return min(times)
-
+    best_time = lambda sums: timed(lambda: jax.block_until_ready(sums(x)), reps, summary=min)
     one, many = best_time(chained_sums(1)), best_time(chained_sums(1 + chain))
     del x
     gc.collect()

@@ -96,6 +96,11 @@ def kernel_ms_by_kind(run: list[tuple[int, int, str]]) -> dict[str, float]:
     return by_kind | dict(busy=busy, span=span, idle=max(span - busy, 0.0))
 
 
+def per_step(one: dict[str, float], many: dict[str, float], new: int) -> dict[str, float]:
+    """A decode step's share of each figure: (``new``-token run - 1-token run) / (new - 1)."""
+    return {k: (many[k] - one.get(k, 0)) / (new - 1) for k in many}
+
+
 def ms_and_launches_by_name(run: list[tuple[int, int, str]]) -> tuple[dict[str, float], dict[str, int]]:
     """Milliseconds and launches of each kernel name in one run."""
     ms: dict[str, float] = {}
@@ -141,12 +146,12 @@ def main(argv=None) -> None:
         breakdown[new] = kernel_ms_by_kind(events)
         names[new], launches[new] = ms_and_launches_by_name(events)
     prefill = breakdown[1]
-    step = {k: (breakdown[args.new][k] - prefill[k]) / (args.new - 1) for k in prefill}
-    per_step = lambda table, n: (table[args.new][n] - table[1].get(n, 0)) / (args.new - 1)
-    step_names = {n: per_step(names, n) for n in names[args.new]}
+    step = per_step(prefill, breakdown[args.new], args.new)
+    step_names = per_step(names[1], names[args.new], args.new)
+    step_launches = per_step(launches[1], launches[args.new], args.new)
     # Every kernel a decode step launches: [ms per step, launches per step, kind, name].
-    step_kernels = sorted(([round(step_names[n], 5), round(per_step(launches, n), 2), kind_of(n), n]
-                           for n in names[args.new] if per_step(launches, n) > 0.5), reverse=True)
+    step_kernels = sorted(([round(step_names[n], 5), round(step_launches[n], 2), kind_of(n), n]
+                           for n in names[args.new] if step_launches[n] > 0.5), reverse=True)
     top = lambda by_name: {kind: sorted(((round(t, 4), n) for n, t in by_name.items()
                                          if kind_of(n) == kind), reverse=True)[:5]
                            for kind in prefill if kind in dict(KINDS) or kind == "other"}
@@ -157,7 +162,7 @@ def main(argv=None) -> None:
     for name, row in (("prefill (+ first token)", prefill), ("decode step", step)):
         parts = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("span", "busy"))
         print(f"{name}: span {row['span']:.3f} ms, busy {row['busy']:.3f} ms: {parts}")
-    count = sum(per_step(launches, n) for n in names[args.new])
+    count = sum(step_launches.values())
     print(f"decode step: {count:.1f} kernel launches; each kernel launched once or more per step:")
     for ms, n, kind, name in step_kernels:
         print(f"  {1e3 * ms:8.2f} us {n:6.2f}x  {kind:9s} {name[:90]}")

@@ -131,7 +131,7 @@ def step_profile(once, new: int) -> dict:
     1-token run) / (``new`` - 1)."""
     _, one, many = (profile_step.kernel_ms_by_kind(run)
                     for run in profile_step.traced_runs(once, (1, 1, new)))
-    return {f"{k}_ms": (many[k] - one[k]) / (new - 1) for k in one}
+    return {f"{k}_ms": ms for k, ms in profile_step.per_step(one, many, new).items()}
 
 
 def measure(config, params, mesh, batch: int, args, dtype) -> tuple[dict, np.ndarray]:

@@ -140,3 +140,5 @@ def test_profile_splits_runs_at_pauses():
     assert (b["matmul"], b["collective"], b["other"]) == pytest.approx((0.25, 0.03, 0.002))
     assert b["span"] == pytest.approx(0.292)  # 282 us of kernels and 10 gaps of 1 us
     assert b["busy"] == pytest.approx(0.282) and b["idle"] == pytest.approx(0.010)
+    step = profile_step.per_step(a, b, 5)  # the 5-token run's 4 steps: a GEMM and an all-reduce each
+    assert (step["matmul"], step["collective"], step["other"]) == pytest.approx((0.05, 0.006, 0.0))
