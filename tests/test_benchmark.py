@@ -115,6 +115,30 @@ def test_bandwidth_probe_sums_inside_its_loop():
     assert reduces(loop.group(1)) and not reduces(entry)
 
 
+def test_bandwidth_probe_warms_up_before_timing(monkeypatch):
+    """measure_hbm_bandwidth on a fake device whose first 8 calls run 1.5x slow (a GPU
+    fresh from idle) and whose n-sum program takes 0.2 ms + n ms: the bound is exactly
+    ``chain`` sums' bytes per ``chain`` ms. Timing the one-sum program while the device
+    is slow would shrink the difference and overstate the bound."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_lib
+
+    clock = {"now": 0.0, "calls": 0}
+
+    def chained_sums(n):
+        def program(x):
+            clock["calls"] += 1
+            clock["now"] += (0.2e-3 + n * 1e-3) * (1.5 if clock["calls"] <= 8 else 1.0)
+            return x
+        return program
+
+    monkeypatch.setattr(bench_lib, "chained_sums", chained_sums)
+    monkeypatch.setattr(bench_lib.time, "perf_counter", lambda: clock["now"])
+    gib = 2 ** -20
+    bytes_read = int(gib * 2 ** 30) // 2 * 2
+    assert bench_lib.measure_hbm_bandwidth(gib, chain=8) == pytest.approx(bytes_read / 1e-3)
+
+
 def test_profile_splits_runs_at_pauses():
     """profile_step.traced_runs (behind profile_step.py and sharding_benchmark.py
     --profile): one trace of three runs is split at the two longest gaps between
