@@ -147,7 +147,8 @@ def _linear(x: jax.Array, layer: dict, weight: str, bias: str) -> jax.Array:
         # One row (batch-1 decode): XLA:GPU rewrites a vector-matrix product with a weight
         # under 10M elements into multiply + reduce, which read an [in, out] weight at 60%
         # of the bandwidth of a GEMM on an H200 (docs/benchmarks.md). A zero second row
-        # keeps it a GEMM; the weight is still read once.
+        # keeps it a GEMM; the weight is still read once. Larger weights get the row too:
+        # without it their steps were no shorter, and it needs no knowledge of the mesh.
         x = jnp.concatenate([x, jnp.zeros_like(x)], axis=1)  # [1, 2, in]
         y = jnp.einsum("btd,df->btf", x, layer[weight])[:, :1]
     else:
