@@ -97,8 +97,12 @@ def _prompts(args: argparse.Namespace) -> tuple[list[str], bool]:
     """The prompts, and whether none was given (then: the default prompt, streamed)."""
     prompts = list(args.prompt)
     for path in args.prompt_file:
-        with open(path) as f:
-            prompts.append(f.read())
+        try:
+            with open(path, encoding="utf-8") as f:
+                prompts.append(f.read())
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise ValueError(f"cannot read --prompt-file {path}: {reason}") from e
     if not prompts and not sys.stdin.isatty():
         text = sys.stdin.read()
         if text.strip():

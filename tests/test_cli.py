@@ -111,3 +111,14 @@ def test_help_and_flag_conflicts():
     proc = run_cli("--chat", "--json")
     assert proc.returncode == 2
     assert "--chat is interactive: it takes no --prompt, --prompt-file or --json" in proc.stderr
+
+
+def test_unreadable_prompt_file_is_one_line_error(checkpoint, tmp_path):
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe")
+    cases = ((tmp_path, "Is a directory"), (tmp_path / "missing.txt", "No such file or directory"),
+             (binary, "not UTF-8 text"))
+    for path, reason in cases:
+        proc = run_cli("--model", checkpoint, "--prompt-file", str(path))
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == f"error: cannot read --prompt-file {path}: {reason}"
