@@ -37,6 +37,8 @@ PREFILL_CHUNK = 2048
 # done (kvjax.decode's sync_every): on GPUs a check is a read-back the host waits for,
 # and a group runs at most this many - 1 steps past the last row's stop token.
 SYNC_EVERY = 8
+# What generate takes as prompts: texts, token-id lists, or a 2-D integer array of ids.
+Prompts = Sequence[str] | Sequence[Sequence[int]] | np.ndarray | jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,9 +195,17 @@ def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _encode_prompts(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+def _encode_prompts(model: Model, prompts: Prompts) -> list[list[int]]:
+    """Token ids of each prompt: a list of strings or of token-id lists, or a 2-D integer
+    array (one row per prompt), checked against the vocabulary."""
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if prompts.ndim != 2:
+            raise ValueError("an array of prompts must be 2-D [batch, tokens], got shape "
+                             f"{tuple(prompts.shape)}")
+        prompts = list(np.asarray(prompts))
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+        raise ValueError("prompts must be a non-empty list of strings or of token-id lists, "
+                         "or a 2-D integer array")
     encoded = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
@@ -204,7 +214,11 @@ def _encode_prompts(model: Model, prompts: Sequence[str] | Sequence[Sequence[int
                                  "pass token-id lists instead")
             ids = model.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in np.asarray(prompt).reshape(-1)] if len(prompt) else []
+            array = np.asarray(prompt)
+            if array.size and (array.ndim != 1 or array.dtype.kind not in "iu"):
+                raise ValueError(f"prompt {i} must be a flat list of integer token ids, got "
+                                 f"{array.dtype} of shape {array.shape}")
+            ids = array.tolist() if array.size else []
         if not ids:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
@@ -339,7 +353,7 @@ class _PrefillClock:
 _PREFILL_CLOCK = _PrefillClock()
 
 
-def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
+def generate(model: Model, prompts: Prompts, *,
              max_new_tokens: int = 64, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, min_p: float | None = None, seed: int = 0,
              stop_tokens: Sequence[int] | None = None, capacity: int | None = None,
@@ -348,8 +362,8 @@ def generate(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
 
     Args:
       model: from ``kvjax.load`` (or built by hand: ``Model(config, params)``).
-      prompts: a list of strings (needs a tokenizer) or of token-id lists; rows may have
-        different lengths.
+      prompts: a list of strings (needs a tokenizer) or of token-id lists (rows may have
+        different lengths), or a 2-D integer array ``[batch, tokens]`` of token ids.
       max_new_tokens: new tokens per prompt, stop token included.
       temperature: 0 for greedy; otherwise sample from softmax(logits / temperature).
       top_k, top_p, min_p: filters applied in that order after temperature (off: top_k 0,
@@ -559,7 +573,7 @@ class TokenStream:
         self.generation = Generation(tokens=tokens, texts=_texts(self._model, tokens), stats=stats)
 
 
-def generate_stream(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]], *,
+def generate_stream(model: Model, prompts: Prompts, *,
                     chunk_size: int = 16, max_new_tokens: int = 64,
                     temperature: float | None = None,
                     top_k: int | None = None, top_p: float | None = None,

@@ -3,6 +3,8 @@ sampling defaults of a model."""
 
 import dataclasses
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import kvjax
@@ -16,8 +18,17 @@ def small_model():
 
 @pytest.mark.parametrize("prompts, kwargs, message", [
     ([[1, 2], []], {}, "prompt 1 is empty: every prompt needs at least one token"),
-    ([], {}, "prompts must be a non-empty list of strings or of token-id lists"),
-    ("hello", {}, "prompts must be a non-empty list of strings or of token-id lists"),
+    ([], {}, "prompts must be a non-empty list of strings or of token-id lists, "
+             "or a 2-D integer array"),
+    ("hello", {}, "prompts must be a non-empty list of strings or of token-id lists, "
+                  "or a 2-D integer array"),
+    ([[1.5, 2]], {}, "prompt 0 must be a flat list of integer token ids, got float64 of shape (2,)"),
+    ([[1], [True, False]], {}, "prompt 1 must be a flat list of integer token ids, got bool of "
+                               "shape (2,)"),
+    ([[[1, 2], [3, 4]]], {}, "prompt 0 must be a flat list of integer token ids, got int64 of "
+                             "shape (2, 2)"),
+    (np.array([1, 2, 3]), {}, "an array of prompts must be 2-D [batch, tokens], got shape (3,)"),
+    (np.array([[1, 2, 97]]), {}, "prompt 0 has token id 97 outside the vocabulary [0, 97)"),
     ([[1, 97]], {}, "prompt 0 has token id 97 outside the vocabulary [0, 97)"),
     ([[-1, 5]], {}, "prompt 0 has token id -1 outside the vocabulary [0, 97)"),
     (["hello"], {}, "text prompts need a tokenizer (tokenizer.json in the checkpoint); "
@@ -42,6 +53,13 @@ def test_bad_input_fails_before_compiling(small_model, compile_counter, prompts,
         kvjax.generate(small_model, prompts, **kwargs)
     assert str(e.value) == message
     assert counter.count == 0
+
+
+def test_an_array_of_prompts_is_its_rows(small_model):
+    ids = np.array([[5, 6, 7], [8, 9, 10]], np.int32)
+    as_lists = kvjax.generate(small_model, ids.tolist(), max_new_tokens=4)
+    for prompts in (ids, jnp.asarray(ids), list(ids)):
+        assert kvjax.generate(small_model, prompts, max_new_tokens=4).tokens == as_lists.tokens
 
 
 def test_default_capacity_is_a_bucket_capped_at_max_positions(small_model):
