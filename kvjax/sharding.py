@@ -73,8 +73,9 @@ def make_mesh(data: int | None = None, model: int | None = None, *,
     devices = list(jax.devices() if devices is None else devices)
     count = len(devices)
     for name, size in (("data", data), ("model", model)):
-        if size is not None and (int(size) != size or size < 1):
-            raise ShardingError(f"mesh axis {name} must be an integer >= 1, got {size}")
+        if size is not None and (not isinstance(size, (int, np.integer)) or isinstance(size, bool)
+                                 or size < 1):
+            raise ShardingError(f"mesh axis {name} must be an integer >= 1, got {size!r}")
     if (data or 1) * (model or 1) > count:
         raise ShardingError(
             f"mesh data={data or 1} x model={model or 1} needs {(data or 1) * (model or 1)} "

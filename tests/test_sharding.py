@@ -272,6 +272,10 @@ def test_too_many_devices_in_this_process():
             f"({platform}, 1 process); use data * model <= {n}")):
         sharding.make_mesh(data=n + 1)
     assert issubclass(sharding.ShardingError, ValueError)
+    for size in (0, 1.5, "2", True):
+        with pytest.raises(sharding.ShardingError) as e:
+            sharding.make_mesh(model=size)
+        assert str(e.value) == f"mesh axis model must be an integer >= 1, got {size!r}"
 
 
 # ----- two processes -----
