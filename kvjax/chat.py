@@ -94,7 +94,8 @@ class ChatSession:
             raise CapacityError(
                 f"the conversation has reached the cache capacity: {start} cached tokens + "
                 f"{len(block_tokens)} new + up to {self.max_new_tokens} for the reply = {needed} "
-                f"> {self.capacity}; reset the conversation (/reset) or use a larger capacity")
+                f"> {self.capacity}; reset the conversation (ChatSession.reset(), /reset in the CLI "
+                "chat) or use a larger capacity")
         width = min(_bucket(len(block_tokens), MIN_PROMPT_BUCKET), self.capacity - start)
         block, lengths = _pad_block([block_tokens], width)
         controls = dict(max_new_tokens=np.int32(self.max_new_tokens), sampling=self.sampling,

@@ -152,7 +152,8 @@ def test_chat_reports_capacity(chat_model):
     with pytest.raises(CapacityError) as e:
         session.send("the cat sat on the mat and the dog ran in the park")
     assert "the conversation has reached the cache capacity" in str(e.value)
-    assert "reset the conversation (/reset) or use a larger capacity" in str(e.value)
+    assert ("reset the conversation (ChatSession.reset(), /reset in the CLI chat) or use a "
+            "larger capacity") in str(e.value)
     session.reset()
     assert session.history == [] and session.send("hi") is not None
 
