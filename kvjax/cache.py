@@ -39,6 +39,13 @@ class KVCache:
         """An empty cache for ``batch`` sequences of up to ``capacity`` tokens each."""
         if batch < 1 or capacity < 1:
             raise ValueError(f"batch and capacity must be >= 1, got batch={batch}, capacity={capacity}")
+        try:
+            name = jnp.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)  # not a dtype at all
+        if name not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"the cache dtype must be a floating type (float32, bfloat16, "
+                             f"float16), got {name}")
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(keys=zeros(), values=zeros(), lengths=jnp.zeros((batch,), jnp.int32))

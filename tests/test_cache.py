@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import kvjax
 from kvjax.api import _jitted_decode
@@ -19,6 +20,20 @@ def test_create_shapes_and_bytes():
     assert cache.capacity == 100 and cache.batch == 4
     assert cache.nbytes == 2 * 3 * 4 * 2 * 100 * 8 * 2 + 4 * 4
     assert not bool(cache.is_full.any())
+
+
+def test_create_rejects_bad_sizes_and_dtypes():
+    config = make_config()
+    cases = [(dict(batch=0, capacity=8), "batch and capacity must be >= 1, got batch=0, capacity=8"),
+             (dict(batch=1, capacity=8, dtype="int7"),
+              "the cache dtype must be a floating type (float32, bfloat16, float16), got 'int7'"),
+             (dict(batch=1, capacity=8, dtype=jnp.int32), "the cache dtype must be a floating type "
+              "(float32, bfloat16, float16), got int32")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as e:
+            kvjax.KVCache.create(config, **kwargs)
+        assert str(e.value) == message
+    assert kvjax.KVCache.create(config, 1, 8, "float16").keys[0].dtype == jnp.float16
 
 
 def test_update_writes_each_row_at_its_position():
