@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from kvjax.sampling import SamplingParams, sample
@@ -244,6 +245,24 @@ def decode_steps(step_fn: StepFn, params: Any, state: DecodeState, *, num_steps:
     return state, tokens[:, :num_steps], all_logits
 
 
+def _check_static_arguments(prompt_tokens, prompt_lengths, stop_tokens, num_steps: int,
+                            sync_every: int) -> None:
+    """What ``decode`` can check before tracing the model: counts and shapes."""
+    for name, value in (("num_steps", num_steps), ("sync_every", sync_every)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if np.ndim(prompt_tokens) != 2:
+        raise ValueError("prompt_tokens must be [batch, seq] token ids, got shape "
+                         f"{np.shape(prompt_tokens)}")
+    batch = np.shape(prompt_tokens)[0]
+    if np.shape(prompt_lengths) != (batch,):
+        raise ValueError(f"prompt_lengths must be [batch] = ({batch},) for prompt_tokens of shape "
+                         f"{np.shape(prompt_tokens)}, got shape {np.shape(prompt_lengths)}")
+    if np.ndim(stop_tokens) != 1:
+        raise ValueError("stop_tokens must be a 1-D array of token ids (pad with PAD_TOKEN), "
+                         f"got shape {np.shape(stop_tokens)}")
+
+
 def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
            prompt_lengths: jax.Array, *, num_steps: int, max_new_tokens: jax.Array,
            sampling: SamplingParams, seed: jax.Array, stop_tokens: jax.Array,
@@ -279,6 +298,7 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
     through the conditional (compiled temp memory of one full cache); the while loop
     updates it in place.
     """
+    _check_static_arguments(prompt_tokens, prompt_lengths, stop_tokens, num_steps, sync_every)
     if start is None:
         start = jnp.zeros(prompt_lengths.shape, jnp.int32)
     controls = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,

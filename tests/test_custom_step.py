@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx, struct
 
 import kvjax
@@ -108,3 +109,32 @@ def test_flax_nnx_module():
             seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
         assert got[row] == seq[len(prompt):]
     assert len(set(got[0])) > 1
+
+
+def test_static_arguments_are_checked_before_tracing_the_model():
+    traced = []
+
+    def step(params, tokens, positions, cache):
+        traced.append(tokens.shape)
+        return mean_step(params, tokens, positions, cache)
+
+    params = {"embed": np.ones((VOCAB, DIM), np.float32), "out": np.ones((VOCAB, DIM), np.float32)}
+    cache = RunningMean(total=jnp.zeros((2, DIM)), count=jnp.zeros((2,), jnp.int32))
+    tokens, lengths = np.ones((2, 4), np.int32), np.array([4, 2], np.int32)
+    controls = (np.int32(3), SamplingParams.create(2), np.uint32(0),
+                np.full((1,), kvjax.PAD_TOKEN, np.int32))
+    cases = [
+        (dict(num_steps=0), tokens, lengths, "num_steps must be an integer >= 1, got 0"),
+        (dict(num_steps=4, sync_every=0), tokens, lengths,
+         "sync_every must be an integer >= 1, got 0"),
+        (dict(num_steps=4), tokens[0], lengths,
+         "prompt_tokens must be [batch, seq] token ids, got shape (4,)"),
+        (dict(num_steps=4), tokens, lengths[:1],
+         "prompt_lengths must be [batch] = (2,) for prompt_tokens of shape (2, 4), got shape (1,)"),
+    ]
+    for kwargs, prompt_tokens, prompt_lengths, message in cases:
+        run = kvjax.jit_decode(step, greedy=True, **kwargs)
+        with pytest.raises(ValueError) as e:
+            run(params, cache, prompt_tokens, prompt_lengths, *controls)
+        assert str(e.value) == message
+    assert traced == []
