@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kvjax.checkpoint import DTYPES, load_params
-from kvjax.config import ConfigError, ModelConfig
+from kvjax.config import ConfigError, ModelConfig, is_count
 from kvjax.decode import PAD_TOKEN, DecodeState, decode_steps, jit_decode, prefill
 from kvjax.model import recompute_step_fn, step_fn
 from kvjax.sampling import SamplingParams, check_sampling_values
@@ -242,8 +242,8 @@ def _stop_array(model: Model, stop_tokens: Sequence[int] | None) -> np.ndarray:
 def _check_lengths(config: ModelConfig, longest: int, max_new_tokens: int,
                    capacity: int | None) -> int:
     """Validates lengths and returns the cache capacity to use."""
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    if not is_count(max_new_tokens):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     needed = longest + max_new_tokens
     if needed > config.max_position_embeddings:
         raise ValueError(
@@ -295,8 +295,8 @@ def _request(model: Model, prompts, *, max_new_tokens, temperature, top_k, top_p
              stop_tokens, capacity) -> _Request:
     values = model.sampling_values(temperature, top_k, top_p, min_p)
     check_sampling_values(**values)
-    if not 0 <= seed < 2 ** 32 or int(seed) != seed:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed}")
+    if not (is_count(seed, 0) and seed < 2 ** 32):
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     encoded = _encode_prompts(model, prompts)
     stops = _stop_array(model, stop_tokens)
     longest = max(len(ids) for ids in encoded)
@@ -586,8 +586,8 @@ def generate_stream(model: Model, prompts: Prompts, *,
     the whole run, so nothing recompiles per token; the tokens are exactly those of
     ``generate`` with the same arguments. Validation happens here, before compiling.
     """
-    if int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size}")
+    if not is_count(chunk_size):
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     req = _request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
                    capacity=capacity)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import os
 from typing import Any
 
@@ -63,6 +64,18 @@ _NO_SLIDING_WINDOW_FAMILIES = ("qwen2", "qwen3")  # reject use_sliding_window=tr
 
 class ConfigError(ValueError):
     """A ``config.json`` that kvjax cannot run as written."""
+
+
+def is_count(value: Any, minimum: int = 1) -> bool:
+    """Whether ``value`` is an integer of at least ``minimum``: a Python or numpy integer
+    (or a 0-d integer array), not a bool, a float or a string. The check behind kvjax's
+    count arguments (steps, sizes, seeds, top_k)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return operator.index(value) >= minimum
+    except TypeError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from kvjax.config import is_count
 from kvjax.sampling import SamplingParams, sample
 
 StepFn = Callable[[Any, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
@@ -249,7 +250,7 @@ def _check_static_arguments(prompt_tokens, prompt_lengths, stop_tokens, num_step
                             sync_every: int) -> None:
     """What ``decode`` can check before tracing the model: counts and shapes."""
     for name, value in (("num_steps", num_steps), ("sync_every", sync_every)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        if not is_count(value):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if np.ndim(prompt_tokens) != 2:
         raise ValueError("prompt_tokens must be [batch, seq] token ids, got shape "

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from kvjax.config import is_count
+
 
 @struct.dataclass
 class SamplingParams:
@@ -52,8 +54,8 @@ def check_sampling_values(temperature: float, top_k: int | None, top_p: float | 
     """Raises ``ValueError`` naming the first out-of-range sampling value."""
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and (int(top_k) != top_k or top_k < 0):
-        raise ValueError(f"top_k must be an integer >= 0 (0 or None to disable), got {top_k}")
+    if top_k is not None and not is_count(top_k, 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 or None to disable), got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (or None to disable), got {top_p}")
     if min_p is not None and not 0 <= min_p < 1:

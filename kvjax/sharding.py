@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kvjax.cache import KVCache, TokenHistory
-from kvjax.config import ModelConfig
+from kvjax.config import ModelConfig, is_count
 from kvjax.model import layer_param_shapes, top_param_shapes
 
 DATA, MODEL = "data", "model"
@@ -73,8 +73,7 @@ def make_mesh(data: int | None = None, model: int | None = None, *,
     devices = list(jax.devices() if devices is None else devices)
     count = len(devices)
     for name, size in (("data", data), ("model", model)):
-        if size is not None and (not isinstance(size, (int, np.integer)) or isinstance(size, bool)
-                                 or size < 1):
+        if size is not None and not is_count(size):
             raise ShardingError(f"mesh axis {name} must be an integer >= 1, got {size!r}")
     if (data or 1) * (model or 1) > count:
         raise ShardingError(

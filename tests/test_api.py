@@ -45,6 +45,9 @@ def small_model():
     ([[1]], dict(top_k=-1), "top_k must be an integer >= 0 (0 or None to disable), got -1"),
     ([[1]], dict(min_p=1.0), "min_p must be in [0, 1) (or None to disable), got 1.0"),
     ([[1]], dict(seed=-3), "seed must be an integer in [0, 2**32), got -3"),
+    ([[1]], dict(seed="7"), "seed must be an integer in [0, 2**32), got '7'"),
+    ([[1]], dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 1, got 2.5"),
+    ([[1]], dict(top_k="3"), "top_k must be an integer >= 0 (0 or None to disable), got '3'"),
     ([[1]], dict(stop_tokens=[5, 200]), "stop token 200 is outside the vocabulary [0, 97)"),
     ([[1]], dict(stop_tokens=list(range(17))), "at most 16 stop tokens are supported, got 17"),
 ])
