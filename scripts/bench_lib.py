@@ -58,10 +58,9 @@ class Skipped(Exception):
     """A case point that is not run (does not fit, out of time, no peer): recorded as skipped."""
 
 
-def timed(fn, reps: int, setup=None, warmup: int = 1, summary=statistics.median) -> float:
-    """Median (or ``summary``, e.g. ``min``) seconds of ``reps`` calls after ``warmup``
-    calls. With ``setup``, each call is ``fn(setup())`` and only ``fn`` is timed (e.g. a
-    fresh cache to donate)."""
+def timed(fn, reps: int, setup=None, warmup: int = 1) -> float:
+    """Median seconds of ``reps`` calls after ``warmup`` calls. With ``setup``, each call
+    is ``fn(setup())`` and only ``fn`` is timed (e.g. a fresh cache to donate)."""
     times = []
     for i in range(warmup + reps):
         args = () if setup is None else (setup(),)
@@ -69,7 +68,7 @@ def timed(fn, reps: int, setup=None, warmup: int = 1, summary=statistics.median)
         fn(*args)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return summary(times)
+    return statistics.median(times)
 
 
 # ----- bounds -----------------------------------------------------------------------
@@ -202,7 +201,8 @@ def measure_hbm_bandwidth(gib: float, reps: int = 5, chain: int = 8, warmup: int
     one_sum, many_sums = chained_sums(1), chained_sums(1 + chain)
     run = lambda sums: jax.block_until_ready(sums(x))
     run(one_sum)  # compiles
-    timed(lambda: run(many_sums), 1, warmup=warmup)
+    for _ in range(warmup):
+        run(many_sums)
     one, many = [], []
     for _ in range(reps):
         one.append(timed(lambda: run(one_sum), 1, warmup=0))
