@@ -16,7 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kvjax.config import ModelConfig
+from kvjax.config import ModelConfig, is_count
+
+# What the K/V buffers may hold (KVCache.create).
+CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @struct.dataclass
@@ -37,15 +40,15 @@ class KVCache:
     def create(cls, config: ModelConfig, batch: int, capacity: int,
                dtype: jnp.dtype = jnp.bfloat16) -> "KVCache":
         """An empty cache for ``batch`` sequences of up to ``capacity`` tokens each."""
-        if batch < 1 or capacity < 1:
+        if not (is_count(batch) and is_count(capacity)):
             raise ValueError(f"batch and capacity must be >= 1, got batch={batch}, capacity={capacity}")
         try:
             name = jnp.dtype(dtype).name
         except TypeError:
             name = repr(dtype)  # not a dtype at all
-        if name not in ("float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"the cache dtype must be a floating type (float32, bfloat16, "
-                             f"float16), got {name}")
+        if name not in CACHE_DTYPES:
+            raise ValueError("the cache dtype must be a floating type "
+                             f"({', '.join(CACHE_DTYPES)}), got {name}")
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(keys=zeros(), values=zeros(), lengths=jnp.zeros((batch,), jnp.int32))

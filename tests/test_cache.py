@@ -24,11 +24,13 @@ def test_create_shapes_and_bytes():
 
 def test_create_rejects_bad_sizes_and_dtypes():
     config = make_config()
-    cases = [(dict(batch=0, capacity=8), "batch and capacity must be >= 1, got batch=0, capacity=8"),
+    cases = [(dict(batch=0, capacity=8),
+              "batch and capacity must be >= 1, got batch=0, capacity=8"),
              (dict(batch=1, capacity=8, dtype="int7"),
-              "the cache dtype must be a floating type (float32, bfloat16, float16), got 'int7'"),
+              "the cache dtype must be a floating type (float32, bfloat16, float16, float64), "
+              "got 'int7'"),
              (dict(batch=1, capacity=8, dtype=jnp.int32), "the cache dtype must be a floating type "
-              "(float32, bfloat16, float16), got int32")]
+              "(float32, bfloat16, float16, float64), got int32")]
     for kwargs, message in cases:
         with pytest.raises(ValueError) as e:
             kvjax.KVCache.create(config, **kwargs)
