@@ -263,9 +263,9 @@ def _check_lengths(config: ModelConfig, longest: int, max_new_tokens: int,
 class _Request:
     """A validated generation request, padded to the shapes of its compiled programs."""
 
-    encoded: list[list[int]]
-    prompt_tokens: np.ndarray  # int32[batch, prompt_bucket], right-padded
-    prompt_lengths: np.ndarray  # int32[batch]
+    encoded: list[list[int]]  # the prompts' token ids, one list per prompt
+    prompt_tokens: np.ndarray  # int32[rows, prompt_bucket], right-padded
+    prompt_lengths: np.ndarray  # int32[rows]
     capacity: int
     num_steps: int  # power-of-two bound on new tokens
     controls: dict  # max_new_tokens, sampling, seed, stop_tokens: the dynamic loop inputs
@@ -273,7 +273,13 @@ class _Request:
 
     @property
     def batch(self) -> int:
+        """Prompts asked for."""
         return len(self.encoded)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the programs: ``batch`` padded to a multiple of the mesh's ``data``."""
+        return self.prompt_tokens.shape[0]
 
     @property
     def greedy(self) -> bool:
@@ -301,14 +307,30 @@ def _request(model: Model, prompts, *, max_new_tokens, temperature, top_k, top_p
     stops = _stop_array(model, stop_tokens)
     longest = max(len(ids) for ids in encoded)
     capacity = _check_lengths(model.config, longest, max_new_tokens, capacity)
-    prompt_tokens, prompt_lengths = _pad_block(encoded, min(_bucket(longest, MIN_PROMPT_BUCKET),
-                                                            capacity))
-    sampling = SamplingParams.create(len(encoded), **values)
-    controls = dict(max_new_tokens=np.int32(max_new_tokens), sampling=sampling,
-                    seed=np.uint32(seed), stop_tokens=stops)
+    rows = _pad_rows(encoded, sharding.batch_ways(model.mesh))
+    prompt_tokens, prompt_lengths = _pad_block(rows, min(_bucket(longest, MIN_PROMPT_BUCKET),
+                                                         capacity))
+    sampling = SamplingParams.create(len(rows), **values)
+    controls = dict(max_new_tokens=_new_token_limits(len(encoded), len(rows), max_new_tokens),
+                    sampling=sampling, seed=np.uint32(seed), stop_tokens=stops)
     return _Request(encoded=encoded, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths,
                     capacity=capacity, num_steps=_bucket(max_new_tokens, MIN_STEPS_BUCKET),
                     controls=controls, sampling_values=values)
+
+
+def _pad_rows(rows: list[list[int]], ways: int) -> list[list[int]]:
+    """``rows`` and copies of its last row up to a multiple of ``ways``: a mesh's ``data``
+    axis splits a batch only evenly. The copies' results are dropped."""
+    return rows + rows[-1:] * (-len(rows) % ways)
+
+
+def _new_token_limits(batch: int, rows: int, max_new_tokens: int) -> np.ndarray:
+    """``int32[rows]``, the loop's ``max_new_tokens``: as asked for the first ``batch``
+    rows, 1 for the padding rows after them (``_pad_rows``), which are then done after
+    their prefill token and never keep the loop running."""
+    limits = np.full((rows,), max_new_tokens, np.int32)
+    limits[batch:] = 1
+    return limits
 
 
 def _pad_block(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -380,7 +402,9 @@ def generate(model: Model, prompts: Prompts, *,
 
     Prompt lengths are padded to power-of-two buckets and ``max_new_tokens`` to a
     power-of-two number of loop steps, so other prompts, lengths in the same bucket,
-    seeds and sampling values reuse the compiled program.
+    seeds and sampling values reuse the compiled program. On a mesh whose ``data`` axis
+    does not divide the number of prompts, copies of the last prompt fill the batch up;
+    they stop after one token and their results are dropped.
 
     Raises:
       ValueError: bad prompts, lengths or sampling values (before any compilation).
@@ -388,8 +412,8 @@ def generate(model: Model, prompts: Prompts, *,
     req = _request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
                    capacity=capacity)
-    # sharded on model.mesh, after checking that the mesh splits this batch and model
-    cache = sharding.new_cache(model, req.batch, req.capacity, use_cache)
+    # sharded on model.mesh, after checking that the mesh splits these rows and the model
+    cache = sharding.new_cache(model, req.rows, req.capacity, use_cache)
     cache_bytes = cache.nbytes
     c = req.controls
     args = (model.params, cache, req.prompt_tokens, req.prompt_lengths, c["max_new_tokens"],
@@ -523,7 +547,7 @@ class _Chunks:
         finished = bool(np.all(sharding.to_host(state.done)))
         self.prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        steps_left = int(self._controls["max_new_tokens"]) - 1  # decode steps a row may need
+        steps_left = int(np.max(self._controls["max_new_tokens"])) - 1  # steps a row may need
         pending = None
         if not finished:
             pending, steps_left = self._run_chunk(state), steps_left - self._chunk_size
@@ -555,11 +579,12 @@ class TokenStream:
         tokens: list[list[int]] = [[] for _ in range(batch)]
         finished = [False] * batch
         stops = set(self._req.controls["stop_tokens"].tolist()) - {PAD_TOKEN}
+        limits = self._req.controls["max_new_tokens"]  # [rows]
         for block in self._chunks:
             delta: list[list[int]] = []
             for row in range(batch):
                 new = [] if finished[row] else [int(t) for t in block[row] if t != PAD_TOKEN]
-                new = new[:int(self._req.controls["max_new_tokens"]) - len(tokens[row])]
+                new = new[:int(limits[row]) - len(tokens[row])]
                 for i, t in enumerate(new):
                     if t in stops:
                         new, finished[row] = new[:i + 1], True
@@ -591,10 +616,10 @@ def generate_stream(model: Model, prompts: Prompts, *,
     req = _request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
                    capacity=capacity)
-    cache = sharding.new_cache(model, req.batch, req.capacity, use_cache)
+    cache = sharding.new_cache(model, req.rows, req.capacity, use_cache)
     cache_bytes = cache.nbytes
     chunks = _Chunks(model, use_cache, chunk_size, cache, req.prompt_tokens, req.prompt_lengths,
-                     np.zeros((req.batch,), np.int32), req.controls, key_limit=req.key_limit,
+                     np.zeros((req.rows,), np.int32), req.controls, key_limit=req.key_limit,
                      fresh=True)
     return TokenStream(model, req, chunks, cache_bytes)
 

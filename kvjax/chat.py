@@ -8,7 +8,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from kvjax import sharding
-from kvjax.api import MIN_PROMPT_BUCKET, Model, _bucket, _Chunks, _pad_block, _stop_array
+from kvjax.api import (MIN_PROMPT_BUCKET, Model, _bucket, _Chunks, _new_token_limits,
+                        _pad_block, _pad_rows, _stop_array)
 from kvjax.decode import PAD_TOKEN
 from kvjax.sampling import SamplingParams
 from kvjax.tokenizer import StreamDecoder
@@ -51,8 +52,10 @@ class ChatSession:
         self.model = model
         self.capacity = capacity or min(model.config.max_position_embeddings, 4096)
         self.max_new_tokens = max_new_tokens
+        # one conversation, copied to fill the rows a mesh's `data` axis splits (_pad_rows)
+        self._rows = sharding.batch_ways(model.mesh)
         self.sampling = SamplingParams.create(
-            1, **model.sampling_values(temperature, top_k, top_p, min_p))
+            self._rows, **model.sampling_values(temperature, top_k, top_p, min_p))
         self.seed = seed
         self.stops = _stop_array(model, stop_tokens)
         self.chunk_size = chunk_size
@@ -66,7 +69,7 @@ class ChatSession:
         self.history: list[int] = []  # the cache holds history[:-1]
         self._rendered = ""  # the text that `history` encodes
         self._turn = 0
-        self._cache = sharding.new_cache(self.model, 1, self.capacity)
+        self._cache = sharding.new_cache(self.model, self._rows, self.capacity)
 
     @property
     def cache_fill(self) -> int:
@@ -97,11 +100,12 @@ class ChatSession:
                 f"> {self.capacity}; reset the conversation (ChatSession.reset(), /reset in the CLI "
                 "chat) or use a larger capacity")
         width = min(_bucket(len(block_tokens), MIN_PROMPT_BUCKET), self.capacity - start)
-        block, lengths = _pad_block([block_tokens], width)
-        controls = dict(max_new_tokens=np.int32(self.max_new_tokens), sampling=self.sampling,
-                        seed=np.uint32(self.seed + self._turn), stop_tokens=self.stops)
+        block, lengths = _pad_block(_pad_rows([block_tokens], self._rows), width)
+        controls = dict(max_new_tokens=_new_token_limits(1, self._rows, self.max_new_tokens),
+                        sampling=self.sampling, seed=np.uint32(self.seed + self._turn),
+                        stop_tokens=self.stops)
         chunks = _Chunks(self.model, True, self.chunk_size, self._cache, block, lengths,
-                         np.array([start], np.int32), controls)
+                         np.full((self._rows,), start, np.int32), controls)
         self._cache = None  # donated to the prefill program
         stops = set(self.stops.tolist()) - {PAD_TOKEN}
         decoder = StreamDecoder(tokenizer)

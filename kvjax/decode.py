@@ -280,7 +280,8 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
       prompt_tokens: ``int32[batch, seq]``, right-padded prompts.
       prompt_lengths: ``int32[batch]``, real tokens per row (>= 1).
       num_steps: static upper bound on new tokens (decode steps + 1).
-      max_new_tokens: ``int32[]``, new tokens per row (<= num_steps); dynamic.
+      max_new_tokens: ``int32[]`` new tokens per row, or ``int32[batch]`` one limit per
+        row (each <= num_steps); dynamic.
       sampling: per-row sampling values.
       seed: ``uint32[]`` seed of the per-row randomness.
       stop_tokens: ``int32[n]`` token ids that end a row (pad with ``PAD_TOKEN``).

@@ -13,7 +13,7 @@ inserts the collectives), once.
 
     mesh = kvjax.sharding.make_mesh(data=2, model=4)
     model = kvjax.load("path/to/checkpoint", mesh=mesh)
-    out = kvjax.generate(model, prompts)          # batch must be a multiple of data=2
+    out = kvjax.generate(model, prompts)          # any batch: padded to a multiple of data=2
 
 A logical axis is split over its mesh axis only when that divides it evenly, counted in
 whole units: query heads must divide (an error says which ``model`` sizes work); KV heads
@@ -366,6 +366,14 @@ def check_mesh(config: ModelConfig, mesh: Mesh | None, *, batch: int | None = No
             raise ShardingError(
                 f"batch {batch} is not divisible by mesh axis {rules.batch}={ways}; use a batch "
                 f"that is a multiple of {ways} or {other}")
+
+
+def batch_ways(mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES) -> int:
+    """How many ways ``mesh`` splits a batch's rows (1 without a mesh or a batch axis):
+    ``kvjax.generate`` pads its batch to a multiple of this."""
+    if mesh is None or rules.batch is None or rules.batch not in mesh.shape:
+        return 1
+    return mesh.shape[rules.batch]
 
 
 # ----- describing where things are -----

@@ -134,8 +134,16 @@ def task_meshes(hf_dir: str) -> dict:
         for _ in stream:
             pass
         cache = sharding.new_cache(model, len(PROMPTS), 64)
+        # 7 prompts: data=2, 4, 8 split them only after padding to 8
+        uneven = kvjax.generate(model, PROMPTS[:7], **opts)
+        uneven_stream = kvjax.generate_stream(model, PROMPTS[:7], chunk_size=8, **opts)
+        for _ in uneven_stream:
+            pass
         entry = {"tokens_equal": out.tokens == reference, "tokens": out.tokens,
                  "stream_equal": stream.generation.tokens == reference,
+                 "uneven_equal": uneven.tokens == reference[:7],
+                 "uneven_stream_equal": uneven_stream.generation.tokens == reference[:7],
+                 "uneven_batch": uneven.stats["batch"],
                  "params": param_specs(model.params),
                  "cache_keys": spec_of(cache.keys[0]), "cache_values": spec_of(cache.values[-1]),
                  "cache_lengths": spec_of(cache.lengths),
@@ -147,6 +155,7 @@ def task_meshes(hf_dir: str) -> dict:
         gqa[f"{data}x{model_ways}"] = entry
         del model, cache
     result["gqa"] = gqa
+    result["padding_rows"] = padding_rows(base)
 
     # --- a tiny HF checkpoint loaded straight onto each mesh ---
     reference = kvjax.generate(kvjax.load(hf_dir, dtype="float32"), PROMPTS, **opts).tokens
@@ -166,15 +175,34 @@ def task_meshes(hf_dir: str) -> dict:
     return result
 
 
+def padding_rows(base) -> dict:
+    """One sampled prompt on data=8 (seven padding rows), with a stop token the row
+    reaches early: the tokens and the steps run equal one device's, so padding rows
+    (which sample differently) never keep the loop running."""
+    import kvjax
+    from kvjax import sharding
+
+    opts = dict(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=3)
+    free = kvjax.generate(base, PROMPTS[2:3], stop_tokens=[], **opts).tokens[0]
+    stop = free[2]
+    one = kvjax.generate(base, PROMPTS[2:3], stop_tokens=[stop], **opts)
+    model = sharding.shard_model(base, sharding.make_mesh(data=8, model=1))
+    padded = kvjax.generate(model, PROMPTS[2:3], stop_tokens=[stop], **opts)
+    return {"stop_at": free.index(stop), "one": one.tokens, "padded": padded.tokens,
+            "one_steps": one.stats["decode_steps"], "padded_steps": padded.stats["decode_steps"]}
+
+
 def chat_on_mesh() -> dict:
     """Three greedy turns of a ChatSession with the bundled model, without a mesh and
-    on data=1 x model=4 (4 query heads, 2 KV heads: grouped), and the cache's placement."""
+    on data=1 x model=4 (4 query heads, 2 KV heads: grouped) and on data=2 x model=4 (the
+    conversation padded to two rows), and the cache's placement."""
     import kvjax
     from kvjax import sharding
 
     turns = ["Hello there.", "What is a module?", "Thank you."]
     replies = {}
-    for name, mesh in (("plain", None), ("1x4", sharding.make_mesh(data=1, model=4))):
+    for name, mesh in (("plain", None), ("2x4", sharding.make_mesh(data=2, model=4)),
+                       ("1x4", sharding.make_mesh(data=1, model=4))):
         session = kvjax.ChatSession(kvjax.load(kvjax.BUNDLED_MODEL, dtype="float32", mesh=mesh),
                                     max_new_tokens=12, capacity=256)
         replies[name] = [session.send(turn) for turn in turns]
@@ -309,8 +337,8 @@ def task_errors(hf_dir: str) -> dict:
     out = {
         "too_many_devices": error(lambda: sharding.make_mesh(data=4, model=4)),
         "model_not_dividing": error(lambda: sharding.make_mesh(model=3)),
-        "batch": error(lambda: kvjax.generate(model24, PROMPTS[:3], max_new_tokens=4)),
-        "batch_data4": error(lambda: kvjax.generate(model42, PROMPTS[:6], max_new_tokens=4)),
+        "batch": error(lambda: sharding.new_cache(model24, 3, 16)),
+        "batch_data4": error(lambda: sharding.new_cache(model42, 6, 16)),
         "heads": error(lambda: sharding.shard_model(six_heads, mesh24)),
         "heads_load": error(lambda: kvjax.load(hf_dir, dtype="float32",
                                                mesh=sharding.make_mesh(data=1, model=3))),

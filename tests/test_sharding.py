@@ -88,11 +88,29 @@ def test_tokens_equal_one_device(meshes, model_kind, mesh):
         assert meshes[model_kind][mesh]["stream_equal"]
 
 
+@pytest.mark.parametrize("mesh", MESHES)
+def test_batch_that_data_does_not_divide(meshes, mesh):
+    """7 prompts on data=2, 4 or 8: generate and generate_stream pad the batch and give
+    the 7 rows of the one-device run, and nothing of the padding rows."""
+    entry = meshes["gqa"][mesh]
+    assert entry["uneven_equal"] and entry["uneven_stream_equal"]
+    assert entry["uneven_batch"] == 7
+
+
+def test_padding_rows_never_extend_the_loop(meshes):
+    """One sampled prompt padded to 8 rows on data=8 stops where it stops on one device."""
+    rows = meshes["padding_rows"]
+    assert rows["stop_at"] < NEW_TOKENS - 2  # the stop token ends the row early
+    assert rows["padded"] == rows["one"] and len(rows["one"][0]) == rows["stop_at"] + 1
+    assert rows["padded_steps"] == rows["one_steps"] == rows["stop_at"]
+
+
 def test_chat_session_on_a_mesh(meshes):
     """A ChatSession on a model=4 mesh keeps its cache sharded (KV heads over model_kv)
-    and replies exactly as without a mesh, turn after turn."""
+    and replies exactly as without a mesh, turn after turn; so does one on data=2 x
+    model=4, its one conversation padded to two rows."""
     chat = meshes["chat"]
-    assert chat["1x4"] == chat["plain"] and all(chat["plain"])
+    assert chat["1x4"] == chat["plain"] == chat["2x4"] and all(chat["plain"])
     assert chat["1x4_cache"] == {"spec": ["data", "model_kv", None, None],
                                  "mesh": {"data": 1, "model_kv": 2, "model_rep": 2}}
 
