@@ -9,6 +9,7 @@ import pytest
 
 import kvjax
 from kvjax.api import _bucket, _jitted_decode
+from kvjax.decode import PAD_TOKEN
 from kvjax.sampling import SamplingParams
 from tests.conftest import make_config, make_model
 
@@ -131,6 +132,24 @@ def test_one_step_program_is_the_prefill(gqa_model):
                  np.uint32(0), np.full((4,), -1, np.int32))
     assert np.asarray(result.tokens).tolist() == [[t[0]] for t in expected.tokens]
     assert np.asarray(result.num_generated).tolist() == [1, 1] and int(result.steps_run) == 0
+
+
+def test_max_new_tokens_per_row(gqa_model):
+    """max_new_tokens as int32[batch]: each row stops at its own limit with the tokens of
+    a run without limits, and the loop ends with the longest."""
+    full = kvjax.generate(gqa_model, PROMPTS, max_new_tokens=12, stop_tokens=[])
+    prompt_tokens = np.zeros((2, 16), np.int32)
+    for row, p in enumerate(PROMPTS):
+        prompt_tokens[row, :len(p)] = p
+    run = kvjax.jit_decode(kvjax.model.step_fn(gqa_model.config), num_steps=16, greedy=True)
+    result = run(gqa_model.params, kvjax.KVCache.create(gqa_model.config, 2, 64, jnp.float32),
+                 prompt_tokens, np.array([7, 3], np.int32), np.array([9, 4], np.int32),
+                 SamplingParams.create(2), np.uint32(0), np.full((4,), -1, np.int32))
+    assert np.asarray(result.num_generated).tolist() == [9, 4]
+    tokens = np.asarray(result.tokens)
+    assert [tokens[0, :9].tolist(), tokens[1, :4].tolist()] == [full.tokens[0][:9],
+                                                                 full.tokens[1][:4]]
+    assert (tokens[1, 4:] == PAD_TOKEN).all() and int(result.steps_run) == 8
 
 
 def test_prefill_computes_only_each_rows_last_logits():
