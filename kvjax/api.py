@@ -341,19 +341,29 @@ def _pad_block(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarra
     return block, np.array([len(ids) for ids in rows], np.int32)
 
 
-def _steps(config: ModelConfig, use_cache: bool, key_limit: int | None, fresh: bool):
+def _steps(config: ModelConfig, use_cache: bool, key_limit: int | None, fresh: bool,
+           decode_kernel: bool | None = None):
     """``(step_fn, whole_block_fn)`` of a generation; ``fresh``: its cache starts empty,
-    ``key_limit``: slots it can fill (``_Request.key_limit``)."""
+    ``key_limit``: slots it can fill (``_Request.key_limit``), ``decode_kernel``: as in
+    ``kvjax.model.forward`` (``_decode_kernel``)."""
     if not use_cache:
         return recompute_step_fn(config), None
     whole_block_fn = step_fn(config, fresh=True) if fresh else None
-    return step_fn(config, key_limit=key_limit), whole_block_fn
+    return step_fn(config, key_limit=key_limit, decode_kernel=decode_kernel), whole_block_fn
+
+
+def _decode_kernel(model: Model) -> bool | None:
+    """``forward``'s ``decode_kernel`` for ``model``: where supported (None), except when
+    its params span several devices (False). The kernel is a custom call that XLA
+    cannot split: on a mesh it would gather the whole cache to every device."""
+    return False if model.mesh is not None and model.mesh.devices.size > 1 else None
 
 
 @functools.lru_cache(maxsize=64)
 def _jitted_decode(config: ModelConfig, use_cache: bool, num_steps: int, greedy: bool,
-                   return_logits: bool, key_limit: int | None):
-    step, whole_block_fn = _steps(config, use_cache, key_limit, fresh=True)
+                   return_logits: bool, key_limit: int | None, decode_kernel: bool | None = None):
+    step, whole_block_fn = _steps(config, use_cache, key_limit, fresh=True,
+                                  decode_kernel=decode_kernel)
     return jit_decode(step, num_steps=num_steps, greedy=greedy, return_logits=return_logits,
                       on_prefill=_PREFILL_CLOCK, whole_block_fn=whole_block_fn,
                       prefill_chunk=PREFILL_CHUNK if use_cache else None, sync_every=SYNC_EVERY)
@@ -419,7 +429,7 @@ def generate(model: Model, prompts: Prompts, *,
     args = (model.params, cache, req.prompt_tokens, req.prompt_lengths, c["max_new_tokens"],
             c["sampling"], c["seed"], c["stop_tokens"])
     jitted = _jitted_decode(model.config, use_cache, req.num_steps, req.greedy, return_logits,
-                            req.key_limit)
+                            req.key_limit, _decode_kernel(model))
     compile_start = time.perf_counter()
     compiled = _compiled(jitted, args)
     compile_s = time.perf_counter() - compile_start
@@ -463,14 +473,15 @@ def _stats(req: _Request, tokens: list[list[int]], compile_s: float, prefill_s: 
 
 @functools.lru_cache(maxsize=64)
 def _stream_programs(config: ModelConfig, use_cache: bool, greedy: bool, chunk_size: int,
-                     state_shardings: DecodeState | None, key_limit: int | None, fresh: bool):
+                     state_shardings: DecodeState | None, key_limit: int | None, fresh: bool,
+                     decode_kernel: bool | None):
     """(prefill program, chunk program), each jitted once with its cache/state donated.
 
-    ``fresh``, ``key_limit`` as in ``_steps`` (a chat continues its cache: neither). On a
+    ``fresh``, ``key_limit``, ``decode_kernel`` as in ``_steps`` (a chat continues its cache: neither). On a
     mesh both programs return the loop state with ``state_shardings``, so the state one
     chunk returns is exactly what the next chunk (or a chat's next prefill) was compiled
     for."""
-    step, whole_block_fn = _steps(config, use_cache, key_limit, fresh)
+    step, whole_block_fn = _steps(config, use_cache, key_limit, fresh, decode_kernel)
 
     def prefill_block(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed,
                       stop_tokens):
@@ -523,7 +534,7 @@ class _Chunks:
                  key_limit: int | None = None, fresh: bool = False):
         prefill_program, chunk_program = _stream_programs(
             model.config, use_cache, controls["sampling"].is_greedy, chunk_size,
-            _state_shardings(model, cache), key_limit, fresh)
+            _state_shardings(model, cache), key_limit, fresh, _decode_kernel(model))
         self._params, self._controls, self._chunk_size = model.params, controls, chunk_size
         self._prefill_args = (model.params, cache, block, lengths, start, *controls.values())
         t0 = time.perf_counter()

@@ -92,12 +92,14 @@ class KVCache:
         checks it before compiling); ``dynamic_update_slice`` would otherwise clamp the
         start and overwrite earlier slots.
         """
-        new_keys = write_rows(self.keys[layer], keys, positions, seq_axis=2)
-        new_values = write_rows(self.values[layer], values, positions, seq_axis=2)
-        return self.replace(
-            keys=_replace_at(self.keys, layer, new_keys),
-            values=_replace_at(self.values, layer, new_values),
-        )
+        return self.with_layer(layer, write_rows(self.keys[layer], keys, positions, seq_axis=2),
+                               write_rows(self.values[layer], values, positions, seq_axis=2))
+
+    def with_layer(self, layer: int, keys: jax.Array, values: jax.Array) -> "KVCache":
+        """The cache with one layer's whole buffers replaced (``[batch, kv_heads,
+        capacity, head_dim]``, e.g. as ``kvjax.decode_kernel`` wrote them)."""
+        return self.replace(keys=_replace_at(self.keys, layer, keys),
+                            values=_replace_at(self.values, layer, values))
 
     def advance(self, positions: jax.Array) -> "KVCache":
         """Sets each row's length past the largest position just written (``-1`` = padding)."""

@@ -32,6 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kvjax import decode_kernel as kernel
 from kvjax.attention import attend_block, attend_cache, soft_cap
 from kvjax.cache import KVCache, TokenHistory
 from kvjax.config import ModelConfig
@@ -249,7 +250,8 @@ def final_logits(config: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
 
 def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
             cache: KVCache | None = None, *, fresh: bool = False,
-            key_limit: int | None = None) -> tuple[jax.Array, KVCache | None]:
+            key_limit: int | None = None, decode_kernel: bool | None = None
+            ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder on a block of tokens.
 
     Args:
@@ -266,6 +268,11 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
       key_limit: static; no query of this call attends to a slot at or past it (e.g. a
         generation that can fill only its first ``key_limit`` slots), so attention reads
         only the slots before it: the work follows what can be filled, not the capacity.
+      decode_kernel: static; a decode step (one token per row) writes the cache and
+        attends in one Pallas kernel (``kvjax.decode_kernel``). None: where
+        ``decode_kernel.supported`` (GPUs; not for params or a cache sharded over
+        several devices, which ``kvjax.generate`` handles by passing False); True:
+        also elsewhere, interpreted (slow; for tests); False: never.
 
     Returns:
       ``(logits, cache)``, the cache with the block written and its lengths advanced.
@@ -284,16 +291,8 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
             # slower without it (docs/architecture.md §6). No work at run time.
             x, layer = jax.lax.optimization_barrier((x, layer))
         q, k, v = qkv_projection(config, layer, x, *tables[index])
-        window, scale, softcap = (config.layer_window(index), config.query_scale,
-                                  config.attn_logit_softcap)
-        if cache is not None:
-            cache = cache.update(index, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                                 positions)  # written [batch, kv_heads, seq, head_dim]
-        if cache is None or fresh:  # attend within the given tokens
-            attn = attend_block(q, k, v, positions, window, scale, softcap)
-        else:
-            attn = attend_cache(q, k, v, cache.keys[index], cache.values[index], positions,
-                                window, scale, softcap, key_limit)
+        attn, cache = _attention(config, index, q, k, v, cache, positions, fresh=fresh,
+                                 key_limit=key_limit, decode_kernel=decode_kernel)
         x = finish_layer(config, layer, x, attn)
     if cache is not None:
         cache = cache.advance(positions)
@@ -303,10 +302,47 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
     return final_logits(config, params, x), cache
 
 
-def step_fn(config: ModelConfig, *, fresh: bool = False, key_limit: int | None = None):
-    """``forward`` bound to a config (and ``fresh`` / ``key_limit``): the
-    ``step_fn(params, tokens, positions, cache)`` that ``kvjax.decode`` drives."""
-    return functools.partial(forward, config, fresh=fresh, key_limit=key_limit)
+def _attention(config: ModelConfig, index: int, q: jax.Array, k: jax.Array, v: jax.Array,
+               cache: KVCache | None, positions: jax.Array, *, fresh: bool,
+               key_limit: int | None, decode_kernel: bool | None
+               ) -> tuple[jax.Array, KVCache | None]:
+    """Layer ``index``'s attention of ``q`` (``[batch, seq, heads, head_dim]``), with the
+    block's ``k``, ``v`` written to the cache first; arguments as in ``forward``."""
+    window, scale, softcap = (config.layer_window(index), config.query_scale,
+                              config.attn_logit_softcap)
+    mode = None if cache is None or fresh else _kernel_mode(
+        decode_kernel, q.shape[1], config.head_dim, cache.keys[index].dtype, window, softcap)
+    if mode is not None:
+        attn, keys, values = kernel.attend_and_write(
+            q, k, v, cache.keys[index], cache.values[index], positions, scale,
+            interpret=mode == "interpret")
+        return attn, cache.with_layer(index, keys, values)
+    if cache is not None:
+        cache = cache.update(index, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                             positions)  # written [batch, kv_heads, seq, head_dim]
+    if cache is None or fresh:  # attend within the given tokens
+        return attend_block(q, k, v, positions, window, scale, softcap), cache
+    return attend_cache(q, k, v, cache.keys[index], cache.values[index], positions, window,
+                        scale, softcap, key_limit), cache
+
+
+def _kernel_mode(setting: bool | None, seq: int, head_dim: int, dtype, window: int | None,
+                 softcap: float | None) -> str | None:
+    """How a layer's step runs ``kvjax.decode_kernel`` (``forward``'s ``decode_kernel``):
+    ``"compiled"``, ``"interpret"`` or None (the XLA/cuDNN path)."""
+    if setting is False or seq != 1 or window is not None or softcap is not None:
+        return None
+    if kernel.supported(head_dim, dtype):
+        return "compiled"
+    return "interpret" if setting else None
+
+
+def step_fn(config: ModelConfig, *, fresh: bool = False, key_limit: int | None = None,
+            decode_kernel: bool | None = None):
+    """``forward`` bound to a config (and ``fresh`` / ``key_limit`` / ``decode_kernel``):
+    the ``step_fn(params, tokens, positions, cache)`` that ``kvjax.decode`` drives."""
+    return functools.partial(forward, config, fresh=fresh, key_limit=key_limit,
+                             decode_kernel=decode_kernel)
 
 
 def recompute_forward(config: ModelConfig, params: dict, tokens: jax.Array,

@@ -293,14 +293,14 @@ def check_fits(what: str, need: int | None, limit: int | None) -> None:
 
 @functools.lru_cache(maxsize=32)
 def decode_program(config: kvjax.ModelConfig, num_steps: int, key_limit: int | None,
-                   fresh: bool):
+                   fresh: bool, decode_kernel: bool | None = None):
     """``kvjax.generate``'s program (greedy, cache donated, prompts longer than
     ``kvjax.api.PREFILL_CHUNK`` prefilled in pieces; with ``fresh`` the prompt attends
     within itself and decode steps read the first ``key_limit`` slots only) plus
     ``kvjax.decode``'s ``start``: where each row's prompt block begins in the cache.
     ``fresh`` is for ``start`` 0 only; otherwise the cache is continued, as a chat turn
-    does, and attention reads every slot."""
-    step, whole_block_fn = kvjax.api._steps(config, True, key_limit, fresh)
+    does, and attention reads every slot. ``decode_kernel`` as in ``kvjax.model.forward``."""
+    step, whole_block_fn = kvjax.api._steps(config, True, key_limit, fresh, decode_kernel)
 
     def run(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed, stops):
         return kvjax.decode(step, params, cache, tokens, lengths, num_steps=num_steps,
@@ -321,7 +321,8 @@ class DecodeTiming:
 
 
 def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capacity: int,
-                reps: int, memory: int | None, start: int = 0) -> DecodeTiming:
+                reps: int, memory: int | None, start: int = 0,
+                decode_kernel: bool | None = None) -> DecodeTiming:
     """Times one compiled program (``num_steps = new``) run with ``max_new_tokens`` 1 and
     ``new``, a fresh cache for every call (outside the timed region), no stop tokens.
 
@@ -329,7 +330,8 @@ def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capac
     every row; slots before ``start`` are left as the empty cache has them (zeros) but
     count as filled: the prefill sets each row's length to ``start + prompt_len``,
     exactly as a chat turn continues a cache (kvjax.decode's ``start``). With ``start``
-    0 the program is ``kvjax.generate``'s for a fresh cache (``decode_program``)."""
+    0 the program is ``kvjax.generate``'s for a fresh cache (``decode_program``, which
+    also takes ``decode_kernel``)."""
     config, dtype = model.config, model.dtype
     if start + prompt_len + new - 1 > capacity:
         raise ValueError(f"{start} + {prompt_len} + {new} - 1 tokens exceed capacity {capacity}")
@@ -347,7 +349,8 @@ def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capac
     cache_shape = jax.eval_shape(lambda: kvjax.KVCache.create(config, batch, capacity, dtype))
     fresh = start == 0
     key_limit = kvjax.api.fresh_key_limit(prompt_len, new, capacity) if fresh else None
-    compiled = decode_program(config, new, key_limit, fresh).lower(*args(cache_shape, new)).compile()
+    compiled = decode_program(config, new, key_limit, fresh, decode_kernel).lower(
+        *args(cache_shape, new)).compile()
     compile_s = time.perf_counter() - t0
     need = program_bytes(compiled)
     check_fits("the compiled program", need, memory)

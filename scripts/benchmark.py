@@ -302,7 +302,8 @@ class Run:
     def kvjax_point(self, p: dict) -> dict:
         model = self.models.get(("kvjax", p["model"]), lambda: lib.random_kvjax_model(p["model"]))
         t = lib.time_decode(model, p["batch"], p["prompt_len"], p["new_tokens"], p["capacity"],
-                            self.args.reps, self.memory, start=p["start"])
+                            self.args.reps, self.memory, start=p["start"],
+                            decode_kernel=False if self.args.xla_decode_steps else None)
         return self.metrics(model.config, p, t.prefill_s, t.step_s) | dict(
             compile_s=t.compile_s, program_bytes=t.program_bytes,
             peak_bytes=lib.peak_bytes(self.device))
@@ -329,7 +330,8 @@ class Run:
     def point(self, case: str, p: dict) -> dict:
         """The record of one point: measured, skipped or failed."""
         record = dict.fromkeys(FIELDS) | dict(
-            case=case, implementation="kvjax", device=self.device.device_kind,
+            case=case, implementation="kvjax-xla-steps" if self.args.xla_decode_steps else "kvjax",
+            device=self.device.device_kind,
             bound_GBps=self.bounds["bound_GBps"], versions=self.versions, date=self.date) | p
         try:
             if self.args.time_budget is not None and self.elapsed() > self.args.time_budget:
@@ -423,6 +425,9 @@ def parse_args(argv):
     suite.add_argument("--hf-batches", type=int, nargs="+")
     suite.add_argument("--hf-on-cpu", action="store_true")
     suite.add_argument("--hbm-gib", type=float)
+    suite.add_argument("--xla-decode-steps", action="store_true",
+                       help="decode steps on the XLA/cuDNN path, not kvjax.decode_kernel "
+                            "(implementation 'kvjax-xla-steps')")
     suite.add_argument("--gemm-size", type=int)
     old = parser.add_argument_group("issue-5 cases (stream, chat, nocache) on --shape")
     old.add_argument("--shape", choices=SHAPES, default="tiny")

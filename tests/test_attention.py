@@ -144,9 +144,9 @@ def test_cudnn_attention_over_a_cache_matches_the_plain_path(seq):
 
 @pytest.mark.skipif(not flash_supported(64, jnp.bfloat16), reason="needs cuDNN flash attention")
 def test_bfloat16_generation_with_cudnn_matches_the_plain_path(monkeypatch):
-    """A bfloat16 model generates with cuDNN attention (generate: fresh prefill and decode
-    steps; then kvjax.decode continuing that cache with a second prompt, as a chat turn
-    does) and with the plain path: the logits agree to bf16 precision and nearly every
+    """A bfloat16 model generates with cuDNN attention and kvjax's decode kernel
+    (generate: fresh prefill and decode steps; then kvjax.decode continuing that cache
+    with a second prompt, as a chat turn does) and with the plain path: the logits agree to bf16 precision and nearly every
     greedy token is the same."""
     config = make_config(num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256,
                          vocab_size=512, num_layers=3)
@@ -168,17 +168,19 @@ def test_bfloat16_generation_with_cudnn_matches_the_plain_path(monkeypatch):
         return [gen.logits[0][0], gen.logits[1][0], turn.logits[:, 0]], gen.tokens + [
             first.tokens.tolist(), turn.tokens.tolist()]
 
-    def fused_attention_calls():  # cuDNN attention custom calls in generate's program
-        return sum(c.as_text().count("__cudnn$fmha") for c in kvjax.api._COMPILED.values())
+    def calls(name):  # custom calls of generate's program: cuDNN's, kvjax's decode kernel
+        return sum(c.as_text().count(name) for c in kvjax.api._COMPILED.values())
 
     kvjax.api._COMPILED.clear()
     logits_flash, tokens_flash = run()
-    assert fused_attention_calls() >= 2 * config.num_layers  # prefill and decode step
+    assert calls("__cudnn$fmha") >= config.num_layers  # the prefill
+    assert calls("kvjax_decode_attention") >= config.num_layers  # the decode step
     monkeypatch.setattr(kvjax.attention, "flash_supported", lambda *a, **k: False)
+    monkeypatch.setattr(kvjax.decode_kernel, "supported", lambda *a, **k: False)
     kvjax.api._COMPILED.clear()
     kvjax.api._jitted_decode.cache_clear()
     logits_plain, tokens_plain = run()
-    assert fused_attention_calls() == 0
+    assert calls("__cudnn$fmha") == calls("kvjax_decode_attention") == 0
     for got, want in zip(logits_flash, logits_plain):
         np.testing.assert_allclose(got, want, atol=0.1)
     same = np.mean(np.concatenate([np.ravel(a) == np.ravel(b)

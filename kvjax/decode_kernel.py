@@ -1,0 +1,180 @@
+"""A decode step's cache write and attention as one Pallas kernel (NVIDIA GPUs).
+
+A decode step writes each row's new key and value into its layer's cache buffers and
+attends its queries over the row's filled slots. Done by XLA and cuDNN, that is two
+dynamic-update-slice kernels, cuDNN's attention, cuDNN's reduction of its splits and a
+select; here it is one Pallas (Triton) kernel and one XLA fusion that merges its splits.
+
+The kernel's grid is ``(batch, kv_heads, splits)``: each program takes the queries of
+one KV head's group and one of ``splits`` equal parts of the row's filled slots (before
+its position; a part is a whole number of ``BLOCK_SLOTS``, so at short fills the last
+parts are empty), and computes flash-attention partials (a running maximum, sum and
+weighted values, in float32) over it. The parts follow the fill, not the capacity: a
+large cache that is little filled costs what its fill costs. The program of split 0
+also adds the new token itself, from registers, and writes its key and value into the
+cache (aliased in place: the buffers are the kernel's outputs). Rows whose position is
+``-1`` (finished rows) read and write nothing and return zeros.
+
+``supported`` says where it runs; ``kvjax.model.forward`` uses it there for decode
+steps and keeps the XLA/cuDNN path everywhere else (CPU, TPU, a mesh, sliding windows,
+soft-capped logits). With ``interpret=True`` the same kernel runs on any backend,
+slowly: that is how the tests check it against the plain path on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Finite, so that a program with nothing to attend gives zero weights, not NaN.
+_MASKED = -1e30
+# Cache slots a program reads per loop iteration (H100: 64 beat 32 at every measured shape).
+BLOCK_SLOTS = 64
+# Programs the grid aims at: about two per SM of an H100 (132). 512 was slower at 2k
+# fills, parts of at least two blocks slower at short fills (docs/benchmarks.md).
+TARGET_PROGRAMS = 256
+
+
+def supported(head_dim: int, dtype, sliding_window: int | None = None,
+              logit_softcap: float | None = None) -> bool:
+    """Whether the kernel runs compiled here: a CUDA GPU of compute capability 8.0 or
+    newer (Triton), a 16-bit float cache, a power-of-two head dimension from 16 to 256,
+    no sliding window and no logit soft-cap."""
+    if sliding_window is not None or logit_softcap is not None:
+        return False
+    if np.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return False
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        return False
+    if jax.default_backend() != "gpu":
+        return False
+    device = jax.devices()[0]
+    if "cuda" not in device.client.platform_version:
+        return False
+    return tuple(int(x) for x in device.compute_capability.split(".")) >= (8, 0)
+
+
+def split_count(batch: int, kv_heads: int, capacity: int) -> int:
+    """Parts each row's filled slots are split into: about ``TARGET_PROGRAMS`` programs
+    in all, at least one part, at most one per ``BLOCK_SLOTS`` slots of the capacity."""
+    most = -(-capacity // BLOCK_SLOTS)
+    return max(1, min(TARGET_PROGRAMS // (batch * kv_heads), most))
+
+
+def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, values_ref,
+            out_ref, max_ref, sum_ref, keys_out_ref, values_out_ref, *,
+            scale: float, splits: int, group: int):
+    """One (row, KV head, split) program; refs as laid out by ``attend_and_write``."""
+    row, head, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    padded_group, head_dim = queries_ref.shape
+    position = positions_ref[row]
+    real_heads = (jnp.arange(padded_group) < group)[:, None]
+    queries = plgpu.load(queries_ref, mask=real_heads, other=0.)  # [padded_group, head_dim]
+    per_part = pl.cdiv(pl.cdiv(position, splits), BLOCK_SLOTS) * BLOCK_SLOTS
+    first = part * per_part
+    end = jnp.minimum(first + per_part, position)  # this part's slots before the new one
+    slot = jnp.arange(BLOCK_SLOTS)
+
+    def block(i, carry):
+        out, top, total = carry
+        start = first + i * BLOCK_SLOTS
+        filled = (start + slot) < end  # [BLOCK_SLOTS]
+        window = (row, head, pl.ds(start, BLOCK_SLOTS), slice(None))
+        keys = plgpu.load(keys_ref.at[window], mask=filled[:, None], other=0.)
+        scores = plgpu.dot(queries, keys.T) * scale  # [padded_group, BLOCK_SLOTS] float32
+        scores = jnp.where(filled[None, :], scores, _MASKED)
+        new_top = jnp.maximum(top, scores.max(axis=-1))
+        rescale = jnp.exp(top - new_top)
+        weights = jnp.exp(scores - new_top[:, None])
+        values = plgpu.load(values_ref.at[window], mask=filled[:, None], other=0.)
+        out = out * rescale[:, None] + plgpu.dot(weights.astype(values.dtype), values)
+        return out, new_top, total * rescale + weights.sum(axis=-1)
+
+    carry = (jnp.zeros((padded_group, head_dim), jnp.float32),
+             jnp.full((padded_group,), _MASKED, jnp.float32),
+             jnp.zeros((padded_group,), jnp.float32))
+    blocks = jnp.maximum(pl.cdiv(end - first, BLOCK_SLOTS), 0)
+    out, top, total = jax.lax.fori_loop(0, blocks, block, carry)
+
+    # The new token: added (and written to the cache) by split 0 of an active row.
+    owner = (part == 0) & (position >= 0)
+    new_key = new_key_ref[...].astype(jnp.float32)  # [head_dim]
+    new_value = new_value_ref[...].astype(jnp.float32)
+    score = jnp.sum(queries.astype(jnp.float32) * new_key[None, :], axis=-1) * scale
+    score = jnp.where(owner, score, _MASKED)  # [padded_group]
+    new_top = jnp.maximum(top, score)
+    rescale = jnp.exp(top - new_top)
+    weight = jnp.where(owner, jnp.exp(score - new_top), 0.)
+    out_ref[...] = out * rescale[:, None] + weight[:, None] * new_value[None, :]
+    max_ref[...] = new_top
+    sum_ref[...] = total * rescale + weight
+
+    @pl.when(owner)
+    def _write():
+        at = (row, head, pl.ds(position, 1), slice(None))
+        keys_out_ref[at] = new_key_ref[...][None, :].astype(keys_out_ref.dtype)
+        values_out_ref[at] = new_value_ref[...][None, :].astype(values_out_ref.dtype)
+
+
+def attend_and_write(queries: jax.Array, keys: jax.Array, values: jax.Array,
+                     cache_keys: jax.Array, cache_values: jax.Array, positions: jax.Array,
+                     scale: float | None = None, interpret: bool = False
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A decode step of one layer: writes each row's new key/value at its position and
+    attends its queries over the row's slots up to and including it.
+
+    Args:
+      queries: ``[batch, 1, heads, head_dim]``.
+      keys, values: the new token's ``[batch, 1, kv_heads, head_dim]``.
+      cache_keys, cache_values: ``[batch, kv_heads, capacity, head_dim]`` (consumed:
+        updated in place where the caller donates them).
+      positions: ``int32[batch, 1]``; ``-1``: the row takes no part (zeros out, no write).
+      scale: multiplies the scores (default ``head_dim ** -0.5``).
+      interpret: run the kernel in Pallas interpret mode (any backend; for tests).
+
+    Returns:
+      ``(out [batch, 1, heads, head_dim], cache_keys, cache_values)``, as
+      ``kvjax.attention.attend_cache`` after ``KVCache.update`` would give them.
+    """
+    batch, _, heads, head_dim = queries.shape
+    _, kv_heads, capacity, _ = cache_keys.shape
+    group = heads // kv_heads
+    padded_group = max(16, 1 << (group - 1).bit_length())  # Triton's dot needs 16 rows
+    splits = split_count(batch, kv_heads, capacity)
+    scale = head_dim ** -0.5 if scale is None else scale
+    kernel = functools.partial(_kernel, scale=scale, splits=splits, group=group)
+    whole = pl.BlockSpec()  # the kernel indexes these itself
+    per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda b, h, s: (b, h, 0))
+    per_split = lambda *block: pl.BlockSpec((None, None, None, *block),
+                                            lambda b, h, s: (b, h, s) + (0,) * len(block))
+    partial_shape = lambda *shape: jax.ShapeDtypeStruct((batch, kv_heads, splits, *shape),
+                                                        jnp.float32)
+    out, top, total, cache_keys, cache_values = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, splits),
+        in_specs=[whole,
+                  pl.BlockSpec((None, None, padded_group, head_dim), lambda b, h, s: (b, h, 0, 0)),
+                  per_head(head_dim), per_head(head_dim), whole, whole],
+        out_specs=[per_split(padded_group, head_dim), per_split(padded_group),
+                   per_split(padded_group), whole, whole],
+        out_shape=[partial_shape(padded_group, head_dim), partial_shape(padded_group),
+                   partial_shape(padded_group),
+                   jax.ShapeDtypeStruct(cache_keys.shape, cache_keys.dtype),
+                   jax.ShapeDtypeStruct(cache_values.shape, cache_values.dtype)],
+        input_output_aliases={4: 3, 5: 4},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="kvjax_decode_attention",
+    )(positions[:, 0], queries.reshape(batch, kv_heads, group, head_dim), keys[:, 0],
+      values[:, 0], cache_keys, cache_values)
+    # Merge the splits: [batch, kv_heads, splits, padded_group(, head_dim)] -> per head.
+    weight = jnp.exp(top - top.max(axis=2, keepdims=True))
+    total = (total * weight).sum(axis=2)  # 0 for a row that takes no part
+    out = (out * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]
+    out = out[:, :, :group].reshape(batch, 1, heads, head_dim)
+    return out.astype(queries.dtype), cache_keys, cache_values

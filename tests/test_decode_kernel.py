@@ -1,0 +1,155 @@
+"""kvjax.decode_kernel: a decode step's cache write and attention in one Pallas kernel,
+checked against the plain path (KVCache.update + attend_cache). On CPU the kernel runs
+in Pallas interpret mode; the compiled kernel is checked on GPUs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import decode_kernel
+from kvjax.attention import attend_cache
+from kvjax.sampling import SamplingParams
+from tests.conftest import make_config, make_model
+
+
+def plain_step(q, k, v, cache_k, cache_v, positions):
+    """What the kernel replaces: write the new K/V, then attend over the cache."""
+    cache = kvjax.KVCache(keys=(cache_k,), values=(cache_v,),
+                          lengths=jnp.zeros((q.shape[0],), jnp.int32))
+    cache = cache.update(0, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions)
+    out = attend_cache(q, k, v, cache.keys[0], cache.values[0], positions, implementation="xla")
+    return jnp.where((positions >= 0)[:, :, None, None], out, 0), cache.keys[0], cache.values[0]
+
+
+def random_step(batch, heads, kv_heads, head_dim, capacity, dtype=jnp.float32, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    return (normal(keys[0], (batch, 1, heads, head_dim)),
+            normal(keys[1], (batch, 1, kv_heads, head_dim)),
+            normal(keys[2], (batch, 1, kv_heads, head_dim)),
+            normal(keys[3], (batch, kv_heads, capacity, head_dim)),
+            normal(keys[4], (batch, kv_heads, capacity, head_dim)))
+
+
+# (heads, kv_heads, head_dim, capacity, positions): MHA, GQA, MQA and a group of 16;
+# rows at slot 0, at the last slot, deep in a long cache and
+# idle (-1); capacities that are not a multiple of the 64-slot blocks.
+CASES = {
+    "gqa": (8, 2, 16, 200, [137, 0, -1]),
+    "mha": (4, 4, 32, 64, [63, 5, 30]),
+    "mqa": (16, 1, 16, 300, [299, 64, 1]),
+    "group16": (32, 2, 64, 128, [127, 100, -1]),
+    "long": (4, 1, 16, 2000, [1999, 1000, 70]),  # 32 parts; 2 of them hold a fill of 70
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_equals_the_plain_path(case):
+    """Interpreted: the same attention output (float32 rounding) and exactly the same
+    cache buffers; idle rows give zeros and leave their cache untouched."""
+    heads, kv_heads, head_dim, capacity, rows = CASES[case]
+    q, k, v, cache_k, cache_v = random_step(len(rows), heads, kv_heads, head_dim, capacity)
+    positions = jnp.array(rows, jnp.int32)[:, None]
+    want = plain_step(q, k, v, cache_k, cache_v, positions)
+    got = jax.jit(lambda *a: decode_kernel.attend_and_write(*a, interpret=True))(
+        q, k, v, cache_k, cache_v, positions)
+    np.testing.assert_allclose(got[0], want[0], atol=2e-6, rtol=2e-6)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    idle = np.asarray(rows) < 0
+    assert not np.any(np.asarray(got[0])[idle])
+    np.testing.assert_array_equal(np.asarray(got[1])[idle], np.asarray(cache_k)[idle])
+
+
+def test_kernel_in_bfloat16():
+    """A bfloat16 cache: the output within bfloat16 rounding of the float32 plain path."""
+    rows = [700, 3]
+    q, k, v, cache_k, cache_v = random_step(2, 8, 2, 64, 768, jnp.bfloat16, seed=1)
+    positions = jnp.array(rows, jnp.int32)[:, None]
+    f32 = lambda x: x.astype(jnp.float32)
+    want = plain_step(f32(q), f32(k), f32(v), f32(cache_k), f32(cache_v), positions)
+    got = decode_kernel.attend_and_write(q, k, v, cache_k, cache_v, positions, interpret=True)
+    np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
+    np.testing.assert_array_equal(f32(got[1]), want[1])
+
+
+def test_split_count():
+    """About TARGET_PROGRAMS programs, at most one part per 64 slots of the capacity."""
+    assert decode_kernel.split_count(1, 8, 32768) == 32
+    assert decode_kernel.split_count(8, 8, 768) == 4
+    assert decode_kernel.split_count(64, 8, 768) == 1
+    assert decode_kernel.split_count(1, 2, 200) == 4  # 200 slots: 4 parts of >= 64
+    assert decode_kernel.split_count(1, 1, 16) == 1
+
+
+def test_where_the_kernel_runs():
+    """Compiled only on CUDA GPUs, for 16-bit caches, power-of-two head dimensions from 16
+    to 256, and layers without a sliding window or a logit soft-cap."""
+    gpu = jax.default_backend() == "gpu"
+    assert decode_kernel.supported(128, jnp.bfloat16) == gpu or not gpu
+    assert not decode_kernel.supported(128, jnp.float32)
+    assert not decode_kernel.supported(96, jnp.bfloat16)
+    assert not decode_kernel.supported(512, jnp.bfloat16)
+    assert not decode_kernel.supported(128, jnp.bfloat16, sliding_window=4096)
+    assert not decode_kernel.supported(128, jnp.bfloat16, logit_softcap=50.0)
+    if not gpu:
+        assert not decode_kernel.supported(128, jnp.bfloat16)
+
+
+def run_decode(model, kernel: bool | None, stops):
+    """kvjax.generate's loop over a ragged batch with the model's decode steps on the
+    kernel (interpreted off GPUs) or on the plain path."""
+    config = model.config
+    prompts = np.zeros((3, 16), np.int32)
+    prompts[0, :7], prompts[1, :3], prompts[2, :11] = range(5, 12), [2, 71, 33], range(40, 51)
+    program = kvjax.jit_decode(kvjax.model.step_fn(config, decode_kernel=kernel), num_steps=20,
+                               greedy=True, sync_every=4)
+    return program(model.params, kvjax.KVCache.create(config, 3, 48, jnp.float32), prompts,
+                   np.array([7, 3, 11], np.int32), np.int32(20), SamplingParams.create(3),
+                   np.uint32(0), np.asarray(stops, np.int32))
+
+
+def test_generation_with_the_kernel_equals_the_plain_path():
+    """Greedy decoding with every decode step on the interpreted kernel gives the plain
+    path's tokens and cache, with rows that stop early (idle in later steps)."""
+    model = make_model(make_config(num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64))
+    free = run_decode(model, False, [-1])
+    stops = [int(free.tokens[0, 4]), int(free.tokens[2, 9])]
+    plain, fused = run_decode(model, False, stops), run_decode(model, True, stops)
+    np.testing.assert_array_equal(fused.tokens, plain.tokens)
+    np.testing.assert_array_equal(fused.num_generated, plain.num_generated)
+    assert min(np.asarray(plain.num_generated)) < 20  # some row stopped early
+    for got, want in zip(jax.tree.leaves(fused.cache), jax.tree.leaves(plain.cache)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_auto_keeps_the_plain_path_without_a_gpu():
+    """decode_kernel=None compiles the kernel only where it is supported: on CPU the
+    step has no Pallas call; True puts one in each layer."""
+    model = make_model(make_config())
+    config = model.config
+    cache = kvjax.KVCache.create(config, 1, 32, jnp.float32)
+    args = (model.params, np.ones((1, 1), np.int32), np.full((1, 1), 5, np.int32), cache)
+    calls = lambda setting: str(jax.make_jaxpr(
+        kvjax.model.step_fn(config, decode_kernel=setting))(*args)).count("pallas_call")
+    if not decode_kernel.supported(config.head_dim, cache.keys[0].dtype):
+        assert calls(None) == 0
+    assert calls(True) == calls(False) + config.num_layers == config.num_layers
+
+
+@pytest.mark.skipif(not decode_kernel.supported(128, jnp.bfloat16), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [[0, 511, -1], [2047, 5, 1000]])
+def test_compiled_kernel_equals_the_plain_path(rows):
+    """The compiled kernel (bf16, 32 query heads over 8 KV heads, head_dim 128) against
+    the float32 plain path; its cache writes exactly."""
+    capacity = 2112
+    q, k, v, cache_k, cache_v = random_step(len(rows), 32, 8, 128, capacity, jnp.bfloat16)
+    positions = jnp.array(rows, jnp.int32)[:, None]
+    f32 = lambda x: x.astype(jnp.float32)
+    want = plain_step(f32(q), f32(k), f32(v), f32(cache_k), f32(cache_v), positions)
+    got = jax.jit(decode_kernel.attend_and_write)(q, k, v, cache_k, cache_v, positions)
+    np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
+    np.testing.assert_array_equal(f32(got[1]), want[1])
+    np.testing.assert_array_equal(f32(got[2]), want[2])
