@@ -3,14 +3,14 @@
 A decode step writes each row's new key and value into its layer's cache buffers and
 attends its queries over the row's filled slots. Done by XLA and cuDNN, that is two
 dynamic-update-slice kernels, cuDNN's attention, cuDNN's reduction of its splits and a
-select; here it is one Pallas (Triton) kernel and one XLA fusion that merges its splits.
+select; here it is one Pallas (Triton) kernel and one XLA fusion that merges its parts.
 
-The kernel's grid is ``(batch, kv_heads, splits)``: each program takes the queries of
-one KV head's group and one of ``splits`` equal parts of the row's filled slots (before
+The kernel's grid is ``(batch, kv_heads, parts)``: each program takes the queries of
+one KV head's group and one of ``parts`` equal parts of the row's filled slots (before
 its position; a part is a whole number of ``BLOCK_SLOTS``, so at short fills the last
 parts are empty), and computes flash-attention partials (a running maximum, sum and
 weighted values, in float32) over it. The parts follow the fill, not the capacity: a
-large cache that is little filled costs what its fill costs. The program of split 0
+large cache that is little filled costs what its fill costs. The program of part 0
 also adds the new token itself, from registers, and writes its key and value into the
 cache (aliased in place: the buffers are the kernel's outputs). Rows whose position is
 ``-1`` (finished rows) read and write nothing and return zeros.
@@ -59,7 +59,7 @@ def supported(head_dim: int, dtype, sliding_window: int | None = None,
     return tuple(int(x) for x in device.compute_capability.split(".")) >= (8, 0)
 
 
-def split_count(batch: int, kv_heads: int, capacity: int) -> int:
+def part_count(batch: int, kv_heads: int, capacity: int) -> int:
     """Parts each row's filled slots are split into: about ``TARGET_PROGRAMS`` programs
     in all, at least one part, at most one per ``BLOCK_SLOTS`` slots of the capacity."""
     most = -(-capacity // BLOCK_SLOTS)
@@ -68,14 +68,14 @@ def split_count(batch: int, kv_heads: int, capacity: int) -> int:
 
 def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, values_ref,
             out_ref, max_ref, sum_ref, keys_out_ref, values_out_ref, *,
-            scale: float, splits: int, group: int):
-    """One (row, KV head, split) program; refs as laid out by ``attend_and_write``."""
+            scale: float, parts: int, group: int):
+    """One (row, KV head, part) program; refs as laid out by ``attend_and_write``."""
     row, head, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     padded_group, head_dim = queries_ref.shape
     position = positions_ref[row]
     real_heads = (jnp.arange(padded_group) < group)[:, None]
     queries = plgpu.load(queries_ref, mask=real_heads, other=0.)  # [padded_group, head_dim]
-    per_part = pl.cdiv(pl.cdiv(position, splits), BLOCK_SLOTS) * BLOCK_SLOTS
+    per_part = pl.cdiv(pl.cdiv(position, parts), BLOCK_SLOTS) * BLOCK_SLOTS
     first = part * per_part
     end = jnp.minimum(first + per_part, position)  # this part's slots before the new one
     slot = jnp.arange(BLOCK_SLOTS)
@@ -101,7 +101,7 @@ def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, va
     blocks = jnp.maximum(pl.cdiv(end - first, BLOCK_SLOTS), 0)
     out, top, total = jax.lax.fori_loop(0, blocks, block, carry)
 
-    # The new token: added (and written to the cache) by split 0 of an active row.
+    # The new token: added (and written to the cache) by part 0 of an active row.
     owner = (part == 0) & (position >= 0)
     new_key = new_key_ref[...].astype(jnp.float32)  # [head_dim]
     new_value = new_value_ref[...].astype(jnp.float32)
@@ -145,23 +145,23 @@ def attend_and_write(queries: jax.Array, keys: jax.Array, values: jax.Array,
     _, kv_heads, capacity, _ = cache_keys.shape
     group = heads // kv_heads
     padded_group = max(16, 1 << (group - 1).bit_length())  # Triton's dot needs 16 rows
-    splits = split_count(batch, kv_heads, capacity)
+    parts = part_count(batch, kv_heads, capacity)
     scale = head_dim ** -0.5 if scale is None else scale
-    kernel = functools.partial(_kernel, scale=scale, splits=splits, group=group)
+    kernel = functools.partial(_kernel, scale=scale, parts=parts, group=group)
     whole = pl.BlockSpec()  # the kernel indexes these itself
     per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda b, h, s: (b, h, 0))
-    per_split = lambda *block: pl.BlockSpec((None, None, None, *block),
+    each_part = lambda *block: pl.BlockSpec((None, None, None, *block),
                                             lambda b, h, s: (b, h, s) + (0,) * len(block))
-    partial_shape = lambda *shape: jax.ShapeDtypeStruct((batch, kv_heads, splits, *shape),
+    partial_shape = lambda *shape: jax.ShapeDtypeStruct((batch, kv_heads, parts, *shape),
                                                         jnp.float32)
     out, top, total, cache_keys, cache_values = pl.pallas_call(
         kernel,
-        grid=(batch, kv_heads, splits),
+        grid=(batch, kv_heads, parts),
         in_specs=[whole,
                   pl.BlockSpec((None, None, padded_group, head_dim), lambda b, h, s: (b, h, 0, 0)),
                   per_head(head_dim), per_head(head_dim), whole, whole],
-        out_specs=[per_split(padded_group, head_dim), per_split(padded_group),
-                   per_split(padded_group), whole, whole],
+        out_specs=[each_part(padded_group, head_dim), each_part(padded_group),
+                   each_part(padded_group), whole, whole],
         out_shape=[partial_shape(padded_group, head_dim), partial_shape(padded_group),
                    partial_shape(padded_group),
                    jax.ShapeDtypeStruct(cache_keys.shape, cache_keys.dtype),
@@ -172,7 +172,7 @@ def attend_and_write(queries: jax.Array, keys: jax.Array, values: jax.Array,
         name="kvjax_decode_attention",
     )(positions[:, 0], queries.reshape(batch, kv_heads, group, head_dim), keys[:, 0],
       values[:, 0], cache_keys, cache_values)
-    # Merge the splits: [batch, kv_heads, splits, padded_group(, head_dim)] -> per head.
+    # Merge the parts: [batch, kv_heads, parts, padded_group(, head_dim)] -> per head.
     weight = jnp.exp(top - top.max(axis=2, keepdims=True))
     total = (total * weight).sum(axis=2)  # 0 for a row that takes no part
     out = (out * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]

@@ -15,6 +15,14 @@ from tests.conftest import make_config, make_model
 
 PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [2, 71, 33]]
 
+def prompt_block() -> np.ndarray:
+    """PROMPTS right-padded to ``int32[2, 16]``."""
+    block = np.zeros((2, 16), np.int32)
+    for row, p in enumerate(PROMPTS):
+        block[row, :len(p)] = p
+    return block
+
+
 ATTENTION_KINDS = {
     "mha": dict(num_heads=4, num_kv_heads=4, head_dim=8),
     "gqa": dict(num_heads=4, num_kv_heads=2, head_dim=8),
@@ -78,9 +86,7 @@ def test_no_model_work_after_every_row_stopped(gqa_model):
         return model_step(params, tokens, positions, cache)
 
     cache = kvjax.KVCache.create(config, 2, 64, jnp.float32)
-    prompt_tokens = np.zeros((2, 16), np.int32)
-    for row, p in enumerate(PROMPTS):
-        prompt_tokens[row, :len(p)] = p
+    prompt_tokens = prompt_block()
     run = kvjax.jit_decode(counting_step, num_steps=32, greedy=True)
     result = run(gqa_model.params, cache, prompt_tokens, np.array([7, 3], np.int32),
                  np.int32(30), SamplingParams.create(2), np.uint32(0), np.array(stops, np.int32))
@@ -99,9 +105,7 @@ def test_steps_in_groups_equal_steps_checked_one_by_one(gqa_model, sync_every):
     config = gqa_model.config
     full = kvjax.generate(gqa_model, PROMPTS, max_new_tokens=31, stop_tokens=[])
     stops = np.array([full.tokens[0][2], full.tokens[1][9]], np.int32)
-    prompt_tokens = np.zeros((2, 16), np.int32)
-    for row, p in enumerate(PROMPTS):
-        prompt_tokens[row, :len(p)] = p
+    prompt_tokens = prompt_block()
 
     def run(sync_every):
         program = kvjax.jit_decode(kvjax.model.step_fn(config), num_steps=31, greedy=True,
@@ -123,9 +127,7 @@ def test_steps_in_groups_equal_steps_checked_one_by_one(gqa_model, sync_every):
 def test_one_step_program_is_the_prefill(gqa_model):
     """jit_decode(num_steps=1) runs the prefill alone: its token is generate's first."""
     expected = kvjax.generate(gqa_model, PROMPTS, max_new_tokens=4, stop_tokens=[])
-    prompt_tokens = np.zeros((2, 16), np.int32)
-    for row, p in enumerate(PROMPTS):
-        prompt_tokens[row, :len(p)] = p
+    prompt_tokens = prompt_block()
     run = kvjax.jit_decode(kvjax.model.step_fn(gqa_model.config), num_steps=1, greedy=True)
     result = run(gqa_model.params, kvjax.KVCache.create(gqa_model.config, 2, 64, jnp.float32),
                  prompt_tokens, np.array([7, 3], np.int32), np.int32(1), SamplingParams.create(2),
@@ -138,9 +140,7 @@ def test_max_new_tokens_per_row(gqa_model):
     """max_new_tokens as int32[batch]: each row stops at its own limit with the tokens of
     a run without limits, and the loop ends with the longest."""
     full = kvjax.generate(gqa_model, PROMPTS, max_new_tokens=12, stop_tokens=[])
-    prompt_tokens = np.zeros((2, 16), np.int32)
-    for row, p in enumerate(PROMPTS):
-        prompt_tokens[row, :len(p)] = p
+    prompt_tokens = prompt_block()
     run = kvjax.jit_decode(kvjax.model.step_fn(gqa_model.config), num_steps=16, greedy=True)
     result = run(gqa_model.params, kvjax.KVCache.create(gqa_model.config, 2, 64, jnp.float32),
                  prompt_tokens, np.array([7, 3], np.int32), np.array([9, 4], np.int32),

@@ -75,13 +75,13 @@ def test_kernel_in_bfloat16():
     np.testing.assert_array_equal(f32(got[1]), want[1])
 
 
-def test_split_count():
+def test_part_count():
     """About TARGET_PROGRAMS programs, at most one part per 64 slots of the capacity."""
-    assert decode_kernel.split_count(1, 8, 32768) == 32
-    assert decode_kernel.split_count(8, 8, 768) == 4
-    assert decode_kernel.split_count(64, 8, 768) == 1
-    assert decode_kernel.split_count(1, 2, 200) == 4  # 200 slots: 4 parts of >= 64
-    assert decode_kernel.split_count(1, 1, 16) == 1
+    assert decode_kernel.part_count(1, 8, 32768) == 32
+    assert decode_kernel.part_count(8, 8, 768) == 4
+    assert decode_kernel.part_count(64, 8, 768) == 1
+    assert decode_kernel.part_count(1, 2, 200) == 4  # 200 slots: 4 parts of >= 64
+    assert decode_kernel.part_count(1, 1, 16) == 1
 
 
 def test_where_the_kernel_runs():
