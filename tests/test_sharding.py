@@ -279,6 +279,8 @@ def test_error_messages(hf_dir):
         assert errors[name]["message"] == message
         assert errors[name]["compiles"] == 0, name
     assert errors["default_mesh"] == {"data": 1, "model": 8}  # all devices on model
+    # the Pallas decode kernel, which XLA cannot split, stays off on a multi-device mesh
+    assert errors["decode_kernel"] == {"2x4": False, "1x1": None, "none": None}
     assert errors["data_only"] == {"data": 2, "model": 4}
     assert errors["subset"] == {"data": 1, "model": 2}
 
