@@ -43,13 +43,15 @@ TARGET_PROGRAMS = 256
 def supported(head_dim: int, dtype, sliding_window: int | None = None,
               logit_softcap: float | None = None) -> bool:
     """Whether the kernel runs compiled here: a CUDA GPU of compute capability 8.0 or
-    newer (Triton), a 16-bit float cache, a power-of-two head dimension from 16 to 256,
-    no sliding window and no logit soft-cap."""
+    newer (Triton), a 16-bit float cache, a power-of-two head dimension from 16 to 128
+    (256 would need 128 KiB of shared memory for two stages of K/V blocks, more than
+    some of those GPUs have, and was not measured), no sliding window and no logit
+    soft-cap."""
     if sliding_window is not None or logit_softcap is not None:
         return False
     if np.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return False
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
         return False
     if jax.default_backend() != "gpu":
         return False
