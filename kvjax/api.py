@@ -352,11 +352,12 @@ def _steps(config: ModelConfig, use_cache: bool, key_limit: int | None, fresh: b
     return step_fn(config, key_limit=key_limit, decode_kernel=decode_kernel), whole_block_fn
 
 
-def _decode_kernel(model: Model) -> bool | None:
-    """``forward``'s ``decode_kernel`` for ``model``: where supported (None), except when
-    its params span several devices (False). The kernel is a custom call that XLA
-    cannot split: on a mesh it would gather the whole cache to every device."""
-    return False if model.mesh is not None and model.mesh.devices.size > 1 else None
+def _decode_kernel(mesh) -> bool | None:
+    """``forward``'s ``decode_kernel`` for params placed on ``mesh`` (or None): where
+    supported (None), except when the mesh spans several devices (False). The kernel is
+    a custom call that XLA cannot split: there it would gather the whole cache to every
+    device."""
+    return False if mesh is not None and mesh.devices.size > 1 else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -429,7 +430,7 @@ def generate(model: Model, prompts: Prompts, *,
     args = (model.params, cache, req.prompt_tokens, req.prompt_lengths, c["max_new_tokens"],
             c["sampling"], c["seed"], c["stop_tokens"])
     jitted = _jitted_decode(model.config, use_cache, req.num_steps, req.greedy, return_logits,
-                            req.key_limit, _decode_kernel(model))
+                            req.key_limit, _decode_kernel(model.mesh))
     compile_start = time.perf_counter()
     compiled = _compiled(jitted, args)
     compile_s = time.perf_counter() - compile_start
@@ -477,10 +478,10 @@ def _stream_programs(config: ModelConfig, use_cache: bool, greedy: bool, chunk_s
                      decode_kernel: bool | None):
     """(prefill program, chunk program), each jitted once with its cache/state donated.
 
-    ``fresh``, ``key_limit``, ``decode_kernel`` as in ``_steps`` (a chat continues its cache: neither). On a
-    mesh both programs return the loop state with ``state_shardings``, so the state one
-    chunk returns is exactly what the next chunk (or a chat's next prefill) was compiled
-    for."""
+    ``fresh``, ``key_limit``, ``decode_kernel`` as in ``_steps`` (a chat continues its
+    cache: neither ``fresh`` nor a ``key_limit``). On a mesh both programs return the
+    loop state with ``state_shardings``, so the state one chunk returns is exactly what
+    the next chunk (or a chat's next prefill) was compiled for."""
     step, whole_block_fn = _steps(config, use_cache, key_limit, fresh, decode_kernel)
 
     def prefill_block(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed,
@@ -534,7 +535,7 @@ class _Chunks:
                  key_limit: int | None = None, fresh: bool = False):
         prefill_program, chunk_program = _stream_programs(
             model.config, use_cache, controls["sampling"].is_greedy, chunk_size,
-            _state_shardings(model, cache), key_limit, fresh, _decode_kernel(model))
+            _state_shardings(model, cache), key_limit, fresh, _decode_kernel(model.mesh))
         self._params, self._controls, self._chunk_size = model.params, controls, chunk_size
         self._prefill_args = (model.params, cache, block, lengths, start, *controls.values())
         t0 = time.perf_counter()

@@ -351,10 +351,10 @@ def task_errors(hf_dir: str) -> dict:
                                        sharding.make_mesh(data=2, model=4)),
         },
         # the decode kernel: off where the params span several devices
-        "decode_kernel": {"2x4": kvjax.api._decode_kernel(model24),
+        "decode_kernel": {"2x4": kvjax.api._decode_kernel(model24.mesh),
                           "1x1": kvjax.api._decode_kernel(sharding.shard_model(
-                              base, sharding.make_mesh(data=1, model=1))),
-                          "none": kvjax.api._decode_kernel(base)},
+                              base, sharding.make_mesh(data=1, model=1)).mesh),
+                          "none": kvjax.api._decode_kernel(base.mesh)},
         "default_mesh": dict(sharding.make_mesh().shape),
         "data_only": dict(sharding.make_mesh(data=2).shape),
         "subset": dict(sharding.make_mesh(data=1, model=2).shape),
