@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from kvjax.checkpoint import DTYPES, load_params
 from kvjax.config import ConfigError, ModelConfig, is_count
+from kvjax.decode_kernel import MeshSplit
 from kvjax.decode import PAD_TOKEN, DecodeState, decode_steps, jit_decode, prefill
 from kvjax.model import recompute_step_fn, step_fn
 from kvjax.sampling import SamplingParams, check_sampling_values
@@ -342,29 +343,34 @@ def _pad_block(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _steps(config: ModelConfig, use_cache: bool, key_limit: int | None, fresh: bool,
-           decode_kernel: bool | None = None):
+           decode_kernel: bool | None = None, kernel_split: MeshSplit | None = None):
     """``(step_fn, whole_block_fn)`` of a generation; ``fresh``: its cache starts empty,
-    ``key_limit``: slots it can fill (``_Request.key_limit``), ``decode_kernel``: as in
-    ``kvjax.model.forward`` (``_decode_kernel``)."""
+    ``key_limit``: slots it can fill (``_Request.key_limit``), ``decode_kernel`` and
+    ``kernel_split``: as in ``kvjax.model.forward`` (``_kernel_options``)."""
     if not use_cache:
         return recompute_step_fn(config), None
     whole_block_fn = step_fn(config, fresh=True) if fresh else None
-    return step_fn(config, key_limit=key_limit, decode_kernel=decode_kernel), whole_block_fn
+    return step_fn(config, key_limit=key_limit, decode_kernel=decode_kernel,
+                   kernel_split=kernel_split), whole_block_fn
 
 
-def _decode_kernel(mesh) -> bool | None:
-    """``forward``'s ``decode_kernel`` for params placed on ``mesh`` (or None): where
-    supported (None), except when the mesh spans several devices (False). The kernel is
-    a custom call that XLA cannot split: there it would gather the whole cache to every
-    device."""
-    return False if mesh is not None and mesh.devices.size > 1 else None
+def _kernel_options(config: ModelConfig, mesh) -> tuple[bool | None, MeshSplit | None]:
+    """``forward``'s ``(decode_kernel, kernel_split)`` for params placed on ``mesh`` (or
+    None): the kernel where supported, on each device's shard on a mesh of several
+    devices (``sharding.kernel_split``), and never on a mesh that cannot split it: the
+    kernel is a custom call that XLA cannot split, so it would gather the whole cache to
+    every device."""
+    split = sharding.kernel_split(config, mesh)
+    several = mesh is not None and mesh.devices.size > 1
+    return (False if several and split is None else None), split
 
 
 @functools.lru_cache(maxsize=64)
 def _jitted_decode(config: ModelConfig, use_cache: bool, num_steps: int, greedy: bool,
-                   return_logits: bool, key_limit: int | None, decode_kernel: bool | None = None):
-    step, whole_block_fn = _steps(config, use_cache, key_limit, fresh=True,
-                                  decode_kernel=decode_kernel)
+                   return_logits: bool, key_limit: int | None,
+                   decode_kernel: bool | None = None, kernel_split: MeshSplit | None = None):
+    step, whole_block_fn = _steps(config, use_cache, key_limit, True, decode_kernel,
+                                  kernel_split)
     return jit_decode(step, num_steps=num_steps, greedy=greedy, return_logits=return_logits,
                       on_prefill=_PREFILL_CLOCK, whole_block_fn=whole_block_fn,
                       prefill_chunk=PREFILL_CHUNK if use_cache else None, sync_every=SYNC_EVERY)
@@ -430,7 +436,7 @@ def generate(model: Model, prompts: Prompts, *,
     args = (model.params, cache, req.prompt_tokens, req.prompt_lengths, c["max_new_tokens"],
             c["sampling"], c["seed"], c["stop_tokens"])
     jitted = _jitted_decode(model.config, use_cache, req.num_steps, req.greedy, return_logits,
-                            req.key_limit, _decode_kernel(model.mesh))
+                            req.key_limit, *_kernel_options(model.config, model.mesh))
     compile_start = time.perf_counter()
     compiled = _compiled(jitted, args)
     compile_s = time.perf_counter() - compile_start
@@ -475,14 +481,15 @@ def _stats(req: _Request, tokens: list[list[int]], compile_s: float, prefill_s: 
 @functools.lru_cache(maxsize=64)
 def _stream_programs(config: ModelConfig, use_cache: bool, greedy: bool, chunk_size: int,
                      state_shardings: DecodeState | None, key_limit: int | None, fresh: bool,
-                     decode_kernel: bool | None):
+                     decode_kernel: bool | None, kernel_split: MeshSplit | None):
     """(prefill program, chunk program), each jitted once with its cache/state donated.
 
-    ``fresh``, ``key_limit``, ``decode_kernel`` as in ``_steps`` (a chat continues its
-    cache: neither ``fresh`` nor a ``key_limit``). On a mesh both programs return the
-    loop state with ``state_shardings``, so the state one chunk returns is exactly what
-    the next chunk (or a chat's next prefill) was compiled for."""
-    step, whole_block_fn = _steps(config, use_cache, key_limit, fresh, decode_kernel)
+    ``fresh``, ``key_limit``, ``decode_kernel``, ``kernel_split`` as in ``_steps`` (a chat
+    continues its cache: neither ``fresh`` nor a ``key_limit``). On a mesh both programs
+    return the loop state with ``state_shardings``, so the state one chunk returns is
+    exactly what the next chunk (or a chat's next prefill) was compiled for."""
+    step, whole_block_fn = _steps(config, use_cache, key_limit, fresh, decode_kernel,
+                                  kernel_split)
 
     def prefill_block(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed,
                       stop_tokens):
@@ -535,7 +542,8 @@ class _Chunks:
                  key_limit: int | None = None, fresh: bool = False):
         prefill_program, chunk_program = _stream_programs(
             model.config, use_cache, controls["sampling"].is_greedy, chunk_size,
-            _state_shardings(model, cache), key_limit, fresh, _decode_kernel(model.mesh))
+            _state_shardings(model, cache), key_limit, fresh,
+            *_kernel_options(model.config, model.mesh))
         self._params, self._controls, self._chunk_size = model.params, controls, chunk_size
         self._prefill_args = (model.params, cache, block, lengths, start, *controls.values())
         t0 = time.perf_counter()

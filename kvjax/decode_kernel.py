@@ -16,13 +16,20 @@ cache (aliased in place: the buffers are the kernel's outputs). Rows whose posit
 ``-1`` (finished rows) read and write nothing and return zeros.
 
 ``supported`` says where it runs; ``kvjax.model.forward`` uses it there for decode
-steps and keeps the XLA/cuDNN path everywhere else (CPU, TPU, a mesh, sliding windows,
+steps and keeps the XLA/cuDNN path everywhere else (CPU, TPU, sliding windows,
 soft-capped logits). With ``interpret=True`` the same kernel runs on any backend,
 slowly: that is how the tests check it against the plain path on CPU.
+
+XLA cannot split a custom call over a mesh (it would gather the whole cache to every
+device first), so on a mesh the kernel runs under ``jax.shard_map``: each device
+attends its own rows and heads over its own cache shard (``MeshSplit``). That needs
+each device's query heads to read only KV heads the device holds, which
+``kvjax.sharding.kernel_split`` checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -30,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import Mesh, PartitionSpec
 
 # Finite, so that a program with nothing to attend gives zero weights, not NaN.
 _MASKED = -1e30
@@ -59,6 +67,19 @@ def supported(head_dim: int, dtype, sliding_window: int | None = None,
     if "cuda" not in device.client.platform_version:
         return False
     return tuple(int(x) for x in device.compute_capability.split(".")) >= (8, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSplit:
+    """How a mesh splits the kernel's operands, each field a ``PartitionSpec`` entry (a
+    mesh axis, a tuple of them, or None): ``rows`` the batch, ``heads`` the query heads,
+    ``kv_heads`` the new keys/values and the cache buffers. ``attend_and_write`` then runs
+    the kernel on each device's shard (``kvjax.sharding.kernel_split`` makes one)."""
+
+    mesh: Mesh
+    rows: str | tuple[str, ...] | None
+    heads: str | tuple[str, ...] | None
+    kv_heads: str | tuple[str, ...] | None
 
 
 def part_count(batch: int, kv_heads: int, capacity: int) -> int:
@@ -125,7 +146,8 @@ def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, va
 
 def attend_and_write(queries: jax.Array, keys: jax.Array, values: jax.Array,
                      cache_keys: jax.Array, cache_values: jax.Array, positions: jax.Array,
-                     scale: float | None = None, interpret: bool = False
+                     scale: float | None = None, interpret: bool = False,
+                     split: MeshSplit | None = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A decode step of one layer: writes each row's new key/value at its position and
     attends its queries over the row's slots up to and including it.
@@ -138,11 +160,27 @@ def attend_and_write(queries: jax.Array, keys: jax.Array, values: jax.Array,
       positions: ``int32[batch, 1]``; ``-1``: the row takes no part (zeros out, no write).
       scale: multiplies the scores (default ``head_dim ** -0.5``).
       interpret: run the kernel in Pallas interpret mode (any backend; for tests).
+      split: the operands' split over a mesh: each device runs the kernel on its shard.
 
     Returns:
       ``(out [batch, 1, heads, head_dim], cache_keys, cache_values)``, as
       ``kvjax.attention.attend_cache`` after ``KVCache.update`` would give them.
     """
+    step = functools.partial(_attend_and_write, scale=scale, interpret=interpret)
+    if split is None:
+        return step(queries, keys, values, cache_keys, cache_values, positions)
+    token = PartitionSpec(split.rows, None, split.heads, None)  # [batch, 1, heads, head_dim]
+    new = PartitionSpec(split.rows, None, split.kv_heads, None)
+    buffer = PartitionSpec(split.rows, split.kv_heads, None, None)
+    return jax.shard_map(step, mesh=split.mesh,
+                         in_specs=(token, new, new, buffer, buffer, PartitionSpec(split.rows)),
+                         out_specs=(token, buffer, buffer), check_vma=False,
+                         )(queries, keys, values, cache_keys, cache_values, positions)
+
+
+def _attend_and_write(queries, keys, values, cache_keys, cache_values, positions, *,
+                      scale: float | None, interpret: bool):
+    """``attend_and_write`` on one device's operands."""
     batch, _, heads, head_dim = queries.shape
     _, kv_heads, capacity, _ = cache_keys.shape
     group = heads // kv_heads

@@ -255,7 +255,8 @@ def final_logits(config: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
 
 def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
             cache: KVCache | None = None, *, fresh: bool = False,
-            key_limit: int | None = None, decode_kernel: bool | None = None
+            key_limit: int | None = None, decode_kernel: bool | None = None,
+            kernel_split: kernel.MeshSplit | None = None
             ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder on a block of tokens.
 
@@ -275,9 +276,13 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
         only the slots before it: the work follows what can be filled, not the capacity.
       decode_kernel: static; a decode step (one token per row) writes the cache and
         attends in one Pallas kernel (``kvjax.decode_kernel``). None: where
-        ``decode_kernel.supported`` (GPUs; not for params or a cache sharded over
-        several devices, which ``kvjax.generate`` handles by passing False); True:
-        also elsewhere, interpreted (slow; for tests); False: never.
+        ``decode_kernel.supported`` (GPUs); True: also elsewhere, interpreted (slow;
+        for tests); False: never.
+      kernel_split: static; for params and a cache on a mesh of several devices, how
+        it splits the kernel's operands (``kvjax.sharding.kernel_split``): the kernel
+        runs on each device's shard. Without it XLA would gather the whole cache to
+        every device for the kernel; ``kvjax.generate`` passes ``decode_kernel=False``
+        where the mesh has no split.
 
     Returns:
       ``(logits, cache)``, the cache with the block written and its lengths advanced.
@@ -307,7 +312,8 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
         if spare_row:
             q, k, v = q[:1], k[:1], v[:1]
         attn, cache = _attention(config, index, q, k, v, cache, positions, fresh=fresh,
-                                 key_limit=key_limit, decode_kernel=decode_kernel)
+                                 key_limit=key_limit, decode_kernel=decode_kernel,
+                                 kernel_split=kernel_split)
         x = finish_layer(config, layer, x, _add_spare_row(attn) if spare_row else attn)
     if spare_row:
         x = x[:1]
@@ -321,7 +327,8 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
 
 def _attention(config: ModelConfig, index: int, q: jax.Array, k: jax.Array, v: jax.Array,
                cache: KVCache | None, positions: jax.Array, *, fresh: bool,
-               key_limit: int | None, decode_kernel: bool | None
+               key_limit: int | None, decode_kernel: bool | None,
+               kernel_split: kernel.MeshSplit | None = None
                ) -> tuple[jax.Array, KVCache | None]:
     """Layer ``index``'s attention of ``q`` (``[batch, seq, heads, head_dim]``), with the
     block's ``k``, ``v`` written to the cache first; arguments as in ``forward``."""
@@ -332,7 +339,7 @@ def _attention(config: ModelConfig, index: int, q: jax.Array, k: jax.Array, v: j
     if mode is not None:
         attn, keys, values = kernel.attend_and_write(
             q, k, v, cache.keys[index], cache.values[index], positions, scale,
-            interpret=mode == "interpret")
+            interpret=mode == "interpret", split=kernel_split)
         return attn, cache.with_layer(index, keys, values)
     if cache is not None:
         cache = cache.update(index, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
@@ -355,11 +362,11 @@ def _kernel_mode(setting: bool | None, seq: int, head_dim: int, dtype, window: i
 
 
 def step_fn(config: ModelConfig, *, fresh: bool = False, key_limit: int | None = None,
-            decode_kernel: bool | None = None):
-    """``forward`` bound to a config (and ``fresh`` / ``key_limit`` / ``decode_kernel``):
-    the ``step_fn(params, tokens, positions, cache)`` that ``kvjax.decode`` drives."""
+            decode_kernel: bool | None = None, kernel_split: kernel.MeshSplit | None = None):
+    """``forward`` bound to a config (and ``forward``'s static options): the
+    ``step_fn(params, tokens, positions, cache)`` that ``kvjax.decode`` drives."""
     return functools.partial(forward, config, fresh=fresh, key_limit=key_limit,
-                             decode_kernel=decode_kernel)
+                             decode_kernel=decode_kernel, kernel_split=kernel_split)
 
 
 def recompute_forward(config: ModelConfig, params: dict, tokens: jax.Array,

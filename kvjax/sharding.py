@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kvjax.cache import KVCache, TokenHistory
 from kvjax.config import ModelConfig, is_count
+from kvjax.decode_kernel import MeshSplit
 from kvjax.model import layer_param_shapes, top_param_shapes
 
 DATA, MODEL = "data", "model"
@@ -287,6 +288,27 @@ def cache_shardings(config: ModelConfig, mesh: Mesh, batch: int,
     rows = logical_sharding(("batch",), config, mesh, rules, batch=batch)
     layers = (buffer,) * config.num_layers
     return KVCache(keys=layers, values=layers, lengths=rows)
+
+
+def kernel_split(config: ModelConfig, mesh: Mesh | None,
+                 rules: ShardingRules = DEFAULT_RULES) -> MeshSplit | None:
+    """How ``kvjax.decode_kernel`` runs on ``mesh``: on each device's rows and heads
+    (``model.forward``'s ``kernel_split``), where each device's query heads read
+    exactly the KV heads that device holds: KV heads split like the query heads,
+    grouped (``ShardingRules.group_kv_heads``), or a single KV head. None for one
+    device or no mesh (the kernel needs no split), and where several KV heads are
+    replicated while query heads are split (``kvjax.generate`` then keeps the XLA
+    path)."""
+    if mesh is None or mesh.devices.size == 1:
+        return None
+    entry = lambda axis: logical_sharding((axis,), config, mesh, rules).spec[0]
+    heads, kv_heads = entry("heads"), entry("kv_heads")
+    grouped = isinstance(heads, tuple) and kv_heads == heads[0]  # one KV head a device
+    single = kv_heads is None and config.num_kv_heads == 1  # MQA: its one head everywhere
+    if heads != kv_heads and not (grouped or single):
+        return None
+    return MeshSplit(logical_sharding(("batch",), config, mesh, rules).mesh,
+                     rows=entry("batch"), heads=heads, kv_heads=kv_heads)
 
 
 def make_cache(config: ModelConfig, batch: int, capacity: int, dtype, mesh: Mesh,

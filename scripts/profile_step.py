@@ -5,8 +5,9 @@ Runs ``kvjax.generate``'s program (``bench_lib.decode_program``) on a model shap
 ``configs/`` with random weights, traces a run of ``max_new_tokens`` 1 (the prefill
 and its first token) and one of ``--new`` tokens with ``jax.profiler`` (one trace, after
 a throwaway run, the runs split at the pauses between them: ``traced_runs``), and sums the
-device's kernel time by kind: matrix multiplies, fused attention (cuDNN), other fused
-kernels (norms, RoPE, sampling, cache writes), copies, collectives (a sharded program:
+device's kernel time by kind: matrix multiplies, fused attention (cuDNN, or
+``kvjax.decode_kernel``), other fused kernels (norms, RoPE, sampling, cache writes),
+copies, collectives (a sharded program:
 ``scripts/sharding_benchmark.py --profile``), and idle time (the span of the
 device's work less its busy time). A decode step is (``--new`` run - 1-token run) /
 (``--new`` - 1); every kernel a step launches is listed with its time and launches per
@@ -39,7 +40,7 @@ import kvjax  # noqa: E402
 
 # Kernel name fragments by kind, checked in this order (XLA:GPU, cuDNN and NCCL names).
 KINDS = (("collective", ("all_reduce", "all_gather", "reduce_scatter", "nccl")),
-         ("attention", ("fmha", "cudnn", "flash")),
+         ("attention", ("fmha", "cudnn", "flash", "decode_attention")),
          ("matmul", ("gemm", "cublas", "cutlass", "nvjet", "xmma", "dot")),
          ("copy", ("memcpy", "memset", "copy")))
 

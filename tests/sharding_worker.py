@@ -96,8 +96,11 @@ def step_checks(model, batch: int, capacity: int) -> dict:
     return out
 
 
-def program_gathers(model, batch: int, capacity: int) -> dict:
-    """All-gather shapes of the whole compiled generation (prefill + decode loop)."""
+def program_gathers(model, batch: int, capacity: int, step=None) -> dict:
+    """All-gather shapes of the whole compiled generation (prefill + decode loop), with
+    ``step`` (default: ``step_fn(model.config)``), and the Pallas calls and shard_maps in
+    its jaxpr."""
+    import jax
     import numpy as np
 
     import kvjax
@@ -108,8 +111,37 @@ def program_gathers(model, batch: int, capacity: int) -> dict:
     args = (model.params, cache, np.zeros((batch, 16), np.int32), np.ones((batch,), np.int32),
             np.int32(8), kvjax.SamplingParams.create(batch), np.uint32(0),
             np.full((16,), -1, np.int32))
-    run = kvjax.jit_decode(step_fn(model.config), num_steps=16, greedy=True)
-    return collectives(run.lower(*args).compile().as_text())
+    run = kvjax.jit_decode(step or step_fn(model.config), num_steps=16, greedy=True)
+    jaxpr = str(jax.make_jaxpr(run)(*args))
+    out = collectives(run.lower(*args).compile().as_text())
+    return out | {"pallas_calls": jaxpr.count("pallas_call"), "shard_maps": jaxpr.count("shard_map")}
+
+
+def kernel_on_mesh(model, reference) -> dict:
+    """``kvjax.generate`` and ``generate_stream`` with every decode step on the decode
+    kernel, interpreted (these are CPUs), on each device's shard (the split of
+    ``kvjax.api._kernel_options``): tokens against one device's plain path; the split;
+    the compiled generation's all-gathers, Pallas calls and shard_maps."""
+    import kvjax
+    from kvjax.model import step_fn
+
+    options = kvjax.api._kernel_options
+    _, split = options(model.config, model.mesh)
+    kvjax.api._kernel_options = lambda config, mesh: (True, split)
+    try:
+        opts = dict(max_new_tokens=NEW_TOKENS, stop_tokens=[])
+        tokens = kvjax.generate(model, PROMPTS, **opts).tokens
+        stream = kvjax.generate_stream(model, PROMPTS[:7], chunk_size=8, **opts)
+        for _ in stream:
+            pass
+    finally:
+        kvjax.api._kernel_options = options
+    step = step_fn(model.config, decode_kernel=True, kernel_split=split)
+    return {"tokens_equal": tokens == reference,
+            "stream_equal": stream.generation.tokens == reference[:7],
+            "split": {"mesh": dict(split.mesh.shape), "rows": split.rows, "heads": split.heads,
+                      "kv_heads": split.kv_heads},
+            "program": program_gathers(model, 8, 64, step)}
 
 
 def task_meshes(hf_dir: str) -> dict:
@@ -117,6 +149,8 @@ def task_meshes(hf_dir: str) -> dict:
 
     import kvjax
     from kvjax import sharding
+    from kvjax.model import step_fn
+    from tests.conftest import make_config, make_model
 
     assert jax.device_count() == 8, jax.devices()
     result = {"devices": jax.device_count(), "memory_stats": jax.devices()[0].memory_stats()}
@@ -152,8 +186,17 @@ def task_meshes(hf_dir: str) -> dict:
                  "step": step_checks(model, 16, 256)}
         if model_ways > base.config.num_kv_heads:  # KV heads grouped: whole program
             entry["program"] = program_gathers(model, 8, 64)
+        entry["kernel"] = kernel_on_mesh(model, reference)
         gqa[f"{data}x{model_ways}"] = entry
         del model, cache
+    # MQA on data=2 x model=4: its one KV head (replicated) is read by every query head
+    mqa = make_model(make_config(num_heads=4, num_kv_heads=1, head_dim=8, hidden_size=64,
+                                 vocab_size=96))
+    gqa["mqa_kernel"] = kernel_on_mesh(
+        sharding.shard_model(mqa, sharding.make_mesh(data=2, model=4)),
+        kvjax.generate(mqa, PROMPTS, **opts).tokens)
+    one_device_step = step_fn(base.config, decode_kernel=True)
+    gqa["kernel_one_device"] = program_gathers(base, 8, 64, one_device_step)["pallas_calls"]
     result["gqa"] = gqa
     result["padding_rows"] = padding_rows(base)
 
@@ -306,7 +349,16 @@ def kv_placement(config, mesh, rules=None) -> dict:
     rules = rules or sharding.DEFAULT_RULES
     specs = sharding.param_specs(config, mesh, rules)["layers"][0]
     cache = sharding.cache_shardings(config, mesh, 8, rules).keys[0].spec
-    return {"wk": list(specs["wk"]), "wq": list(specs["wq"]), "cache": list(cache)}
+    return {"wk": list(specs["wk"]), "wq": list(specs["wq"]), "cache": list(cache),
+            "kernel_split": describe_split(sharding.kernel_split(config, mesh, rules))}
+
+
+def describe_split(split) -> list | None:
+    """A ``decode_kernel.MeshSplit`` as JSON: [rows, heads, kv_heads] (tuples as lists)."""
+    if split is None:
+        return None
+    entry = lambda e: list(e) if isinstance(e, tuple) else e
+    return [entry(split.rows), entry(split.heads), entry(split.kv_heads)]
 
 
 def task_errors(hf_dir: str) -> dict:
@@ -350,11 +402,16 @@ def task_errors(hf_dir: str) -> dict:
             "mqa_model4": kv_placement(make_config(num_heads=4, num_kv_heads=1, head_dim=8),
                                        sharding.make_mesh(data=2, model=4)),
         },
-        # the decode kernel: off where the params span several devices
-        "decode_kernel": {"2x4": kvjax.api._decode_kernel(model24.mesh),
-                          "1x1": kvjax.api._decode_kernel(sharding.shard_model(
-                              base, sharding.make_mesh(data=1, model=1)).mesh),
-                          "none": kvjax.api._decode_kernel(base.mesh)},
+        # the decode kernel: per device on a mesh that can split it, else off
+        "decode_kernel": {
+            name: [options[0], describe_split(options[1])] for name, options in (
+                ("2x4", kvjax.api._kernel_options(base.config, mesh24)),
+                ("4x2", kvjax.api._kernel_options(base.config, model42.mesh)),
+                ("1x1", kvjax.api._kernel_options(base.config, sharding.make_mesh(data=1, model=1))),
+                ("none", kvjax.api._kernel_options(base.config, None)),
+                ("kv3_model2", kvjax.api._kernel_options(
+                    make_config(num_heads=6, num_kv_heads=3, head_dim=8),
+                    sharding.make_mesh(data=4, model=2))))},
         "default_mesh": dict(sharding.make_mesh().shape),
         "data_only": dict(sharding.make_mesh(data=2).shape),
         "subset": dict(sharding.make_mesh(data=1, model=2).shape),

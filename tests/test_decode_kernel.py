@@ -154,3 +154,47 @@ def test_compiled_kernel_equals_the_plain_path(rows):
     np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
     np.testing.assert_array_equal(f32(got[1]), want[1])
     np.testing.assert_array_equal(f32(got[2]), want[2])
+
+
+def gpus() -> int:
+    return jax.device_count() if jax.default_backend() == "gpu" else 0
+
+
+@pytest.mark.skipif(gpus() < 2 or not decode_kernel.supported(128, jnp.bfloat16),
+                    reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("data, model", [(1, 2), (2, 1)])
+def test_compiled_kernel_on_each_device_of_a_mesh(data, model):
+    """Under a MeshSplit (rows over data, KV heads and their query heads over model) the
+    compiled kernel runs on each GPU's shard: the float32 plain path's output, an exact
+    cache written in place (its per-device buffers aliased), and no collective at all."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from kvjax import sharding
+
+    config = make_config(num_heads=32, num_kv_heads=8, head_dim=128, hidden_size=4096)
+    mesh = sharding.make_mesh(data=data, model=model)
+    split = sharding.kernel_split(config, mesh)
+    rows, capacity = [0, 511, 2047, -1], 2112
+    q, k, v, cache_k, cache_v = random_step(len(rows), 32, 8, 128, capacity, jnp.bfloat16)
+    positions = jnp.array(rows, jnp.int32)[:, None]
+    f32 = lambda x: x.astype(jnp.float32)
+    want = plain_step(f32(q), f32(k), f32(v), f32(cache_k), f32(cache_v), positions)
+    place = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    args = (place(q, "data", None, "model"), place(k, "data", None, "model"),
+            place(v, "data", None, "model"), place(cache_k, "data", "model"),
+            place(cache_v, "data", "model"), place(positions, "data"))
+    step = jax.jit(lambda *a: decode_kernel.attend_and_write(*a, split=split),
+                   donate_argnums=(3, 4))
+    compiled = step.lower(*args).compile()
+    text = compiled.as_text()
+    assert "kvjax_decode_attention" in text
+    assert not any(op in text for op in ("all-gather", "all-reduce", "all-to-all",
+                                         "collective-permute"))
+    # each device's halves of the two buffers: cache_k.nbytes in all
+    assert compiled.memory_analysis().alias_size_in_bytes >= cache_k.nbytes
+    cache_sharding = args[3].sharding
+    got = compiled(*args)
+    assert got[1].sharding.is_equivalent_to(cache_sharding, 4)
+    np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
+    np.testing.assert_array_equal(f32(got[1]), want[1])
+    np.testing.assert_array_equal(f32(got[2]), want[2])

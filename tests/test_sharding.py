@@ -115,6 +115,38 @@ def test_chat_session_on_a_mesh(meshes):
                                  "mesh": {"data": 1, "model_kv": 2, "model_rep": 2}}
 
 
+@pytest.mark.parametrize("mesh", MESHES)
+def test_decode_kernel_on_each_device(meshes, mesh):
+    """The decode kernel (interpreted on these CPUs) under shard_map, each device on its
+    own rows, query heads and KV heads: generate and generate_stream give one device's
+    plain-path tokens; the program holds the kernel once a layer, as on one device,
+    and gathers no K/V (at most argmax partials of the vocab-split LM head)."""
+    data, model = map(int, mesh.split("x"))
+    kernel = meshes["gqa"][mesh]["kernel"]
+    assert kernel["tokens_equal"] and kernel["stream_equal"]
+    grouped = model > 2  # 2 KV heads: each on model / 2 devices
+    assert kernel["split"] == {
+        "mesh": ({"data": data, "model_kv": 2, "model_rep": model // 2} if grouped
+                 else {"data": data, "model": model}),
+        "rows": "data", "heads": MODEL_ALL if grouped else "model",
+        "kv_heads": "model_kv" if grouped else "model"}
+    program = kernel["program"]
+    assert program["pallas_calls"] == meshes["gqa"]["kernel_one_device"] == NUM_LAYERS
+    assert program["shard_maps"] >= NUM_LAYERS
+    for shape in program["all_gather_shapes"]:
+        assert shape == [8 // data, model], shape
+
+
+def test_decode_kernel_with_one_kv_head_on_a_mesh(meshes):
+    """MQA on data=2 x model=4: the one KV head is on every device, each device's query
+    head reads it; the kernel on each device gives one device's tokens."""
+    kernel = meshes["gqa"]["mqa_kernel"]
+    assert kernel["tokens_equal"] and kernel["stream_equal"]
+    assert kernel["split"] == {"mesh": {"data": 2, "model": 4}, "rows": "data",
+                               "heads": "model", "kv_heads": None}
+    assert kernel["program"]["pallas_calls"] == NUM_LAYERS
+
+
 # ----- where every parameter and cache buffer lives -----
 
 MODEL_ALL = ["model_kv", "model_rep"]  # all of `model` on the grouped view of the mesh
@@ -172,12 +204,12 @@ def test_kv_heads_that_cannot_be_grouped_are_replicated(hf_dir):
     divide model (3 on model=2) or a single KV head (MQA), wk and the cache are
     replicated over model."""
     fallback = run_worker("errors", hf_dir)["fallback"]
-    assert fallback["no_grouping_1x8"] == {"wk": [None, None], "wq": [None, "model"],
-                                           "cache": ["data", None, None, None]}
-    assert fallback["kv3_model2"] == {"wk": [None, None], "wq": [None, "model"],
-                                      "cache": ["data", None, None, None]}
-    assert fallback["mqa_model4"] == {"wk": [None, None], "wq": [None, "model"],
-                                      "cache": ["data", None, None, None]}
+    replicated = {"wk": [None, None], "wq": [None, "model"], "cache": ["data", None, None, None]}
+    # The decode kernel cannot run per device where a device's query heads read KV heads
+    # among several it holds; a single KV head is read by every query head.
+    assert fallback["no_grouping_1x8"] == replicated | {"kernel_split": None}
+    assert fallback["kv3_model2"] == replicated | {"kernel_split": None}
+    assert fallback["mqa_model4"] == replicated | {"kernel_split": ["data", "model", None]}
 
 
 def test_generate_on_a_one_device_mesh_matches_no_mesh():
@@ -279,8 +311,13 @@ def test_error_messages(hf_dir):
         assert errors[name]["message"] == message
         assert errors[name]["compiles"] == 0, name
     assert errors["default_mesh"] == {"data": 1, "model": 8}  # all devices on model
-    # the Pallas decode kernel, which XLA cannot split, stays off on a multi-device mesh
-    assert errors["decode_kernel"] == {"2x4": False, "1x1": None, "none": None}
+    # the Pallas decode kernel, which XLA cannot split, runs on each device's shard
+    # where the devices hold the KV heads their query heads read, else stays off
+    assert errors["decode_kernel"] == {
+        "2x4": [None, ["data", ["model_kv", "model_rep"], "model_kv"]],
+        "4x2": [None, ["data", "model", "model"]],
+        "1x1": [None, None], "none": [None, None],
+        "kv3_model2": [False, None]}
     assert errors["data_only"] == {"data": 2, "model": 4}
     assert errors["subset"] == {"data": 1, "model": 2}
 
