@@ -3,7 +3,8 @@
 A decode step writes each row's new key and value into its layer's cache buffers and
 attends its queries over the row's filled slots. Done by XLA and cuDNN, that is two
 dynamic-update-slice kernels, cuDNN's attention, cuDNN's reduction of its splits and a
-select; here it is one Pallas (Triton) kernel and one XLA fusion that merges its parts.
+select; here it is one Pallas (Triton) kernel, and one XLA fusion that merges its parts
+where a row's fill is split into several.
 
 The kernel's grid is ``(batch, kv_heads, parts)``: each program takes the queries of
 one KV head's group and one of ``parts`` equal parts of the row's filled slots (before
@@ -13,7 +14,8 @@ weighted values, in float32) over it. The parts follow the fill, not the capacit
 large cache that is little filled costs what its fill costs. The program of part 0
 also adds the new token itself, from registers, and writes its key and value into the
 cache (aliased in place: the buffers are the kernel's outputs). Rows whose position is
-``-1`` (finished rows) read and write nothing and return zeros.
+``-1`` (finished rows) read and write nothing and return zeros. With a single part a
+row (large batches) the kernel normalises and writes the output itself.
 
 ``supported`` says where it runs; ``kvjax.model.forward`` uses it there for decode
 steps and keeps the XLA/cuDNN path everywhere else (CPU, TPU, sliding windows,
@@ -43,6 +45,8 @@ from jax.sharding import Mesh, PartitionSpec
 _MASKED = -1e30
 # Cache slots a program reads per loop iteration (H100: 64 beat 32 at every measured shape).
 BLOCK_SLOTS = 64
+# Triton launch settings of each program (H100: measured against 8 warps and 3 stages).
+NUM_WARPS, NUM_STAGES = 4, 2
 # Programs the grid aims at: about two per SM of an H100 (132). 512 was slower at 2k
 # fills, parts of at least two blocks slower at short fills (docs/benchmarks.md).
 TARGET_PROGRAMS = 256
@@ -90,14 +94,19 @@ def part_count(batch: int, kv_heads: int, capacity: int) -> int:
 
 
 def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, values_ref,
-            out_ref, max_ref, sum_ref, keys_out_ref, values_out_ref, *,
-            scale: float, parts: int, group: int):
-    """One (row, KV head, part) program; refs as laid out by ``attend_and_write``."""
+            *out_refs, scale: float, parts: int, group: int):
+    """One (row, KV head, part) program; refs as laid out by ``attend_and_write``. The
+    outputs are ``(out, max, sum, keys, values)``: a part's flash partials, or, with a
+    single part, ``(out, keys, values)``: the attention output itself."""
+    if parts == 1:
+        out_ref, keys_out_ref, values_out_ref = out_refs
+    else:
+        out_ref, max_ref, sum_ref, keys_out_ref, values_out_ref = out_refs
     row, head, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     padded_group, head_dim = queries_ref.shape
     position = positions_ref[row]
-    real_heads = (jnp.arange(padded_group) < group)[:, None]
-    queries = plgpu.load(queries_ref, mask=real_heads, other=0.)  # [padded_group, head_dim]
+    real = jnp.arange(padded_group) < group  # the group's heads; the rest is padding
+    queries = plgpu.load(queries_ref, mask=real[:, None], other=0.)  # [padded_group, head_dim]
     per_part = pl.cdiv(pl.cdiv(position, parts), BLOCK_SLOTS) * BLOCK_SLOTS
     first = part * per_part
     end = jnp.minimum(first + per_part, position)  # this part's slots before the new one
@@ -133,9 +142,16 @@ def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, va
     new_top = jnp.maximum(top, score)
     rescale = jnp.exp(top - new_top)
     weight = jnp.where(owner, jnp.exp(score - new_top), 0.)
-    out_ref[...] = out * rescale[:, None] + weight[:, None] * new_value[None, :]
-    max_ref[...] = new_top
-    sum_ref[...] = total * rescale + weight
+    out = out * rescale[:, None] + weight[:, None] * new_value[None, :]
+    total = total * rescale + weight
+    # Only the group's rows are stored: the outputs hold no padding.
+    if parts == 1:  # normalised here: no merge after the kernel
+        out = out / jnp.maximum(total, 1e-30)[:, None]  # 0 for a row that takes no part
+        plgpu.store(out_ref, out.astype(out_ref.dtype), mask=real[:, None])
+    else:
+        plgpu.store(out_ref, out, mask=real[:, None])
+        plgpu.store(max_ref, new_top, mask=real)
+        plgpu.store(sum_ref, total, mask=real)
 
     @pl.when(owner)
     def _write():
@@ -194,27 +210,36 @@ def _attend_and_write(queries, keys, values, cache_keys, cache_values, positions
                                             lambda b, h, s: (b, h, s) + (0,) * len(block))
     partial_shape = lambda *shape: jax.ShapeDtypeStruct((batch, kv_heads, parts, *shape),
                                                         jnp.float32)
-    out, top, total, cache_keys, cache_values = pl.pallas_call(
+    caches = [jax.ShapeDtypeStruct(cache_keys.shape, cache_keys.dtype),
+              jax.ShapeDtypeStruct(cache_values.shape, cache_values.dtype)]
+    if parts == 1:  # the output itself, [batch, kv_heads, group, head_dim]
+        out_specs = [pl.BlockSpec((None, None, padded_group, head_dim),
+                                  lambda b, h, s: (b, h, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), queries.dtype)]
+    else:  # flash partials of each part, merged below
+        out_specs = [each_part(padded_group, head_dim), each_part(padded_group),
+                     each_part(padded_group)]
+        out_shape = [partial_shape(group, head_dim), partial_shape(group), partial_shape(group)]
+    outputs = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, parts),
         in_specs=[whole,
                   pl.BlockSpec((None, None, padded_group, head_dim), lambda b, h, s: (b, h, 0, 0)),
                   per_head(head_dim), per_head(head_dim), whole, whole],
-        out_specs=[each_part(padded_group, head_dim), each_part(padded_group),
-                   each_part(padded_group), whole, whole],
-        out_shape=[partial_shape(padded_group, head_dim), partial_shape(padded_group),
-                   partial_shape(padded_group),
-                   jax.ShapeDtypeStruct(cache_keys.shape, cache_keys.dtype),
-                   jax.ShapeDtypeStruct(cache_values.shape, cache_values.dtype)],
-        input_output_aliases={4: 3, 5: 4},
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        out_specs=out_specs + [whole, whole],
+        out_shape=out_shape + caches,
+        input_output_aliases={4: len(out_shape), 5: len(out_shape) + 1},
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
         name="kvjax_decode_attention",
     )(positions[:, 0], queries.reshape(batch, kv_heads, group, head_dim), keys[:, 0],
       values[:, 0], cache_keys, cache_values)
-    # Merge the parts: [batch, kv_heads, parts, padded_group(, head_dim)] -> per head.
+    *partials, cache_keys, cache_values = outputs
+    if parts == 1:
+        return partials[0].reshape(batch, 1, heads, head_dim), cache_keys, cache_values
+    # Merge the parts: [batch, kv_heads, parts, group(, head_dim)] -> per head.
+    out, top, total = partials
     weight = jnp.exp(top - top.max(axis=2, keepdims=True))
     total = (total * weight).sum(axis=2)  # 0 for a row that takes no part
     out = (out * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]
-    out = out[:, :, :group].reshape(batch, 1, heads, head_dim)
-    return out.astype(queries.dtype), cache_keys, cache_values
+    return out.reshape(batch, 1, heads, head_dim).astype(queries.dtype), cache_keys, cache_values

@@ -63,6 +63,26 @@ def test_kernel_equals_the_plain_path(case):
     np.testing.assert_array_equal(np.asarray(got[1])[idle], np.asarray(cache_k)[idle])
 
 
+@pytest.mark.parametrize("case", ["gqa", "long", "group16"])
+def test_single_part_equals_the_plain_path(case, monkeypatch):
+    """With one part a row (as at batches of 32 and more: part_count), the kernel writes
+    the normalised output itself and nothing is merged after it: the same output and
+    cache as the plain path."""
+    monkeypatch.setattr(decode_kernel, "TARGET_PROGRAMS", 1)
+    heads, kv_heads, head_dim, capacity, rows = CASES[case]
+    assert decode_kernel.part_count(len(rows), kv_heads, capacity) == 1
+    q, k, v, cache_k, cache_v = random_step(len(rows), heads, kv_heads, head_dim, capacity)
+    positions = jnp.array(rows, jnp.int32)[:, None]
+    want = plain_step(q, k, v, cache_k, cache_v, positions)
+    got = decode_kernel.attend_and_write(q, k, v, cache_k, cache_v, positions, interpret=True)
+    np.testing.assert_allclose(got[0], want[0], atol=2e-6, rtol=2e-6)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    jaxpr = str(jax.make_jaxpr(lambda *a: decode_kernel.attend_and_write(*a, interpret=True))(
+        q, k, v, cache_k, cache_v, positions))
+    assert "reduce_max" not in jaxpr.split("pallas_call")[-1]  # no merge after the kernel
+
+
 def test_kernel_in_bfloat16():
     """A bfloat16 cache: the output within bfloat16 rounding of the float32 plain path."""
     rows = [700, 3]
