@@ -328,7 +328,7 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
 def _attention(config: ModelConfig, index: int, q: jax.Array, k: jax.Array, v: jax.Array,
                cache: KVCache | None, positions: jax.Array, *, fresh: bool,
                key_limit: int | None, decode_kernel: bool | None,
-               kernel_split: kernel.MeshSplit | None = None
+               kernel_split: kernel.MeshSplit | None
                ) -> tuple[jax.Array, KVCache | None]:
     """Layer ``index``'s attention of ``q`` (``[batch, seq, heads, head_dim]``), with the
     block's ``k``, ``v`` written to the cache first; arguments as in ``forward``."""
