@@ -15,6 +15,7 @@ Tasks:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -117,25 +118,35 @@ def program_gathers(model, batch: int, capacity: int, step=None) -> dict:
     return out | {"pallas_calls": jaxpr.count("pallas_call"), "shard_maps": jaxpr.count("shard_map")}
 
 
-def kernel_on_mesh(model, reference) -> dict:
-    """``kvjax.generate`` and ``generate_stream`` with every decode step on the decode
-    kernel, interpreted (these are CPUs), on each device's shard (the split of
-    ``kvjax.api._kernel_options``): tokens against one device's plain path; the split;
-    the compiled generation's all-gathers, Pallas calls and shard_maps."""
+@contextlib.contextmanager
+def interpreted_kernel():
+    """kvjax's programs with every decode step on the decode kernel, interpreted (these
+    are CPUs), on each device's shard (the split of ``kvjax.api._kernel_options``)."""
     import kvjax
-    from kvjax.model import step_fn
 
     options = kvjax.api._kernel_options
-    _, split = options(model.config, model.mesh)
-    kvjax.api._kernel_options = lambda config, mesh: (True, split)
+    kvjax.api._kernel_options = lambda config, mesh: (True, options(config, mesh)[1])
     try:
+        yield
+    finally:
+        kvjax.api._kernel_options = options
+
+
+def kernel_on_mesh(model, reference) -> dict:
+    """``kvjax.generate`` and ``generate_stream`` under ``interpreted_kernel``: tokens
+    against one device's plain path; the split; the compiled generation's all-gathers,
+    Pallas calls and shard_maps."""
+    import kvjax
+    from kvjax import sharding
+    from kvjax.model import step_fn
+
+    split = sharding.kernel_split(model.config, model.mesh)
+    with interpreted_kernel():
         opts = dict(max_new_tokens=NEW_TOKENS, stop_tokens=[])
         tokens = kvjax.generate(model, PROMPTS, **opts).tokens
         stream = kvjax.generate_stream(model, PROMPTS[:7], chunk_size=8, **opts)
         for _ in stream:
             pass
-    finally:
-        kvjax.api._kernel_options = options
     step = step_fn(model.config, decode_kernel=True, kernel_split=split)
     return {"tokens_equal": tokens == reference,
             "stream_equal": stream.generation.tokens == reference[:7],
@@ -238,7 +249,8 @@ def padding_rows(base) -> dict:
 def chat_on_mesh() -> dict:
     """Three greedy turns of a ChatSession with the bundled model, without a mesh and
     on data=1 x model=4 (4 query heads, 2 KV heads: grouped) and on data=2 x model=4 (the
-    conversation padded to two rows), and the cache's placement."""
+    conversation padded to two rows), and the cache's placement; on data=1 x model=4
+    with the decode kernel too (``interpreted_kernel``)."""
     import kvjax
     from kvjax import sharding
 
@@ -250,6 +262,11 @@ def chat_on_mesh() -> dict:
                                     max_new_tokens=12, capacity=256)
         replies[name] = [session.send(turn) for turn in turns]
     replies["1x4_cache"] = spec_of(session._cache.keys[0])
+    with interpreted_kernel():  # the kernel on each device, turn after turn
+        session = kvjax.ChatSession(kvjax.load(kvjax.BUNDLED_MODEL, dtype="float32",
+                                               mesh=sharding.make_mesh(data=1, model=4)),
+                                    max_new_tokens=12, capacity=256)
+        replies["1x4_kernel"] = [session.send(turn) for turn in turns]
     return replies
 
 

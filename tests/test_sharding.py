@@ -107,10 +107,12 @@ def test_padding_rows_never_extend_the_loop(meshes):
 
 def test_chat_session_on_a_mesh(meshes):
     """A ChatSession on a model=4 mesh keeps its cache sharded (KV heads over model_kv)
-    and replies exactly as without a mesh, turn after turn; so does one on data=2 x
-    model=4, its one conversation padded to two rows."""
+    and replies exactly as without a mesh, turn after turn, also with its decode steps on
+    the decode kernel; so does one on data=2 x model=4, its one conversation padded to
+    two rows."""
     chat = meshes["chat"]
     assert chat["1x4"] == chat["plain"] == chat["2x4"] and all(chat["plain"])
+    assert chat["1x4_kernel"] == chat["plain"]  # the decode kernel on each device
     assert chat["1x4_cache"] == {"spec": ["data", "model_kv", None, None],
                                  "mesh": {"data": 1, "model_kv": 2, "model_rep": 2}}
 
