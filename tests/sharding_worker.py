@@ -150,8 +150,7 @@ def kernel_on_mesh(model, reference) -> dict:
     step = step_fn(model.config, decode_kernel=True, kernel_split=split)
     return {"tokens_equal": tokens == reference,
             "stream_equal": stream.generation.tokens == reference[:7],
-            "split": {"mesh": dict(split.mesh.shape), "rows": split.rows, "heads": split.heads,
-                      "kv_heads": split.kv_heads},
+            "split": describe_split(split), "split_mesh": dict(split.mesh.shape),
             "program": program_gathers(model, 8, 64, step)}
 
 

@@ -127,11 +127,10 @@ def test_decode_kernel_on_each_device(meshes, mesh):
     kernel = meshes["gqa"][mesh]["kernel"]
     assert kernel["tokens_equal"] and kernel["stream_equal"]
     grouped = model > 2  # 2 KV heads: each on model / 2 devices
-    assert kernel["split"] == {
-        "mesh": ({"data": data, "model_kv": 2, "model_rep": model // 2} if grouped
-                 else {"data": data, "model": model}),
-        "rows": "data", "heads": MODEL_ALL if grouped else "model",
-        "kv_heads": "model_kv" if grouped else "model"}
+    assert kernel["split"] == (["data", MODEL_ALL, "model_kv"] if grouped
+                               else ["data", "model", "model"])  # rows, heads, KV heads
+    assert kernel["split_mesh"] == ({"data": data, "model_kv": 2, "model_rep": model // 2}
+                                    if grouped else {"data": data, "model": model})
     program = kernel["program"]
     assert program["pallas_calls"] == meshes["gqa"]["kernel_one_device"] == NUM_LAYERS
     assert program["shard_maps"] >= NUM_LAYERS
@@ -144,8 +143,8 @@ def test_decode_kernel_with_one_kv_head_on_a_mesh(meshes):
     head reads it; the kernel on each device gives one device's tokens."""
     kernel = meshes["gqa"]["mqa_kernel"]
     assert kernel["tokens_equal"] and kernel["stream_equal"]
-    assert kernel["split"] == {"mesh": {"data": 2, "model": 4}, "rows": "data",
-                               "heads": "model", "kv_heads": None}
+    assert kernel["split"] == ["data", "model", None]
+    assert kernel["split_mesh"] == {"data": 2, "model": 4}
     assert kernel["program"]["pallas_calls"] == NUM_LAYERS
 
 
