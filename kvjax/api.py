@@ -51,6 +51,9 @@ class Model:
     tokenizer: Tokenizer | None = None
     stop_tokens: tuple[int, ...] = ()
     mesh: Any = None  # the jax.sharding.Mesh the params live on (kvjax.sharding), or None
+    # How the params are placed on ``mesh``: generate creates the cache and splits the
+    # batch and the decode kernel by the same rules.
+    rules: sharding.ShardingRules = sharding.DEFAULT_RULES
     # Sampling values used where a call passes None: temperature, top_k, top_p, min_p
     # (from generation_config.json when it samples; empty: greedy, no filters).
     generation_defaults: dict = dataclasses.field(default_factory=dict)
@@ -90,7 +93,8 @@ class Generation:
     logits: list[np.ndarray] | None = None
 
 
-def load(path_or_hub_id: str, dtype: str | None = None, mesh=None) -> Model:
+def load(path_or_hub_id: str, dtype: str | None = None, mesh=None,
+         rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> Model:
     """Loads a Hugging Face-format checkpoint (a local directory or a Hub id).
 
     Reads ``config.json``, the safetensors weights (single file or sharded index; or the
@@ -109,18 +113,21 @@ def load(path_or_hub_id: str, dtype: str | None = None, mesh=None) -> Model:
         the weights' memory).
       mesh: a ``kvjax.sharding.make_mesh`` mesh: each tensor is placed straight onto its
         sharding while loading, and ``generate`` runs over the mesh (docs/sharding.md).
+      rules: the ``kvjax.sharding.ShardingRules`` of that placement (recorded on the
+        model: ``generate`` places its cache and batch by them too).
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
     directory = resolve_checkpoint(path_or_hub_id)
     config = ModelConfig.from_json(directory)
     if orbax_store.is_orbax_store(directory):  # params converted before (scripts/convert.py)
-        params = orbax_store.restore_params(directory, config, dtype, mesh=mesh)
+        params = orbax_store.restore_params(directory, config, dtype, mesh=mesh, rules=rules)
     else:
-        params = load_params(directory, config, dtype or default_dtype(mesh), mesh=mesh)
+        params = load_params(directory, config, dtype or default_dtype(mesh), mesh=mesh,
+                             rules=rules)
     stop_tokens, defaults = _generation_config(directory, config)
     return Model(config=config, params=params, tokenizer=Tokenizer.from_directory(directory),
-                 stop_tokens=stop_tokens, mesh=mesh, generation_defaults=defaults)
+                 stop_tokens=stop_tokens, mesh=mesh, rules=rules, generation_defaults=defaults)
 
 
 def default_dtype(mesh=None) -> str:
@@ -308,7 +315,7 @@ def _request(model: Model, prompts, *, max_new_tokens, temperature, top_k, top_p
     stops = _stop_array(model, stop_tokens)
     longest = max(len(ids) for ids in encoded)
     capacity = _check_lengths(model.config, longest, max_new_tokens, capacity)
-    rows = _pad_rows(encoded, sharding.batch_ways(model.mesh))
+    rows = _pad_rows(encoded, sharding.batch_ways(model.mesh, model.rules))
     prompt_tokens, prompt_lengths = _pad_block(rows, min(_bucket(longest, MIN_PROMPT_BUCKET),
                                                          capacity))
     sampling = SamplingParams.create(len(rows), **values)
@@ -354,13 +361,14 @@ def _steps(config: ModelConfig, use_cache: bool, key_limit: int | None, fresh: b
                    kernel_split=kernel_split), whole_block_fn
 
 
-def _kernel_options(config: ModelConfig, mesh) -> tuple[bool | None, MeshSplit | None]:
+def _kernel_options(config: ModelConfig, mesh, rules: sharding.ShardingRules
+                    ) -> tuple[bool | None, MeshSplit | None]:
     """``forward``'s ``(decode_kernel, kernel_split)`` for params placed on ``mesh`` (or
-    None): the kernel where supported, on each device's shard on a mesh of several
+    None) by ``rules``: the kernel where supported, on each device's shard on a mesh of several
     devices (``sharding.kernel_split``), and never on a mesh that cannot split it: the
     kernel is a custom call that XLA cannot split, so it would gather the whole cache to
     every device."""
-    split = sharding.kernel_split(config, mesh)
+    split = sharding.kernel_split(config, mesh, rules)
     several = mesh is not None and mesh.devices.size > 1
     return (False if several and split is None else None), split
 
@@ -436,7 +444,7 @@ def generate(model: Model, prompts: Prompts, *,
     args = (model.params, cache, req.prompt_tokens, req.prompt_lengths, c["max_new_tokens"],
             c["sampling"], c["seed"], c["stop_tokens"])
     jitted = _jitted_decode(model.config, use_cache, req.num_steps, req.greedy, return_logits,
-                            req.key_limit, *_kernel_options(model.config, model.mesh))
+                            req.key_limit, *_kernel_options(model.config, model.mesh, model.rules))
     compile_start = time.perf_counter()
     compiled = _compiled(jitted, args)
     compile_s = time.perf_counter() - compile_start
@@ -543,7 +551,7 @@ class _Chunks:
         prefill_program, chunk_program = _stream_programs(
             model.config, use_cache, controls["sampling"].is_greedy, chunk_size,
             _state_shardings(model, cache), key_limit, fresh,
-            *_kernel_options(model.config, model.mesh))
+            *_kernel_options(model.config, model.mesh, model.rules))
         self._params, self._controls, self._chunk_size = model.params, controls, chunk_size
         self._prefill_args = (model.params, cache, block, lengths, start, *controls.values())
         t0 = time.perf_counter()

@@ -53,7 +53,7 @@ class ChatSession:
         self.capacity = capacity or min(model.config.max_position_embeddings, 4096)
         self.max_new_tokens = max_new_tokens
         # one conversation, copied to fill the rows a mesh's `data` axis splits (_pad_rows)
-        self._rows = sharding.batch_ways(model.mesh)
+        self._rows = sharding.batch_ways(model.mesh, model.rules)
         self.sampling = SamplingParams.create(
             self._rows, **model.sampling_values(temperature, top_k, top_p, min_p))
         self.seed = seed

@@ -275,9 +275,10 @@ def shard_params(params: dict, config: ModelConfig, mesh: Mesh,
 
 
 def shard_model(model, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
-    """A ``kvjax.Model`` with its params placed on ``mesh`` and ``mesh`` recorded."""
+    """A ``kvjax.Model`` with its params placed on ``mesh`` by ``rules``, and both
+    recorded (``kvjax.generate`` then places the cache and the batch by them too)."""
     return dataclasses.replace(model, params=shard_params(model.params, model.config, mesh, rules),
-                               mesh=mesh)
+                               mesh=mesh, rules=rules)
 
 
 def cache_shardings(config: ModelConfig, mesh: Mesh, batch: int,
@@ -334,21 +335,22 @@ def _history_creator(config, batch, capacity, mesh, rules):
 
 def new_cache(model, batch: int, capacity: int, use_cache: bool = True):
     """The cache ``kvjax.generate`` starts from: as before without a mesh, else created
-    sharded on ``model.mesh`` (``TokenHistory`` rows over ``data`` for ``use_cache=False``).
+    sharded on ``model.mesh`` by ``model.rules`` (``TokenHistory`` rows over the batch's
+    axis for ``use_cache=False``).
 
     Raises:
       ShardingError: ``model.mesh`` cannot split this model or ``batch`` (``check_mesh``),
         before anything is allocated or compiled.
     """
-    mesh = getattr(model, "mesh", None)
+    mesh = model.mesh
     if mesh is None:
         if use_cache:
             return KVCache.create(model.config, batch, capacity, model.dtype)
         return TokenHistory.create(batch, capacity)
     if use_cache:
-        return make_cache(model.config, batch, capacity, model.dtype, mesh)
-    check_mesh(model.config, mesh, batch=batch)
-    return _history_creator(model.config, batch, capacity, mesh, DEFAULT_RULES)()
+        return make_cache(model.config, batch, capacity, model.dtype, mesh, model.rules)
+    check_mesh(model.config, mesh, batch=batch, rules=model.rules)
+    return _history_creator(model.config, batch, capacity, mesh, model.rules)()
 
 
 # ----- validation -----

@@ -125,7 +125,7 @@ def interpreted_kernel():
     import kvjax
 
     options = kvjax.api._kernel_options
-    kvjax.api._kernel_options = lambda config, mesh: (True, options(config, mesh)[1])
+    kvjax.api._kernel_options = lambda *args: (True, options(*args)[1])
     try:
         yield
     finally:
@@ -209,6 +209,7 @@ def task_meshes(hf_dir: str) -> dict:
     gqa["kernel_one_device"] = program_gathers(base, 8, 64, one_device_step)["pallas_calls"]
     result["gqa"] = gqa
     result["padding_rows"] = padding_rows(base)
+    result["custom_rules"] = custom_rules(base, reference)
 
     # --- a tiny HF checkpoint loaded straight onto each mesh ---
     reference = kvjax.generate(kvjax.load(hf_dir, dtype="float32"), PROMPTS, **opts).tokens
@@ -243,6 +244,28 @@ def padding_rows(base) -> dict:
     padded = kvjax.generate(model, PROMPTS[2:3], stop_tokens=[stop], **opts)
     return {"stop_at": free.index(stop), "one": one.tokens, "padded": padded.tokens,
             "one_steps": one.stats["decode_steps"], "padded_steps": padded.stats["decode_steps"]}
+
+
+def custom_rules(base, reference) -> dict:
+    """Models placed with other ``ShardingRules`` (``shard_model(..., rules)``):
+    ``generate`` and a ``ChatSession`` create their cache and split their batch by the
+    model's rules, and give one device's tokens."""
+    import kvjax
+    from kvjax import sharding
+
+    opts = dict(max_new_tokens=NEW_TOKENS, stop_tokens=[])
+    out = {}
+    for name, data, model_ways, rules in (
+            ("no_grouping_1x8", 1, 8, sharding.ShardingRules(group_kv_heads=False)),
+            ("rows_unsplit_2x4", 2, 4, sharding.ShardingRules(batch=None))):
+        model = sharding.shard_model(base, sharding.make_mesh(data=data, model=model_ways), rules)
+        cache = sharding.new_cache(model, 7, 64)  # 7 rows: data=2 splits them only by rules
+        kernel, split = kvjax.api._kernel_options(model.config, model.mesh, model.rules)
+        out[name] = {"tokens_equal": kvjax.generate(model, PROMPTS[:7], **opts).tokens
+                     == reference[:7],
+                     "cache_keys": spec_of(cache.keys[0]), "cache_lengths": spec_of(cache.lengths),
+                     "kernel": [kernel, describe_split(split)]}
+    return out
 
 
 def chat_on_mesh() -> dict:
@@ -384,6 +407,7 @@ def task_errors(hf_dir: str) -> dict:
     from kvjax import sharding
     from tests.conftest import make_config, make_model
 
+    rules = sharding.DEFAULT_RULES
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *_a, **_k: compiles.append(name)
@@ -421,13 +445,16 @@ def task_errors(hf_dir: str) -> dict:
         # the decode kernel: per device on a mesh that can split it, else off
         "decode_kernel": {
             name: [options[0], describe_split(options[1])] for name, options in (
-                ("2x4", kvjax.api._kernel_options(base.config, mesh24)),
-                ("4x2", kvjax.api._kernel_options(base.config, model42.mesh)),
-                ("1x1", kvjax.api._kernel_options(base.config, sharding.make_mesh(data=1, model=1))),
-                ("none", kvjax.api._kernel_options(base.config, None)),
+                ("2x4", kvjax.api._kernel_options(base.config, mesh24, rules)),
+                ("4x2", kvjax.api._kernel_options(base.config, model42.mesh, rules)),
+                ("1x1", kvjax.api._kernel_options(base.config, sharding.make_mesh(data=1, model=1), rules)),
+                ("none", kvjax.api._kernel_options(base.config, None, rules)),
                 ("kv3_model2", kvjax.api._kernel_options(
                     make_config(num_heads=6, num_kv_heads=3, head_dim=8),
-                    sharding.make_mesh(data=4, model=2))))},
+                    sharding.make_mesh(data=4, model=2), rules)),
+                ("no_grouping_1x8", kvjax.api._kernel_options(
+                    base.config, sharding.make_mesh(data=1, model=8),
+                    sharding.ShardingRules(group_kv_heads=False))))},
         "default_mesh": dict(sharding.make_mesh().shape),
         "data_only": dict(sharding.make_mesh(data=2).shape),
         "subset": dict(sharding.make_mesh(data=1, model=2).shape),

@@ -213,6 +213,25 @@ def test_kv_heads_that_cannot_be_grouped_are_replicated(hf_dir):
     assert fallback["mqa_model4"] == replicated | {"kernel_split": ["data", "model", None]}
 
 
+def test_generate_follows_the_rules_the_model_was_placed_by(meshes):
+    """A model placed with other ShardingRules (``shard_model(model, mesh, rules)``)
+    records them: generate creates its cache by them (KV heads replicated without
+    grouping, so the decode kernel stays off; rows not split where ``batch`` is None, so
+    7 rows need no padding on data=2) and gives one device's tokens."""
+    rules = meshes["custom_rules"]
+    assert rules["no_grouping_1x8"] == {
+        "tokens_equal": True,
+        "cache_keys": {"spec": ["data", None, None, None], "mesh": {"data": 1, "model": 8}},
+        "cache_lengths": {"spec": ["data"], "mesh": {"data": 1, "model": 8}},
+        "kernel": [False, None]}
+    assert rules["rows_unsplit_2x4"] == {
+        "tokens_equal": True,
+        "cache_keys": {"spec": [None, "model_kv", None, None],
+                       "mesh": {"data": 2, "model_kv": 2, "model_rep": 2}},
+        "cache_lengths": {"spec": [None], "mesh": {"data": 2, "model_kv": 2, "model_rep": 2}},
+        "kernel": [None, [None, ["model_kv", "model_rep"], "model_kv"]]}
+
+
 def test_generate_on_a_one_device_mesh_matches_no_mesh():
     """A model with a 1x1 mesh goes through the sharded path (cache made by
     kvjax.sharding.new_cache) and gives the unsharded tokens."""
@@ -318,7 +337,7 @@ def test_error_messages(hf_dir):
         "2x4": [None, ["data", ["model_kv", "model_rep"], "model_kv"]],
         "4x2": [None, ["data", "model", "model"]],
         "1x1": [None, None], "none": [None, None],
-        "kv3_model2": [False, None]}
+        "kv3_model2": [False, None], "no_grouping_1x8": [False, None]}
     assert errors["data_only"] == {"data": 2, "model": 4}
     assert errors["subset"] == {"data": 1, "model": 2}
 
