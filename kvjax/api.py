@@ -353,24 +353,12 @@ def _steps(config: ModelConfig, use_cache: bool, key_limit: int | None, fresh: b
            decode_kernel: bool | None = None, kernel_split: MeshSplit | None = None):
     """``(step_fn, whole_block_fn)`` of a generation; ``fresh``: its cache starts empty,
     ``key_limit``: slots it can fill (``_Request.key_limit``), ``decode_kernel`` and
-    ``kernel_split``: as in ``kvjax.model.forward`` (``_kernel_options``)."""
+    ``kernel_split``: as in ``kvjax.model.forward`` (``sharding.kernel_options``)."""
     if not use_cache:
         return recompute_step_fn(config), None
     whole_block_fn = step_fn(config, fresh=True) if fresh else None
     return step_fn(config, key_limit=key_limit, decode_kernel=decode_kernel,
                    kernel_split=kernel_split), whole_block_fn
-
-
-def _kernel_options(config: ModelConfig, mesh, rules: sharding.ShardingRules
-                    ) -> tuple[bool | None, MeshSplit | None]:
-    """``forward``'s ``(decode_kernel, kernel_split)`` for params placed on ``mesh`` (or
-    None) by ``rules``: the kernel where supported, on each device's shard on a mesh of several
-    devices (``sharding.kernel_split``), and never on a mesh that cannot split it: the
-    kernel is a custom call that XLA cannot split, so it would gather the whole cache to
-    every device."""
-    split = sharding.kernel_split(config, mesh, rules)
-    several = mesh is not None and mesh.devices.size > 1
-    return (False if several and split is None else None), split
 
 
 @functools.lru_cache(maxsize=64)
@@ -444,7 +432,8 @@ def generate(model: Model, prompts: Prompts, *,
     args = (model.params, cache, req.prompt_tokens, req.prompt_lengths, c["max_new_tokens"],
             c["sampling"], c["seed"], c["stop_tokens"])
     jitted = _jitted_decode(model.config, use_cache, req.num_steps, req.greedy, return_logits,
-                            req.key_limit, *_kernel_options(model.config, model.mesh, model.rules))
+                            req.key_limit,
+                            **sharding.kernel_options(model.config, model.mesh, model.rules))
     compile_start = time.perf_counter()
     compiled = _compiled(jitted, args)
     compile_s = time.perf_counter() - compile_start
@@ -551,7 +540,7 @@ class _Chunks:
         prefill_program, chunk_program = _stream_programs(
             model.config, use_cache, controls["sampling"].is_greedy, chunk_size,
             _state_shardings(model, cache), key_limit, fresh,
-            *_kernel_options(model.config, model.mesh, model.rules))
+            **sharding.kernel_options(model.config, model.mesh, model.rules))
         self._params, self._controls, self._chunk_size = model.params, controls, chunk_size
         self._prefill_args = (model.params, cache, block, lengths, start, *controls.values())
         t0 = time.perf_counter()

@@ -312,6 +312,24 @@ def kernel_split(config: ModelConfig, mesh: Mesh | None,
                      rows=entry("batch"), heads=heads, kv_heads=kv_heads)
 
 
+def kernel_options(config: ModelConfig, mesh: Mesh | None,
+                   rules: ShardingRules = DEFAULT_RULES) -> dict[str, Any]:
+    """The decode-kernel arguments of ``kvjax.model.step_fn`` (and ``forward``) for
+    params and a cache placed on ``mesh`` (or None) by ``rules``:
+    ``{"decode_kernel": ..., "kernel_split": ...}``, what ``kvjax.generate`` uses.
+
+    The kernel where supported, on each device's shard on a mesh of several devices
+    (``kernel_split``), and off (``decode_kernel=False``) on a mesh that cannot split
+    it: the kernel is a custom call that XLA cannot split, so it would gather the whole
+    cache to every device. For a loop of your own:
+    ``step_fn(config, **kernel_options(config, mesh, rules))``.
+    """
+    split = kernel_split(config, mesh, rules)
+    several = mesh is not None and mesh.devices.size > 1
+    return {"decode_kernel": False if several and split is None else None,
+            "kernel_split": split}
+
+
 def make_cache(config: ModelConfig, batch: int, capacity: int, dtype, mesh: Mesh,
                rules: ShardingRules = DEFAULT_RULES) -> KVCache:
     """An empty ``KVCache`` created already sharded: each device allocates only its shard."""

@@ -148,7 +148,7 @@ def measure(config, params, mesh, batch: int, args, dtype) -> tuple[dict, np.nda
 
     # kvjax.generate's program: a fresh prefill, steps in groups between done-checks
     step, whole_block_fn = kvjax.api._steps(config, True, None, True,
-                                            *kvjax.api._kernel_options(config, mesh, sharding.DEFAULT_RULES))
+                                            **sharding.kernel_options(config, mesh))
     run = kvjax.jit_decode(step, num_steps=args.new, greedy=True, whole_block_fn=whole_block_fn,
                            sync_every=kvjax.api.SYNC_EVERY)
     t0 = time.perf_counter()

@@ -121,15 +121,15 @@ def program_gathers(model, batch: int, capacity: int, step=None) -> dict:
 @contextlib.contextmanager
 def interpreted_kernel():
     """kvjax's programs with every decode step on the decode kernel, interpreted (these
-    are CPUs), on each device's shard (the split of ``kvjax.api._kernel_options``)."""
-    import kvjax
+    are CPUs), on each device's shard (the split of ``kvjax.sharding.kernel_options``)."""
+    from kvjax import sharding
 
-    options = kvjax.api._kernel_options
-    kvjax.api._kernel_options = lambda *args: (True, options(*args)[1])
+    options = sharding.kernel_options
+    sharding.kernel_options = lambda *args: options(*args) | {"decode_kernel": True}
     try:
         yield
     finally:
-        kvjax.api._kernel_options = options
+        sharding.kernel_options = options
 
 
 def kernel_on_mesh(model, reference) -> dict:
@@ -260,11 +260,10 @@ def custom_rules(base, reference) -> dict:
             ("rows_unsplit_2x4", 2, 4, sharding.ShardingRules(batch=None))):
         model = sharding.shard_model(base, sharding.make_mesh(data=data, model=model_ways), rules)
         cache = sharding.new_cache(model, 7, 64)  # 7 rows: data=2 splits them only by rules
-        kernel, split = kvjax.api._kernel_options(model.config, model.mesh, model.rules)
         out[name] = {"tokens_equal": kvjax.generate(model, PROMPTS[:7], **opts).tokens
                      == reference[:7],
                      "cache_keys": spec_of(cache.keys[0]), "cache_lengths": spec_of(cache.lengths),
-                     "kernel": [kernel, describe_split(split)]}
+                     "kernel": describe_options(model.config, model.mesh, model.rules)}
     return out
 
 
@@ -392,6 +391,14 @@ def kv_placement(config, mesh, rules=None) -> dict:
             "kernel_split": describe_split(sharding.kernel_split(config, mesh, rules))}
 
 
+def describe_options(config, mesh, rules=None) -> list:
+    """``sharding.kernel_options`` as JSON: [decode_kernel, describe_split(kernel_split)]."""
+    from kvjax import sharding
+
+    options = sharding.kernel_options(config, mesh, rules or sharding.DEFAULT_RULES)
+    return [options["decode_kernel"], describe_split(options["kernel_split"])]
+
+
 def describe_split(split) -> list | None:
     """A ``decode_kernel.MeshSplit`` as JSON: [rows, heads, kv_heads] (tuples as lists)."""
     if split is None:
@@ -407,7 +414,6 @@ def task_errors(hf_dir: str) -> dict:
     from kvjax import sharding
     from tests.conftest import make_config, make_model
 
-    rules = sharding.DEFAULT_RULES
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *_a, **_k: compiles.append(name)
@@ -444,17 +450,14 @@ def task_errors(hf_dir: str) -> dict:
         },
         # the decode kernel: per device on a mesh that can split it, else off
         "decode_kernel": {
-            name: [options[0], describe_split(options[1])] for name, options in (
-                ("2x4", kvjax.api._kernel_options(base.config, mesh24, rules)),
-                ("4x2", kvjax.api._kernel_options(base.config, model42.mesh, rules)),
-                ("1x1", kvjax.api._kernel_options(base.config, sharding.make_mesh(data=1, model=1), rules)),
-                ("none", kvjax.api._kernel_options(base.config, None, rules)),
-                ("kv3_model2", kvjax.api._kernel_options(
-                    make_config(num_heads=6, num_kv_heads=3, head_dim=8),
-                    sharding.make_mesh(data=4, model=2), rules)),
-                ("no_grouping_1x8", kvjax.api._kernel_options(
-                    base.config, sharding.make_mesh(data=1, model=8),
-                    sharding.ShardingRules(group_kv_heads=False))))},
+            "2x4": describe_options(base.config, mesh24),
+            "4x2": describe_options(base.config, model42.mesh),
+            "1x1": describe_options(base.config, sharding.make_mesh(data=1, model=1)),
+            "none": describe_options(base.config, None),
+            "kv3_model2": describe_options(make_config(num_heads=6, num_kv_heads=3, head_dim=8),
+                                           sharding.make_mesh(data=4, model=2)),
+            "no_grouping_1x8": describe_options(base.config, sharding.make_mesh(data=1, model=8),
+                                                sharding.ShardingRules(group_kv_heads=False))},
         "default_mesh": dict(sharding.make_mesh().shape),
         "data_only": dict(sharding.make_mesh(data=2).shape),
         "subset": dict(sharding.make_mesh(data=1, model=2).shape),
