@@ -19,7 +19,7 @@ from kvjax.checkpoint import DTYPES, load_params
 from kvjax.config import ConfigError, ModelConfig, is_count
 from kvjax.decode_kernel import MeshSplit
 from kvjax.decode import PAD_TOKEN, DecodeState, decode_steps, jit_decode, prefill
-from kvjax.model import recompute_step_fn, step_fn
+from kvjax.model import compiler_options, recompute_step_fn, step_fn
 from kvjax.sampling import SamplingParams, check_sampling_values
 from kvjax import orbax_store, sharding
 from kvjax.tokenizer import Tokenizer
@@ -369,7 +369,8 @@ def _jitted_decode(config: ModelConfig, use_cache: bool, num_steps: int, greedy:
                                   kernel_split)
     return jit_decode(step, num_steps=num_steps, greedy=greedy, return_logits=return_logits,
                       on_prefill=_PREFILL_CLOCK, whole_block_fn=whole_block_fn,
-                      prefill_chunk=PREFILL_CHUNK if use_cache else None, sync_every=SYNC_EVERY)
+                      prefill_chunk=PREFILL_CHUNK if use_cache else None, sync_every=SYNC_EVERY,
+                      compiler_options=compiler_options())
 
 
 class _PrefillClock:
@@ -502,11 +503,12 @@ def _stream_programs(config: ModelConfig, use_cache: bool, greedy: bool, chunk_s
                                         sync_every=chunk_size)
         return state, tokens, jnp.all(state.done)
 
+    options = dict(donate_argnums=1, compiler_options=compiler_options())
     if state_shardings is None:
-        return jax.jit(prefill_block, donate_argnums=1), jax.jit(chunk, donate_argnums=1)
+        return jax.jit(prefill_block, **options), jax.jit(chunk, **options)
     rows, scalar = state_shardings.tokens, state_shardings.steps_run
-    return (jax.jit(prefill_block, donate_argnums=1, out_shardings=state_shardings),
-            jax.jit(chunk, donate_argnums=1, out_shardings=(state_shardings, rows, scalar)))
+    return (jax.jit(prefill_block, out_shardings=state_shardings, **options),
+            jax.jit(chunk, out_shardings=(state_shardings, rows, scalar), **options))
 
 
 def _state_shardings(model: Model, cache) -> DecodeState | None:

@@ -323,12 +323,14 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
 def jit_decode(step_fn: StepFn, *, num_steps: int, greedy: bool, return_logits: bool = False,
                on_prefill: Callable[[jax.Array], None] | None = None,
                prefill_chunk: int | None = None, whole_block_fn: StepFn | None = None,
-               sync_every: int = 1):
+               sync_every: int = 1, compiler_options: dict | None = None):
     """``decode`` for ``step_fn`` as one jitted program with the cache donated.
 
     The program takes ``(params, cache, prompt_tokens, prompt_lengths, max_new_tokens,
     sampling, seed, stop_tokens)`` and returns a ``DecodeResult``; the cache passed in
-    is consumed (its buffers are updated in place).
+    is consumed (its buffers are updated in place). ``compiler_options``: XLA options
+    of the compile (``jax.jit``'s), e.g. ``kvjax.model.compiler_options()`` for
+    kvjax's model.
     """
 
     def run(params, cache, prompt_tokens, prompt_lengths, max_new_tokens, sampling, seed,
@@ -340,4 +342,4 @@ def jit_decode(step_fn: StepFn, *, num_steps: int, greedy: bool, return_logits: 
                       prefill_chunk=prefill_chunk, whole_block_fn=whole_block_fn,
                       sync_every=sync_every)
 
-    return jax.jit(run, donate_argnums=1)
+    return jax.jit(run, donate_argnums=1, compiler_options=compiler_options)

@@ -309,7 +309,7 @@ def decode_program(config: kvjax.ModelConfig, num_steps: int, key_limit: int | N
                             prefill_chunk=kvjax.api.PREFILL_CHUNK, whole_block_fn=whole_block_fn,
                             sync_every=kvjax.api.SYNC_EVERY)
 
-    return jax.jit(run, donate_argnums=1)
+    return jax.jit(run, donate_argnums=1, compiler_options=kvjax.model.compiler_options())
 
 
 @dataclasses.dataclass

@@ -150,7 +150,8 @@ def measure(config, params, mesh, batch: int, args, dtype) -> tuple[dict, np.nda
     step, whole_block_fn = kvjax.api._steps(config, True, None, True,
                                             **sharding.kernel_options(config, mesh))
     run = kvjax.jit_decode(step, num_steps=args.new, greedy=True, whole_block_fn=whole_block_fn,
-                           sync_every=kvjax.api.SYNC_EVERY)
+                           sync_every=kvjax.api.SYNC_EVERY,
+                           compiler_options=kvjax.model.compiler_options())
     t0 = time.perf_counter()
     compiled = run.lower(params, new_cache(), prompt, lengths, np.int32(args.new),
                          *controls).compile()

@@ -1,5 +1,6 @@
 """The decode loop: cache vs recompute, ragged batches, early stop, compile reuse."""
 
+import dataclasses
 import re
 
 import jax
@@ -188,6 +189,33 @@ def test_prefill_projections_read_the_weights_as_stored():
     text = jax.jit(kvjax.model.step_fn(config)).lower(
         model.params, tokens, positions, cache).compile().as_text()
     assert not re.findall(r"bf16\[256,\d+\]\{[0-9,]+\} concatenate\(", text)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="XLA:GPU's merge of products")
+def test_compiler_options_merge_large_gate_and_up_in_decode_steps_only():
+    """With ``kvjax.model.compiler_options()`` a decode step's gate and up products of
+    64 MiB weights (too large for XLA's default merge threshold) run as one GEMM, and a
+    prefill block still reads its weights as stored (no concatenated copy)."""
+    config = dataclasses.replace(make_config(num_heads=8, num_kv_heads=2, head_dim=128,
+                                             hidden_size=2048, vocab_size=512, num_layers=1),
+                                 intermediate_size=16384)
+    model = make_model(config, dtype=jnp.bfloat16)
+    options = kvjax.model.compiler_options()
+    assert options == {"xla_gpu_dot_merger_threshold_mb": 1024}
+
+    def compiled_text(seq, **jit_options):
+        tokens = jnp.zeros((1, seq), jnp.int32)
+        positions = jnp.arange(seq, dtype=jnp.int32)[None] + (0 if seq > 1 else 7)
+        cache = kvjax.KVCache.create(config, 1, 256, jnp.bfloat16)
+        return jax.jit(kvjax.model.step_fn(config), **jit_options).lower(
+            model.params, tokens, positions, cache).compile().as_text()
+
+    gemms = lambda text: len(re.findall(r" dot\(|custom_call_target=\"__cublas", text))
+    default, merged = compiled_text(1), compiled_text(1, compiler_options=options)
+    # gate|up: one GEMM instead of two
+    assert gemms(merged) == gemms(default) - 1, (gemms(default), gemms(merged))
+    assert not re.findall(r"bf16\[2048,\d+\]\{[0-9,]+\} concatenate\(",
+                          compiled_text(128, compiler_options=options))
 
 
 @pytest.mark.parametrize("chunk", [16, 24])
