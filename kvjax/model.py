@@ -186,7 +186,7 @@ def compiler_options() -> dict[str, int]:
     where they are small (``xla_gpu_dot_merger_threshold_mb``, 32 by default), so the
     Llama-3.1-8B shape's gate and up projections (117 MB each) ran as two GEMMs. Merged,
     a decode step reads both weights in one GEMM, in place: 8B-shaped steps on an H100
-    1.3% (batch 1) to 5.0% (batch 32) shorter (docs/benchmarks.md). A block's products
+    1.6% (batch 1) to 5.0% (batch 32) shorter (docs/benchmarks.md). A block's products
     stay separate (``_inputs_of_separate_products``), so prefills copy no weights.
     """
     if jax.default_backend() != "gpu":
