@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--mesh", type=_mesh_flag, default=None, metavar="data=D,model=M",
                      help="spread one generation over D x M devices: batch rows over data, "
                           "weights and KV heads over model (e.g. data=2,model=4; docs/sharding.md)")
+    run.add_argument("--rules", default=None, metavar="FIELD=VALUE,...",
+                     help="how --mesh splits the model (kvjax.sharding.ShardingRules fields, "
+                          "none = replicated); heads=none,kv_heads=none keeps attention whole "
+                          "on every model device: one all-reduce a layer, faster at batch 1")
     dist = parser.add_argument_group("several processes (run the same command in each)")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     dist.add_argument("--num-processes", type=int, default=None)
@@ -77,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--chat is interactive: it takes no --prompt, --prompt-file or --json")
     if args.chunk_size < 1:
         parser.error("--chunk-size must be >= 1")
+    if args.rules is not None and args.mesh is None and args.coordinator is None:
+        parser.error("--rules says how --mesh splits the model: pass --mesh too")
     if len({args.coordinator is None, args.num_processes is None, args.process_id is None}) > 1:
         parser.error("--coordinator, --num-processes and --process-id go together")
     return args
@@ -139,9 +145,10 @@ def _run(args: argparse.Namespace) -> int:
         kvjax.sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         if args.process_id > 0:  # every process computes the same tokens; process 0 prints them
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    rules = kvjax.sharding.parse_rules(args.rules or "")
     if args.mesh is not None or args.coordinator is not None:
         mesh = kvjax.sharding.make_mesh(**(args.mesh or {}))
-    model = kvjax.load(args.model, dtype=args.dtype, mesh=mesh)
+    model = kvjax.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules)
     if args.chat:
         return _chat(model, args)
     prompts, defaulted = _prompts(args)

@@ -151,6 +151,31 @@ class ShardingRules:
 
 
 DEFAULT_RULES = ShardingRules()
+
+
+def parse_rules(text: str) -> ShardingRules:
+    """``ShardingRules`` from ``"field=value,..."`` (the CLI's ``--rules``): each field of
+    ``ShardingRules`` set to a mesh axis name or ``none`` (replicated), and
+    ``group_kv_heads`` to ``true`` or ``false``; fields left out keep their defaults.
+    ``"heads=none,kv_heads=none"`` keeps attention whole on every ``model`` device and
+    splits only the MLP and the LM head (one all-reduce a layer instead of two;
+    docs/sharding.md)."""
+    fields = {f.name: f for f in dataclasses.fields(ShardingRules)}
+    values: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = (s.strip() for s in part.partition("="))
+        if name not in fields or not eq or not value:
+            raise ShardingError(f"sharding rule {part!r} is not field=value with a field in "
+                                f"{{{', '.join(fields)}}} (e.g. heads=none,kv_heads=none)")
+        if name in values:
+            raise ShardingError(f"sharding rule {name} given twice in {text!r}")
+        if name == "group_kv_heads":
+            if value.lower() not in ("true", "false"):
+                raise ShardingError(f"group_kv_heads must be true or false, got {value!r}")
+            values[name] = value.lower() == "true"
+        else:
+            values[name] = None if value.lower() == "none" else value
+    return ShardingRules(**values)
 LOGICAL_AXES = ("batch", "vocab", "vocab_in", "embed", "heads", "kv_heads", "mlp", "cache_seq",
                 "head_dim")
 

@@ -32,7 +32,8 @@ Usage::
 ``--profile`` also traces each run and records where a decode step's time goes on the
 first device (``step_profile``: matmuls, attention, collectives, other kernels, span).
 
-A run is ``BATCH:DATAxMODEL``. Results: a table on stdout and a JSON list of records
+A run is ``BATCH:DATAxMODEL`` or ``BATCH:DATAxMODEL:RULES`` (other ``ShardingRules``
+in ``kvjax.sharding.parse_rules``'s text, e.g. ``1:1x2:heads=none,kv_heads=none``). Results: a table on stdout and a JSON list of records
 (``--json``, default ``benchmarks/results/sharding-<device>-<date>.json``).
 """
 
@@ -68,20 +69,27 @@ SHAPES = ("tiny", *lib.LLAMA_SHAPES)
 DEFAULT_RUNS = ["1:1x1", "1:1x2", "32:1x1", "32:2x1"]
 
 
-def parse_run(text: str) -> tuple[int, int, int]:
-    m = re.fullmatch(r"(\d+):(\d+)x(\d+)", text)
+def parse_run(text: str) -> tuple[int, int, int, str]:
+    """``BATCH:DATAxMODEL[:RULES]``, RULES as ``kvjax.sharding.parse_rules`` reads them."""
+    m = re.fullmatch(r"(\d+):(\d+)x(\d+)(?::(.+))?", text)
     if not m:
-        raise argparse.ArgumentTypeError(f"a run is BATCH:DATAxMODEL (e.g. 32:2x1), got {text!r}")
-    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+        raise argparse.ArgumentTypeError(
+            f"a run is BATCH:DATAxMODEL[:RULES] (e.g. 32:2x1 or 1:1x2:heads=none,kv_heads=none), "
+            f"got {text!r}")
+    try:
+        sharding.parse_rules(m.group(4) or "")
+    except sharding.ShardingError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4) or ""
 
 
-def sharded_params(config, mesh, dtype):
+def sharded_params(config, mesh, dtype, rules=sharding.DEFAULT_RULES):
     """Random params (norms 1, the rest N(0, 0.02), as ``init_params``) drawn directly
     onto their shardings: no device holds more than its shard, and the values do not
     depend on the mesh (threefry is partitionable). One small program per distinct
     (kind, shape, sharding), reused for every layer: far faster to compile than one
     program for the whole 8B tree."""
-    shardings = sharding.param_shardings(config, mesh)
+    shardings = sharding.param_shardings(config, mesh, rules)
     makers: dict = {}
     counter = iter(range(1 << 30))
 
@@ -134,7 +142,7 @@ def step_profile(once, new: int) -> dict:
     return {f"{k}_ms": ms for k, ms in profile_step.per_step(one, many, new).items()}
 
 
-def measure(config, params, mesh, batch: int, args, dtype) -> tuple[dict, np.ndarray]:
+def measure(config, params, mesh, rules, batch: int, args, dtype) -> tuple[dict, np.ndarray]:
     rng = np.random.default_rng(batch)
     prompt = rng.integers(3, config.vocab_size, size=(batch, args.prompt)).astype(np.int32)
     lengths = np.full((batch,), args.prompt, np.int32)
@@ -142,13 +150,13 @@ def measure(config, params, mesh, batch: int, args, dtype) -> tuple[dict, np.nda
     controls = (kvjax.SamplingParams.create(batch), np.uint32(0), np.full((16,), -1, np.int32))
 
     def new_cache():
-        cache = sharding.make_cache(config, batch, capacity, dtype, mesh)
+        cache = sharding.make_cache(config, batch, capacity, dtype, mesh, rules)
         jax.block_until_ready(cache)
         return cache
 
     # kvjax.generate's program: a fresh prefill, steps in groups between done-checks
     step, whole_block_fn = kvjax.api._steps(config, True, None, True,
-                                            **sharding.kernel_options(config, mesh))
+                                            **sharding.kernel_options(config, mesh, rules))
     run = kvjax.jit_decode(step, num_steps=args.new, greedy=True, whole_block_fn=whole_block_fn,
                            sync_every=kvjax.api.SYNC_EVERY,
                            compiler_options=kvjax.model.compiler_options())
@@ -192,7 +200,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=SHAPES, default="llama-8b")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run(r) for r in DEFAULT_RUNS],
-                        metavar="BATCH:DATAxMODEL")
+                        metavar="BATCH:DATAxMODEL[:RULES]",
+                        help="RULES: kvjax.sharding.ShardingRules fields, e.g. "
+                             "heads=none,kv_heads=none (default: DEFAULT_RULES)")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
@@ -219,24 +229,26 @@ def main(argv=None) -> int:
     rows: list[dict] = [None] * len(args.runs)  # type: ignore[list-item]
     params, params_mesh = None, None
     for i in order:
-        batch, data, model = args.runs[i]
-        row = dict(batch=batch, data=data, model=model)
+        batch, data, model, rules_text = args.runs[i]
+        rules = sharding.parse_rules(rules_text)
+        row = dict(batch=batch, data=data, model=model, rules=rules_text)
         try:
-            if params_mesh != (data, model):
+            if params_mesh != (data, model, rules):
                 params, params_mesh = None, None
                 mesh = sharding.make_mesh(data=data, model=model)
                 t0 = time.perf_counter()
-                params = sharded_params(config, mesh, dtype)
-                params_mesh, init_s = (data, model), time.perf_counter() - t0
-            result, tokens = measure(config, params, mesh, batch, args, dtype)
+                params = sharded_params(config, mesh, dtype, rules)
+                params_mesh, init_s = (data, model, rules), time.perf_counter() - t0
+            result, tokens = measure(config, params, mesh, rules, batch, args, dtype)
             row |= result | dict(init_s=init_s)
             row["_tokens"] = tokens
         except Exception as e:  # a failed run is recorded and the others go on
             row["failed"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         rows[i] = row
-        print(f"# {batch}:{data}x{model} done ({time.perf_counter() - start:.0f} s)", flush=True)
+        label = f"{batch}:{data}x{model}" + (f":{rules_text}" if rules_text else "")
+        print(f"# {label} done ({time.perf_counter() - start:.0f} s)", flush=True)
         if "profile" in row:
-            print(f"# {batch}:{data}x{model} profile per step: "
+            print(f"# {label} profile per step: "
                   + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in row["profile"].items()), flush=True)
     params = None
@@ -256,17 +268,17 @@ def main(argv=None) -> int:
 
     header = (f"{'batch':>5} {'data':>4} {'model':>5} {'ms/step':>8} {'tok/s':>9} {'speedup':>7} "
               f"{'prefill ms':>10} {'compile s':>9} {'params GiB/dev':>14} {'cache GiB/dev':>13} "
-              f"{'agree':>5} {'first':>5}")
+              f"{'agree':>5} {'first':>5} rules")
     print(header)
     for r in rows:
         if "failed" in r:
-            print(f"{r['batch']:>5} {r['data']:>4} {r['model']:>5}  failed: {r['failed']}")
+            print(f"{r['batch']:>5} {r['data']:>4} {r['model']:>5}  failed: {r['failed']} {r['rules']}")
             continue
         print(f"{r['batch']:>5} {r['data']:>4} {r['model']:>5} {r['ms_per_step']:>8.3f} "
               f"{r['tokens_per_s']:>9.1f} {r.get('speedup', float('nan')):>7.2f} "
               f"{r['prefill_ms']:>10.1f} {r['compile_s']:>9.1f} {r['params_gib_per_device']:>14.3f} "
               f"{r['cache_gib_per_device']:>13.3f} {r.get('agree', float('nan')):>5.2f} "
-              f"{r.get('agree_first', float('nan')):>5.2f}")
+              f"{r.get('agree_first', float('nan')):>5.2f} {r['rules']}")
     print(f"# total {meta['total_s']:.0f} s, peak device memory "
           f"{meta['peak_gib_per_device'] if meta['peak_gib_per_device'] is None else round(meta['peak_gib_per_device'], 2)} GiB")
 

@@ -257,13 +257,18 @@ def custom_rules(base, reference) -> dict:
     out = {}
     for name, data, model_ways, rules in (
             ("no_grouping_1x8", 1, 8, sharding.ShardingRules(group_kv_heads=False)),
-            ("rows_unsplit_2x4", 2, 4, sharding.ShardingRules(batch=None))):
+            ("rows_unsplit_2x4", 2, 4, sharding.ShardingRules(batch=None)),
+            ("attention_whole_1x8", 1, 8, sharding.parse_rules("heads=none,kv_heads=none"))):
         model = sharding.shard_model(base, sharding.make_mesh(data=data, model=model_ways), rules)
         cache = sharding.new_cache(model, 7, 64)  # 7 rows: data=2 splits them only by rules
         out[name] = {"tokens_equal": kvjax.generate(model, PROMPTS[:7], **opts).tokens
                      == reference[:7],
                      "cache_keys": spec_of(cache.keys[0]), "cache_lengths": spec_of(cache.lengths),
                      "kernel": describe_options(model.config, model.mesh, model.rules)}
+    specs = param_specs(model.params)  # the last: attention whole on every model device
+    out["attention_whole_1x8"] |= {
+        "params": {name: specs[name]["spec"] for name in ("wq", "wk", "wo", "w_gate", "w_down")},
+        "step_all_reduce": step_checks(model, 8, 64)["all_reduce"]}
     return out
 
 

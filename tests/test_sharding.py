@@ -232,6 +232,22 @@ def test_generate_follows_the_rules_the_model_was_placed_by(meshes):
         "kernel": [None, [None, ["model_kv", "model_rep"], "model_kv"]]}
 
 
+def test_attention_kept_whole_on_every_model_device(meshes):
+    """``parse_rules("heads=none,kv_heads=none")`` (the CLI's ``--rules``): attention
+    weights and the cache whole on every ``model`` device, the MLP split, so a decode
+    step has one all-reduce a layer (w_down's) instead of two; the decode kernel runs on
+    each device's rows with every head; tokens equal one device's."""
+    whole = meshes["custom_rules"]["attention_whole_1x8"]
+    assert whole == {
+        "tokens_equal": True,
+        "cache_keys": {"spec": ["data", None, None, None], "mesh": {"data": 1, "model": 8}},
+        "cache_lengths": {"spec": ["data"], "mesh": {"data": 1, "model": 8}},
+        "kernel": [None, ["data", None, None]],
+        "params": {"wq": [None, None], "wk": [None, None], "wo": [None, None],
+                   "w_gate": [None, "model"], "w_down": ["model", None]},
+        "step_all_reduce": NUM_LAYERS}
+
+
 def test_generate_on_a_one_device_mesh_matches_no_mesh():
     """A model with a 1x1 mesh goes through the sharded path (cache made by
     kvjax.sharding.new_cache) and gives the unsharded tokens."""
@@ -342,6 +358,31 @@ def test_error_messages(hf_dir):
     assert errors["subset"] == {"data": 1, "model": 2}
 
 
+def test_parse_rules():
+    """``parse_rules`` (the CLI's ``--rules``): named fields set, the rest default; bad
+    text names the problem and the fields."""
+    assert sharding.parse_rules("") == sharding.DEFAULT_RULES
+    assert sharding.parse_rules(" heads=none, kv_heads=None ,group_kv_heads=FALSE") == \
+        sharding.ShardingRules(heads=None, kv_heads=None, group_kv_heads=False)
+    assert sharding.parse_rules("batch=model,mlp=data") == \
+        sharding.ShardingRules(batch="model", mlp="data")
+    fields = ("batch, vocab, vocab_in, embed, heads, kv_heads, mlp, cache_seq, head_dim, "
+              "group_kv_heads")
+    for text, message in (
+            ("heads", f"sharding rule 'heads' is not field=value with a field in {{{fields}}} "
+                      "(e.g. heads=none,kv_heads=none)"),
+            ("layers=none", f"sharding rule 'layers=none' is not field=value with a field in "
+                            f"{{{fields}}} (e.g. heads=none,kv_heads=none)"),
+            ("mlp=", f"sharding rule 'mlp=' is not field=value with a field in {{{fields}}} "
+                     "(e.g. heads=none,kv_heads=none)"),
+            ("heads=none,heads=model", "sharding rule heads given twice in "
+                                       "'heads=none,heads=model'"),
+            ("group_kv_heads=no", "group_kv_heads must be true or false, got 'no'")):
+        with pytest.raises(sharding.ShardingError) as e:
+            sharding.parse_rules(text)
+        assert str(e.value) == message
+
+
 def test_too_many_devices_in_this_process():
     n, platform = jax.device_count(), jax.devices()[0].platform
     with pytest.raises(sharding.ShardingError, match=re.escape(
@@ -404,6 +445,18 @@ def test_cli_mesh_flags(text_checkpoint):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert last_json(proc.stdout)["tokens"] == expected.tokens
 
+    whole = run_cli(*common, "--mesh", "model=2", "--rules", "heads=none,kv_heads=none",
+                    devices=8)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert last_json(whole.stdout)["tokens"] == expected.tokens
+
+    bad = run_cli("--model", text_checkpoint, "--rules", "heads=none", devices=1)
+    assert bad.returncode == 2 and "--rules says how --mesh splits the model: pass --mesh too" \
+        in bad.stderr
+    bad = run_cli(*common, "--mesh", "model=2", "--rules", "heads=nowhere", devices=8)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: rule heads -> 'nowhere': the mesh has no axis 'nowhere' (axes: data, model)")
     bad = run_cli("--model", text_checkpoint, "--mesh", "data=2,heads=4", devices=1)
     assert bad.returncode == 2 and "argument --mesh: expected data=D,model=M" in bad.stderr
     bad = run_cli("--model", text_checkpoint, "--coordinator", "localhost:1", devices=1)
@@ -450,16 +503,24 @@ def test_sharding_benchmark_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "sharding_benchmark.py"), "--shape", "tiny",
          "--prompt", "16", "--new", "8", "--reps", "1", "--dtype", "float32",
-         "--runs", "1:1x1", "1:1x2", "4:1x1", "4:2x4", "--json", str(path)],
+         "--runs", "1:1x1", "1:1x2", "4:1x1", "4:2x4", "1:1x2:heads=none,kv_heads=none",
+         "--json", str(path)],
         cwd=ROOT, env=device_env(8), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ms/step" in proc.stdout and "# wrote" in proc.stdout
     records = json.loads(path.read_text())
-    assert [(r["batch"], r["data"], r["model"]) for r in records] == [
-        (1, 1, 1), (1, 1, 2), (4, 1, 1), (4, 2, 4)]
+    assert [(r["batch"], r["data"], r["model"], r["rules"]) for r in records] == [
+        (1, 1, 1, ""), (1, 1, 2, ""), (4, 1, 1, ""), (4, 2, 4, ""),
+        (1, 1, 2, "heads=none,kv_heads=none")]
     for r in records:  # timings of 8 steps on a shared CPU are noise: only their presence
         assert "failed" not in r and np.isfinite(r["ms_per_step"]) and 0 <= r["agree"] <= 1
         assert r["devices"] == 8 and r["shape"] == "tiny"
     assert records[1]["params_gib_per_device"] < records[0]["params_gib_per_device"]
     assert records[3]["cache_gib_per_device"] < records[2]["cache_gib_per_device"]
     assert np.isclose(records[0]["speedup"], 1.0)
+    split, whole = records[1], records[4]  # attention split over model=2, or whole on each
+    assert split["cache_spec"].endswith("('data', 'model', None, None)")  # P(...) or PartitionSpec(...)
+    assert whole["cache_spec"].endswith("('data', None, None, None)")
+    assert whole["collectives"]["all-reduce"] * 2 == split["collectives"]["all-reduce"]
+    assert split["params_gib_per_device"] < whole["params_gib_per_device"] \
+        < records[0]["params_gib_per_device"]
