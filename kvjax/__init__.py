@@ -9,6 +9,7 @@ Public API::
 and, for your own model, ``kvjax.jit_decode(step_fn, num_steps=..., greedy=...)``.
 """
 
+from kvjax import compilation_cache, sharding
 from kvjax.api import BUNDLED_MODEL, Generation, Model, TokenStream, generate, generate_stream, load
 from kvjax.chat import ChatSession
 from kvjax.cache import KVCache, TokenHistory

@@ -21,7 +21,7 @@ from kvjax.decode_kernel import MeshSplit
 from kvjax.decode import PAD_TOKEN, DecodeState, decode_steps, jit_decode, prefill
 from kvjax.model import compiler_options, recompute_step_fn, step_fn
 from kvjax.sampling import SamplingParams, check_sampling_values
-from kvjax import orbax_store, sharding
+from kvjax import compilation_cache, orbax_store, sharding
 from kvjax.tokenizer import Tokenizer
 
 # The small English model shipped inside the package (docs/bundled_model.md).
@@ -78,11 +78,15 @@ class Generation:
     Attributes:
       tokens: new token ids per prompt, each ending at (and including) its first stop token.
       texts: the decoded new text per prompt, or None without a tokenizer.
-      stats: ``compile_s``, ``prefill_s``, ``decode_s``, ``decode_steps``, ``new_tokens``,
-        ``tokens_per_s`` (new tokens over prefill + decode time), ``decode_tokens_per_s``
-        (batch x decode steps over decode time), ``cache_bytes``, ``batch``,
+      stats: ``compile_s``, ``generate_s`` (prefill + decode), ``prefill_s``,
+        ``decode_s``, ``decode_steps``, ``new_tokens``, ``tokens_per_s`` (new tokens over
+        ``generate_s``), ``decode_tokens_per_s`` (batch x decode steps over decode time),
+        ``cache_bytes``, ``batch``,
         ``prompt_bucket``, ``capacity``, ``sampling`` (the temperature, top_k, top_p and
-        min_p used, the model's defaults filled in).
+        min_p used, the model's defaults filled in). ``generate`` leaves ``prefill_s``,
+        ``decode_s`` and ``decode_tokens_per_s`` None while compiled programs are kept
+        on disk (``kvjax.compilation_cache``: the clock that splits them is a host
+        callback, which JAX does not store).
       logits: per prompt, ``float32[len(tokens), vocab]`` logits each new token was
         chosen from (only with ``return_logits=True``).
     """
@@ -364,11 +368,14 @@ def _steps(config: ModelConfig, use_cache: bool, key_limit: int | None, fresh: b
 @functools.lru_cache(maxsize=64)
 def _jitted_decode(config: ModelConfig, use_cache: bool, num_steps: int, greedy: bool,
                    return_logits: bool, key_limit: int | None,
-                   decode_kernel: bool | None = None, kernel_split: MeshSplit | None = None):
+                   decode_kernel: bool | None = None, kernel_split: MeshSplit | None = None,
+                   timed: bool = True):
+    """``generate``'s program; ``timed``: with the prefill clock (a host callback)."""
     step, whole_block_fn = _steps(config, use_cache, key_limit, True, decode_kernel,
                                   kernel_split)
     return jit_decode(step, num_steps=num_steps, greedy=greedy, return_logits=return_logits,
-                      on_prefill=_PREFILL_CLOCK, whole_block_fn=whole_block_fn,
+                      on_prefill=_PREFILL_CLOCK if timed else None,
+                      whole_block_fn=whole_block_fn,
                       prefill_chunk=PREFILL_CHUNK if use_cache else None, sync_every=SYNC_EVERY,
                       compiler_options=compiler_options())
 
@@ -432,8 +439,9 @@ def generate(model: Model, prompts: Prompts, *,
     c = req.controls
     args = (model.params, cache, req.prompt_tokens, req.prompt_lengths, c["max_new_tokens"],
             c["sampling"], c["seed"], c["stop_tokens"])
+    timed = not compilation_cache.in_use()  # JAX stores no program with a host callback
     jitted = _jitted_decode(model.config, use_cache, req.num_steps, req.greedy, return_logits,
-                            req.key_limit,
+                            req.key_limit, timed=timed,
                             **sharding.kernel_options(model.config, model.mesh, model.rules))
     compile_start = time.perf_counter()
     compiled = _compiled(jitted, args)
@@ -444,15 +452,15 @@ def generate(model: Model, prompts: Prompts, *,
     result = compiled(*args)
     num_generated = sharding.to_host(result.num_generated)
     end = time.perf_counter()
-    prefill_done = _PREFILL_CLOCK.time or end
+    prefill_s = (_PREFILL_CLOCK.time or end) - start if timed else None
     tokens_out = sharding.to_host(result.tokens)
     tokens = [tokens_out[row, :num_generated[row]].tolist() for row in range(req.batch)]
     logits = None
     if return_logits:
         all_logits = sharding.to_host(result.logits)
         logits = [all_logits[row, :num_generated[row]] for row in range(req.batch)]
-    stats = _stats(req, tokens, compile_s, prefill_done - start, end - prefill_done,
-                   int(result.steps_run), cache_bytes)
+    stats = _stats(req, tokens, compile_s, end - start, prefill_s, int(result.steps_run),
+                   cache_bytes)
     return Generation(tokens=tokens, texts=_texts(model, tokens), stats=stats, logits=logits)
 
 
@@ -460,14 +468,17 @@ def _texts(model: Model, tokens: list[list[int]]) -> list[str] | None:
     return [model.tokenizer.decode(t) for t in tokens] if model.tokenizer else None
 
 
-def _stats(req: _Request, tokens: list[list[int]], compile_s: float, prefill_s: float,
-           decode_s: float, decode_steps: int, cache_bytes: int) -> dict[str, Any]:
+def _stats(req: _Request, tokens: list[list[int]], compile_s: float, generate_s: float,
+           prefill_s: float | None, decode_steps: int, cache_bytes: int) -> dict[str, Any]:
+    """``Generation.stats``; ``prefill_s`` None where the prefill was not timed apart."""
     new_tokens = sum(len(t) for t in tokens)
+    decode_s = None if prefill_s is None else generate_s - prefill_s
     return {
-        "compile_s": compile_s, "prefill_s": prefill_s, "decode_s": decode_s,
-        "decode_steps": decode_steps, "new_tokens": new_tokens,
-        "tokens_per_s": new_tokens / max(prefill_s + decode_s, 1e-9),
-        "decode_tokens_per_s": req.batch * decode_steps / max(decode_s, 1e-9),
+        "compile_s": compile_s, "generate_s": generate_s, "prefill_s": prefill_s,
+        "decode_s": decode_s, "decode_steps": decode_steps, "new_tokens": new_tokens,
+        "tokens_per_s": new_tokens / max(generate_s, 1e-9),
+        "decode_tokens_per_s": None if decode_s is None
+        else req.batch * decode_steps / max(decode_s, 1e-9),
         "cache_bytes": cache_bytes, "batch": req.batch,
         "prompt_bucket": req.prompt_tokens.shape[1], "capacity": req.capacity,
         "sampling": req.sampling_values,
@@ -612,8 +623,8 @@ class TokenStream:
                 delta.append(new)
             yield delta
         c = self._chunks
-        stats = _stats(self._req, tokens, c.compile_s, c.prefill_s, c.decode_s, c.decode_steps,
-                       self._cache_bytes)
+        stats = _stats(self._req, tokens, c.compile_s, c.prefill_s + c.decode_s, c.prefill_s,
+                       c.decode_steps, self._cache_bytes)
         self.generation = Generation(tokens=tokens, texts=_texts(self._model, tokens), stats=stats)
 
 

@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="recompute the whole sequence every step (the baseline)")
     run.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default=None,
                      help="JAX backend (default: the best present)")
+    run.add_argument("--compile-cache", default=None, metavar="DIR",
+                     help="keep compiled programs in DIR and load them in later runs instead of "
+                          "compiling (default: $KVJAX_CACHE_DIR or ~/.cache/kvjax/compiled)")
+    run.add_argument("--no-compile-cache", action="store_true",
+                     help="compile every run anew (the stats then time prefill and decode apart)")
     run.add_argument("--mesh", type=_mesh_flag, default=None, metavar="data=D,model=M",
                      help="spread one generation over D x M devices: batch rows over data, "
                           "weights and KV heads over model (e.g. data=2,model=4; docs/sharding.md)")
@@ -81,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--chat is interactive: it takes no --prompt, --prompt-file or --json")
     if args.chunk_size < 1:
         parser.error("--chunk-size must be >= 1")
+    if args.compile_cache is not None and args.no_compile_cache:
+        parser.error("--compile-cache and --no-compile-cache exclude each other")
     if args.rules is not None and args.mesh is None and args.coordinator is None:
         parser.error("--rules says how --mesh splits the model: pass --mesh too")
     if len({args.coordinator is None, args.num_processes is None, args.process_id is None}) > 1:
@@ -140,6 +147,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.model == BUNDLED_MODEL and not os.path.isdir(BUNDLED_MODEL):
         raise FileNotFoundError(f"the bundled model is missing from {BUNDLED_MODEL}; "
                                 "reinstall kvjax or pass --model")
+    if not args.no_compile_cache:  # before anything compiles
+        kvjax.compilation_cache.enable(args.compile_cache)
     mesh = None
     if args.coordinator is not None:  # before anything touches a device
         kvjax.sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -180,8 +189,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_stats(s: dict) -> None:
-    print(f"[compile {s['compile_s']:.2f} s | prefill {s['prefill_s'] * 1e3:.1f} ms | decode "
-          f"{s['decode_tokens_per_s']:.1f} tok/s | {s['new_tokens']} new tokens | cache "
+    if s["prefill_s"] is None:  # the program was stored on disk: timed as a whole
+        timing = f"prefill + decode {s['generate_s'] * 1e3:.1f} ms, {s['tokens_per_s']:.1f} tok/s"
+    else:
+        timing = (f"prefill {s['prefill_s'] * 1e3:.1f} ms | decode "
+                  f"{s['decode_tokens_per_s']:.1f} tok/s")
+    print(f"[compile {s['compile_s']:.2f} s | {timing} | {s['new_tokens']} new tokens | cache "
           f"{s['cache_bytes'] / 2 ** 20:.1f} MiB]", file=sys.stderr)
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: small random models built directly in kvjax (no checkpoint)."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,19 @@ def make_model(config: kvjax.ModelConfig, seed: int = 0, dtype=jnp.float32,
     params = kvjax.init_params(config, jax.random.key(seed), dtype)
     params = jax.tree.map(lambda x: x if x.ndim == 1 else x * scale, params)
     return kvjax.Model(config=config, params=params)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache_of_the_session(tmp_path_factory):
+    """``scripts/generate.py`` stores compiled programs (kvjax.compilation_cache): the
+    runs of this session keep theirs in a directory of their own, not the user's."""
+    previous = os.environ.get("KVJAX_CACHE_DIR")
+    os.environ["KVJAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("compiled"))
+    yield
+    if previous is None:
+        del os.environ["KVJAX_CACHE_DIR"]
+    else:
+        os.environ["KVJAX_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")
