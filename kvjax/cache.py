@@ -92,8 +92,8 @@ class KVCache:
         checks it before compiling); ``dynamic_update_slice`` would otherwise clamp the
         start and overwrite earlier slots.
         """
-        return self.with_layer(layer, write_rows(self.keys[layer], keys, positions, seq_axis=2),
-                               write_rows(self.values[layer], values, positions, seq_axis=2))
+        return self.with_layer(layer, *write_block(self.keys[layer], self.values[layer], keys,
+                                                   values, positions))
 
     def with_layer(self, layer: int, keys: jax.Array, values: jax.Array) -> "KVCache":
         """The cache with one layer's whole buffers replaced (``[batch, kv_heads,
@@ -131,6 +131,15 @@ class TokenHistory:
         """Writes ``int32[batch, new]`` tokens at their positions (as ``KVCache.update``)."""
         return self.replace(tokens=write_rows(self.tokens, tokens, positions, seq_axis=1),
                             lengths=advanced_lengths(self.lengths, positions))
+
+
+def write_block(keys: jax.Array, values: jax.Array, new_keys: jax.Array,
+                new_values: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One layer's buffers (``[batch, kv_heads, capacity, head_dim]``) with a block
+    (``[batch, kv_heads, new, head_dim]``) written at each row's positions
+    (``KVCache.update``, which says what the caller guarantees)."""
+    return (write_rows(keys, new_keys, positions, seq_axis=2),
+            write_rows(values, new_values, positions, seq_axis=2))
 
 
 def write_rows(buffer: jax.Array, block: jax.Array, positions: jax.Array,

@@ -30,6 +30,19 @@ def make_model(config: kvjax.ModelConfig, seed: int = 0, dtype=jnp.float32,
     return kvjax.Model(config=config, params=params)
 
 
+def count_calls(jaxpr, primitive: str) -> int:
+    """How many times ``primitive`` runs in ``jaxpr``: inside a nested call (a layer's
+    ``jit``) once per call, not once per printed body."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == primitive
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)  # a ClosedJaxpr's Jaxpr, or a Jaxpr
+            if hasattr(inner, "eqns"):
+                count += count_calls(inner, primitive)
+    return count
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compile_cache_of_the_session(tmp_path_factory):
     """``scripts/generate.py`` stores compiled programs (kvjax.compilation_cache): the

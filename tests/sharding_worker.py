@@ -107,15 +107,17 @@ def program_gathers(model, batch: int, capacity: int, step=None) -> dict:
     import kvjax
     from kvjax import sharding
     from kvjax.model import step_fn
+    from tests.conftest import count_calls
 
     cache = sharding.new_cache(model, batch, capacity)
     args = (model.params, cache, np.zeros((batch, 16), np.int32), np.ones((batch,), np.int32),
             np.int32(8), kvjax.SamplingParams.create(batch), np.uint32(0),
             np.full((16,), -1, np.int32))
     run = kvjax.jit_decode(step or step_fn(model.config), num_steps=16, greedy=True)
-    jaxpr = str(jax.make_jaxpr(run)(*args))
+    jaxpr = jax.make_jaxpr(run)(*args).jaxpr
     out = collectives(run.lower(*args).compile().as_text())
-    return out | {"pallas_calls": jaxpr.count("pallas_call"), "shard_maps": jaxpr.count("shard_map")}
+    return out | {"pallas_calls": count_calls(jaxpr, "pallas_call"),
+                  "shard_maps": count_calls(jaxpr, "shard_map")}
 
 
 @contextlib.contextmanager

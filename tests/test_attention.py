@@ -178,7 +178,7 @@ def test_bfloat16_generation_with_cudnn_matches_the_plain_path(monkeypatch):
     monkeypatch.setattr(kvjax.attention, "flash_supported", lambda *a, **k: False)
     monkeypatch.setattr(kvjax.decode_kernel, "supported", lambda *a, **k: False)
     kvjax.api._COMPILED.clear()
-    kvjax.api._jitted_decode.cache_clear()
+    jax.clear_caches()  # the traced programs, a layer's own (kvjax.model._layer) too
     logits_plain, tokens_plain = run()
     assert calls("__cudnn$fmha") == calls("kvjax_decode_attention") == 0
     for got, want in zip(logits_flash, logits_plain):

@@ -11,7 +11,7 @@ import kvjax
 from kvjax import decode_kernel
 from kvjax.attention import attend_cache
 from kvjax.sampling import SamplingParams
-from tests.conftest import make_config, make_model
+from tests.conftest import count_calls, make_config, make_model
 
 
 def plain_step(q, k, v, cache_k, cache_v, positions):
@@ -153,8 +153,8 @@ def test_auto_keeps_the_plain_path_without_a_gpu():
     config = model.config
     cache = kvjax.KVCache.create(config, 1, 32, jnp.float32)
     args = (model.params, np.ones((1, 1), np.int32), np.full((1, 1), 5, np.int32), cache)
-    calls = lambda setting: str(jax.make_jaxpr(
-        kvjax.model.step_fn(config, decode_kernel=setting))(*args)).count("pallas_call")
+    calls = lambda setting: count_calls(jax.make_jaxpr(
+        kvjax.model.step_fn(config, decode_kernel=setting))(*args).jaxpr, "pallas_call")
     if not decode_kernel.supported(config.head_dim, cache.keys[0].dtype):
         assert calls(None) == 0
     assert calls(True) == calls(False) + config.num_layers == config.num_layers
