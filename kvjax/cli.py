@@ -148,7 +148,13 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"the bundled model is missing from {BUNDLED_MODEL}; "
                                 "reinstall kvjax or pass --model")
     if not args.no_compile_cache:  # before anything compiles
-        kvjax.compilation_cache.enable(args.compile_cache)
+        try:
+            kvjax.compilation_cache.enable(args.compile_cache)
+        except ValueError as e:
+            if args.compile_cache is not None:  # asked for: an error
+                raise
+            print(f"warning: {e} (--compile-cache DIR); compiling without a cache",
+                  file=sys.stderr)
     mesh = None
     if args.coordinator is not None:  # before anything touches a device
         kvjax.sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)

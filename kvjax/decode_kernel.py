@@ -43,7 +43,10 @@ from jax.sharding import Mesh, PartitionSpec
 
 # Finite, so that a program with nothing to attend gives zero weights, not NaN.
 _MASKED = -1e30
-# Cache slots a program reads per loop iteration (H100: 64 beat 32 at every measured shape).
+# Cache slots a program reads per loop iteration (H100, head_dim <= 128: 64 beat 32 at
+# every measured shape). head_dim 256 reads half as many: two pipeline stages of 64-slot
+# K and V blocks would need 128 KiB of shared memory, more than GPUs of compute
+# capability 8.6/8.9 have (about 100 KiB); 32-slot blocks need 64 KiB.
 BLOCK_SLOTS = 64
 # Triton launch settings of each program (H100: measured against 8 warps and 3 stages).
 NUM_WARPS, NUM_STAGES = 4, 2
@@ -55,15 +58,13 @@ TARGET_PROGRAMS = 256
 def supported(head_dim: int, dtype, sliding_window: int | None = None,
               logit_softcap: float | None = None) -> bool:
     """Whether the kernel runs compiled here: a CUDA GPU of compute capability 8.0 or
-    newer (Triton), a 16-bit float cache, a power-of-two head dimension from 16 to 128
-    (256 would need 128 KiB of shared memory for two stages of K/V blocks, more than
-    some of those GPUs have, and was not measured), no sliding window and no logit
-    soft-cap."""
+    newer (Triton), a 16-bit float cache, a power-of-two head dimension from 16 to 256,
+    no sliding window and no logit soft-cap."""
     if sliding_window is not None or logit_softcap is not None:
         return False
     if np.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return False
-    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
         return False
     if jax.default_backend() != "gpu":
         return False
@@ -86,18 +87,25 @@ class MeshSplit:
     kv_heads: str | tuple[str, ...] | None
 
 
-def part_count(batch: int, kv_heads: int, capacity: int) -> int:
+def block_slots(head_dim: int) -> int:
+    """Cache slots a program reads per loop iteration: ``BLOCK_SLOTS``, half as many for
+    head_dim 256 (shared memory; see ``BLOCK_SLOTS``)."""
+    return BLOCK_SLOTS if head_dim <= 128 else BLOCK_SLOTS // 2
+
+
+def part_count(batch: int, kv_heads: int, capacity: int, head_dim: int) -> int:
     """Parts each row's filled slots are split into: about ``TARGET_PROGRAMS`` programs
-    in all, at least one part, at most one per ``BLOCK_SLOTS`` slots of the capacity."""
-    most = -(-capacity // BLOCK_SLOTS)
+    in all, at least one part, at most one per block of the capacity."""
+    most = -(-capacity // block_slots(head_dim))
     return max(1, min(TARGET_PROGRAMS // (batch * kv_heads), most))
 
 
 def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, values_ref,
-            *out_refs, scale: float, parts: int, group: int):
+            *out_refs, scale: float, parts: int, group: int, slots: int):
     """One (row, KV head, part) program; refs as laid out by ``attend_and_write``. The
     outputs are ``(out, max, sum, keys, values)``: a part's flash partials, or, with a
-    single part, ``(out, keys, values)``: the attention output itself."""
+    single part, ``(out, keys, values)``: the attention output itself. ``slots``: cache
+    slots per loop iteration (``block_slots``)."""
     if parts == 1:
         out_ref, keys_out_ref, values_out_ref = out_refs
     else:
@@ -107,18 +115,18 @@ def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, va
     position = positions_ref[row]
     real = jnp.arange(padded_group) < group  # the group's heads; the rest is padding
     queries = plgpu.load(queries_ref, mask=real[:, None], other=0.)  # [padded_group, head_dim]
-    per_part = pl.cdiv(pl.cdiv(position, parts), BLOCK_SLOTS) * BLOCK_SLOTS
+    per_part = pl.cdiv(pl.cdiv(position, parts), slots) * slots
     first = part * per_part
     end = jnp.minimum(first + per_part, position)  # this part's slots before the new one
-    slot = jnp.arange(BLOCK_SLOTS)
+    slot = jnp.arange(slots)
 
     def block(i, carry):
         out, top, total = carry
-        start = first + i * BLOCK_SLOTS
-        filled = (start + slot) < end  # [BLOCK_SLOTS]
-        window = (row, head, pl.ds(start, BLOCK_SLOTS), slice(None))
+        start = first + i * slots
+        filled = (start + slot) < end  # [slots]
+        window = (row, head, pl.ds(start, slots), slice(None))
         keys = plgpu.load(keys_ref.at[window], mask=filled[:, None], other=0.)
-        scores = plgpu.dot(queries, keys.T) * scale  # [padded_group, BLOCK_SLOTS] float32
+        scores = plgpu.dot(queries, keys.T) * scale  # [padded_group, slots] float32
         scores = jnp.where(filled[None, :], scores, _MASKED)
         new_top = jnp.maximum(top, scores.max(axis=-1))
         rescale = jnp.exp(top - new_top)
@@ -130,7 +138,7 @@ def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, va
     carry = (jnp.zeros((padded_group, head_dim), jnp.float32),
              jnp.full((padded_group,), _MASKED, jnp.float32),
              jnp.zeros((padded_group,), jnp.float32))
-    blocks = jnp.maximum(pl.cdiv(end - first, BLOCK_SLOTS), 0)
+    blocks = jnp.maximum(pl.cdiv(end - first, slots), 0)
     out, top, total = jax.lax.fori_loop(0, blocks, block, carry)
 
     # The new token: added (and written to the cache) by part 0 of an active row.
@@ -201,9 +209,10 @@ def _attend_and_write(queries, keys, values, cache_keys, cache_values, positions
     _, kv_heads, capacity, _ = cache_keys.shape
     group = heads // kv_heads
     padded_group = max(16, 1 << (group - 1).bit_length())  # Triton's dot needs 16 rows
-    parts = part_count(batch, kv_heads, capacity)
+    parts = part_count(batch, kv_heads, capacity, head_dim)
     scale = head_dim ** -0.5 if scale is None else scale
-    kernel = functools.partial(_kernel, scale=scale, parts=parts, group=group)
+    kernel = functools.partial(_kernel, scale=scale, parts=parts, group=group,
+                               slots=block_slots(head_dim))
     whole = pl.BlockSpec()  # the kernel indexes these itself
     per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda b, h, s: (b, h, 0))
     each_part = lambda *block: pl.BlockSpec((None, None, None, *block),

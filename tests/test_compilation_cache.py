@@ -80,6 +80,19 @@ def test_cli_stores_programs_by_default(tmp_path, text_checkpoint):
     assert plain.returncode == 0 and "| prefill " in plain.stderr
     assert not (tmp_path / "unused").exists()
     assert stored.stdout == chosen.stdout == plain.stdout
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    unwritable_default = run(env_dir=blocker / "cache")  # the default: a warning, no cache
+    assert unwritable_default.returncode == 0, unwritable_default.stderr[-3000:]
+    assert unwritable_default.stdout == plain.stdout
+    assert (f"warning: cannot create the compilation cache directory {blocker / 'cache'}: Not "
+            "a directory; pass another directory (--compile-cache DIR); compiling without a "
+            "cache") in unwritable_default.stderr
+    unwritable_chosen = run("--compile-cache", str(blocker / "cache"))  # asked for: an error
+    assert unwritable_chosen.returncode == 1
+    assert unwritable_chosen.stderr.strip().splitlines()[-1] == (
+        f"error: cannot create the compilation cache directory {blocker / 'cache'}: Not a "
+        "directory; pass another directory")
     both = run("--compile-cache", str(tmp_path), "--no-compile-cache")
     assert both.returncode == 2
     assert "--compile-cache and --no-compile-cache exclude each other" in both.stderr

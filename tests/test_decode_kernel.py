@@ -35,13 +35,15 @@ def random_step(batch, heads, kv_heads, head_dim, capacity, dtype=jnp.float32, s
 
 # (heads, kv_heads, head_dim, capacity, positions): MHA, GQA, MQA and a group of 16;
 # rows at slot 0, at the last slot, deep in a long cache and
-# idle (-1); capacities that are not a multiple of the 64-slot blocks.
+# idle (-1); capacities that are not a multiple of the 64-slot blocks; head_dim 256 (Gemma),
+# read in 32-slot blocks.
 CASES = {
     "gqa": (8, 2, 16, 200, [137, 0, -1]),
     "mha": (4, 4, 32, 64, [63, 5, 30]),
     "mqa": (16, 1, 16, 300, [299, 64, 1]),
     "group16": (32, 2, 64, 128, [127, 100, -1]),
     "long": (4, 1, 16, 2000, [1999, 1000, 70]),  # 32 parts; 2 of them hold a fill of 70
+    "head_dim256": (8, 1, 256, 100, [99, 31, 32]),  # 4 parts of 32 slots
 }
 
 
@@ -63,14 +65,14 @@ def test_kernel_equals_the_plain_path(case):
     np.testing.assert_array_equal(np.asarray(got[1])[idle], np.asarray(cache_k)[idle])
 
 
-@pytest.mark.parametrize("case", ["gqa", "long", "group16"])
+@pytest.mark.parametrize("case", ["gqa", "long", "group16", "head_dim256"])
 def test_single_part_equals_the_plain_path(case, monkeypatch):
     """With one part a row (as at batches of 32 and more: part_count), the kernel writes
     the normalised output itself and nothing is merged after it: the same output and
     cache as the plain path."""
     monkeypatch.setattr(decode_kernel, "TARGET_PROGRAMS", 1)
     heads, kv_heads, head_dim, capacity, rows = CASES[case]
-    assert decode_kernel.part_count(len(rows), kv_heads, capacity) == 1
+    assert decode_kernel.part_count(len(rows), kv_heads, capacity, head_dim) == 1
     q, k, v, cache_k, cache_v = random_step(len(rows), heads, kv_heads, head_dim, capacity)
     positions = jnp.array(rows, jnp.int32)[:, None]
     want = plain_step(q, k, v, cache_k, cache_v, positions)
@@ -96,22 +98,26 @@ def test_kernel_in_bfloat16():
 
 
 def test_part_count():
-    """About TARGET_PROGRAMS programs, at most one part per 64 slots of the capacity."""
-    assert decode_kernel.part_count(1, 8, 32768) == 32
-    assert decode_kernel.part_count(8, 8, 768) == 4
-    assert decode_kernel.part_count(64, 8, 768) == 1
-    assert decode_kernel.part_count(1, 2, 200) == 4  # 200 slots: 4 parts of >= 64
-    assert decode_kernel.part_count(1, 1, 16) == 1
+    """About TARGET_PROGRAMS programs, at most one part per block of the capacity (64
+    slots; 32 for head_dim 256)."""
+    assert decode_kernel.part_count(1, 8, 32768, 128) == 32
+    assert decode_kernel.part_count(8, 8, 768, 128) == 4
+    assert decode_kernel.part_count(64, 8, 768, 128) == 1
+    assert decode_kernel.part_count(1, 2, 200, 64) == 4  # 200 slots: 4 parts of >= 64
+    assert decode_kernel.part_count(1, 1, 16, 16) == 1
+    assert decode_kernel.part_count(1, 1, 100, 256) == 4  # 100 slots: 4 blocks of 32
+    assert decode_kernel.part_count(1, 1, 100, 128) == 2
 
 
 def test_where_the_kernel_runs():
     """Compiled only on CUDA GPUs, for 16-bit caches, power-of-two head dimensions from 16
-    to 128, and layers without a sliding window or a logit soft-cap."""
+    to 256, and layers without a sliding window or a logit soft-cap."""
     gpu = jax.default_backend() == "gpu"
     assert decode_kernel.supported(128, jnp.bfloat16) == gpu or not gpu
     assert not decode_kernel.supported(128, jnp.float32)
     assert not decode_kernel.supported(96, jnp.bfloat16)
-    assert not decode_kernel.supported(256, jnp.bfloat16)
+    assert decode_kernel.supported(256, jnp.bfloat16) == gpu or not gpu
+    assert not decode_kernel.supported(512, jnp.bfloat16)
     assert not decode_kernel.supported(8, jnp.bfloat16)
     assert not decode_kernel.supported(128, jnp.bfloat16, sliding_window=4096)
     assert not decode_kernel.supported(128, jnp.bfloat16, logit_softcap=50.0)
@@ -161,12 +167,14 @@ def test_auto_keeps_the_plain_path_without_a_gpu():
 
 
 @pytest.mark.skipif(not decode_kernel.supported(128, jnp.bfloat16), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 8, 128), (8, 1, 256), (16, 16, 256)])
 @pytest.mark.parametrize("rows", [[0, 511, -1], [2047, 5, 1000]])
-def test_compiled_kernel_equals_the_plain_path(rows):
-    """The compiled kernel (bf16, 32 query heads over 8 KV heads, head_dim 128) against
-    the float32 plain path; its cache writes exactly."""
+def test_compiled_kernel_equals_the_plain_path(rows, heads, kv_heads, head_dim):
+    """The compiled kernel (bf16; Llama-3's heads, Gemma's MQA and MHA at head_dim 256)
+    against the float32 plain path; its cache writes exactly."""
     capacity = 2112
-    q, k, v, cache_k, cache_v = random_step(len(rows), 32, 8, 128, capacity, jnp.bfloat16)
+    q, k, v, cache_k, cache_v = random_step(len(rows), heads, kv_heads, head_dim, capacity,
+                                            jnp.bfloat16)
     positions = jnp.array(rows, jnp.int32)[:, None]
     f32 = lambda x: x.astype(jnp.float32)
     want = plain_step(f32(q), f32(k), f32(v), f32(cache_k), f32(cache_v), positions)
