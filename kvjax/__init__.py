@@ -7,6 +7,8 @@ Public API::
     out.tokens, out.texts, out.stats
 
 and, for your own model, ``kvjax.jit_decode(step_fn, num_steps=..., greedy=...)``.
+``kvjax.sharding`` spreads a generation over a device mesh; ``kvjax.compilation_cache``
+keeps compiled programs on disk for later processes.
 """
 
 from kvjax import compilation_cache, sharding
