@@ -5,7 +5,9 @@ Default: a Llama-3.1-8B-shaped model (random bf16 weights: vocab 128256, hidden 
 intermediate 14336, 32 layers, 32 heads over 8 KV heads, head_dim 128), prompt 512 +
 128 new tokens, greedy, on two devices:
 
-* tensor parallelism at batch 1: mesh data=1 x model=1 (one device) against model=2;
+* tensor parallelism at batch 1: mesh data=1 x model=1 (one device) against model=2,
+  with the default partition table and with attention whole on each device
+  (``heads=none,kv_heads=none``: one all-reduce a layer);
 * data parallelism at batch 32: data=1 x model=1 against data=2.
 
 Every figure is measured in the run that prints it. Weights are drawn directly onto
@@ -66,7 +68,7 @@ TINY = kvjax.ModelConfig(model_type="llama", vocab_size=512, hidden_size=128,
                          intermediate_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
                          head_dim=16, max_position_embeddings=4096)
 SHAPES = ("tiny", *lib.LLAMA_SHAPES)
-DEFAULT_RUNS = ["1:1x1", "1:1x2", "32:1x1", "32:2x1"]
+DEFAULT_RUNS = ["1:1x1", "1:1x2", "1:1x2:heads=none,kv_heads=none", "32:1x1", "32:2x1"]
 
 
 def parse_run(text: str) -> tuple[int, int, int, str]:
