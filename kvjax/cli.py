@@ -147,6 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.model == BUNDLED_MODEL and not os.path.isdir(BUNDLED_MODEL):
         raise FileNotFoundError(f"the bundled model is missing from {BUNDLED_MODEL}; "
                                 "reinstall kvjax or pass --model")
+    rules = kvjax.sharding.parse_rules(args.rules or "")  # bad text: an error before any work
     if not args.no_compile_cache:  # before anything compiles
         try:
             kvjax.compilation_cache.enable(args.compile_cache)
@@ -160,7 +161,6 @@ def _run(args: argparse.Namespace) -> int:
         kvjax.sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         if args.process_id > 0:  # every process computes the same tokens; process 0 prints them
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    rules = kvjax.sharding.parse_rules(args.rules or "")
     if args.mesh is not None or args.coordinator is not None:
         mesh = kvjax.sharding.make_mesh(**(args.mesh or {}))
     model = kvjax.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules)
