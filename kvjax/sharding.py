@@ -160,7 +160,7 @@ def parse_rules(text: str) -> ShardingRules:
     ``"heads=none,kv_heads=none"`` keeps attention whole on every ``model`` device and
     splits only the MLP and the LM head (one all-reduce a layer instead of two;
     docs/sharding.md)."""
-    fields = {f.name: f for f in dataclasses.fields(ShardingRules)}
+    fields = [f.name for f in dataclasses.fields(ShardingRules)]
     values: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, eq, value = (s.strip() for s in part.partition("="))

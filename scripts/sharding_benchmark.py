@@ -35,7 +35,8 @@ Usage::
 first device (``step_profile``: matmuls, attention, collectives, other kernels, span).
 
 A run is ``BATCH:DATAxMODEL`` or ``BATCH:DATAxMODEL:RULES`` (other ``ShardingRules``
-in ``kvjax.sharding.parse_rules``'s text, e.g. ``1:1x2:heads=none,kv_heads=none``). Results: a table on stdout and a JSON list of records
+in ``kvjax.sharding.parse_rules``'s text, e.g. ``1:1x2:heads=none,kv_heads=none``).
+Results: a table on stdout and a JSON list of records
 (``--json``, default ``benchmarks/results/sharding-<device>-<date>.json``).
 """
 
