@@ -288,8 +288,9 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
       greedy: static; argmax for every row.
       start: ``int32[batch]`` position of each prompt's first token (default 0).
       return_logits: static; also return the logits each token was chosen from.
-      on_prefill: optional host function called (through ``jax.debug.callback``) with
-        the first sampled tokens once prefill has run; used for timing.
+      on_prefill: optional host function called (through ``jax.debug.callback``) once
+        prefill has run, with the first sampled tokens: on a mesh, once per device with
+        that device's rows (``partitioned``); used for timing.
       prefill_chunk: static; feed prompt blocks longer than this in pieces (``prefill``).
       whole_block_fn: the step function for a prompt block fed whole (``prefill``).
       sync_every: static; decode steps per check that every row is done (``decode_steps``).
@@ -309,7 +310,8 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
                           chunk=prefill_chunk, whole_block_fn=whole_block_fn, **controls)
     first = state.tokens  # [batch]
     if on_prefill is not None:
-        jax.debug.callback(on_prefill, first)
+        # per device shard: the whole batch would be gathered to one device first
+        jax.debug.callback(on_prefill, first, partitioned=True)
     state, tokens, step_logits = decode_steps(step_fn, params, state, num_steps=num_steps - 1,
                                               return_logits=return_logits, sync_every=sync_every,
                                               **controls)

@@ -47,7 +47,7 @@ def run_worker(*args: str, devices: int = 8, timeout: int = 300) -> dict:
     proc = subprocess.run([sys.executable, "-m", "tests.sharding_worker", *args], cwd=ROOT,
                           env=device_env(devices), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return last_json(proc.stdout)
+    return {**last_json(proc.stdout), "stderr": proc.stderr}
 
 
 def free_port() -> int:
@@ -281,6 +281,12 @@ def test_decode_step_collectives(meshes, mesh):
         assert step["all_reduce"] == 0 and not gathered
     assert step["alias_bytes"] >= step["cache_per_device"]
     assert step["temp_bytes"] < step["cache_per_device"]
+
+
+def test_sharded_generation_warns_of_no_gather(meshes):
+    """The meshes task's generations (every mesh, the prefill clock on) compile without
+    XLA's warning that it had to gather a sharded array to one device."""
+    assert "Involuntary full rematerialization" not in meshes["stderr"]
 
 
 @pytest.mark.parametrize("mesh", ["1x8", "2x4"])
