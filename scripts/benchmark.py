@@ -46,6 +46,9 @@ Issue-5 cases, on ``--shape`` (bundled tokenizer's vocabulary), unchanged:
   turn's new tokens at the end of the cache (what the session runs) against a
   from-scratch prefill of the whole history, both timed as the prefill program alone.
 
+Decode over several devices (issue 12's meshes) is ``scripts/sharding_benchmark.py``'s
+(docs/benchmarks.md, "Several GPUs").
+
 A point that cannot fit (weights + cache, then the compiled program's
 ``memory_analysis``, against the device memory or ``--memory-limit``) or that starts
 after ``--time-budget`` seconds is recorded with ``skipped``; one that raises, with
