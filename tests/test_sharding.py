@@ -283,7 +283,7 @@ def test_decode_step_collectives(meshes, mesh):
     assert step["temp_bytes"] < step["cache_per_device"]
 
 
-def test_sharded_generation_warns_of_no_gather(meshes):
+def test_sharded_generation_gathers_nothing_to_one_device(meshes):
     """The meshes task's generations (every mesh, the prefill clock on) compile without
     XLA's warning that it had to gather a sharded array to one device."""
     assert "Involuntary full rematerialization" not in meshes["stderr"]
