@@ -1,11 +1,11 @@
 """Hugging Face safetensors checkpoints -> the kvjax parameter pytree.
 
 Tensors are read one at a time (memory-mapped by safetensors), checked against the
-shape the config implies, converted to the requested dtype on the host and only then
-put on the device, so the host holds at most one converted tensor at a time. With a
-mesh (``kvjax.sharding``), each tensor goes straight from the host onto its sharding:
-every device receives only its own shard (``jax.make_array_from_callback``), and no
-device ever holds a whole sharded tensor.
+shape the config implies and for finite floating-point values, converted to the requested
+dtype on the host and only then put on the device, so the host holds at most one
+converted tensor at a time. With a mesh (``kvjax.sharding``), each tensor goes straight
+from the host onto its sharding: every device receives only its own shard
+(``jax.make_array_from_callback``), and no device ever holds a whole sharded tensor.
 """
 
 from __future__ import annotations
@@ -23,130 +23,36 @@ import numpy as np
 from safetensors import safe_open
 from tqdm import tqdm
 
+from kvjax import params
 from kvjax.config import ModelConfig
-from kvjax.model import layer_param_shapes, top_param_shapes
 from kvjax.sharding import DEFAULT_RULES, param_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-# kvjax name -> Hugging Face name (inside the layer prefix for layer params) and whether
-# the HF tensor is stored [out, in] (torch Linear) and must be transposed to kvjax's
-# [in, out]. Several kvjax names with one HF name are parts of a fused tensor, split along
-# its output axis in the order of the table (see ``TensorSpec.part``).
-_LAYER_NAMES = {
-    "attn_norm": ("input_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True), "bq": ("self_attn.q_proj.bias", False),
-    "wk": ("self_attn.k_proj.weight", True), "bk": ("self_attn.k_proj.bias", False),
-    "wv": ("self_attn.v_proj.weight", True), "bv": ("self_attn.v_proj.bias", False),
-    "wo": ("self_attn.o_proj.weight", True), "bo": ("self_attn.o_proj.bias", False),
-    "q_norm": ("self_attn.q_norm.weight", False), "k_norm": ("self_attn.k_norm.weight", False),
-    "mlp_norm": ("post_attention_layernorm.weight", False),
-    "w_gate": ("mlp.gate_proj.weight", True), "b_gate": ("mlp.gate_proj.bias", False),
-    "w_up": ("mlp.up_proj.weight", True), "b_up": ("mlp.up_proj.bias", False),
-    "w_down": ("mlp.down_proj.weight", True), "b_down": ("mlp.down_proj.bias", False),
-}
-_TOP_NAMES = {
-    "embed": ("model.embed_tokens.weight", False),
-    "final_norm": ("model.norm.weight", False),
-    "lm_head": ("lm_head.weight", False),
-}
-_LAYER_PREFIX = "model.layers.{}."
-# With post-norms (Gemma 2/3, OLMo-2) "post_attention_layernorm" norms the attention
-# output; the MLP input's norm is "pre_feedforward_layernorm".
-_POST_NORM_NAMES = {
-    "mlp_norm": ("pre_feedforward_layernorm.weight", False),
-    "attn_post_norm": ("post_attention_layernorm.weight", False),
-    "mlp_post_norm": ("post_feedforward_layernorm.weight", False),
-}
-# Phi-3 fuses q/k/v ([q | k | v] rows) and gate/up ([gate | up] rows).
-_PHI3_FUSED_NAMES = {
-    "wq": ("self_attn.qkv_proj.weight", True), "wk": ("self_attn.qkv_proj.weight", True),
-    "wv": ("self_attn.qkv_proj.weight", True),
-    "w_gate": ("mlp.gate_up_proj.weight", True), "w_up": ("mlp.gate_up_proj.weight", True),
-}
-# GPT-2: Conv1D weights are stored [in, out] (no transpose); c_attn fuses [q | k | v] columns.
-_GPT2_LAYER_NAMES = {
-    "attn_norm": ("ln_1.weight", False), "attn_norm_bias": ("ln_1.bias", False),
-    "wq": ("attn.c_attn.weight", False), "wk": ("attn.c_attn.weight", False),
-    "wv": ("attn.c_attn.weight", False),
-    "bq": ("attn.c_attn.bias", False), "bk": ("attn.c_attn.bias", False),
-    "bv": ("attn.c_attn.bias", False),
-    "wo": ("attn.c_proj.weight", False), "bo": ("attn.c_proj.bias", False),
-    "mlp_norm": ("ln_2.weight", False), "mlp_norm_bias": ("ln_2.bias", False),
-    "w_up": ("mlp.c_fc.weight", False), "b_up": ("mlp.c_fc.bias", False),
-    "w_down": ("mlp.c_proj.weight", False), "b_down": ("mlp.c_proj.bias", False),
-}
-_GPT2_TOP_NAMES = {
-    "embed": ("transformer.wte.weight", False),
-    "pos_embed": ("transformer.wpe.weight", False),
-    "final_norm": ("transformer.ln_f.weight", False),
-    "final_norm_bias": ("transformer.ln_f.bias", False),
-    "lm_head": ("lm_head.weight", False),
-}
-_GPT2_LAYER_PREFIX = "transformer.h.{}."
-
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not match its config (missing, misshapen or unreadable)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """Where one kvjax parameter comes from in a Hugging Face checkpoint."""
-
-    hf_name: str
-    hf_shape: tuple[int, ...]  # the stored tensor's shape (the whole tensor when fused)
-    transpose: bool  # stored [out, in]: transposed to kvjax's [in, out]
-    part: tuple[int, int] | None = None  # [start, stop) along the stored output axis of a
-    #                                      fused tensor (Phi-3 qkv_proj, GPT-2 c_attn)
-
-    def select(self, array: np.ndarray) -> np.ndarray:
-        """This parameter's part of the stored tensor ``array`` (all of it unless fused)."""
-        if self.part is None:
-            return array
-        index = [slice(None)] * array.ndim
-        index[0 if self.transpose else array.ndim - 1] = slice(*self.part)  # the output axis
-        return array[tuple(index)]
-
-
-def _name_tables(config: ModelConfig) -> tuple[dict, dict, str]:
-    """(top-level names, layer names, layer prefix) of the config's checkpoint layout."""
-    if config.model_type == "gpt2":
-        return _GPT2_TOP_NAMES, _GPT2_LAYER_NAMES, _GPT2_LAYER_PREFIX
-    layer_names = _LAYER_NAMES
-    if config.post_norms:
-        layer_names = {**layer_names, **_POST_NORM_NAMES}
-    if config.model_type == "phi3":
-        layer_names = {**layer_names, **_PHI3_FUSED_NAMES}
-    return _TOP_NAMES, layer_names, _LAYER_PREFIX
-
-
-def _specs(name_table: dict, shapes: dict[str, tuple[int, ...]], prefix: str) -> dict:
-    """``TensorSpec`` of each parameter in ``shapes`` (kvjax shapes, output axis last)."""
-    parts: dict[str, list[str]] = {}  # HF name -> the kvjax names stored in it, in order
-    for name in name_table:
-        if name in shapes:
-            parts.setdefault(name_table[name][0], []).append(name)
-    specs = {}
-    for name, shape in shapes.items():
-        hf_name, transpose = name_table[name]
-        fused = parts[hf_name]
-        start = sum(shapes[other][-1] for other in fused[:fused.index(name)])
-        stored = shape[:-1] + (sum(shapes[other][-1] for other in fused),)  # kvjax layout
-        specs[name] = TensorSpec(
-            prefix + hf_name, tuple(reversed(stored)) if transpose else stored, transpose,
-            (start, start + shape[-1]) if len(fused) > 1 else None)
-    return specs
+    """A checkpoint that does not match its config (missing, misshapen, corrupted or
+    unreadable tensors)."""
 
 
 def tensor_specs(config: ModelConfig) -> dict:
-    """A pytree shaped like the params whose leaves are ``TensorSpec``s."""
-    top_names, layer_names, layer_prefix = _name_tables(config)
-    specs = _specs(top_names, top_param_shapes(config), "")
-    layer_shapes = layer_param_shapes(config)
-    specs["layers"] = tuple(_specs(layer_names, layer_shapes, layer_prefix.format(i))
-                            for i in range(config.num_layers))
-    return specs
+    """A pytree shaped like the params whose leaves are the ``kvjax.params.Source`` each
+    parameter is read from.
+
+    Raises:
+      CheckpointError: the config asks for a parameter its family's checkpoints do not
+        store (a config built by hand, not read from a ``config.json``).
+    """
+
+    def source(spec: params.ParamSpec) -> params.Source:
+        if spec.source is None:
+            raise CheckpointError(
+                f"{config.model_type} checkpoints store no tensor for the parameter "
+                f"{spec.name} that this config asks for; read the config from the "
+                "checkpoint's config.json (ModelConfig.from_json)")
+        return spec.source
+
+    return jax.tree.map(source, params.specs(config))
 
 
 def tensor_files(directory: str) -> dict[str, str]:
@@ -183,8 +89,9 @@ def load_params(directory: str, config: ModelConfig, dtype: str = "bfloat16", me
     a terminal and the checkpoint's files exceed 1 GiB.
 
     Raises:
-      CheckpointError: a tensor is missing or has the wrong shape (naming the tensor,
-        the expected and found shapes and the file), or a file cannot be read.
+      CheckpointError: a tensor is missing, has the wrong shape (naming the tensor, the
+        expected and found shapes and the file), is not floating-point or holds NaN or inf
+        values (naming the tensor and the file), or a file cannot be read.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
@@ -209,7 +116,7 @@ def load_params(directory: str, config: ModelConfig, dtype: str = "bfloat16", me
     parts_left = collections.Counter(spec.hf_name for spec in leaves)
     fused: dict[str, np.ndarray] = {}  # fused tensors read whose parts are not all placed
 
-    def stored(spec: TensorSpec) -> np.ndarray:
+    def stored(spec: params.Source) -> np.ndarray:
         """The stored tensor of ``spec``, read from its file once even when fused."""
         array = fused.pop(spec.hf_name, None)
         if array is None:
@@ -219,16 +126,13 @@ def load_params(directory: str, config: ModelConfig, dtype: str = "bfloat16", me
             # pages, not the whole checkpoint's, in the process's memory.
             with _open(path) as f:
                 array = f.get_tensor(spec.hf_name)
-            if tuple(array.shape) != spec.hf_shape:
-                raise CheckpointError(
-                    f"tensor {spec.hf_name} in {os.path.basename(path)} has shape "
-                    f"{tuple(array.shape)}, expected {spec.hf_shape} from config.json")
+            _check_tensor(array, spec, os.path.basename(path))
         parts_left[spec.hf_name] -= 1
         if parts_left[spec.hf_name]:
             fused[spec.hf_name] = array
         return array
 
-    def read(spec: TensorSpec, placement=None) -> jax.Array:
+    def read(spec: params.Source, placement=None) -> jax.Array:
         array = spec.select(stored(spec))  # this parameter's part of a fused tensor
         array = array.astype(np_dtype, copy=False)
         array = array.T if spec.transpose else array
@@ -246,6 +150,21 @@ def load_params(directory: str, config: ModelConfig, dtype: str = "bfloat16", me
         return jax.tree.map(read, specs, shardings)
 
 
+def _check_tensor(array: np.ndarray, spec: params.Source, file: str) -> None:
+    """Raises ``CheckpointError`` naming the tensor and ``file`` unless ``array`` is a
+    finite floating-point tensor of the stored shape ``spec`` expects."""
+    if tuple(array.shape) != spec.hf_shape:
+        raise CheckpointError(f"tensor {spec.hf_name} in {file} has shape {tuple(array.shape)}, "
+                              f"expected {spec.hf_shape} from config.json")
+    if not jnp.issubdtype(array.dtype, jnp.floating):  # numpy's floating excludes bfloat16
+        raise CheckpointError(f"tensor {spec.hf_name} in {file} has dtype {array.dtype}, "
+                              "expected a floating-point tensor")
+    # One pass over the host copy with a bool temporary, freed before the conversion.
+    if not np.isfinite(array).all():
+        raise CheckpointError(f"tensor {spec.hf_name} in {file} holds NaN or inf values; the "
+                              "checkpoint is corrupted")
+
+
 # Prefixes of the base model inside a *ForCausalLM (``base_model_prefix`` in transformers).
 _BASE_PREFIXES = ("model.", "transformer.")
 
@@ -257,7 +176,7 @@ def _match_base_prefix(specs: dict, files: dict[str, str]) -> dict:
     ``model.layers.0...``; checkpoints of the bare base model (the Hub's ``gpt2``,
     ``distilgpt2``) store ``h.0...``. transformers accepts both, and so does kvjax."""
 
-    def match(spec: TensorSpec) -> TensorSpec:
+    def match(spec: params.Source) -> params.Source:
         if spec.hf_name in files:
             return spec
         for prefix in _BASE_PREFIXES:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import operator
 import os
 from typing import Any
@@ -242,8 +241,28 @@ class ModelConfig:
             raise FileNotFoundError(
                 f"no config.json at {path}: point kvjax at a Hugging Face checkpoint directory "
                 "(one holding config.json and model.safetensors)")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(read_json(path))
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """The JSON object in the file ``path`` (``config.json``, ``generation_config.json``).
+
+    Raises:
+      ConfigError: the file is not valid JSON or holds no object, naming ``path`` and the
+        problem in one line.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e.msg} (line {e.lineno} column "
+                          f"{e.colno})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: it is not UTF-8 text ({e.reason} at "
+                          f"byte {e.start})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a JSON object: it holds a {type(data).__name__}")
+    return data
 
 
 def _check_choice(name: str, value: Any, supported) -> None:
@@ -373,78 +392,3 @@ def _longrope_factors(p: dict[str, Any], d: dict[str, Any]) -> dict[str, tuple[f
                               f"{head_dim // 2} numbers; got {values!r}")
         factors[name] = tuple(float(v) for v in values)
     return factors
-
-
-def rope_inverse_frequencies(config: ModelConfig, local: bool = False,
-                             max_length: int | None = None) -> tuple[list[float], float]:
-    """Returns (inverse frequencies [head_dim // 2], attention factor) as in HF transformers.
-
-    Computed in float64 on the host once; the attention factor multiplies cos and sin
-    (1.0 except for yarn and longrope).
-
-    Args:
-      config: the model's config.
-      local: the tables of sliding layers (``config.local_rope_theta``, no scaling).
-      max_length: the longest sequence the tables serve. Only longrope reads it: its long
-        factors apply when ``max_length > original_max_position_embeddings``, its short
-        factors otherwise (``None``: short).
-    """
-    dim = config.head_dim
-    base = config.local_rope_theta if local else config.rope_theta
-    s = RopeScaling() if local else config.rope_scaling
-    inv = [1.0 / base ** (i / dim) for i in range(0, dim, 2)]
-    if s.rope_type == "default":
-        return inv, 1.0
-    if s.rope_type == "longrope":
-        orig = s.original_max_position_embeddings
-        use_long = max_length is not None and max_length > orig
-        factors = s.long_factor if use_long else s.short_factor
-        attention_factor = s.attention_factor
-        if attention_factor is None:
-            attention_factor = (1.0 if s.factor <= 1.0
-                                else math.sqrt(1 + math.log(s.factor) / math.log(orig)))
-        return [f / e for f, e in zip(inv, factors)], float(attention_factor)
-    if s.rope_type == "linear":
-        return [f / s.factor for f in inv], 1.0
-    if s.rope_type == "llama3":
-        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-        out = []
-        for f in inv:
-            wavelen = 2 * math.pi / f
-            if wavelen < high_wavelen:
-                out.append(f)
-            elif wavelen > low_wavelen:
-                out.append(f / s.factor)
-            else:
-                smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-                    s.high_freq_factor - s.low_freq_factor)
-                out.append((1 - smooth) * f / s.factor + smooth * f)
-        return out, 1.0
-    # yarn
-    def mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attention_factor = s.attention_factor
-    if attention_factor is None:
-        if s.mscale and s.mscale_all_dim:
-            attention_factor = mscale(s.factor, s.mscale) / mscale(s.factor, s.mscale_all_dim)
-        else:
-            attention_factor = mscale(s.factor)
-
-    def correction_dim(rotations):
-        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
-            2 * math.log(base))
-
-    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
-    if s.truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    out = []
-    for i, f in enumerate(inv):
-        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
-        extrapolation = 1.0 - ramp
-        out.append(f / s.factor * (1 - extrapolation) + f * extrapolation)
-    return out, float(attention_factor)

@@ -26,18 +26,18 @@ deletes it.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from kvjax import params
 from kvjax.checkpoint import DTYPES, CheckpointError
 from kvjax.config import ModelConfig
-from kvjax.model import init_params
 from kvjax.sharding import DEFAULT_RULES, param_shardings
 
 STORE_FILE = "kvjax_store.json"
@@ -97,7 +97,7 @@ def save(model, directory: str, *, source_dir: str) -> str:
         raise CheckpointError(f"the model's config differs from {source_config}; pass the "
                               "directory the model was loaded from")
     dtype = str(model.dtype)
-    expected = _names_and_shapes(_abstract_params(model.config))
+    expected = _names_and_shapes(params.specs(model.config))
     _check_shapes(_names_and_shapes(model.params), expected, "the model's params")
     parent, name = os.path.split(final)
     os.makedirs(parent, exist_ok=True)
@@ -133,8 +133,10 @@ def restore_params(directory: str, config: ModelConfig, dtype: str | None = None
 
     Raises:
       FileNotFoundError: ``directory`` does not exist.
-      CheckpointError: not a (complete) store, written by a newer kvjax, or params whose
-        tensors or shapes differ from ``config`` (naming the tensor and both shapes).
+      CheckpointError: not a (complete) store, written by a newer kvjax, params whose
+        tensors or shapes differ from ``config`` (naming the tensor and both shapes), or a
+        damaged store: unreadable files (with TensorStore's one-line reason) or a tensor
+        holding NaN or inf values (naming it).
     """
     info = _read_info(directory)
     dtype = dtype or info["dtype"]
@@ -143,10 +145,13 @@ def restore_params(directory: str, config: ModelConfig, dtype: str | None = None
     path = os.path.join(directory, PARAMS_DIR)
     checkpointer = _checkpointer()
     try:
-        stored = checkpointer.metadata(path).item_metadata.tree
+        metadata = checkpointer.metadata(path).item_metadata
     except Exception as e:  # orbax raises various errors for missing or broken metadata
-        raise CheckpointError(f"cannot read the orbax params of {directory}: {e}") from e
-    abstract = _abstract_params(config, DTYPES[dtype])
+        raise _damaged(directory, _root_cause(e)) from e
+    if metadata is None:  # orbax's answer for unreadable metadata files
+        raise _damaged(directory, f"no readable metadata in {path}")
+    stored = metadata.tree
+    abstract = params.abstract_params(config, DTYPES[dtype])
     _check_shapes(_names_and_shapes(stored), _names_and_shapes(abstract),
                   f"the orbax store {directory}")
     if mesh is None:
@@ -157,10 +162,12 @@ def restore_params(directory: str, config: ModelConfig, dtype: str | None = None
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
     try:
-        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
-    except Exception as e:
-        raise CheckpointError(f"cannot restore the orbax params of {directory}: {e}") from e
+    except Exception as e:  # TensorStore's errors for unreadable arrays
+        raise _damaged(directory, _root_cause(e)) from e
+    _check_finite(restored, directory)
+    return restored
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -211,15 +218,16 @@ def _read_info(directory: str) -> dict:
     return info
 
 
-def _names_and_shapes(tree) -> dict[str, tuple[int, ...]]:
-    """``{"embed": shape, "layers.0.wq": shape, ...}`` of a params (or metadata) pytree."""
-    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+def _named(tree) -> dict:
+    """``{"embed": leaf, "layers.0.wq": leaf, ...}`` of a params-shaped pytree."""
+    return {jax.tree_util.keystr(path, simple=True, separator="."): leaf
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _abstract_params(config: ModelConfig, dtype=DTYPES["float32"]) -> dict:
-    """The params pytree of ``config`` as ``jax.ShapeDtypeStruct``s (nothing allocated)."""
-    return jax.eval_shape(functools.partial(init_params, config, dtype=dtype), jax.random.key(0))
+def _names_and_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """``{"embed": shape, "layers.0.wq": shape, ...}`` of a params (or metadata or
+    ``kvjax.params.specs``) pytree."""
+    return {name: tuple(leaf.shape) for name, leaf in _named(tree).items()}
 
 
 def _check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
@@ -234,3 +242,39 @@ def _check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
     extra = sorted(set(found) - set(expected))
     if extra:
         raise CheckpointError(f"{where} has tensor {extra[0]}, which config.json does not have")
+
+
+_DAMAGED = "the store is damaged: convert the checkpoint again (scripts/convert.py)"
+
+
+def _damaged(directory: str, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"cannot restore the params of the orbax store {directory}: {reason}; {_DAMAGED}")
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost exception behind ``error``: orbax wraps TensorStore's
+    one-line reason (``OUT_OF_RANGE: Error reading "layers.1.wo/0.0" ...``) in a message
+    of kilobytes of TensorStore internals."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    """Whether ``x`` holds only finite values (one fused reduction: no temporary the size
+    of ``x``)."""
+    return jnp.isfinite(x).all()
+
+
+def _check_finite(tree, directory: str) -> None:
+    """Raises ``CheckpointError`` naming the first tensor with NaN or inf values: orbax
+    stores no checksums, so a tensor file overwritten with other bytes restores without
+    an error."""
+    finite = jax.device_get({name: _all_finite(x) for name, x in _named(tree).items()})
+    for name, ok in finite.items():
+        if not ok:
+            raise CheckpointError(f"tensor {name} of the orbax store {directory} holds NaN or "
+                                  f"inf values; {_DAMAGED}")

@@ -10,14 +10,15 @@ import huggingface_hub.constants
 import jax
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file, save_file
 
 import kvjax
 from kvjax.checkpoint import tensor_specs
-from kvjax.model import layer_param_shapes, top_param_shapes
-from kvjax.sharding import LAYER_AXES, TOP_AXES, make_mesh, param_shardings
+from kvjax.sharding import make_mesh, param_shardings
+from tests.conftest import make_config
 from tests.hf_fixtures import (HEAD_DIM, HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, VARIANTS,
-                               hf_config, make_hf_model, save_checkpoint)
+                               make_hf_model, save_checkpoint)
 
 TENSOR = "model.layers.1.mlp.up_proj.weight"  # HF shape [intermediate 128, hidden 64]
 
@@ -169,21 +170,32 @@ def test_base_model_names_without_prefix_load_like_prefixed(tmp_path):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_every_param_has_logical_axes_and_a_tensor(variant):
-    config = kvjax.ModelConfig.from_dict(hf_config(variant).to_dict())
-    assert set(layer_param_shapes(config)) <= set(LAYER_AXES)
-    assert set(top_param_shapes(config)) <= set(TOP_AXES)
-    shardings = param_shardings(config, make_mesh())  # one device: every name placed
+def test_every_family_reads_exactly_the_transformers_parameters(variant, tmp_path):
+    """The tensors kvjax reads are the parameters of the transformers model, each with its
+    stored shape, none left over; loading places each (its part, transposed where stored
+    [out, in]) at a name of the params pytree, which the mesh placement shares."""
+    hf_model = make_hf_model(variant, seed=2)
+    state = {name: p.detach().numpy() for name, p in hf_model.named_parameters()}  # untied
+    config = kvjax.ModelConfig.from_dict(hf_model.config.to_dict())
     specs = tensor_specs(config)
-    assert jax.tree.structure(shardings) == jax.tree.structure(specs)
-    # Parameters share a stored tensor only as parts of a fused one that tile it.
-    parts = {}
-    for spec in jax.tree.leaves(specs):
-        parts.setdefault(spec.hf_name, []).append(spec.part)
-    for name, ranges in parts.items():
-        if ranges != [None]:
-            starts, stops = zip(*sorted(ranges))
-            assert starts[0] == 0 and list(starts[1:]) == list(stops[:-1]), name
+    assert {s.hf_name: s.hf_shape for s in jax.tree.leaves(specs)} == {
+        name: array.shape for name, array in state.items()}
+    assert jax.tree.structure(param_shardings(config, make_mesh())) == jax.tree.structure(specs)
+
+    loaded = kvjax.load(save_checkpoint(hf_model, tmp_path), dtype="float32").params
+    assert jax.tree.structure(loaded) == jax.tree.structure(specs)
+    for spec, value in zip(jax.tree.leaves(specs), jax.tree.leaves(loaded)):
+        want = spec.select(state[spec.hf_name])
+        assert np.array_equal(np.asarray(value), want.T if spec.transpose else want), spec
+
+
+def test_a_config_asking_for_unstored_tensors_is_refused():
+    """A hand-built Llama with LayerNorm: Llama checkpoints store no norm biases."""
+    with pytest.raises(kvjax.CheckpointError) as e:
+        tensor_specs(make_config(norm="layer"))
+    assert str(e.value) == (
+        "llama checkpoints store no tensor for the parameter final_norm_bias that this config "
+        "asks for; read the config from the checkpoint's config.json (ModelConfig.from_json)")
 
 
 # -- missing, misshapen and unreadable tensors -----------------------------------------
@@ -224,6 +236,52 @@ def test_wrong_shape_sharded_names_the_shard(sharded_dir, tmp_path):
         f"tensor {name} in {shard} has shape (31,), expected (32,) from config.json")
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_values_name_tensor_and_file(bad, single_dir, tmp_path):
+    directory = _copy(single_dir, tmp_path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+
+    def corrupt(tensors):
+        tensors[name][3, 5] = bad
+
+    _rewrite(os.path.join(directory, "model.safetensors"), corrupt)
+    assert _load_error(directory) == (
+        f"tensor {name} in model.safetensors holds NaN or inf values; the checkpoint is "
+        "corrupted")
+
+
+def test_nan_in_a_sharded_bfloat16_fused_tensor_names_the_shard(tmp_path):
+    """bfloat16 (numpy does not count it as floating) loads, and its NaN are found; in a
+    fused tensor (Phi-3 qkv_proj) in a shard of a sharded checkpoint."""
+    directory = save_checkpoint(make_hf_model("phi3", seed=3).to(torch.bfloat16),
+                                tmp_path / "phi3", max_shard_size="20KB")
+    kvjax.load(directory, dtype="float32")
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    shard = _shard_of(directory, name)
+
+    def corrupt(tensors):
+        assert str(tensors[name].dtype) == "bfloat16"
+        tensors[name][-1, -1] = np.nan  # in wv, the last part
+
+    _rewrite(os.path.join(directory, shard), corrupt)
+    assert _load_error(directory) == (
+        f"tensor {name} in {shard} holds NaN or inf values; the checkpoint is corrupted")
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.bool_])
+def test_non_float_tensor_names_tensor_file_and_dtype(dtype, single_dir, tmp_path):
+    directory = _copy(single_dir, tmp_path)
+    name = "model.layers.0.input_layernorm.weight"
+
+    def to_integer(tensors):
+        tensors[name] = np.ones(tensors[name].shape, dtype)
+
+    _rewrite(os.path.join(directory, "model.safetensors"), to_integer)
+    assert _load_error(directory) == (
+        f"tensor {name} in model.safetensors has dtype {np.dtype(dtype)}, expected a "
+        "floating-point tensor")
+
+
 def test_directory_without_config_json(single_dir, tmp_path):
     directory = _copy(single_dir, tmp_path)
     os.remove(os.path.join(directory, "config.json"))
@@ -260,6 +318,32 @@ def test_truncated_file_is_named(layout, single_dir, sharded_dir, tmp_path):
 
 
 # -- configs kvjax rejects -------------------------------------------------------------
+
+@pytest.mark.parametrize("text, problem", [
+    ('{\n"model_type": "llama",,}', "Expecting property name enclosed in double quotes "
+                                   "(line 2 column 23)"),
+    ('{"model_type": "llama"', "Expecting ',' delimiter (line 1 column 23)"),
+    ("", "Expecting value (line 1 column 1)"),
+    (b"\xff\xfe{}", "it is not UTF-8 text (invalid start byte at byte 0)"),
+])
+def test_malformed_config_json_names_the_file(text, problem, single_dir, tmp_path):
+    directory = _copy(single_dir, tmp_path)
+    path = os.path.join(directory, "config.json")
+    with open(path, "wb") as f:
+        f.write(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(kvjax.ConfigError) as e:
+        kvjax.load(directory)
+    assert str(e.value) == f"{path} is not valid JSON: {problem}"
+    assert "\n" not in str(e.value)
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('["llama"]')
+    with pytest.raises(kvjax.ConfigError) as e:
+        kvjax.ModelConfig.from_json(tmp_path)
+    assert str(e.value) == f"{path} is not a JSON object: it holds a list"
+
 
 def test_unknown_model_type(single_dir, tmp_path):
     directory = _copy(single_dir, tmp_path)

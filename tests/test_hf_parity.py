@@ -17,7 +17,8 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import kvjax
-from kvjax.config import RopeScaling, rope_inverse_frequencies
+from kvjax.config import RopeScaling
+from kvjax.rope import rope_inverse_frequencies
 from tests.hf_fixtures import (HEAD_DIM, HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, VOCAB,
                                hf_greedy, hf_logits, make_hf_model, save_checkpoint)
 
