@@ -7,23 +7,28 @@ Public API::
     out.tokens, out.texts, out.stats
 
 and, for your own model, ``kvjax.jit_decode(step_fn, num_steps=..., greedy=...)``.
-``kvjax.sharding`` spreads a generation over a device mesh; ``kvjax.compilation_cache``
-keeps compiled programs on disk for later processes.
+``kvjax.programs`` builds the compiled programs ``generate`` runs (for benchmarks and
+your own loops); ``kvjax.sharding`` spreads a generation over a device mesh;
+``kvjax.compilation_cache`` keeps compiled programs on disk for later processes.
+docs/architecture.md maps the modules.
 """
 
-from kvjax import compilation_cache, sharding
-from kvjax.api import BUNDLED_MODEL, Generation, Model, TokenStream, generate, generate_stream, load
-from kvjax.chat import ChatSession
+from kvjax import compilation_cache, programs, sharding
 from kvjax.cache import KVCache, TokenHistory
+from kvjax.chat import CapacityError, ChatSession
 from kvjax.checkpoint import CheckpointError
 from kvjax.config import ConfigError, ModelConfig, RopeScaling
 from kvjax.decode import PAD_TOKEN, DecodeResult, decode, jit_decode
-from kvjax.model import forward, init_params
+from kvjax.generation import Generation, generate
+from kvjax.loading import BUNDLED_MODEL, Model, load
+from kvjax.model import forward
+from kvjax.params import init_params
 from kvjax.sampling import SamplingParams, sample
+from kvjax.streaming import TokenStream, generate_stream
 
 __all__ = [
-    "BUNDLED_MODEL", "ChatSession", "CheckpointError", "ConfigError", "DecodeResult", "Generation", "KVCache", "Model",
-    "ModelConfig", "PAD_TOKEN", "RopeScaling", "SamplingParams", "TokenHistory", "decode",
-    "TokenStream", "forward", "generate", "generate_stream", "init_params", "jit_decode", "load",
-    "sample",
+    "BUNDLED_MODEL", "CapacityError", "ChatSession", "CheckpointError", "ConfigError",
+    "DecodeResult", "Generation", "KVCache", "Model", "ModelConfig", "PAD_TOKEN", "RopeScaling",
+    "SamplingParams", "TokenHistory", "TokenStream", "decode", "forward", "generate",
+    "generate_stream", "init_params", "jit_decode", "load", "sample",
 ]

@@ -7,11 +7,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from kvjax import sharding
-from kvjax.api import (MIN_PROMPT_BUCKET, Model, _bucket, _Chunks, _new_token_limits,
-                        _pad_block, _pad_rows, _stop_array)
+from kvjax import programs, sharding
 from kvjax.decode import PAD_TOKEN
-from kvjax.sampling import SamplingParams
+from kvjax.loading import Model
+from kvjax.requests import (MIN_PROMPT_BUCKET, bucket, new_token_limits, pad_block, pad_rows,
+                            stop_array)
+from kvjax.config import is_count
+from kvjax.sampling import SamplingParams, check_sampling_values
+from kvjax.streaming import DecodeChunks, tokens_of_chunk
 from kvjax.tokenizer import StreamDecoder
 
 
@@ -49,15 +52,20 @@ class ChatSession:
         if model.tokenizer.chat_template is None:
             raise ValueError("this checkpoint has no chat_template in tokenizer_config.json; "
                              "use generate() with plain prompts")
+        for name, value in (("capacity", capacity), ("max_new_tokens", max_new_tokens),
+                             ("chunk_size", chunk_size)):
+            if value is not None and not is_count(value):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.model = model
         self.capacity = capacity or min(model.config.max_position_embeddings, 4096)
         self.max_new_tokens = max_new_tokens
-        # one conversation, copied to fill the rows a mesh's `data` axis splits (_pad_rows)
+        # one conversation, copied to fill the rows a mesh's `data` axis splits (pad_rows)
         self._rows = sharding.batch_ways(model.mesh, model.rules)
-        self.sampling = SamplingParams.create(
-            self._rows, **model.sampling_values(temperature, top_k, top_p, min_p))
+        values = model.sampling_values(temperature, top_k, top_p, min_p)
+        check_sampling_values(**values)
+        self.sampling = SamplingParams.create(self._rows, **values)
         self.seed = seed
-        self.stops = _stop_array(model, stop_tokens)
+        self.stops = stop_array(model, stop_tokens)
         self.chunk_size = chunk_size
         self.system = system
         self.last_stats: dict = {}
@@ -69,7 +77,7 @@ class ChatSession:
         self.history: list[int] = []  # the cache holds history[:-1]
         self._rendered = ""  # the text that `history` encodes
         self._turn = 0
-        self._cache = sharding.new_cache(self.model, self._rows, self.capacity)
+        self._cache = programs.new_cache(self.model, self._rows, self.capacity)
 
     @property
     def cache_fill(self) -> int:
@@ -99,12 +107,12 @@ class ChatSession:
                 f"{len(block_tokens)} new + up to {self.max_new_tokens} for the reply = {needed} "
                 f"> {self.capacity}; reset the conversation (ChatSession.reset(), /reset in the CLI "
                 "chat) or use a larger capacity")
-        width = min(_bucket(len(block_tokens), MIN_PROMPT_BUCKET), self.capacity - start)
-        block, lengths = _pad_block(_pad_rows([block_tokens], self._rows), width)
-        controls = dict(max_new_tokens=_new_token_limits(1, self._rows, self.max_new_tokens),
+        width = min(bucket(len(block_tokens), MIN_PROMPT_BUCKET), self.capacity - start)
+        block, lengths = pad_block(pad_rows([block_tokens], self._rows), width)
+        controls = dict(max_new_tokens=new_token_limits(1, self._rows, self.max_new_tokens),
                         sampling=self.sampling, seed=np.uint32(self.seed + self._turn),
                         stop_tokens=self.stops)
-        chunks = _Chunks(self.model, True, self.chunk_size, self._cache, block, lengths,
+        chunks = DecodeChunks(self.model, True, self.chunk_size, self._cache, block, lengths,
                          np.full((self._rows,), start, np.int32), controls)
         self._cache = None  # donated to the prefill program
         stops = set(self.stops.tolist()) - {PAD_TOKEN}
@@ -113,11 +121,7 @@ class ChatSession:
         finished = False
         t0 = time.perf_counter()
         for block_out in chunks:
-            new = [] if finished else [int(t) for t in block_out[0] if t != PAD_TOKEN]
-            for i, t in enumerate(new):
-                if t in stops:
-                    new, finished = new[:i + 1], True
-                    break
+            new, finished = tokens_of_chunk(block_out[0], stops, finished)
             reply.extend(new)
             text = decoder.add(new)
             if text:

@@ -1,7 +1,7 @@
 """Compiled programs kept on disk between processes (JAX's persistent compilation cache).
 
 Each process compiles its generation programs anew: seconds for small models, 10–12 s
-for a whole Llama-3.1-8B generation on an H100's host (docs/benchmarks.md), of which
+for a whole Llama-3.1-8B generation on an H100's host (docs/experiments.md), of which
 1.4–2.0 s remain when the program is loaded instead. With the cache enabled
 a later process (another ``scripts/generate.py`` run, a restarted server or notebook)
 loads the program that an earlier one stored instead of compiling it; on GPUs XLA's

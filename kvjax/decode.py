@@ -268,7 +268,7 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
            prompt_lengths: jax.Array, *, num_steps: int, max_new_tokens: jax.Array,
            sampling: SamplingParams, seed: jax.Array, stop_tokens: jax.Array,
            greedy: bool, start: jax.Array | None = None, return_logits: bool = False,
-           on_prefill: Callable[[jax.Array], None] | None = None,
+           on_prefill: Callable[..., None] | None = None, on_prefill_args: tuple = (),
            prefill_chunk: int | None = None, whole_block_fn: StepFn | None = None,
            sync_every: int = 1) -> DecodeResult:
     """Prefills the prompts and decodes up to ``num_steps`` new tokens per row.
@@ -291,6 +291,8 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
       on_prefill: optional host function called (through ``jax.debug.callback``) once
         prefill has run, with the first sampled tokens: on a mesh, once per device with
         that device's rows (``partitioned``); used for timing.
+      on_prefill_args: arrays passed to ``on_prefill`` after the tokens (e.g. a run id
+        that tells concurrent runs of one program apart).
       prefill_chunk: static; feed prompt blocks longer than this in pieces (``prefill``).
       whole_block_fn: the step function for a prompt block fed whole (``prefill``).
       sync_every: static; decode steps per check that every row is done (``decode_steps``).
@@ -311,7 +313,7 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
     first = state.tokens  # [batch]
     if on_prefill is not None:
         # per device shard: the whole batch would be gathered to one device first
-        jax.debug.callback(on_prefill, first, partitioned=True)
+        jax.debug.callback(on_prefill, first, *on_prefill_args, partitioned=True)
     state, tokens, step_logits = decode_steps(step_fn, params, state, num_steps=num_steps - 1,
                                               return_logits=return_logits, sync_every=sync_every,
                                               **controls)

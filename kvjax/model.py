@@ -6,23 +6,9 @@ fields (docs/models.md). Layers are a Python loop over a tuple of per-layer para
 dicts, each with its own cache buffer (measured faster than scanning over stacked
 layers: docs/architecture.md).
 
-Params are a plain pytree; a name is present only where the config asks for it::
-
-    {"embed": [vocab, hidden], "pos_embed": [max_positions, hidden] (learned positions),
-     "final_norm", "final_norm_bias": [hidden], "lm_head": [vocab, hidden] (untied only),
-     "layers": ({"attn_norm", "attn_norm_bias": [hidden] (pre_norms),
-                 "wq": [hidden, heads * head_dim], "bq": [heads * head_dim],
-                 "wk", "wv": [hidden, kv_heads * head_dim], "bk", "bv": [kv_heads * head_dim],
-                 "wo": [heads * head_dim, hidden], "bo": [hidden],
-                 "q_norm", "k_norm": [head_dim] (qk_norm; without qk_norm_per_head
-                                     [heads * head_dim] and [kv_heads * head_dim]),
-                 "attn_post_norm": [hidden] (post_norms),
-                 "mlp_norm", "mlp_norm_bias": [hidden] (pre_norms),
-                 "w_gate" (gated_mlp), "w_up": [hidden, intermediate],
-                 "w_down": [intermediate, hidden], "b_gate", "b_up", "b_down" (mlp_bias),
-                 "mlp_post_norm": [hidden] (post_norms)}, ...)}
-
-Norm biases (``*_norm_bias``) exist for LayerNorm models (``norm="layer"``) only.
+The parameter pytree and each parameter's shape, axes and checkpoint names are declared
+once, in ``kvjax.params``. Which attention each layer runs is chosen once per program
+(``kvjax.attention.choose``) and passed to ``forward`` as one static value.
 """
 
 from __future__ import annotations
@@ -32,79 +18,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvjax import decode_kernel as kernel
-from kvjax.attention import attend_block, attend_cache, soft_cap
-from kvjax.cache import KVCache, TokenHistory, write_block
+from kvjax.attention import AttentionPlan, LayerAttention, attend_layer, choose, soft_cap
+from kvjax.cache import KVCache, TokenHistory
 from kvjax.config import ModelConfig
+from kvjax.kernels.decode_attention import MeshSplit
+from kvjax.params import init_params  # noqa: F401  (kvjax.model.init_params, its old home)
 from kvjax.rope import apply_rope, layer_rope_tables
 
 _ACTIVATIONS = {"silu": jax.nn.silu,
                 "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
                 "gelu": functools.partial(jax.nn.gelu, approximate=False)}
-
-
-def _norm_shapes(config: ModelConfig, name: str, width: int) -> dict[str, tuple[int, ...]]:
-    shapes = {name: (width,)}
-    if config.norm == "layer":
-        shapes[name + "_bias"] = (width,)
-    return shapes
-
-
-def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of one layer's parameters, by name (biases and norms only where configured)."""
-    d, f = config.hidden_size, config.intermediate_size
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    shapes = _norm_shapes(config, "attn_norm", d) if config.pre_norms else {}
-    shapes |= {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d)}
-    if config.pre_norms:
-        shapes |= _norm_shapes(config, "mlp_norm", d)
-    if config.gated_mlp:
-        shapes["w_gate"] = (d, f)
-    shapes |= {"w_up": (d, f), "w_down": (f, d)}
-    if config.qkv_bias:
-        shapes |= {"bq": (q,), "bk": (kv,), "bv": (kv,)}
-    if config.o_bias:
-        shapes["bo"] = (d,)
-    if config.qk_norm and config.qk_norm_per_head:
-        shapes |= {"q_norm": (config.head_dim,), "k_norm": (config.head_dim,)}
-    elif config.qk_norm:
-        shapes |= {"q_norm": (q,), "k_norm": (kv,)}
-    if config.mlp_bias:
-        shapes |= ({"b_gate": (f,)} if config.gated_mlp else {}) | {"b_up": (f,), "b_down": (d,)}
-    if config.post_norms:
-        shapes |= {"attn_post_norm": (d,), "mlp_post_norm": (d,)}
-    return shapes
-
-
-def top_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the parameters outside the layers, by name."""
-    shapes = {"embed": (config.vocab_size, config.hidden_size)}
-    shapes |= _norm_shapes(config, "final_norm", config.hidden_size)
-    if config.position_embedding == "learned":
-        shapes["pos_embed"] = (config.max_position_embeddings, config.hidden_size)
-    if not config.tie_word_embeddings:
-        shapes["lm_head"] = (config.vocab_size, config.hidden_size)
-    return shapes
-
-
-def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> dict:
-    """Random parameters of the right shapes (for tests and benchmarks; speed does not
-    depend on the values). Norm weights are the identity scale (ones, or zeros for
-    ``(offset + w)`` norms), everything else N(0, 0.02)."""
-
-    def make(name, shape, k):
-        if name.endswith("norm"):
-            return jnp.full(shape, 1.0 - config.norm_offset, dtype)
-        return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-
-    def make_all(shapes, k):
-        keys = jax.random.split(k, len(shapes))
-        return {name: make(name, shape, kk) for (name, shape), kk in zip(shapes.items(), keys)}
-
-    top_key, *layer_keys = jax.random.split(key, config.num_layers + 1)
-    params = make_all(top_param_shapes(config), top_key)
-    params["layers"] = tuple(make_all(layer_param_shapes(config), k) for k in layer_keys)
-    return params
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0,
@@ -143,17 +66,7 @@ def norm(config: ModelConfig, params: dict, name: str, x: jax.Array) -> jax.Arra
 
 def _linear(x: jax.Array, layer: dict, weight: str, bias: str) -> jax.Array:
     """``x [batch, seq, in] @ layer[weight] [in, out]`` (+ bias)."""
-    batch, seq, _ = x.shape
-    if batch * seq == 1:
-        # One row (batch-1 decode): XLA:GPU rewrites a vector-matrix product with a weight
-        # under 10M elements into multiply + reduce, which read an [in, out] weight at 60%
-        # of the bandwidth of a GEMM on an H200 (docs/benchmarks.md). A zero second row
-        # keeps it a GEMM; the weight is still read once. Larger weights get the row too:
-        # without it their steps were no shorter, and it needs no knowledge of the mesh.
-        # (``forward`` runs a batch-1 step's layers on two rows, so it never gets here.)
-        y = jnp.einsum("btd,df->btf", _add_spare_row(x), layer[weight])[:1]
-    else:
-        y = jnp.einsum("btd,df->btf", x, layer[weight])
+    y = jnp.einsum("btd,df->btf", x, layer[weight])
     return y + layer[bias] if bias in layer else y
 
 
@@ -186,7 +99,7 @@ def compiler_options() -> dict[str, int]:
     where they are small (``xla_gpu_dot_merger_threshold_mb``, 32 by default), so the
     Llama-3.1-8B shape's gate and up projections (117 MB each) ran as two GEMMs. Merged,
     a decode step reads both weights in one GEMM, in place: 8B-shaped steps on an H100
-    1.6% (batch 1) to 5.0% (batch 32) shorter (docs/benchmarks.md). A block's products
+    1.6% (batch 1) to 5.0% (batch 32) shorter (docs/experiments.md). A block's products
     stay separate (``_inputs_of_separate_products``), so prefills copy no weights.
     """
     if jax.default_backend() != "gpu":
@@ -271,35 +184,21 @@ def final_logits(config: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
 
 
 def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
-            cache: KVCache | None = None, *, fresh: bool = False,
-            key_limit: int | None = None, decode_kernel: bool | None = None,
-            kernel_split: kernel.MeshSplit | None = None
+            cache: KVCache | None = None, *, attention: AttentionPlan | None = None
             ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder on a block of tokens.
 
     Args:
       config: the model's shape and behaviour.
-      params: the parameter pytree (see the module docstring).
+      params: the parameter pytree (``kvjax.params``).
       tokens: ``int32[batch, seq]``.
       positions: ``int32[batch, seq]``, each token's position in its sequence; ``-1``
         marks padding (after the real tokens of a row).
       cache: a ``KVCache`` to write the new keys/values into and attend over, or
         ``None`` to attend within ``tokens`` only (the recompute baseline).
-      fresh: static; the cache is empty and this block starts every row at position 0,
-        so attention stays within the block (``attend_block``: flash attention on GPUs)
-        and never reads the cache's empty slots.
-      key_limit: static; no query of this call attends to a slot at or past it (e.g. a
-        generation that can fill only its first ``key_limit`` slots), so attention reads
-        only the slots before it: the work follows what can be filled, not the capacity.
-      decode_kernel: static; a decode step (one token per row) writes the cache and
-        attends in one Pallas kernel (``kvjax.decode_kernel``). None: where
-        ``decode_kernel.supported`` (GPUs); True: also elsewhere, interpreted (slow;
-        for tests); False: never.
-      kernel_split: static; for params and a cache on a mesh of several devices, how
-        it splits the kernel's operands (``kvjax.sharding.kernel_split``): the kernel
-        runs on each device's shard. Without it XLA would gather the whole cache to
-        every device for the kernel; ``kvjax.generate`` passes ``decode_kernel=False``
-        where the mesh has no split.
+      attention: static; how each layer attends (``kvjax.attention.choose``: whether the
+        cache starts empty, a key limit, cuDNN or XLA, the decode kernel and its split
+        over a mesh). None: ``choose``'s defaults for this dtype and cache.
 
     Returns:
       ``(logits, cache)``, the cache with the block written and its lengths advanced.
@@ -308,12 +207,17 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
       are computed: ``float32[batch, 1, vocab]`` (the decode loop needs no others, and a
       ``[batch, seq, vocab]`` float32 array is the largest of a long prefill).
     """
+    if attention is None:
+        dtype = params["embed"].dtype if cache is None else cache.keys[0].dtype
+        attention = choose(config, dtype, use_cache=cache is not None)
     x = embed(config, params, tokens, positions)  # [batch, seq, hidden]
     # A batch-1 decode step runs its layers on two rows, the second all zeros at first
-    # (and finite after: every op but attention is row-wise), so each product is a GEMM
-    # without a zero row of its own (``_linear``): one concatenation a layer, before
-    # wo, instead of one per product. Attention and the cache see the real row only.
-    # 1B shape on an H100: 1.5-2.7% shorter steps; 8B: no change (docs/benchmarks.md).
+    # (and finite after: every op but attention is row-wise), so each product is a GEMM:
+    # XLA:GPU rewrites a vector-matrix product with a weight under 10M elements into
+    # multiply + reduce, which read an [in, out] weight at 60% of the bandwidth of a
+    # GEMM on an H200; one concatenation a layer, before wo, keeps every product a GEMM
+    # and still reads each weight once. Attention and the cache see the real row only.
+    # 1B shape on an H100: 1.5-2.7% shorter steps; 8B: no change (docs/experiments.md).
     spare_row = x.shape[0] * x.shape[1] == 1
     if spare_row:
         x = _add_spare_row(x)  # [2, 1, hidden]
@@ -325,12 +229,11 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
             # in order, each reading its weights when it runs; a prefill measured 1-3%
             # slower without it (docs/architecture.md §6). No work at run time.
             x, layer = jax.lax.optimization_barrier((x, layer))
-        keys, values = (None, None) if cache is None else (cache.keys[index], cache.values[index])
-        x, keys, values = _layer(config, config.layer_window(index), spare_row, fresh,
-                                 key_limit, decode_kernel, kernel_split, layer, x,
+        keys, values = (None, None) if cache is None else cache.layer(index)
+        x, keys, values = _layer(config, attention.layers[index], spare_row, layer, x,
                                  *tables[index], keys, values, positions)
         if cache is not None:
-            cache = cache.with_layer(index, keys, values)
+            cache = cache.with_layer(index, (keys, values))
     if spare_row:
         x = x[:1]
     if cache is not None:
@@ -341,72 +244,51 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
     return final_logits(config, params, x), cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _layer(config: ModelConfig, window: int | None, spare_row: bool, fresh: bool,
-           key_limit: int | None, decode_kernel: bool | None,
-           kernel_split: kernel.MeshSplit | None, layer: dict,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _layer(config: ModelConfig, attention: LayerAttention, spare_row: bool, layer: dict,
            x: jax.Array, cos: jax.Array | None, sin: jax.Array | None,
            keys: jax.Array | None, values: jax.Array | None, positions: jax.Array
            ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """One decoder layer on ``x`` (``[batch, seq, hidden]``; with ``spare_row``, a
-    batch-1 step's real row and ``forward``'s spare row): attention, written to and read
-    from this layer's cache buffers ``keys``/``values`` (``[batch, kv_heads, capacity,
-    head_dim]``, None without a cache), then the MLP. Returns ``(x, keys, values)``.
+    batch-1 step's real row and ``forward``'s spare row): attention as ``attention``
+    says, written to and read from this layer's cache buffers ``keys``/``values``
+    (``[batch, kv_heads, capacity, head_dim]``, None without a cache), then the MLP.
+    Returns ``(x, keys, values)``.
 
     A program of its own (a nested ``jit``, which XLA inlines): layers with the same
-    window and shapes are traced and lowered once, not once each. A whole generation of
-    the Llama-3.1-8B shape then lowers in 0.4-0.5 s instead of 3.2-3.9 s on an H100's
-    host and compiles in 10.3-10.9 s instead of 14.7-14.9 s, with the same step times
-    (docs/benchmarks.md)."""
+    attention and shapes are traced and lowered once, not once each. A whole
+    generation of the Llama-3.1-8B shape then lowers in 0.4-0.5 s instead of 3.2-3.9 s
+    on an H100's host and compiles in 10.3-10.9 s instead of 14.7-14.9 s, with the same
+    step times (docs/experiments.md)."""
     q, k, v = qkv_projection(config, layer, x, cos, sin)
     if spare_row:
         q, k, v = q[:1], k[:1], v[:1]
-    attn, keys, values = _attention(config, window, q, k, v, keys, values, positions,
-                                    fresh=fresh, key_limit=key_limit,
-                                    decode_kernel=decode_kernel, kernel_split=kernel_split)
+    attn, keys, values = attend_layer(config, attention, q, k, v, keys, values, positions)
     x = finish_layer(config, layer, x, _add_spare_row(attn) if spare_row else attn)
     return x, keys, values
 
 
-def _attention(config: ModelConfig, window: int | None, q: jax.Array, k: jax.Array,
-               v: jax.Array, keys: jax.Array | None, values: jax.Array | None,
-               positions: jax.Array, *, fresh: bool, key_limit: int | None,
-               decode_kernel: bool | None, kernel_split: kernel.MeshSplit | None):
-    """A layer's attention of ``q`` (``[batch, seq, heads, head_dim]``), with the block's
-    ``k``, ``v`` written to the layer's cache buffers first; arguments as in ``forward``
-    and ``_layer``. Returns ``(attn, keys, values)``."""
-    scale, softcap = config.query_scale, config.attn_logit_softcap
-    mode = None if keys is None or fresh else _kernel_mode(
-        decode_kernel, q.shape[1], config.head_dim, keys.dtype, window, softcap)
-    if mode is not None:
-        return kernel.attend_and_write(q, k, v, keys, values, positions, scale,
-                                       interpret=mode == "interpret", split=kernel_split)
-    if keys is not None:  # written [batch, kv_heads, seq, head_dim]
-        keys, values = write_block(keys, values, k.transpose(0, 2, 1, 3),
-                                   v.transpose(0, 2, 1, 3), positions)
-    if keys is None or fresh:  # attend within the given tokens
-        return attend_block(q, k, v, positions, window, scale, softcap), keys, values
-    return attend_cache(q, k, v, keys, values, positions, window, scale, softcap,
-                        key_limit), keys, values
+def step_fn(config: ModelConfig, *, attention: AttentionPlan | None = None,
+            fresh: bool = False, key_limit: int | None = None,
+            decode_kernel: bool | None = None, kernel_split: MeshSplit | None = None):
+    """``forward`` bound to a config and an ``AttentionPlan``: the
+    ``step_fn(params, tokens, positions, cache)`` that ``kvjax.decode`` drives.
 
+    Without ``attention`` the plan is chosen when the step is traced, from the cache's
+    dtype and ``fresh``, ``key_limit``, ``decode_kernel`` and ``kernel_split``
+    (``kvjax.attention.choose``'s arguments; the older spelling of the plan).
+    """
+    if attention is not None:
+        return functools.partial(forward, config, attention=attention)
 
-def _kernel_mode(setting: bool | None, seq: int, head_dim: int, dtype, window: int | None,
-                 softcap: float | None) -> str | None:
-    """How a layer's step runs ``kvjax.decode_kernel`` (``forward``'s ``decode_kernel``):
-    ``"compiled"``, ``"interpret"`` or None (the XLA/cuDNN path)."""
-    if setting is False or seq != 1 or window is not None or softcap is not None:
-        return None
-    if kernel.supported(head_dim, dtype):
-        return "compiled"
-    return "interpret" if setting else None
+    def step(params, tokens, positions, cache):
+        dtype = params["embed"].dtype if cache is None else cache.keys[0].dtype
+        plan = choose(config, dtype, use_cache=cache is not None, fresh=fresh,
+                      key_limit=key_limit, decode_kernel=decode_kernel,
+                      kernel_split=kernel_split)
+        return forward(config, params, tokens, positions, cache, attention=plan)
 
-
-def step_fn(config: ModelConfig, *, fresh: bool = False, key_limit: int | None = None,
-            decode_kernel: bool | None = None, kernel_split: kernel.MeshSplit | None = None):
-    """``forward`` bound to a config (and ``forward``'s static options): the
-    ``step_fn(params, tokens, positions, cache)`` that ``kvjax.decode`` drives."""
-    return functools.partial(forward, config, fresh=fresh, key_limit=key_limit,
-                             decode_kernel=decode_kernel, kernel_split=kernel_split)
+    return step
 
 
 def recompute_forward(config: ModelConfig, params: dict, tokens: jax.Array,

@@ -32,14 +32,13 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kvjax.cache import KVCache, TokenHistory
+from kvjax import params as param_schema
+from kvjax.cache import is_axes
 from kvjax.config import ModelConfig, is_count
-from kvjax.decode_kernel import MeshSplit
-from kvjax.model import layer_param_shapes, top_param_shapes
+from kvjax.kernels.decode_attention import MeshSplit
 
 DATA, MODEL = "data", "model"
 MESH_AXES = (DATA, MODEL)
@@ -179,25 +178,6 @@ def parse_rules(text: str) -> ShardingRules:
 LOGICAL_AXES = ("batch", "vocab", "vocab_in", "embed", "heads", "kv_heads", "mlp", "cache_seq",
                 "head_dim")
 
-# Logical axes of each parameter, by kvjax name (kvjax/model.py's pytree).
-TOP_AXES = {"embed": ("vocab_in", "embed"), "lm_head": ("vocab", "embed"),
-            "final_norm": ("embed",), "final_norm_bias": ("embed",),
-            "pos_embed": ("cache_seq", "embed")}  # rows are positions, like cache slots
-LAYER_AXES = {
-    "attn_norm": ("embed",), "mlp_norm": ("embed",),
-    "attn_norm_bias": ("embed",), "mlp_norm_bias": ("embed",),
-    "attn_post_norm": ("embed",), "mlp_post_norm": ("embed",),
-    "wq": ("embed", "heads"), "bq": ("heads",),
-    "wk": ("embed", "kv_heads"), "bk": ("kv_heads",),
-    "wv": ("embed", "kv_heads"), "bv": ("kv_heads",),
-    "wo": ("heads", "embed"), "bo": ("embed",),
-    "q_norm": ("head_dim",), "k_norm": ("head_dim",),  # replicated (also OLMo-2's full width)
-    "w_gate": ("embed", "mlp"), "b_gate": ("mlp",),
-    "w_up": ("embed", "mlp"), "b_up": ("mlp",),
-    "w_down": ("mlp", "embed"), "b_down": ("embed",),
-}
-CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")  # [batch, kv_heads, capacity, head_dim]
-
 
 def _units(config: ModelConfig, batch: int | None, capacity: int | None) -> dict[str, int | None]:
     """How many indivisible units each logical axis has (heads, not head_dim columns)."""
@@ -269,17 +249,21 @@ def logical_sharding(axes: tuple[str, ...], config: ModelConfig, mesh: Mesh,
     return NamedSharding(target, PartitionSpec(*spec))
 
 
+def logical_shardings(axes: Any, config: ModelConfig, mesh: Mesh,
+                      rules: ShardingRules = DEFAULT_RULES, *, batch: int | None = None,
+                      capacity: int | None = None) -> Any:
+    """``logical_sharding`` of every ``LogicalAxes`` leaf of a pytree (a cache's or the
+    params' declared axes): a pytree of the same structure with ``NamedSharding`` leaves."""
+    return jax.tree.map(lambda names: logical_sharding(names, config, mesh, rules, batch=batch,
+                                                       capacity=capacity), axes, is_leaf=is_axes)
+
+
 def param_shardings(config: ModelConfig, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> dict:
-    """A pytree shaped like the params whose leaves are ``NamedSharding``s."""
+    """A pytree shaped like the params whose leaves are ``NamedSharding``s (by each
+    parameter's logical axes, ``kvjax.params``)."""
     check_mesh(config, mesh, rules=rules)
-
-    def table(axes, shapes):
-        return {name: logical_sharding(axes[name], config, mesh, rules) for name in shapes}
-
-    tree = table(TOP_AXES, top_param_shapes(config))
-    layer = table(LAYER_AXES, layer_param_shapes(config))
-    tree["layers"] = tuple(dict(layer) for _ in range(config.num_layers))
-    return tree
+    axes = jax.tree.map(lambda spec: spec.axes, param_schema.specs(config))
+    return logical_shardings(axes, config, mesh, rules)
 
 
 def param_specs(config: ModelConfig, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> dict:
@@ -306,20 +290,10 @@ def shard_model(model, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
                                mesh=mesh, rules=rules)
 
 
-def cache_shardings(config: ModelConfig, mesh: Mesh, batch: int,
-                    rules: ShardingRules = DEFAULT_RULES) -> KVCache:
-    """A ``KVCache``-shaped pytree of ``NamedSharding``s (for ``out_shardings``): every
-    K/V buffer ``(data, model | model_kv | None, None, None)``, lengths ``(data,)``."""
-    buffer = logical_sharding(CACHE_AXES, config, mesh, rules, batch=batch)
-    rows = logical_sharding(("batch",), config, mesh, rules, batch=batch)
-    layers = (buffer,) * config.num_layers
-    return KVCache(keys=layers, values=layers, lengths=rows)
-
-
 def kernel_split(config: ModelConfig, mesh: Mesh | None,
                  rules: ShardingRules = DEFAULT_RULES) -> MeshSplit | None:
-    """How ``kvjax.decode_kernel`` runs on ``mesh``: on each device's rows and heads
-    (``model.forward``'s ``kernel_split``), where each device's query heads read
+    """How ``kvjax.kernels.decode_attention`` runs on ``mesh``: on each device's rows and
+    heads (``kvjax.attention.LayerAttention.split``), where each device's query heads read
     exactly the KV heads that device holds: KV heads split like the query heads,
     grouped (``ShardingRules.group_kv_heads``), or a single KV head. None for one
     device or no mesh (the kernel needs no split), and where several KV heads are
@@ -339,15 +313,11 @@ def kernel_split(config: ModelConfig, mesh: Mesh | None,
 
 def kernel_options(config: ModelConfig, mesh: Mesh | None,
                    rules: ShardingRules = DEFAULT_RULES) -> dict[str, Any]:
-    """The decode-kernel arguments of ``kvjax.model.step_fn`` (and ``forward``) for
-    params and a cache placed on ``mesh`` (or None) by ``rules``:
-    ``{"decode_kernel": ..., "kernel_split": ...}``, what ``kvjax.generate`` uses.
-
-    The kernel where supported, on each device's shard on a mesh of several devices
-    (``kernel_split``), and off (``decode_kernel=False``) on a mesh that cannot split
-    it: the kernel is a custom call that XLA cannot split, so it would gather the whole
-    cache to every device. For a loop of your own:
-    ``step_fn(config, **kernel_options(config, mesh, rules))``.
+    """The decode-kernel arguments of ``kvjax.model.step_fn`` for params and a cache
+    placed on ``mesh`` (or None) by ``rules``: ``{"decode_kernel": ..., "kernel_split":
+    ...}``. The older spelling of ``kvjax.attention.choose(config, dtype, mesh=mesh,
+    rules=rules)``, which decides the same and is what ``kvjax.generate`` uses; kept so
+    that ``step_fn(config, **kernel_options(config, mesh, rules))`` keeps working.
     """
     split = kernel_split(config, mesh, rules)
     several = mesh is not None and mesh.devices.size > 1
@@ -355,45 +325,25 @@ def kernel_options(config: ModelConfig, mesh: Mesh | None,
             "kernel_split": split}
 
 
-def make_cache(config: ModelConfig, batch: int, capacity: int, dtype, mesh: Mesh,
-               rules: ShardingRules = DEFAULT_RULES) -> KVCache:
-    """An empty ``KVCache`` created already sharded: each device allocates only its shard."""
-    check_mesh(config, mesh, batch=batch, rules=rules)
-    return _cache_creator(config, batch, capacity, jnp.dtype(dtype), mesh, rules)()
-
-
-@functools.lru_cache(maxsize=32)
-def _cache_creator(config, batch, capacity, dtype, mesh, rules):
-    shardings = cache_shardings(config, mesh, batch, rules)
-    return jax.jit(lambda: KVCache.create(config, batch, capacity, dtype), out_shardings=shardings)
-
-
-@functools.lru_cache(maxsize=32)
-def _history_creator(config, batch, capacity, mesh, rules):
-    rows = logical_sharding(("batch", "cache_seq"), config, mesh, rules, batch=batch)
-    lengths = logical_sharding(("batch",), config, mesh, rules, batch=batch)
-    return jax.jit(lambda: TokenHistory.create(batch, capacity),
-                   out_shardings=TokenHistory(tokens=rows, lengths=lengths))
-
-
-def new_cache(model, batch: int, capacity: int, use_cache: bool = True):
-    """The cache ``kvjax.generate`` starts from: as before without a mesh, else created
-    sharded on ``model.mesh`` by ``model.rules`` (``TokenHistory`` rows over the batch's
-    axis for ``use_cache=False``).
+def create_sharded(config: ModelConfig, mesh: Mesh, rules: ShardingRules, create, *args):
+    """``create(*args)`` (a cache kind's ``create``) made already sharded on ``mesh``: each
+    device allocates only its shard, placed by the logical axes the cache declares
+    (``logical_axes()``), so a new cache kind needs nothing here.
 
     Raises:
-      ShardingError: ``model.mesh`` cannot split this model or ``batch`` (``check_mesh``),
-        before anything is allocated or compiled.
+      ShardingError: ``mesh`` cannot split this model or the cache's batch
+        (``check_mesh``), before anything is allocated.
     """
-    mesh = model.mesh
-    if mesh is None:
-        if use_cache:
-            return KVCache.create(model.config, batch, capacity, model.dtype)
-        return TokenHistory.create(batch, capacity)
-    if use_cache:
-        return make_cache(model.config, batch, capacity, model.dtype, mesh, model.rules)
-    check_mesh(model.config, mesh, batch=batch, rules=model.rules)
-    return _history_creator(model.config, batch, capacity, mesh, model.rules)()
+    return _sharded_creator(config, mesh, rules, create, args)()
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_creator(config: ModelConfig, mesh: Mesh, rules: ShardingRules, create, args):
+    abstract = jax.eval_shape(lambda: create(*args))
+    check_mesh(config, mesh, batch=abstract.batch, rules=rules)
+    shardings = logical_shardings(abstract.logical_axes(), config, mesh, rules,
+                                  batch=abstract.batch, capacity=abstract.capacity)
+    return jax.jit(lambda: create(*args), out_shardings=shardings)
 
 
 # ----- validation -----

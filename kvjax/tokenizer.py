@@ -45,9 +45,6 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def token_id(self, token: str) -> int | None:
-        return self._tokenizer.token_to_id(token)
-
     @property
     def chat_template(self) -> str | None:
         template = self._config.get("chat_template")

@@ -30,6 +30,18 @@ def make_model(config: kvjax.ModelConfig, seed: int = 0, dtype=jnp.float32,
     return kvjax.Model(config=config, params=params)
 
 
+def clear_programs() -> None:
+    """Forgets kvjax's generation programs: the compiled executables
+    (``kvjax.programs.PROGRAMS``) and the traced programs and step functions it builds
+    them from, each holding the ``AttentionPlan`` chosen when it was made. A test that
+    monkeypatches what ``kvjax.attention.choose`` looks at (``flash.supported``,
+    ``decode_attention.supported``) calls this before and after, so that nothing made
+    under one setting is reused under the other."""
+    from kvjax import programs
+
+    programs.clear()
+
+
 def count_calls(jaxpr, primitive: str) -> int:
     """How many times ``primitive`` runs in ``jaxpr``: inside a nested call (a layer's
     ``jit``) once per call, not once per printed body."""

@@ -81,10 +81,10 @@ def step_checks(model, batch: int, capacity: int) -> dict:
     import jax
     import numpy as np
 
-    from kvjax import sharding
+    from kvjax import programs, sharding
     from kvjax.model import step_fn
 
-    cache = sharding.new_cache(model, batch, capacity)
+    cache = programs.new_cache(model, batch, capacity)
     per_device_cache = max(sharding.bytes_per_device(cache).values())
     step = jax.jit(step_fn(model.config), donate_argnums=3)
     tokens = np.ones((batch, 1), np.int32)
@@ -97,6 +97,34 @@ def step_checks(model, batch: int, capacity: int) -> dict:
     return out
 
 
+def cache_placement(model, batch: int, capacity: int) -> dict:
+    """Each cache kind made by ``kvjax.programs.new_cache`` on the model's mesh: whether
+    ``logical_axes()`` names every dimension of every array, and whether each array's
+    sharding is exactly ``sharding.logical_shardings`` of those axes (the placement a
+    cache kind declares, and nothing in ``kvjax.sharding`` decides otherwise)."""
+    import jax
+
+    from kvjax import programs, sharding
+    from kvjax.cache import is_axes
+
+    out = {}
+    for name, use_cache in (("kv", True), ("history", False)):
+        cache = programs.new_cache(model, batch, capacity, use_cache)
+        axes = cache.logical_axes()
+        names, arrays = jax.tree.leaves(axes, is_leaf=is_axes), jax.tree.leaves(cache)
+        want = sharding.logical_shardings(axes, model.config, model.mesh, model.rules,
+                                          batch=batch, capacity=capacity)
+        got = jax.tree.map(lambda x: x.sharding, cache)
+        out[name] = {
+            "arrays": len(arrays),
+            "axes_per_dimension": len(names) == len(arrays) and all(
+                is_axes(n) and len(n) == a.ndim for n, a in zip(names, arrays)),
+            "shardings_equal": jax.tree.structure(got) == jax.tree.structure(want) and all(
+                g == w for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))),
+            "split": any(any(p is not None for p in a.sharding.spec) for a in arrays)}
+    return out
+
+
 def program_gathers(model, batch: int, capacity: int, step=None) -> dict:
     """All-gather shapes of the whole compiled generation (prefill + decode loop), with
     ``step`` (default: ``step_fn(model.config)``), and the Pallas calls and shard_maps in
@@ -105,11 +133,11 @@ def program_gathers(model, batch: int, capacity: int, step=None) -> dict:
     import numpy as np
 
     import kvjax
-    from kvjax import sharding
+    from kvjax import programs
     from kvjax.model import step_fn
     from tests.conftest import count_calls
 
-    cache = sharding.new_cache(model, batch, capacity)
+    cache = programs.new_cache(model, batch, capacity)
     args = (model.params, cache, np.zeros((batch, 16), np.int32), np.ones((batch,), np.int32),
             np.int32(8), kvjax.SamplingParams.create(batch), np.uint32(0),
             np.full((16,), -1, np.int32))
@@ -122,16 +150,37 @@ def program_gathers(model, batch: int, capacity: int, step=None) -> dict:
 
 @contextlib.contextmanager
 def interpreted_kernel():
-    """kvjax's programs with every decode step on the decode kernel, interpreted (these
-    are CPUs), on each device's shard (the split of ``kvjax.sharding.kernel_options``)."""
-    from kvjax import sharding
+    """kvjax's programs (``generate``, ``generate_stream``, ``ChatSession``) with every
+    decode step on the decode kernel, interpreted (these are CPUs), on each device's
+    shard: ``kvjax.attention.choose`` as ``kvjax.programs`` calls it, asked for
+    ``decode_kernel=True`` where it was left None (on a mesh it cannot split the kernel
+    over, ``choose`` still keeps it off). Yields the plans chosen meanwhile; the programs
+    made under it are forgotten before and after."""
+    from kvjax import programs
+    from tests.conftest import clear_programs
 
-    options = sharding.kernel_options
-    sharding.kernel_options = lambda *args: options(*args) | {"decode_kernel": True}
+    choose, plans = programs.choose, []
+
+    def choose_kernel(*args, decode_kernel=None, **kwargs):
+        plan = choose(*args, decode_kernel=True if decode_kernel is None else decode_kernel,
+                      **kwargs)
+        plans.append(plan)
+        return plan
+
+    clear_programs()
+    programs.choose = choose_kernel
     try:
-        yield
+        yield plans
     finally:
-        sharding.kernel_options = options
+        programs.choose = choose
+        clear_programs()
+
+
+def step_kernels(plans) -> list:
+    """How the decode steps of the chosen plans attend: the sorted kernel modes (None:
+    XLA) of every layer of the plans over a cache that is not fresh."""
+    return sorted({str(layer.kernel) for plan in plans for layer in plan.layers
+                   if not layer.fresh})
 
 
 def kernel_on_mesh(model, reference) -> dict:
@@ -143,7 +192,7 @@ def kernel_on_mesh(model, reference) -> dict:
     from kvjax.model import step_fn
 
     split = sharding.kernel_split(model.config, model.mesh)
-    with interpreted_kernel():
+    with interpreted_kernel() as plans:
         opts = dict(max_new_tokens=NEW_TOKENS, stop_tokens=[])
         tokens = kvjax.generate(model, PROMPTS, **opts).tokens
         stream = kvjax.generate_stream(model, PROMPTS[:7], chunk_size=8, **opts)
@@ -152,6 +201,9 @@ def kernel_on_mesh(model, reference) -> dict:
     step = step_fn(model.config, decode_kernel=True, kernel_split=split)
     return {"tokens_equal": tokens == reference,
             "stream_equal": stream.generation.tokens == reference[:7],
+            "step_kernels": step_kernels(plans),
+            "plan_splits": sorted({str(describe_split(layer.split)) for plan in plans
+                                   for layer in plan.layers if layer.kernel}),
             "split": describe_split(split), "split_mesh": dict(split.mesh.shape),
             "program": program_gathers(model, 8, 64, step)}
 
@@ -160,7 +212,7 @@ def task_meshes(hf_dir: str) -> dict:
     import jax
 
     import kvjax
-    from kvjax import sharding
+    from kvjax import programs, sharding
     from kvjax.model import step_fn
     from tests.conftest import make_config, make_model
 
@@ -179,7 +231,7 @@ def task_meshes(hf_dir: str) -> dict:
         stream = kvjax.generate_stream(model, PROMPTS, chunk_size=8, **opts)
         for _ in stream:
             pass
-        cache = sharding.new_cache(model, len(PROMPTS), 64)
+        cache = programs.new_cache(model, len(PROMPTS), 64)
         # 7 prompts: data=2, 4, 8 split them only after padding to 8
         uneven = kvjax.generate(model, PROMPTS[:7], **opts)
         uneven_stream = kvjax.generate_stream(model, PROMPTS[:7], chunk_size=8, **opts)
@@ -195,7 +247,8 @@ def task_meshes(hf_dir: str) -> dict:
                  "cache_lengths": spec_of(cache.lengths),
                  "cache_shard": list(cache.keys[0].sharding.shard_shape(cache.keys[0].shape)),
                  "weight_shapes": sorted(weight_shapes(model.params)),
-                 "step": step_checks(model, 16, 256)}
+                 "step": step_checks(model, 16, 256),
+                 "cache_placement": cache_placement(model, 8, 64)}
         if model_ways > base.config.num_kv_heads:  # KV heads grouped: whole program
             entry["program"] = program_gathers(model, 8, 64)
         entry["kernel"] = kernel_on_mesh(model, reference)
@@ -253,7 +306,7 @@ def custom_rules(base, reference) -> dict:
     ``generate`` and a ``ChatSession`` create their cache and split their batch by the
     model's rules, and give one device's tokens."""
     import kvjax
-    from kvjax import sharding
+    from kvjax import programs, sharding
 
     opts = dict(max_new_tokens=NEW_TOKENS, stop_tokens=[])
     out = {}
@@ -262,11 +315,12 @@ def custom_rules(base, reference) -> dict:
             ("rows_unsplit_2x4", 2, 4, sharding.ShardingRules(batch=None)),
             ("attention_whole_1x8", 1, 8, sharding.parse_rules("heads=none,kv_heads=none"))):
         model = sharding.shard_model(base, sharding.make_mesh(data=data, model=model_ways), rules)
-        cache = sharding.new_cache(model, 7, 64)  # 7 rows: data=2 splits them only by rules
+        cache = programs.new_cache(model, 7, 64)  # 7 rows: data=2 splits them only by rules
         out[name] = {"tokens_equal": kvjax.generate(model, PROMPTS[:7], **opts).tokens
                      == reference[:7],
                      "cache_keys": spec_of(cache.keys[0]), "cache_lengths": spec_of(cache.lengths),
                      "kernel": describe_options(model.config, model.mesh, model.rules)}
+        out.setdefault("placements", {})[name] = cache_placement(model, 8, 64)
     specs = param_specs(model.params)  # the last: attention whole on every model device
     out["attention_whole_1x8"] |= {
         "params": {name: specs[name]["spec"] for name in ("wq", "wk", "wo", "w_gate", "w_down")},
@@ -290,11 +344,12 @@ def chat_on_mesh() -> dict:
                                     max_new_tokens=12, capacity=256)
         replies[name] = [session.send(turn) for turn in turns]
     replies["1x4_cache"] = spec_of(session._cache.keys[0])
-    with interpreted_kernel():  # the kernel on each device, turn after turn
+    with interpreted_kernel() as plans:  # the kernel on each device, turn after turn
         session = kvjax.ChatSession(kvjax.load(kvjax.BUNDLED_MODEL, dtype="float32",
                                                mesh=sharding.make_mesh(data=1, model=4)),
                                     max_new_tokens=12, capacity=256)
         replies["1x4_kernel"] = [session.send(turn) for turn in turns]
+    replies["1x4_kernel_steps"] = step_kernels(plans)
     return replies
 
 
@@ -391,9 +446,16 @@ def kv_placement(config, mesh, rules=None) -> dict:
     """Specs of wk, wq and the cache buffers under ``rules`` (no arrays made)."""
     from kvjax import sharding
 
+    import jax
+    import jax.numpy as jnp
+
+    from kvjax.cache import KVCache
+
     rules = rules or sharding.DEFAULT_RULES
     specs = sharding.param_specs(config, mesh, rules)["layers"][0]
-    cache = sharding.cache_shardings(config, mesh, 8, rules).keys[0].spec
+    abstract = jax.eval_shape(lambda: KVCache.create(config, 8, 64, jnp.float32))
+    cache = sharding.logical_shardings(abstract.logical_axes(), config, mesh, rules,
+                                       batch=8).keys[0].spec
     return {"wk": list(specs["wk"]), "wq": list(specs["wq"]), "cache": list(cache),
             "kernel_split": describe_split(sharding.kernel_split(config, mesh, rules))}
 
@@ -407,7 +469,7 @@ def describe_options(config, mesh, rules=None) -> list:
 
 
 def describe_split(split) -> list | None:
-    """A ``decode_kernel.MeshSplit`` as JSON: [rows, heads, kv_heads] (tuples as lists)."""
+    """A ``kvjax.kernels.decode_attention.MeshSplit`` as JSON: [rows, heads, kv_heads] (tuples as lists)."""
     if split is None:
         return None
     entry = lambda e: list(e) if isinstance(e, tuple) else e
@@ -418,7 +480,7 @@ def task_errors(hf_dir: str) -> dict:
     import jax
 
     import kvjax
-    from kvjax import sharding
+    from kvjax import programs, sharding
     from tests.conftest import make_config, make_model
 
     compiles = []
@@ -442,8 +504,8 @@ def task_errors(hf_dir: str) -> dict:
     out = {
         "too_many_devices": error(lambda: sharding.make_mesh(data=4, model=4)),
         "model_not_dividing": error(lambda: sharding.make_mesh(model=3)),
-        "batch": error(lambda: sharding.new_cache(model24, 3, 16)),
-        "batch_data4": error(lambda: sharding.new_cache(model42, 6, 16)),
+        "batch": error(lambda: programs.new_cache(model24, 3, 16)),
+        "batch_data4": error(lambda: programs.new_cache(model42, 6, 16)),
         "heads": error(lambda: sharding.shard_model(six_heads, mesh24)),
         "heads_load": error(lambda: kvjax.load(hf_dir, dtype="float32",
                                                mesh=sharding.make_mesh(data=1, model=3))),
@@ -474,7 +536,7 @@ def task_errors(hf_dir: str) -> dict:
 
 def task_process(process_id: int, port: str, hf_dir: str) -> dict:
     """One of two processes (4 CPU devices each): the same tokens as one process."""
-    from kvjax import sharding
+    from kvjax import programs, sharding
 
     sharding.initialize_distributed(f"localhost:{port}", 2, process_id)
     import jax
@@ -500,7 +562,7 @@ def task_process(process_id: int, port: str, hf_dir: str) -> dict:
     for _ in stream:
         pass
     out["stream_2x4"] = stream.generation.tokens
-    cache = sharding.new_cache(model, len(PROMPTS), 64)
+    cache = programs.new_cache(model, len(PROMPTS), 64)
     out["cache_rows_local"] = [list(s.index[0].indices(len(PROMPTS)))
                                for s in cache.keys[0].addressable_shards]
 

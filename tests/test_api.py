@@ -69,7 +69,16 @@ def test_default_capacity_is_a_bucket_capped_at_max_positions(small_model):
     out = kvjax.generate(small_model, [[1, 2, 3]], max_new_tokens=4)
     assert out.stats["capacity"] == 64 and out.stats["prompt_bucket"] == 16
     out = kvjax.generate(small_model, [[1] * 40], max_new_tokens=24)  # needs exactly 64
-    assert len(out.tokens[0]) <= 24 and out.stats["capacity"] == 64
+    assert out.stats["capacity"] == 64 and out.stats["prompt_bucket"] == 64
+    # The model has no stop tokens: all 24 are made, the tokens of a cache with room to
+    # spare (which attends over its first slots only: another program).
+    assert small_model.stop_tokens == () and len(out.tokens[0]) == 24
+    roomy = kvjax.generate(small_model, [[1] * 40], max_new_tokens=24, capacity=128)
+    assert roomy.stats["capacity"] == 128 and roomy.tokens == out.tokens
+    # With a stop token the row ends at its first occurrence (included).
+    stop = out.tokens[0][9]
+    stopped = kvjax.generate(small_model, [[1] * 40], max_new_tokens=24, stop_tokens=[stop])
+    assert stopped.tokens[0] == out.tokens[0][:out.tokens[0].index(stop) + 1]
 
 
 def test_unknown_dtype():

@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.attention import attend_block, flash_supported
+from kvjax.attention import attend_block, choose, flash
 from kvjax.decode import prompt_positions
+from kvjax.kernels import decode_attention
 from kvjax.model import forward, step_fn
 from kvjax.sampling import SamplingParams
 
-from conftest import make_config, make_model
+from tests.conftest import clear_programs, make_config, make_model
+
+flash_supported = flash.supported
 
 
 def _ragged_block(lengths, width, vocab, seed=0):
@@ -30,7 +33,8 @@ def test_fresh_prefill_equals_attention_over_the_cache(window):
     tokens, positions = _ragged_block([8, 5, 1], 8, config.vocab_size)
     empty = kvjax.KVCache.create(config, 3, 32, jnp.float32)
     want_logits, want_cache = forward(config, model.params, tokens, positions, empty)
-    got_logits, got_cache = forward(config, model.params, tokens, positions, empty, fresh=True)
+    got_logits, got_cache = forward(config, model.params, tokens, positions, empty,
+                                    attention=choose(config, jnp.float32, fresh=True))
     np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got_cache.lengths, want_cache.lengths)
     for got, want in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
@@ -45,12 +49,14 @@ def test_key_limit_reads_only_the_slots_before_it(gqa_model):
     config, params = gqa_model.config, gqa_model.params
     tokens, positions = _ragged_block([20, 9], 32, config.vocab_size)
     cache = kvjax.KVCache.create(config, 2, 4096, jnp.float32)
-    _, cache = forward(config, params, tokens, positions, cache, fresh=True)
+    _, cache = forward(config, params, tokens, positions, cache,
+                       attention=choose(config, jnp.float32, fresh=True))
     step_tokens, step_positions = tokens[:, :1], cache.lengths[:, None]
 
     def step(key_limit):  # the cache updated in place, as in the decode loop
+        plan = choose(config, jnp.float32, key_limit=key_limit)
         return jax.jit(lambda p, c: forward(config, p, step_tokens, step_positions, c,
-                                            key_limit=key_limit), donate_argnums=1)
+                                            attention=plan), donate_argnums=1)
 
     copy = lambda: jax.tree.map(jnp.copy, cache)
     want = step(None)(params, copy())[0]
@@ -85,6 +91,7 @@ def test_flash_attention_falls_back_off_cuda():
     q = jax.random.normal(jax.random.key(0), (2, 8, 4, 16), jnp.bfloat16)
     k = v = jax.random.normal(jax.random.key(1), (2, 8, 2, 16), jnp.bfloat16)
     _, positions = _ragged_block([8, 5], 8, 10)
+    assert kvjax.attention.flash_supported is flash.supported  # the name before the package
     assert not flash_supported(16, jnp.bfloat16, logit_softcap=50.0)
     assert not flash_supported(16, jnp.float32)
     if jax.default_backend() != "gpu":
@@ -169,18 +176,22 @@ def test_bfloat16_generation_with_cudnn_matches_the_plain_path(monkeypatch):
             first.tokens.tolist(), turn.tokens.tolist()]
 
     def calls(name):  # custom calls of generate's program: cuDNN's, kvjax's decode kernel
-        return sum(c.as_text().count(name) for c in kvjax.api._COMPILED.values())
+        return sum(c.as_text().count(name) for c in kvjax.programs.PROGRAMS._programs.values())
 
-    kvjax.api._COMPILED.clear()
+    clear_programs()
     logits_flash, tokens_flash = run()
     assert calls("__cudnn$fmha") >= config.num_layers  # the prefill
     assert calls("kvjax_decode_attention") >= config.num_layers  # the decode step
-    monkeypatch.setattr(kvjax.attention, "flash_supported", lambda *a, **k: False)
-    monkeypatch.setattr(kvjax.decode_kernel, "supported", lambda *a, **k: False)
-    kvjax.api._COMPILED.clear()
+    # what kvjax.attention.choose asks
+    monkeypatch.setattr(flash, "supported", lambda *a, **k: False)
+    monkeypatch.setattr(decode_attention, "supported", lambda *a, **k: False)
+    clear_programs()  # generate's programs were made with the plan chosen before
     jax.clear_caches()  # the traced programs, a layer's own (kvjax.model._layer) too
     logits_plain, tokens_plain = run()
-    assert calls("__cudnn$fmha") == calls("kvjax_decode_attention") == 0
+    plain_calls = (len(kvjax.programs.PROGRAMS), calls("__cudnn$fmha"),
+                   calls("kvjax_decode_attention"))
+    clear_programs()  # made with the patched plan: no later test may reuse them
+    assert plain_calls[0] >= 1 and plain_calls[1:] == (0, 0)
     for got, want in zip(logits_flash, logits_plain):
         np.testing.assert_allclose(got, want, atol=0.1)
     same = np.mean(np.concatenate([np.ravel(a) == np.ravel(b)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.api import _jitted_decode
+from kvjax import programs
 from kvjax.sampling import SamplingParams
 from tests.conftest import make_config, make_model
 
@@ -59,6 +59,29 @@ def test_update_writes_each_row_at_its_position():
     np.testing.assert_array_equal(updated.lengths, [2, 7, 9, 0])
 
 
+def test_layer_and_with_layer():
+    """``layer(i)`` is layer i's ``(keys, values)``; ``with_layer(i, (keys, values))``
+    replaces just that layer's pair and keeps the lengths; ``update`` writes through them."""
+    config = make_config(num_kv_heads=2, head_dim=4, num_layers=3)
+    cache = kvjax.KVCache.create(config, batch=2, capacity=6, dtype=jnp.float32)
+    cache = cache.replace(lengths=jnp.array([3, 1], jnp.int32))
+    keys, values = cache.layer(1)
+    assert keys is cache.keys[1] and values is cache.values[1]
+    new_keys, new_values = jnp.ones_like(keys), jnp.full_like(values, 2.0)
+    replaced = cache.with_layer(1, (new_keys, new_values))
+    assert replaced.layer(1) == (new_keys, new_values)
+    for index in (0, 2):
+        assert replaced.layer(index) == cache.layer(index)
+    np.testing.assert_array_equal(replaced.lengths, [3, 1])
+    assert jax.tree.structure(replaced) == jax.tree.structure(cache)
+    block = jnp.full((2, 2, 1, 4), 7.0)
+    updated = cache.update(2, block, -block, jnp.array([[4], [0]], jnp.int32))
+    np.testing.assert_array_equal(updated.layer(2)[0][0, :, 4], 7.0)
+    np.testing.assert_array_equal(updated.layer(2)[1][1, :, 0], -7.0)
+    assert int(jnp.count_nonzero(updated.layer(2)[0])) == 2 * 2 * 4
+    assert updated.layer(0) == cache.layer(0) and updated.layer(1) == cache.layer(1)
+
+
 def test_decode_step_updates_cache_in_place():
     """With the cache donated, the compiled step aliases every cache buffer to its output
     and needs far less scratch memory than one copy of the cache."""
@@ -89,6 +112,7 @@ def test_whole_generation_holds_one_cache():
     cache = kvjax.KVCache.create(config, batch, capacity, jnp.float32)
     args = (model.params, cache, np.zeros((batch, 1), np.int32), np.ones((batch,), np.int32),
             np.int32(8), SamplingParams.create(batch), np.uint32(0), np.full((16,), -1, np.int32))
-    memory = _jitted_decode(config, True, 16, True, False, None).lower(*args).compile().memory_analysis()
+    program = programs.generation_program(model, num_steps=16, greedy=True)
+    memory = program.lower(*args).compile().memory_analysis()
     assert memory.alias_size_in_bytes >= cache.nbytes
     assert memory.temp_size_in_bytes < cache.nbytes / 4

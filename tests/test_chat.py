@@ -148,14 +148,25 @@ def test_three_turns_equal_generation_from_scratch(chat_model):
 
 def test_chat_reports_capacity(chat_model):
     session = ChatSession(chat_model, capacity=48, max_new_tokens=16, stop_tokens=STOPS)
-    session.send("hi")
+    first = session.send("hi")
     with pytest.raises(CapacityError) as e:
         session.send("the cat sat on the mat and the dog ran in the park")
     assert "the conversation has reached the cache capacity" in str(e.value)
     assert ("reset the conversation (ChatSession.reset(), /reset in the CLI chat) or use a "
             "larger capacity") in str(e.value)
+    assert session.cache_fill > 0
     session.reset()
-    assert session.history == [] and session.send("hi") is not None
+    assert session.history == [] and session.messages == [] and session.cache_fill == 0
+    # The reset conversation starts again: its reply is the first one, and what generate
+    # gives for the rendered prompt from scratch.
+    reply = session.send("hi")
+    prompt = chat_model.tokenizer.encode(chat_model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True), add_special_tokens=False)
+    scratch = kvjax.generate(chat_model, [prompt], max_new_tokens=16, stop_tokens=STOPS)
+    assert session.history == prompt + scratch.tokens[0]
+    assert reply == scratch.texts[0] == first
+    assert session.messages == [{"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": reply}]
 
 
 def test_chat_needs_a_template(gqa_model):

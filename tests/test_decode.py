@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.api import _bucket, _jitted_decode
+from kvjax.requests import bucket
 from kvjax.decode import PAD_TOKEN
 from kvjax.sampling import SamplingParams
 from tests.conftest import make_config, make_model
@@ -269,7 +269,7 @@ def test_reuses_compiled_program(gqa_model, compile_counter):
 
 
 def test_bucket():
-    assert [_bucket(n, 16) for n in (1, 16, 17, 100, 1024, 1025)] == [16, 16, 32, 128, 1024, 2048]
+    assert [bucket(n, 16) for n in (1, 16, 17, 100, 1024, 1025)] == [16, 16, 32, 128, 1024, 2048]
 
 
 def test_stats(gqa_model):

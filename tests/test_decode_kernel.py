@@ -1,6 +1,8 @@
-"""kvjax.decode_kernel: a decode step's cache write and attention in one Pallas kernel,
+"""kvjax.kernels.decode_attention: a decode step's cache write and attention in one Pallas kernel,
 checked against the plain path (KVCache.update + attend_cache). On CPU the kernel runs
 in Pallas interpret mode; the compiled kernel is checked on GPUs."""
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +10,9 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import decode_kernel
-from kvjax.attention import attend_cache
+
+from kvjax.attention import attend_cache, choose
+from kvjax.kernels import decode_attention
 from kvjax.sampling import SamplingParams
 from tests.conftest import count_calls, make_config, make_model
 
@@ -55,7 +58,7 @@ def test_kernel_equals_the_plain_path(case):
     q, k, v, cache_k, cache_v = random_step(len(rows), heads, kv_heads, head_dim, capacity)
     positions = jnp.array(rows, jnp.int32)[:, None]
     want = plain_step(q, k, v, cache_k, cache_v, positions)
-    got = jax.jit(lambda *a: decode_kernel.attend_and_write(*a, interpret=True))(
+    got = jax.jit(lambda *a: decode_attention.attend_and_write(*a, interpret=True))(
         q, k, v, cache_k, cache_v, positions)
     np.testing.assert_allclose(got[0], want[0], atol=2e-6, rtol=2e-6)
     np.testing.assert_array_equal(got[1], want[1])
@@ -70,17 +73,17 @@ def test_single_part_equals_the_plain_path(case, monkeypatch):
     """With one part a row (as at batches of 32 and more: part_count), the kernel writes
     the normalised output itself and nothing is merged after it: the same output and
     cache as the plain path."""
-    monkeypatch.setattr(decode_kernel, "TARGET_PROGRAMS", 1)
+    monkeypatch.setattr(decode_attention, "TARGET_PROGRAMS", 1)
     heads, kv_heads, head_dim, capacity, rows = CASES[case]
-    assert decode_kernel.part_count(len(rows), kv_heads, capacity, head_dim) == 1
+    assert decode_attention.part_count(len(rows), kv_heads, capacity, head_dim) == 1
     q, k, v, cache_k, cache_v = random_step(len(rows), heads, kv_heads, head_dim, capacity)
     positions = jnp.array(rows, jnp.int32)[:, None]
     want = plain_step(q, k, v, cache_k, cache_v, positions)
-    got = decode_kernel.attend_and_write(q, k, v, cache_k, cache_v, positions, interpret=True)
+    got = decode_attention.attend_and_write(q, k, v, cache_k, cache_v, positions, interpret=True)
     np.testing.assert_allclose(got[0], want[0], atol=2e-6, rtol=2e-6)
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_array_equal(got[2], want[2])
-    jaxpr = str(jax.make_jaxpr(lambda *a: decode_kernel.attend_and_write(*a, interpret=True))(
+    jaxpr = str(jax.make_jaxpr(lambda *a: decode_attention.attend_and_write(*a, interpret=True))(
         q, k, v, cache_k, cache_v, positions))
     assert "reduce_max" not in jaxpr.split("pallas_call")[-1]  # no merge after the kernel
 
@@ -92,7 +95,7 @@ def test_kernel_in_bfloat16():
     positions = jnp.array(rows, jnp.int32)[:, None]
     f32 = lambda x: x.astype(jnp.float32)
     want = plain_step(f32(q), f32(k), f32(v), f32(cache_k), f32(cache_v), positions)
-    got = decode_kernel.attend_and_write(q, k, v, cache_k, cache_v, positions, interpret=True)
+    got = decode_attention.attend_and_write(q, k, v, cache_k, cache_v, positions, interpret=True)
     np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
     np.testing.assert_array_equal(f32(got[1]), want[1])
 
@@ -100,51 +103,134 @@ def test_kernel_in_bfloat16():
 def test_part_count():
     """About TARGET_PROGRAMS programs, at most one part per block of the capacity (64
     slots; 32 for head_dim 256)."""
-    assert decode_kernel.part_count(1, 8, 32768, 128) == 32
-    assert decode_kernel.part_count(8, 8, 768, 128) == 4
-    assert decode_kernel.part_count(64, 8, 768, 128) == 1
-    assert decode_kernel.part_count(1, 2, 200, 64) == 4  # 200 slots: 4 parts of >= 64
-    assert decode_kernel.part_count(1, 1, 16, 16) == 1
-    assert decode_kernel.part_count(1, 1, 100, 256) == 4  # 100 slots: 4 blocks of 32
-    assert decode_kernel.part_count(1, 1, 100, 128) == 2
+    assert decode_attention.part_count(1, 8, 32768, 128) == 32
+    assert decode_attention.part_count(8, 8, 768, 128) == 4
+    assert decode_attention.part_count(64, 8, 768, 128) == 1
+    assert decode_attention.part_count(1, 2, 200, 64) == 4  # 200 slots: 4 parts of >= 64
+    assert decode_attention.part_count(1, 1, 16, 16) == 1
+    assert decode_attention.part_count(1, 1, 100, 256) == 4  # 100 slots: 4 blocks of 32
+    assert decode_attention.part_count(1, 1, 100, 128) == 2
 
 
-def test_where_the_kernel_runs():
-    """Compiled only on CUDA GPUs, for 16-bit caches, power-of-two head dimensions from 16
-    to 256, and layers without a sliding window or a logit soft-cap."""
-    gpu = jax.default_backend() == "gpu"
-    assert decode_kernel.supported(128, jnp.bfloat16) == gpu or not gpu
-    assert not decode_kernel.supported(128, jnp.float32)
-    assert not decode_kernel.supported(96, jnp.bfloat16)
-    assert decode_kernel.supported(256, jnp.bfloat16) == gpu or not gpu
-    assert not decode_kernel.supported(512, jnp.bfloat16)
-    assert not decode_kernel.supported(8, jnp.bfloat16)
-    assert not decode_kernel.supported(128, jnp.bfloat16, sliding_window=4096)
-    assert not decode_kernel.supported(128, jnp.bfloat16, logit_softcap=50.0)
-    if not gpu:
-        assert not decode_kernel.supported(128, jnp.bfloat16)
+# (head_dim, dtype, keywords) -> whether the kernel handles them (``fits``): 16-bit
+# caches, power-of-two head dimensions from 16 to 256, no sliding window, no soft-cap.
+SHAPES = [
+    ((128, jnp.bfloat16), {}, True), ((256, jnp.bfloat16), {}, True),
+    ((16, jnp.float16), {}, True), ((64, jnp.float16), {}, True),
+    ((128, jnp.float32), {}, False), ((64, jnp.float64), {}, False),
+    ((96, jnp.bfloat16), {}, False), ((512, jnp.bfloat16), {}, False),
+    ((8, jnp.bfloat16), {}, False), ((0, jnp.bfloat16), {}, False),
+    ((128, jnp.bfloat16), dict(sliding_window=4096), False),
+    ((128, jnp.bfloat16), dict(logit_softcap=50.0), False),
+    ((128, jnp.float16), dict(sliding_window=4096, logit_softcap=50.0), False),
+]
+
+
+def pretend_gpu(monkeypatch, capability: tuple[int, int] | None) -> None:
+    """``kvjax.platform.is_cuda_gpu`` as on a CUDA GPU of ``capability`` (None: no CUDA
+    GPU)."""
+    def is_cuda_gpu(min_capability=(8, 0)):
+        return capability is not None and capability >= min_capability
+
+    monkeypatch.setattr(kvjax.platform, "is_cuda_gpu", is_cuda_gpu)
+
+
+def test_fits_is_the_shape_and_dtype_rule():
+    for (head_dim, dtype), kwargs, expected in SHAPES:
+        assert decode_attention.fits(head_dim, dtype, **kwargs) is expected, (head_dim, dtype,
+                                                                               kwargs)
+
+
+@pytest.mark.skipif(kvjax.platform.is_cuda_gpu(), reason="checks a machine without a CUDA GPU")
+def test_never_compiled_off_cuda_gpus():
+    """Here (no CUDA GPU of compute capability >= 8.0) the kernel never runs compiled,
+    whatever the shapes, and saying so warns about nothing."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for (head_dim, dtype), kwargs, _ in SHAPES:
+            assert decode_attention.supported(head_dim, dtype, **kwargs) is False
+    assert not caught
+
+
+@pytest.mark.skipif(not decode_attention.available(), reason="this JAX has no Pallas Triton")
+def test_supported_on_a_cuda_gpu_is_fits(monkeypatch):
+    """On a CUDA GPU of compute capability 8.0 or newer (pretended), with Pallas Triton,
+    ``supported`` is exactly ``fits``; on an older GPU or none, never."""
+    pretend_gpu(monkeypatch, (9, 0))
+    for (head_dim, dtype), kwargs, expected in SHAPES:
+        assert decode_attention.supported(head_dim, dtype, **kwargs) is expected
+    pretend_gpu(monkeypatch, (8, 0))
+    assert decode_attention.supported(128, jnp.bfloat16) is True
+    for capability in [(7, 5), None]:
+        pretend_gpu(monkeypatch, capability)
+        assert not any(decode_attention.supported(head_dim, dtype, **kwargs)
+                       for (head_dim, dtype), kwargs, _ in SHAPES)
+
+
+def test_without_pallas_triton(monkeypatch):
+    """Where this JAX has no Pallas Triton: never supported, one RuntimeWarning on a CUDA
+    GPU (however often asked), none elsewhere; ``choose`` keeps the XLA path by
+    default and refuses ``decode_kernel=True``; the kernel itself raises."""
+    monkeypatch.setattr(decode_attention, "plgpu", None)
+    assert not decode_attention.available()
+    pretend_gpu(monkeypatch, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not any(decode_attention.supported(head_dim, dtype, **kwargs)
+                       for (head_dim, dtype), kwargs, _ in SHAPES)
+    assert not caught  # not a CUDA GPU: nothing is missing
+
+    pretend_gpu(monkeypatch, (9, 0))
+    decode_attention._warn_missing_triton.cache_clear()  # forget any earlier warning
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                assert not any(decode_attention.supported(head_dim, dtype, **kwargs)
+                               for (head_dim, dtype), kwargs, _ in SHAPES)
+            config = make_config(num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64)
+            plan = choose(config, jnp.bfloat16)
+        assert [layer.kernel for layer in plan.layers] == [None] * config.num_layers
+        runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(runtime) == 1, [str(w.message) for w in caught]
+        assert "no Pallas Triton" in str(runtime[0].message)
+    finally:
+        decode_attention._warn_missing_triton.cache_clear()
+    with pytest.raises(RuntimeError, match="this JAX has no Pallas Triton"):
+        choose(config, jnp.bfloat16, decode_kernel=True)
+    q, k, v, cache_k, cache_v = random_step(1, 4, 2, 16, 64, jnp.bfloat16)
+    with pytest.raises(RuntimeError, match="needs JAX's Pallas Triton backend"):
+        decode_attention.attend_and_write(q, k, v, cache_k, cache_v, jnp.zeros((1, 1), jnp.int32),
+                                          interpret=True)
 
 
 def run_decode(model, kernel: bool | None, stops):
     """kvjax.generate's loop over a ragged batch with the model's decode steps on the
-    kernel (interpreted off GPUs) or on the plain path."""
+    kernel (interpreted off GPUs) or on the plain path; returns the result and how many
+    Pallas calls the program holds."""
     config = model.config
     prompts = np.zeros((3, 16), np.int32)
     prompts[0, :7], prompts[1, :3], prompts[2, :11] = range(5, 12), [2, 71, 33], range(40, 51)
     program = kvjax.jit_decode(kvjax.model.step_fn(config, decode_kernel=kernel), num_steps=20,
                                greedy=True, sync_every=4)
-    return program(model.params, kvjax.KVCache.create(config, 3, 48, jnp.float32), prompts,
-                   np.array([7, 3, 11], np.int32), np.int32(20), SamplingParams.create(3),
-                   np.uint32(0), np.asarray(stops, np.int32))
+    args = (model.params, kvjax.KVCache.create(config, 3, 48, jnp.float32), prompts,
+            np.array([7, 3, 11], np.int32), np.int32(20), SamplingParams.create(3),
+            np.uint32(0), np.asarray(stops, np.int32))
+    pallas_calls = count_calls(jax.make_jaxpr(program)(*args).jaxpr, "pallas_call")
+    return program(*args), pallas_calls
 
 
 def test_generation_with_the_kernel_equals_the_plain_path():
-    """Greedy decoding with every decode step on the interpreted kernel gives the plain
-    path's tokens and cache, with rows that stop early (idle in later steps)."""
+    """Greedy decoding with every decode step on the interpreted kernel (a float32 model:
+    interpreted, the kernel takes any float cache) gives the plain path's tokens and
+    cache, with rows that stop early (idle in later steps)."""
     model = make_model(make_config(num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64))
-    free = run_decode(model, False, [-1])
+    free, _ = run_decode(model, False, [-1])
     stops = [int(free.tokens[0, 4]), int(free.tokens[2, 9])]
-    plain, fused = run_decode(model, False, stops), run_decode(model, True, stops)
+    (plain, plain_calls), (fused, fused_calls) = (run_decode(model, False, stops),
+                                                  run_decode(model, True, stops))
+    # the decode step's layers on the kernel; the prefill (a block) never is
+    assert (plain_calls, fused_calls) == (0, model.config.num_layers)
     np.testing.assert_array_equal(fused.tokens, plain.tokens)
     np.testing.assert_array_equal(fused.num_generated, plain.num_generated)
     assert min(np.asarray(plain.num_generated)) < 20  # some row stopped early
@@ -161,12 +247,12 @@ def test_auto_keeps_the_plain_path_without_a_gpu():
     args = (model.params, np.ones((1, 1), np.int32), np.full((1, 1), 5, np.int32), cache)
     calls = lambda setting: count_calls(jax.make_jaxpr(
         kvjax.model.step_fn(config, decode_kernel=setting))(*args).jaxpr, "pallas_call")
-    if not decode_kernel.supported(config.head_dim, cache.keys[0].dtype):
+    if not decode_attention.supported(config.head_dim, cache.keys[0].dtype):
         assert calls(None) == 0
     assert calls(True) == calls(False) + config.num_layers == config.num_layers
 
 
-@pytest.mark.skipif(not decode_kernel.supported(128, jnp.bfloat16), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not decode_attention.supported(128, jnp.bfloat16), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 8, 128), (8, 1, 256), (16, 16, 256)])
 @pytest.mark.parametrize("rows", [[0, 511, -1], [2047, 5, 1000]])
 def test_compiled_kernel_equals_the_plain_path(rows, heads, kv_heads, head_dim):
@@ -178,7 +264,7 @@ def test_compiled_kernel_equals_the_plain_path(rows, heads, kv_heads, head_dim):
     positions = jnp.array(rows, jnp.int32)[:, None]
     f32 = lambda x: x.astype(jnp.float32)
     want = plain_step(f32(q), f32(k), f32(v), f32(cache_k), f32(cache_v), positions)
-    got = jax.jit(decode_kernel.attend_and_write)(q, k, v, cache_k, cache_v, positions)
+    got = jax.jit(decode_attention.attend_and_write)(q, k, v, cache_k, cache_v, positions)
     np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
     np.testing.assert_array_equal(f32(got[1]), want[1])
     np.testing.assert_array_equal(f32(got[2]), want[2])
@@ -188,7 +274,7 @@ def gpus() -> int:
     return jax.device_count() if jax.default_backend() == "gpu" else 0
 
 
-@pytest.mark.skipif(gpus() < 2 or not decode_kernel.supported(128, jnp.bfloat16),
+@pytest.mark.skipif(gpus() < 2 or not decode_attention.supported(128, jnp.bfloat16),
                     reason="needs two CUDA GPUs")
 @pytest.mark.parametrize("data, model", [(1, 2), (2, 1)])
 def test_compiled_kernel_on_each_device_of_a_mesh(data, model):
@@ -211,7 +297,7 @@ def test_compiled_kernel_on_each_device_of_a_mesh(data, model):
     args = (place(q, "data", None, "model"), place(k, "data", None, "model"),
             place(v, "data", None, "model"), place(cache_k, "data", "model"),
             place(cache_v, "data", "model"), place(positions, "data"))
-    step = jax.jit(lambda *a: decode_kernel.attend_and_write(*a, split=split),
+    step = jax.jit(lambda *a: decode_attention.attend_and_write(*a, split=split),
                    donate_argnums=(3, 4))
     compiled = step.lower(*args).compile()
     text = compiled.as_text()

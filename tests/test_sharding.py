@@ -113,6 +113,7 @@ def test_chat_session_on_a_mesh(meshes):
     chat = meshes["chat"]
     assert chat["1x4"] == chat["plain"] == chat["2x4"] and all(chat["plain"])
     assert chat["1x4_kernel"] == chat["plain"]  # the decode kernel on each device
+    assert chat["1x4_kernel_steps"] == ["interpret"]  # (it really ran there)
     assert chat["1x4_cache"] == {"spec": ["data", "model_kv", None, None],
                                  "mesh": {"data": 1, "model_kv": 2, "model_rep": 2}}
 
@@ -126,6 +127,9 @@ def test_decode_kernel_on_each_device(meshes, mesh):
     data, model = map(int, mesh.split("x"))
     kernel = meshes["gqa"][mesh]["kernel"]
     assert kernel["tokens_equal"] and kernel["stream_equal"]
+    # every decode step of generate and generate_stream chose the kernel, with the split
+    assert kernel["step_kernels"] == ["interpret"]
+    assert kernel["plan_splits"] == [str(kernel["split"])]
     grouped = model > 2  # 2 KV heads: each on model / 2 devices
     assert kernel["split"] == (["data", MODEL_ALL, "model_kv"] if grouped
                                else ["data", "model", "model"])  # rows, heads, KV heads
@@ -143,6 +147,7 @@ def test_decode_kernel_with_one_kv_head_on_a_mesh(meshes):
     head reads it; the kernel on each device gives one device's tokens."""
     kernel = meshes["gqa"]["mqa_kernel"]
     assert kernel["tokens_equal"] and kernel["stream_equal"]
+    assert kernel["step_kernels"] == ["interpret"]
     assert kernel["split"] == ["data", "model", None]
     assert kernel["split_mesh"] == {"data": 2, "model": 4}
     assert kernel["program"]["pallas_calls"] == NUM_LAYERS
@@ -200,6 +205,23 @@ def test_param_and_cache_shardings(meshes, mesh):
         assert got == want[name], name
 
 
+@pytest.mark.parametrize("mesh", MESHES + ["no_grouping_1x8", "rows_unsplit_2x4",
+                                           "attention_whole_1x8"])
+def test_cache_is_placed_by_the_logical_axes_it_declares(meshes, mesh):
+    """Every cache kind made by ``kvjax.programs.new_cache`` on a mesh (K/V buffers and
+    the recompute baseline's token history; default and custom rules) names each
+    dimension of each array with a logical axis (``logical_axes()``) and lies exactly
+    where ``sharding.logical_shardings`` of those axes puts it, split over the mesh."""
+    placement = (meshes["gqa"][mesh]["cache_placement"] if mesh in MESHES
+                 else meshes["custom_rules"]["placements"][mesh])
+    assert placement["kv"]["arrays"] == 2 * NUM_LAYERS + 1  # keys, values, lengths
+    assert placement["history"]["arrays"] == 2  # tokens, lengths
+    for kind in ("kv", "history"):
+        assert placement[kind]["axes_per_dimension"], kind
+        assert placement[kind]["shardings_equal"], kind
+    assert placement["kv"]["split"]
+
+
 def test_kv_heads_that_cannot_be_grouped_are_replicated(hf_dir):
     """KV heads are never split: with group_kv_heads=False, with KV heads that do not
     divide model (3 on model=2) or a single KV head (MQA), wk and the cache are
@@ -250,7 +272,8 @@ def test_attention_kept_whole_on_every_model_device(meshes):
 
 def test_generate_on_a_one_device_mesh_matches_no_mesh():
     """A model with a 1x1 mesh goes through the sharded path (cache made by
-    kvjax.sharding.new_cache) and gives the unsharded tokens."""
+    kvjax.programs.new_cache with kvjax.sharding.create_sharded) and gives the unsharded
+    tokens."""
     model = make_model(make_config(num_heads=4, num_kv_heads=2))
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     plain = kvjax.generate(model, prompts, max_new_tokens=8, stop_tokens=[])
@@ -503,12 +526,12 @@ def test_cli_two_processes(text_checkpoint):
 # ----- the benchmark script -----
 
 def test_sharding_benchmark_smoke(tmp_path):
-    """scripts/sharding_benchmark.py with a tiny model on 8 fake CPU devices: every run
+    """benchmarks/sharding_benchmark.py with a tiny model on 8 fake CPU devices: every run
     measured, the table printed, the JSON written."""
     path = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "sharding_benchmark.py"), "--shape", "tiny",
-         "--prompt", "16", "--new", "8", "--reps", "1", "--dtype", "float32",
+        [sys.executable, os.path.join(ROOT, "benchmarks", "sharding_benchmark.py"),
+         "--shape", "tiny", "--prompt", "16", "--new", "8", "--reps", "1", "--dtype", "float32",
          "--runs", "1:1x1", "1:1x2", "4:1x1", "4:2x4", "1:1x2:heads=none,kv_heads=none",
          "--json", str(path)],
         cwd=ROOT, env=device_env(8), capture_output=True, text=True, timeout=300)

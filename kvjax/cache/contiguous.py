@@ -1,4 +1,4 @@
-"""The KV cache: an immutable pytree of fixed-capacity key/value buffers.
+"""The contiguous KV cache: an immutable pytree of fixed-capacity key/value buffers.
 
 Slot ``j`` of a row holds the key/value of the token at position ``j`` of that row, so
 attention masks follow from positions alone. Buffers are per layer (a tuple), which
@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
+from kvjax.cache.base import advanced_lengths, tree_nbytes, write_rows
 from kvjax.config import ModelConfig, is_count
 
 # What the K/V buffers may hold (KVCache.create).
 CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# The logical axes of a K/V buffer [batch, kv_heads, capacity, head_dim] (kvjax.sharding).
+BUFFER_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 
 
 @struct.dataclass
@@ -64,7 +66,16 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the cache buffers (keys, values and lengths)."""
-        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self))
+        return tree_nbytes(self)
+
+    def logical_axes(self) -> "KVCache":
+        """Every K/V buffer ``(batch, kv_heads, cache_seq, head_dim)``, lengths ``(batch,)``."""
+        layers = (BUFFER_AXES,) * len(self.keys)
+        return KVCache(keys=layers, values=layers, lengths=("batch",))
+
+    def layer(self, index: int) -> tuple[jax.Array, jax.Array]:
+        """One layer's ``(keys, values)`` buffers."""
+        return self.keys[index], self.values[index]
 
     @property
     def slot_positions(self) -> jax.Array:
@@ -92,45 +103,18 @@ class KVCache:
         checks it before compiling); ``dynamic_update_slice`` would otherwise clamp the
         start and overwrite earlier slots.
         """
-        return self.with_layer(layer, *write_block(self.keys[layer], self.values[layer], keys,
-                                                   values, positions))
+        return self.with_layer(layer, write_block(*self.layer(layer), keys, values, positions))
 
-    def with_layer(self, layer: int, keys: jax.Array, values: jax.Array) -> "KVCache":
-        """The cache with one layer's whole buffers replaced (``[batch, kv_heads,
-        capacity, head_dim]``, e.g. as ``kvjax.decode_kernel`` wrote them)."""
-        return self.replace(keys=_replace_at(self.keys, layer, keys),
-                            values=_replace_at(self.values, layer, values))
+    def with_layer(self, index: int, layer: tuple[jax.Array, jax.Array]) -> "KVCache":
+        """The cache with one layer's whole ``(keys, values)`` buffers replaced
+        (``[batch, kv_heads, capacity, head_dim]``, e.g. as the decode kernel wrote them)."""
+        keys, values = layer
+        return self.replace(keys=_replace_at(self.keys, index, keys),
+                            values=_replace_at(self.values, index, values))
 
     def advance(self, positions: jax.Array) -> "KVCache":
         """Sets each row's length past the largest position just written (``-1`` = padding)."""
         return self.replace(lengths=advanced_lengths(self.lengths, positions))
-
-
-@struct.dataclass
-class TokenHistory:
-    """The "cache" of the recompute baseline (``use_cache=False``): token ids only.
-
-    Attributes:
-      tokens: ``int32[batch, capacity]``, slot ``j`` holds the token at position ``j``.
-      lengths: ``int32[batch]``, filled slots per row.
-    """
-
-    tokens: jax.Array
-    lengths: jax.Array
-
-    @classmethod
-    def create(cls, batch: int, capacity: int) -> "TokenHistory":
-        return cls(tokens=jnp.zeros((batch, capacity), jnp.int32),
-                   lengths=jnp.zeros((batch,), jnp.int32))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self))
-
-    def update(self, tokens: jax.Array, positions: jax.Array) -> "TokenHistory":
-        """Writes ``int32[batch, new]`` tokens at their positions (as ``KVCache.update``)."""
-        return self.replace(tokens=write_rows(self.tokens, tokens, positions, seq_axis=1),
-                            lengths=advanced_lengths(self.lengths, positions))
 
 
 def write_block(keys: jax.Array, values: jax.Array, new_keys: jax.Array,
@@ -140,35 +124,6 @@ def write_block(keys: jax.Array, values: jax.Array, new_keys: jax.Array,
     (``KVCache.update``, which says what the caller guarantees)."""
     return (write_rows(keys, new_keys, positions, seq_axis=2),
             write_rows(values, new_values, positions, seq_axis=2))
-
-
-def write_rows(buffer: jax.Array, block: jax.Array, positions: jax.Array,
-               seq_axis: int) -> jax.Array:
-    """Writes ``block[b]`` into ``buffer[b]`` from slot ``positions[b, 0]`` on, per row.
-
-    ``buffer`` and ``block`` have the batch first and agree on every axis but
-    ``seq_axis`` (capacity slots in ``buffer``, new tokens in ``block``);
-    ``positions``: ``int32[batch, new]``. Entries at position ``-1`` (padding) leave
-    their slot as it was, so a row with no real token in the block (a chunk of a long
-    prompt past that row's end) writes nothing.
-    """
-    start = jnp.maximum(positions[:, 0], 0)  # [batch]
-    real = positions >= 0  # [batch, new]
-
-    def write_row(buf, new, s, keep_new):
-        index = tuple(s if axis == seq_axis - 1 else 0 for axis in range(buf.ndim))
-        old = jax.lax.dynamic_slice(buf, index, new.shape)
-        mask_shape = [1] * new.ndim
-        mask_shape[seq_axis - 1] = new.shape[seq_axis - 1]
-        new = jnp.where(keep_new.reshape(mask_shape), new, old)
-        return jax.lax.dynamic_update_slice(buf, new, index)
-
-    return jax.vmap(write_row)(buffer, block.astype(buffer.dtype), start, real)
-
-
-def advanced_lengths(lengths: jax.Array, positions: jax.Array) -> jax.Array:
-    """Row lengths after writing ``positions`` (``int32[batch, new]``, ``-1`` = padding)."""
-    return jnp.maximum(lengths, positions.max(axis=1) + 1)
 
 
 def _replace_at(items: tuple, index: int, value) -> tuple:

@@ -1,0 +1,150 @@
+"""Which attention a program runs, chosen once per program.
+
+``choose`` looks at the backend, the dtype, each layer's window, the soft-cap, the mesh
+and the caller's wishes, and returns an ``AttentionPlan``: one static value that
+``kvjax.model.forward`` takes and hands each layer its ``LayerAttention``. Nothing else
+in kvjax decides between the plain path, cuDNN flash attention and the Pallas decode
+kernel; a new path (quantized or paged caches) is a new value here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from kvjax.attention import flash, plain
+from kvjax.cache.contiguous import write_block
+from kvjax.config import ModelConfig
+from kvjax.kernels import decode_attention as kernel
+
+IMPLEMENTATIONS = ("xla", "cudnn")  # for blocks, and decode steps off the kernel
+KERNEL_MODES = ("compiled", "interpret")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAttention:
+    """How one layer attends (hashable: a static argument of the layer's program).
+
+    Attributes:
+      implementation: ``"cudnn"`` or ``"xla"``: a block of several tokens (a prefill, a
+        chat turn, a piece of a long prompt), and decode steps when ``kernel`` is None.
+      kernel: a decode step (one token a row) over the cache runs
+        ``kvjax.kernels.decode_attention``: ``"compiled"``, ``"interpret"`` (any
+        backend, slow; tests) or None.
+      window: the layer's sliding window (None: every position).
+      split: the kernel's split over a mesh (``kvjax.sharding.kernel_split``), or None.
+      fresh: the cache starts empty and the block starts every row at position 0, so
+        attention stays within the block and never reads the cache's empty slots.
+      key_limit: no query attends to a slot at or past it (a generation that can fill
+        only its first ``key_limit`` slots): the work follows what can be filled.
+    """
+
+    implementation: str = "xla"
+    kernel: str | None = None
+    window: int | None = None
+    split: kernel.MeshSplit | None = None
+    fresh: bool = False
+    key_limit: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """A ``LayerAttention`` per layer: how a program's layers attend (``choose``)."""
+
+    layers: tuple[LayerAttention, ...]
+
+    def describe(self) -> str:
+        """One line a person reads, e.g. ``"blocks: cudnn, steps: kernel (compiled)"``."""
+        def kinds(values):
+            return "/".join(sorted({str(v) for v in values}))
+        steps = [f"kernel ({a.kernel})" if a.kernel else a.implementation for a in self.layers]
+        return f"blocks: {kinds(a.implementation for a in self.layers)}, steps: {kinds(steps)}"
+
+
+def block_implementation(head_dim: int, dtype, logit_softcap: float | None,
+                         window: int | None, over_cache: bool) -> str:
+    """``"cudnn"`` where cuDNN flash attention runs these shapes (within a block with any
+    window; over a cache without one), else ``"xla"``."""
+    if not flash.supported(head_dim, dtype, logit_softcap):
+        return "xla"
+    return "xla" if over_cache and window is not None else "cudnn"
+
+
+def choose(config: ModelConfig, dtype, *, use_cache: bool = True, fresh: bool = False,
+           key_limit: int | None = None, mesh=None, rules=None,
+           decode_kernel: bool | None = None,
+           kernel_split: kernel.MeshSplit | None = None) -> AttentionPlan:
+    """How a program's layers attend.
+
+    Args:
+      config: the model.
+      dtype: the cache's (and params') dtype.
+      use_cache: False for the recompute baseline (attention within the block only).
+      fresh, key_limit: as in ``LayerAttention``.
+      mesh, rules: where params and cache live (``kvjax.sharding``). On a mesh of
+        several devices the decode kernel runs on each device's shard
+        (``kvjax.sharding.kernel_split``), and not at all where the mesh cannot split
+        it (a custom call that XLA cannot split would gather the whole cache).
+      decode_kernel: None: the Pallas decode kernel where it runs compiled (CUDA GPUs of
+        compute capability >= 8.0, with Pallas Triton); True: also elsewhere,
+        interpreted (slow; tests); False: never.
+      kernel_split: the kernel's split when the caller made it without a mesh
+        (``kvjax.sharding.kernel_options``, kept for older code); ignored with ``mesh``.
+
+    Raises:
+      RuntimeError: ``decode_kernel=True`` where this JAX has no Pallas Triton.
+    """
+    split = kernel_split
+    if mesh is not None and mesh.devices.size > 1:
+        from kvjax import sharding  # sharding imports the cache, which imports nothing here
+
+        split = sharding.kernel_split(config, mesh, rules or sharding.DEFAULT_RULES)
+        if split is None:
+            decode_kernel = False
+    if decode_kernel and not kernel.available():
+        raise RuntimeError("decode_kernel=True asks for kvjax's Pallas Triton decode kernel, "
+                           "but this JAX has no Pallas Triton; pass decode_kernel=None or False")
+    within_block = fresh or not use_cache
+    softcap = config.attn_logit_softcap
+
+    def layer(window: int | None) -> LayerAttention:
+        mode = None
+        if use_cache and not fresh and decode_kernel is not False and window is None \
+                and softcap is None:
+            if kernel.supported(config.head_dim, dtype):
+                mode = "compiled"
+            elif decode_kernel:  # any dtype and head_dim: the tests' float32 models too
+                mode = "interpret"
+        return LayerAttention(
+            implementation=block_implementation(config.head_dim, dtype, softcap, window,
+                                                over_cache=not within_block),
+            kernel=mode, window=window, split=split if mode else None, fresh=fresh,
+            key_limit=key_limit)
+
+    return AttentionPlan(tuple(layer(config.layer_window(i)) for i in range(config.num_layers)))
+
+
+def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k: jax.Array,
+                 v: jax.Array, keys: jax.Array | None, values: jax.Array | None,
+                 positions: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """A layer's attention as its ``LayerAttention`` says: the block's ``k``, ``v``
+    (``[batch, seq, kv_heads, head_dim]``) written to the layer's cache buffers ``keys``,
+    ``values`` (``[batch, kv_heads, capacity, head_dim]``; None without a cache), then
+    ``q`` (``[batch, seq, heads, head_dim]``) attending. Returns ``(attn, keys, values)``."""
+    scale, softcap, window = config.query_scale, config.attn_logit_softcap, attention.window
+    if keys is not None and attention.kernel and q.shape[1] == 1:
+        return kernel.attend_and_write(q, k, v, keys, values, positions, scale,
+                                       interpret=attention.kernel == "interpret",
+                                       split=attention.split)
+    if keys is not None:  # written [batch, kv_heads, seq, head_dim]
+        keys, values = write_block(keys, values, k.transpose(0, 2, 1, 3),
+                                   v.transpose(0, 2, 1, 3), positions)
+    if keys is None or attention.fresh:  # attend within the given tokens
+        if attention.implementation == "cudnn":
+            return flash.attend_block(q, k, v, positions, window, scale), keys, values
+        return plain.attend_block(q, k, v, positions, window, scale, softcap), keys, values
+    if attention.implementation == "cudnn":
+        return flash.attend_cache(q, k, v, keys, values, positions, scale), keys, values
+    return plain.attend_cache(q, keys, values, positions, window, scale, softcap,
+                              attention.key_limit), keys, values

@@ -1,0 +1,147 @@
+"""Streaming: a prefill program, then compiled chunks of decode steps, tokens handed to
+the caller as each chunk is read back (``generate_stream``; ``ChatSession`` runs the
+same chunks over a cache it keeps)."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from kvjax import programs, sharding
+from kvjax.config import is_count
+from kvjax.decode import PAD_TOKEN
+from kvjax.generation import Generation, generation_stats, texts
+from kvjax.loading import Model
+from kvjax.requests import Prompts, Request, make_request
+
+
+def tokens_of_chunk(block: np.ndarray, stops: set[int], finished: bool,
+               room: int | None = None) -> tuple[list[int], bool]:
+    """A row's new tokens from one chunk (``int32[n]``, ``PAD_TOKEN`` after it stopped):
+    none once ``finished``, at most ``room``, cut after the first stop token. Returns
+    them and whether the row is finished now."""
+    if finished:
+        return [], True
+    tokens = [int(t) for t in block if t != PAD_TOKEN][:room]
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:i + 1], True
+    return tokens, False
+
+
+class DecodeChunks:
+    """Runs prefill then decode chunks, yielding ``int32[batch, n]`` host token blocks.
+
+    A chunk is a loop of known length that the device runs without consulting the host
+    (``decode_steps`` with ``sync_every = chunk_size``), so calling it only queues it:
+    the next chunk is queued before the current one is read back, and the device never
+    waits for detokenizing or printing. The host stops queueing once the chunks queued
+    reach ``max_new_tokens``; a row that ends on a stop token ends the loop after the
+    chunk that reported it, and the chunk queued behind that one runs its steps to no
+    effect. ``state`` holds the final loop state (and its cache) after iteration (not
+    waited for); ``times`` the compile, prefill and decode seconds.
+    """
+
+    def __init__(self, model: Model, use_cache: bool, chunk_size: int, cache, block: np.ndarray,
+                 lengths: np.ndarray, start: np.ndarray, controls: dict,
+                 key_limit: int | None = None, fresh: bool = False):
+        prefill_program, chunk_program = programs.stream_programs(
+            model, greedy=controls["sampling"].is_greedy, chunk_size=chunk_size,
+            state_shardings=programs.state_shardings(model, cache), use_cache=use_cache,
+            key_limit=key_limit, fresh=fresh)
+        self._params, self._controls, self._chunk_size = model.params, controls, chunk_size
+        self._prefill_args = (model.params, cache, block, lengths, start, *controls.values())
+        t0 = time.perf_counter()
+        self._prefill = programs.PROGRAMS.compiled(prefill_program, self._prefill_args)
+        # The chunk program is compiled for the state exactly as prefill leaves it
+        # (shapes, dtypes and shardings of the compiled prefill's outputs).
+        self._chunk = programs.PROGRAMS.compiled(chunk_program, (model.params, self._prefill.out_info,
+                                                                 *controls.values()))
+        self.compile_s = time.perf_counter() - t0
+        self.state = None
+        self.prefill_s = self.decode_s = 0.0
+        self.decode_steps = 0
+
+    def _run_chunk(self, state):
+        return self._chunk(self._params, state, *self._controls.values())
+
+    def __iter__(self):
+        t0 = time.perf_counter()
+        state = self._prefill(*self._prefill_args)
+        first = sharding.to_host(state.tokens)[:, None]  # [batch, 1]
+        finished = bool(np.all(sharding.to_host(state.done)))
+        self.prefill_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        steps_left = int(np.max(self._controls["max_new_tokens"])) - 1  # steps a row may need
+        pending = None
+        if not finished:
+            pending, steps_left = self._run_chunk(state), steps_left - self._chunk_size
+        yield first
+        while pending is not None:
+            state, tokens, done = pending
+            pending = None
+            if steps_left > 0:  # queued before this chunk is read back
+                pending, steps_left = self._run_chunk(state), steps_left - self._chunk_size
+            tokens = sharding.to_host(tokens)
+            self.decode_steps += int(np.sum(np.any(tokens != PAD_TOKEN, axis=0)))
+            yield tokens
+            if pending is not None and bool(done):
+                state, pending = pending[0], None  # every row stopped: a spare, not read
+        self.decode_s = time.perf_counter() - t1
+        self.state = state
+
+
+class TokenStream:
+    """Iterating yields, per chunk, each row's new tokens (a list per row, empty once the
+    row has stopped); afterwards ``generation`` holds the whole ``Generation``."""
+
+    def __init__(self, model: Model, req: Request, chunks: DecodeChunks, cache_bytes: int):
+        self._model, self._req, self._chunks, self._cache_bytes = model, req, chunks, cache_bytes
+        self.generation: Generation | None = None
+
+    def __iter__(self):
+        batch = self._req.batch
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        finished = [False] * batch
+        stops = set(self._req.controls["stop_tokens"].tolist()) - {PAD_TOKEN}
+        limits = self._req.controls["max_new_tokens"]  # [rows]
+        for block in self._chunks:
+            delta: list[list[int]] = []
+            for row in range(batch):
+                new, finished[row] = tokens_of_chunk(block[row], stops, finished[row],
+                                                int(limits[row]) - len(tokens[row]))
+                tokens[row].extend(new)
+                delta.append(new)
+            yield delta
+        c = self._chunks
+        stats = generation_stats(self._req, tokens, c.compile_s, c.prefill_s + c.decode_s,
+                                 c.prefill_s, c.decode_steps, self._cache_bytes)
+        self.generation = Generation(tokens=tokens, texts=texts(self._model, tokens), stats=stats)
+
+
+def generate_stream(model: Model, prompts: Prompts, *,
+                    chunk_size: int = 16, max_new_tokens: int = 64,
+                    temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None,
+                    min_p: float | None = None, seed: int = 0,
+                    stop_tokens: Sequence[int] | None = None, capacity: int | None = None,
+                    use_cache: bool = True) -> TokenStream:
+    """Like ``generate`` but yields new tokens as they are made, ``chunk_size`` steps at a time.
+
+    Two compiled programs (the prefill and a chunk of ``chunk_size`` decode steps) serve
+    the whole run, so nothing recompiles per token; the tokens are exactly those of
+    ``generate`` with the same arguments. Validation happens here, before compiling.
+    """
+    if not is_count(chunk_size):
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    req = make_request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
+                   capacity=capacity)
+    cache = programs.new_cache(model, req.rows, req.capacity, use_cache)
+    cache_bytes = cache.nbytes
+    chunks = DecodeChunks(model, use_cache, chunk_size, cache, req.prompt_tokens, req.prompt_lengths,
+                     np.zeros((req.rows,), np.int32), req.controls, key_limit=req.key_limit,
+                     fresh=True)
+    return TokenStream(model, req, chunks, cache_bytes)
