@@ -6,8 +6,9 @@ import argparse
 import json
 import os
 import sys
+import threading
 
-from kvjax.api import BUNDLED_MODEL
+import kvjax
 
 DEFAULT_PROMPT = "The Python interpreter"
 
@@ -20,15 +21,26 @@ EXAMPLES = """examples:
   python scripts/generate.py --model Qwen/Qwen2.5-0.5B-Instruct --chat
   python scripts/generate.py --no-cache --max-new-tokens 64   # the recompute baseline
 
-exit codes: 0 ok, 1 bad input or model, 2 bad flags, 130 interrupted
+output: one prompt: the prompt and its continuation. Several prompts: each row after a line
+  "--- row N ---"; with --stream, one line "[N] text" per piece of row N, its newlines
+  written \\n, carriage returns \\r and backslashes \\\\. --quiet leaves out the prompts
+  and the stats line (stderr).
+
+exit codes: 0 ok, 1 bad input or model, 2 bad flags, 130 interrupted (Ctrl-C stops a run
+  at once)
 """
+
+# JAX's backends to start for each --platform, tried in turn: the accelerator (a GPU is CUDA
+# or ROCm) and the CPU, where kvjax's host callbacks run; and the package to install
+_BACKENDS = {"cpu": ("cpu",), "gpu": ("cuda,cpu", "rocm,cpu"), "tpu": ("tpu,cpu",)}
+_INSTALL = {"cpu": "jax", "gpu": "jax[cuda13]", "tpu": "jax[tpu]"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="kvjax-generate", description="Generate text with a KV-cached JAX decoder.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=BUNDLED_MODEL,
+    parser.add_argument("--model", default=kvjax.BUNDLED_MODEL,
                         help="Hugging Face checkpoint directory or Hub id (org/name); "
                              "default: the bundled kvjax-tiny model")
     parser.add_argument("--prompt", action="append", default=[],
@@ -71,7 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     dist.add_argument("--num-processes", type=int, default=None)
     dist.add_argument("--process-id", type=int, default=None)
     output = parser.add_argument_group("output")
-    output.add_argument("--stream", action="store_true", help="print text as it is generated")
+    output.add_argument("--stream", action="store_true",
+                        help="print text as it is generated (several prompts: one line "
+                             "\"[N] text\" per piece, newlines escaped as \\n)")
     output.add_argument("--chunk-size", type=int, default=16,
                         help="decode steps per compiled chunk when streaming")
     output.add_argument("--json", action="store_true",
@@ -84,8 +98,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.chat and (args.json or args.prompt or args.prompt_file):
         parser.error("--chat is interactive: it takes no --prompt, --prompt-file or --json")
-    if args.chunk_size < 1:
-        parser.error("--chunk-size must be >= 1")
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--capacity", args.capacity),
+                        ("--chunk-size", args.chunk_size)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be an integer >= 1")
     if args.compile_cache is not None and args.no_compile_cache:
         parser.error("--compile-cache and --no-compile-cache exclude each other")
     if args.rules is not None and args.mesh is None and args.coordinator is None:
@@ -126,14 +142,11 @@ def _prompts(args: argparse.Namespace) -> tuple[list[str], bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command; returns its exit code (0 ok, 1 bad input or model, 2 bad flags;
+    Ctrl-C ends the process with 130)."""
     args = parse_args(argv)
-    if args.platform:
-        os.environ["JAX_PLATFORMS"] = args.platform  # before jax is imported
     try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+        return _interruptible(_run, args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if args.debug:
             raise
@@ -141,11 +154,60 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace) -> int:
-    import kvjax
+def _interruptible(work, *args):
+    """``work(*args)`` in a daemon thread while this (main) thread waits in short joins.
 
-    if args.model == BUNDLED_MODEL and not os.path.isdir(BUNDLED_MODEL):
-        raise FileNotFoundError(f"the bundled model is missing from {BUNDLED_MODEL}; "
+    Python raises ``KeyboardInterrupt`` only in the main thread and only between bytecodes,
+    so Ctrl-C during one long compiled call (a whole non-streamed generation) would wait
+    for the call to end. Waiting here instead, Ctrl-C ends the process within 0.1 s:
+    ``os._exit`` does not wait for the worker or its XLA computation. Returns what
+    ``work`` returned and raises what it raised.
+    """
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = work(*args)
+        except BaseException as e:  # handed to the main thread, raised there
+            outcome["error"] = e
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        sys.stdout.flush()  # what was printed: whole rows, or whole stream pieces
+        print(file=sys.stderr, flush=True)  # ends the terminal's "^C" line
+        os._exit(130)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The whole command after parsing its flags; returns the exit code."""
+    model = _load(args)
+    if args.chat:
+        return _chat(model, args)
+    prompts, defaulted = _prompts(args)
+    out = _generate(model, prompts, defaulted, args)
+    if out is None:  # printed already, as JSON lines
+        return 0
+    if args.json:
+        print(json.dumps({"tokens": out.tokens, "texts": out.texts, "stats": out.stats}))
+        return 0
+    if not (args.stream or defaulted):
+        _print_rows(prompts, out.texts or [" ".join(map(str, t)) for t in out.tokens], args.quiet)
+    if not args.quiet:
+        _print_stats(out.stats)
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    """Sets up JAX (compile cache, processes, platform, mesh) and loads the model."""
+    if args.model == kvjax.BUNDLED_MODEL and not os.path.isdir(kvjax.BUNDLED_MODEL):
+        raise FileNotFoundError(f"the bundled model is missing from {kvjax.BUNDLED_MODEL}; "
                                 "reinstall kvjax or pass --model")
     rules = kvjax.sharding.parse_rules(args.rules or "")  # bad text: an error before any work
     if not args.no_compile_cache:  # before anything compiles
@@ -156,45 +218,79 @@ def _run(args: argparse.Namespace) -> int:
                 raise
             print(f"warning: {e} (--compile-cache DIR); compiling without a cache",
                   file=sys.stderr)
-    mesh = None
     if args.coordinator is not None:  # before anything touches a device
         kvjax.sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         if args.process_id > 0:  # every process computes the same tokens; process 0 prints them
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.platform is not None:  # after initialize_distributed, which must come first
+        _use_platform(args.platform)
+    mesh = None
     if args.mesh is not None or args.coordinator is not None:
         mesh = kvjax.sharding.make_mesh(**(args.mesh or {}))
-    model = kvjax.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules)
-    if args.chat:
-        return _chat(model, args)
-    prompts, defaulted = _prompts(args)
+    return kvjax.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules)
+
+
+def _use_platform(platform: str) -> None:
+    """Starts JAX with ``platform`` (``cpu``, ``gpu`` or ``tpu``) as its default backend and
+    no other accelerator; raises ValueError, naming the backends JAX does find, when this
+    machine has none of that kind."""
+    from jax.extend import backend
+
+    for platforms in _BACKENDS[platform]:
+        if _start_jax(platforms) == platform:  # "cuda,cpu" without a CUDA GPU starts the CPU
+            return
+    _start_jax(None)  # whatever JAX finds by itself, to name it
+    found = ", ".join(sorted(backend.backends()))
+    raise ValueError(f"--platform {platform}: no {platform.upper()} backend is available here "
+                     f"(JAX found: {found}); install {_INSTALL[platform]} or drop --platform")
+
+
+def _start_jax(platforms: str | None) -> str | None:
+    """(Re)starts JAX's backends with ``jax_platforms = platforms`` (None: all it finds);
+    returns the default backend's platform, or None when one of them fails to start."""
+    import jax
+    from jax.extend import backend
+
+    backend.clear_backends()  # nothing runs on them yet
+    jax.config.update("jax_platforms", platforms)
+    try:
+        return jax.default_backend()
+    except RuntimeError:
+        return None
+
+
+def _generate(model, prompts: list[str], defaulted: bool, args: argparse.Namespace):
+    """Generates (streaming when asked, with a progress bar on a terminal for long runs);
+    returns the Generation, or None when the stream printed it as JSON lines."""
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
                    stop_tokens=args.stop, capacity=args.capacity, use_cache=not args.no_cache)
     show_progress = (not (args.stream or defaulted or args.quiet or args.json)
                      and sys.stderr.isatty() and args.max_new_tokens >= 128)
-    if args.stream or defaulted or show_progress:
-        stream = kvjax.generate_stream(model, prompts, chunk_size=args.chunk_size, **options)
-        if show_progress:
-            out = _with_progress(stream, len(prompts) * args.max_new_tokens)
-        else:
-            out = _print_stream(model, prompts, stream, args)
-            if out is None:
-                return 0
-    else:
-        out = kvjax.generate(model, prompts, **options)
-    if args.json:
-        print(json.dumps({"tokens": out.tokens, "texts": out.texts, "stats": out.stats}))
-        return 0
-    if not (args.stream or defaulted):
-        texts = out.texts or [" ".join(map(str, t)) for t in out.tokens]
-        for prompt, text in zip(prompts, texts):
-            print(text if args.quiet else prompt + text)
-    if not args.quiet:
-        _print_stats(out.stats)
-    return 0
+    if not (args.stream or defaulted or show_progress):
+        return kvjax.generate(model, prompts, **options)
+    stream = kvjax.generate_stream(model, prompts, chunk_size=args.chunk_size, **options)
+    if show_progress:
+        return _with_progress(stream, len(prompts) * args.max_new_tokens)
+    return _print_stream(model, prompts, stream, args)
+
+
+def _print_rows(prompts: list[str], texts: list[str], quiet: bool) -> None:
+    """Each prompt and its text (the text alone with ``quiet``); several rows each after a
+    ``--- row N ---`` line. All at once, so that Ctrl-C leaves no row half printed."""
+    rows = [text if quiet else prompt + text for prompt, text in zip(prompts, texts)]
+    if len(rows) > 1:
+        rows = [f"--- row {i} ---\n{row}" for i, row in enumerate(rows)]
+    print("\n".join(rows), flush=True)
+
+
+def _escape(text: str) -> str:
+    r"""``text`` on one line: ``\\`` for a backslash, ``\n`` a newline, ``\r`` a return."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _print_stats(s: dict) -> None:
+    """The stats line on stderr: compile time, timing, new tokens, cache size."""
     if s["prefill_s"] is None:  # the program was stored on disk: timed as a whole
         timing = f"prefill + decode {s['generate_s'] * 1e3:.1f} ms, {s['tokens_per_s']:.1f} tok/s"
     else:
@@ -205,6 +301,7 @@ def _print_stats(s: dict) -> None:
 
 
 def _with_progress(stream, total: int):
+    """Runs ``stream`` under a progress bar on stderr; returns its Generation."""
     from tqdm import tqdm  # a dependency of huggingface_hub
 
     with tqdm(total=total, unit="tok", file=sys.stderr, leave=False) as bar:
@@ -214,7 +311,9 @@ def _with_progress(stream, total: int):
 
 
 def _print_stream(model, prompts: list[str], stream, args):
-    """Prints a stream; returns the Generation, or None when it printed JSON lines itself."""
+    """Prints a stream: one prompt's text as it comes, several prompts' pieces one line
+    ``[N] text`` each (escaped onto that line), or JSON lines with ``--json``. Returns the
+    Generation, or None when it printed the final JSON object itself."""
     from kvjax.tokenizer import StreamDecoder
 
     decoders = [StreamDecoder(model.tokenizer) if model.tokenizer else None for _ in prompts]
@@ -223,6 +322,12 @@ def _print_stream(model, prompts: list[str], stream, args):
         if decoders[row] is None:
             return "".join(f" {t}" for t in tokens)
         return decoders[row].add(tokens) + (decoders[row].flush() if final else "")
+
+    def show(row: int, text: str) -> None:
+        if single:
+            print(text, end="", flush=True)
+        elif text:
+            print(f"[{row}] {_escape(text)}", flush=True)
 
     single = len(prompts) == 1 and not args.json
     if single and not args.quiet:
@@ -233,12 +338,12 @@ def _print_stream(model, prompts: list[str], stream, args):
             if args.json:
                 if tokens:
                     print(json.dumps({"row": row, "tokens": tokens, "text": text}), flush=True)
-            elif text:
-                print(text if single else f"[{row}] {text}", end="" if single else "\n", flush=True)
+            else:
+                show(row, text)
     for row in range(len(prompts)):  # whatever an unfinished character held back
         text = text_of(row, [], final=True)
-        if text and not args.json:
-            print(text if single else f"[{row}] {text}", end="" if single else "\n")
+        if not args.json:
+            show(row, text)
     if single:
         print()
     out = stream.generation
@@ -249,9 +354,6 @@ def _print_stream(model, prompts: list[str], stream, args):
 
 
 def _chat(model, args: argparse.Namespace) -> int:
-    import kvjax
-    from kvjax.chat import CapacityError
-
     session = kvjax.ChatSession(
         model, capacity=args.capacity, system=args.system, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -281,7 +383,7 @@ def _chat(model, args: argparse.Namespace) -> int:
             for piece in session.stream(line):
                 print(piece, end="", flush=True)
             print()
-        except CapacityError as e:
+        except kvjax.CapacityError as e:
             print(f"\n{e}", file=sys.stderr)
             continue
 

@@ -8,6 +8,8 @@ the distribution the previous one left.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,8 +53,12 @@ class SamplingParams:
 
 def check_sampling_values(temperature: float, top_k: int | None, top_p: float | None,
                           min_p: float | None) -> None:
-    """Raises ``ValueError`` naming the first out-of-range sampling value."""
-    if not temperature >= 0:
+    """Raises ``ValueError`` naming the first out-of-range sampling value (NaN and
+    infinity are out of every range)."""
+    if not math.isfinite(temperature):
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and not is_count(top_k, 0):
         raise ValueError(f"top_k must be an integer >= 0 (0 or None to disable), got {top_k!r}")

@@ -17,7 +17,10 @@ EXAMPLES = """example:
   python scripts/convert.py --model Qwen/Qwen2.5-0.5B-Instruct --out ./qwen-kvjax
 
 An existing store at --out is replaced only once the new one is complete; any other
-existing directory there is refused. Exit codes: 0 ok, 2 bad flags or bad input.
+existing directory there is refused.
+
+exit codes (as scripts/generate.py): 0 ok, 1 bad input or model, 2 bad flags,
+  130 interrupted
 """
 
 
@@ -34,22 +37,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Converts; returns the exit code (argparse exits with 2 itself for bad flags)."""
     args = parse_args(argv)
-    import kvjax
-    from kvjax import orbax_store
-    from kvjax.api import resolve_checkpoint
-
     start = time.perf_counter()
     try:
-        orbax_store.check_writable(args.out)  # before the (long) load
-        source = resolve_checkpoint(args.model)  # a Hub id is downloaded first
-        model = kvjax.load(source, dtype=args.dtype)
-        out = orbax_store.save(model, args.out, source_dir=source)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError and ConfigError included
+        out = convert(args.model, args.out, args.dtype)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # CheckpointError, ConfigError, FileNotFoundError too
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return 1
     print(f"wrote {out} ({args.dtype}) in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def convert(model: str, out: str, dtype: str) -> str:
+    """Loads ``model`` (a directory or Hub id) in ``dtype`` and saves it as a store at
+    ``out``; returns the store's path."""
+    import kvjax
+    from kvjax import orbax_store
+    from kvjax.loading import resolve_checkpoint
+
+    orbax_store.check_writable(out)  # before the (long) load
+    source = resolve_checkpoint(model)  # a Hub id is downloaded first
+    return orbax_store.save(kvjax.load(source, dtype=dtype), out, source_dir=source)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,21 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+from jax.extend import backend
 
 import kvjax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
+TWO_PROMPTS = ["The list type", "A dictionary"]
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +24,20 @@ def checkpoint(text_checkpoint):
     return text_checkpoint
 
 
+@pytest.fixture(scope="module")
+def bundled():
+    return kvjax.load(kvjax.BUNDLED_MODEL)
+
+
 def run_cli(*args, stdin=""):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate.py"), *args],
+    return subprocess.run([sys.executable, SCRIPT, *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, input=stdin)
+
+
+def stats_tokens(stderr: str) -> int:
+    """The new-token count of the CLI's stats line (its last line on stderr)."""
+    return int(re.fullmatch(r"\[compile .* \| (\d+) new tokens \| cache .* MiB\]",
+                            stderr.strip().splitlines()[-1]).group(1))
 
 
 def test_json_output_matches_library(checkpoint):
@@ -37,17 +55,44 @@ def test_json_output_matches_library(checkpoint):
     assert out["stats"]["new_tokens"] == sum(len(t) for t in expected.tokens)
 
 
-def test_text_output(checkpoint):
-    proc = run_cli("--model", checkpoint, "--prompt", "the sun", "--max-new-tokens", "5")
+def test_text_output_is_the_greedy_generation(bundled):
+    proc = run_cli("--prompt", "The list type", "--max-new-tokens", "24", "--platform", "cpu")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("the sun")
-    assert "tok/s" in proc.stderr
+    expected = kvjax.generate(bundled, ["The list type"], max_new_tokens=24)
+    assert proc.stdout == "The list type" + expected.texts[0] + "\n"
+    assert stats_tokens(proc.stderr) == len(expected.tokens[0]) == 24
 
 
-def test_bad_flag_exits_2(checkpoint):
-    proc = run_cli("--model", checkpoint, "--prompt", "x", "--max-new-tokens", "many")
+def test_absent_platform_is_one_line_error():
+    found = sorted(backend.backends())
+    for platform, package in (("tpu", "jax[tpu]"), ("gpu", "jax[cuda13]")):
+        if {"tpu": "tpu", "gpu": "cuda"}[platform] in found:
+            continue  # present here: nothing to refuse
+        proc = run_cli("--platform", platform, "--prompt", "x")
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == (
+            f"error: --platform {platform}: no {platform.upper()} backend is available here "
+            f"(JAX found: {', '.join(found)}); install {package} or drop --platform")
+        assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value: 'many'"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
+    (["--capacity", "-1"], "--capacity must be an integer >= 1"),
+    (["--chunk-size", "0"], "--chunk-size must be an integer >= 1"),
+])
+def test_bad_flag_exits_2(flags, message):
+    proc = run_cli("--prompt", "x", *flags)
     assert proc.returncode == 2
-    assert "argument --max-new-tokens: invalid int value: 'many'" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"kvjax-generate: error: {message}"
+
+
+def test_non_finite_sampling_value_is_one_line_error():
+    proc = run_cli("--prompt", "x", "--temperature", "inf")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "error: temperature must be a finite number >= 0 (0 = greedy), got inf")
 
 
 def test_bad_input_is_one_line_error(checkpoint):
@@ -92,7 +137,13 @@ def test_chat_session_in_the_terminal(checkpoint):
     proc = run_cli("--model", checkpoint, "--chat", "--max-new-tokens", "8", "--dtype", "float32",
                    stdin="hello there\n/stats\nthe cat\n/reset\nhi\n/quit\n")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("model> ") == 3
+    session = kvjax.ChatSession(kvjax.load(checkpoint, dtype="float32"), max_new_tokens=8)
+    first, second = session.send("hello there"), session.send("the cat")
+    session.reset()
+    third = session.send("hi")
+    # input() writes its "you> " prompt to stdout; /stats and /reset print on stderr
+    assert proc.stdout == (f"you> model> {first}\nyou> you> model> {second}\nyou> "
+                           f"you> model> {third}\nyou> ")
     stats = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     assert len(stats) == 1 and stats[0]["reply_tokens"] >= 1
     assert "(conversation reset)" in proc.stderr
@@ -108,6 +159,7 @@ def test_chat_capacity_message(checkpoint):
 def test_help_and_flag_conflicts():
     proc = run_cli("--help")
     assert proc.returncode == 0 and "examples:" in proc.stdout and "--chat" in proc.stdout
+    assert 'one line "[N] text" per piece of row N, its newlines\n  written \\n' in proc.stdout
     proc = run_cli("--chat", "--json")
     assert proc.returncode == 2
     assert "--chat is interactive: it takes no --prompt, --prompt-file or --json" in proc.stderr
@@ -122,3 +174,59 @@ def test_unreadable_prompt_file_is_one_line_error(checkpoint, tmp_path):
         proc = run_cli("--model", checkpoint, "--prompt-file", str(path))
         assert proc.returncode == 1
         assert proc.stderr.strip() == f"error: cannot read --prompt-file {path}: {reason}"
+
+
+def unescape(text: str) -> str:
+    """The inverse of the CLI's escaping of a streamed piece."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r", "\\": "\\"}[m.group(1)], text)
+
+
+def test_batch_rows_are_told_apart(bundled):
+    expected = kvjax.generate(bundled, TWO_PROMPTS, max_new_tokens=40)
+    assert all("\n" in text for text in expected.texts)  # what the formats must cope with
+    common = ["--prompt", TWO_PROMPTS[0], "--prompt", TWO_PROMPTS[1], "--max-new-tokens", "40"]
+    plain = run_cli(*common)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == "".join(f"--- row {row} ---\n{prompt}{text}\n" for row, (prompt, text)
+                                   in enumerate(zip(TWO_PROMPTS, expected.texts)))
+    assert stats_tokens(plain.stderr) == 80
+    streamed = run_cli(*common, "--stream", "--chunk-size", "4")
+    assert streamed.returncode == 0, streamed.stderr
+    pieces = ["", ""]
+    for line in streamed.stdout.splitlines():
+        row, text = re.fullmatch(r"\[(\d)\] (.*)", line).groups()
+        pieces[int(row)] += unescape(text)
+    assert pieces == expected.texts
+
+
+def test_ctrl_c_stops_a_long_generation_at_once():
+    """SIGINT while one long compiled call runs (no --stream, no progress bar: stderr is
+    not a terminal): exit 130 within a second or two, nothing printed."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        pytest.skip("SIGINT is ignored here (a background job), so the CLI rightly ignores it")
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "--prompt", TWO_PROMPTS[0], "--prompt", TWO_PROMPTS[1],
+         "--no-cache", "--max-new-tokens", "1000", "--no-compile-cache", "--platform", "cpu"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, JAX_LOG_COMPILES="1"))  # each compile logs a line on stderr
+    try:
+        _wait_until_quiet(proc.stderr, seconds=1.5, deadline=60)  # compiled: generating
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 130
+        assert time.monotonic() - interrupted < 2
+        assert proc.stdout.read() == ""
+    finally:
+        proc.kill()
+
+
+def _wait_until_quiet(stream, seconds: float, deadline: float) -> None:
+    """Waits until ``stream`` has printed a line and then nothing for ``seconds``."""
+    last = []
+    reader = threading.Thread(target=lambda: [last.append(time.monotonic()) for _ in stream],
+                              daemon=True)
+    reader.start()
+    start = time.monotonic()
+    while not last or time.monotonic() - last[-1] < seconds:
+        assert time.monotonic() - start < deadline, "the CLI printed no compile log in time"
+        time.sleep(0.1)

@@ -97,6 +97,17 @@ def test_generate_seeds(gqa_model):
     (dict(top_p=1.5), "top_p must be in (0, 1] (or None to disable), got 1.5"),
     (dict(min_p=1.0), "min_p must be in [0, 1) (or None to disable), got 1.0"),
     (dict(min_p=-0.5), "min_p must be in [0, 1) (or None to disable), got -0.5"),
+    # NaN and infinity are in no range (an infinite temperature would sample uniformly)
+    (dict(temperature=float("inf")),
+     "temperature must be a finite number >= 0 (0 = greedy), got inf"),
+    (dict(temperature=float("nan")),
+     "temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    (dict(temperature=float("-inf")),
+     "temperature must be a finite number >= 0 (0 = greedy), got -inf"),
+    (dict(top_p=float("nan")), "top_p must be in (0, 1] (or None to disable), got nan"),
+    (dict(top_p=float("inf")), "top_p must be in (0, 1] (or None to disable), got inf"),
+    (dict(min_p=float("nan")), "min_p must be in [0, 1) (or None to disable), got nan"),
+    (dict(min_p=float("inf")), "min_p must be in [0, 1) (or None to disable), got inf"),
 ])
 def test_out_of_range_values(values, message):
     full = dict(temperature=1.0, top_k=None, top_p=None, min_p=None) | values
