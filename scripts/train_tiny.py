@@ -340,7 +340,10 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
-    import optax
+    try:
+        import optax
+    except ImportError:
+        sys.exit('the training recipe needs optax: pip install -e ".[train]"')
 
     import kvjax
     from kvjax.model import forward

@@ -1,105 +1,179 @@
-"""scripts/benchmark.py as the owner runs it: a subprocess on CPU with the smallest sizes.
+"""benchmarks/benchmark.py as the owner runs it (a subprocess on CPU with the smallest
+sizes), and the helpers of benchmarks/bench_lib.py.
 
-Checks the records' fields, that points which cannot fit a tiny ``--memory-limit`` are
-recorded as skipped (before or after compiling) and a model that does not exist as failed while the run goes on."""
+The smoke test checks what the records say, not only that they exist: the decode case
+times the program ``kvjax.generate`` runs (its greedy tokens are generate's for the same
+random model and prompt), its figures follow the definitions of docs/benchmarks.md
+(tokens/s, MBU, prefill TFLOP/s), every field it writes is documented there, points that
+cannot fit a tiny ``--memory-limit`` are recorded as skipped (before or after compiling)
+and a model that does not exist as failed while the run goes on."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
 FIELDS = {"case", "implementation", "model", "device", "batch", "prompt_len", "new_tokens",
           "capacity", "filled", "prefill_ms", "mfu", "decode_ms_per_step", "tokens_per_s",
           "mbu", "bound_GBps", "compile_s", "peak_bytes", "versions", "date"}
+PROMPT, NEW = 16, 64  # prompt and new tokens at generate's buckets (16, powers of two): its program
 
 
-def test_suite_smoke(tmp_path):
-    out = tmp_path / "bench.json"
+def bench_lib():
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    import bench_lib as lib
+    return lib
+
+
+def documented_fields() -> set[str]:
+    """The names in the first column of docs/benchmarks.md's table of record fields."""
+    with open(os.path.join(ROOT, "docs", "benchmarks.md")) as f:
+        text = f.read()
+    table = re.search(r"^#+ Fields of a record\n(.*?)(?=^#|\Z)", text, re.S | re.M)
+    assert table, "docs/benchmarks.md has no 'Fields of a record' section"
+    rows = [line.split("|")[1] for line in table.group(1).splitlines() if line.startswith("| `")]
+    return {name for cell in rows for name in re.findall(r"`([a-zA-Z_]+)`", cell)}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
+        filter(None, [os.environ.get("PYTHONPATH"), ROOT]))}
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"),
+        [sys.executable, os.path.join(BENCHMARKS, "benchmark.py"),
          "--cases", "decode", "longctx", "hf", "nocache",
          "--models", "bundled", "no-such-model", "--batches", "1", "512", "4096",
-         "--decode-shapes", "16+4", "--longctx-capacity", "128", "--longctx-fills", "32", "96",
-         "--longctx-new", "4", "--longctx-prefill", "16", "--nocache-totals", "32",
-         "--nocache-new", "4", "--memory-limit", "64MiB", "--reps", "1", "--hbm-gib", "0.01",
-         "--gemm-size", "64", "--no-plots", "--json", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-        env=os.environ | {"JAX_PLATFORMS": "cpu"})
+         "--decode-shapes", f"{PROMPT}+{NEW}", "--longctx-capacity", "128",
+         "--longctx-fills", "32", "96", "--longctx-new", "4", "--longctx-prefill", "16",
+         "--nocache-totals", "32", "--nocache-new", "4", "--memory-limit", "96MiB",
+         "--reps", "3", "--hbm-gib", "0.01", "--gemm-size", "64", "--no-plots",
+         "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
 
+
+def find(records, case, model, **kw):
+    return [r for r in records if r.get("case") == case and r.get("model") == model
+            and all(r[k] == v for k, v in kw.items())]
+
+
+def test_suite_records_are_complete_and_documented(smoke_run):
+    proc, records = smoke_run
     bounds = records[0]
     assert bounds["case"] == "bounds" and bounds["bound_GBps"] > 0 and bounds["gemm_tflops"] > 0
     assert bounds["peak_tflops"] is None  # no spec sheet for a CPU: MFU stays null
     nocache = [r for r in records if r.get("case") == "nocache"]
     assert [r["total_tokens"] for r in nocache] == [32] and nocache[0]["speedup"] > 0
+    assert nocache[0]["prompt_len"] + nocache[0]["new_tokens"] == 32
 
     suite = [r for r in records if r.get("case") in ("decode", "longctx", "hf")]
     assert all(FIELDS <= set(r) for r in suite)
+    documented = documented_fields()
+    for r in [bounds] + suite:
+        assert set(r) <= documented, f"undocumented fields {set(r) - documented} in {r['case']}"
     progress = [line for line in proc.stdout.splitlines() if line.startswith("[")]
     assert len(progress) == len(suite)
 
-    def find(case, model, **kw):
-        return [r for r in suite if r["case"] == case and r["model"] == model
-                and all(r[k] == v for k, v in kw.items())]
-
-    (small,) = find("decode", "bundled", batch=1)
-    assert not small.get("skipped") and not small.get("failed"), small
-    # (t(N) - t(1)) / (N - 1) of one rep on a shared CPU may be any sign: only present
-    assert None not in (small["decode_ms_per_step"], small["tokens_per_s"], small["mbu"])
-    assert small["prefill_ms"] > 0 and small["compile_s"] > 0 and small["mfu"] is None
-    assert (small["prompt_len"], small["new_tokens"], small["capacity"]) == (16, 4, 20)
-    (big,) = find("decode", "bundled", batch=512)  # weights + cache fit 64 MiB, the program not
+    (big,) = find(records, "decode", "bundled", batch=512)  # weights + cache fit 96 MiB, the program not
     assert big["skipped"].startswith("the compiled program needs") and big["mbu"] is None
-    (huge,) = find("decode", "bundled", batch=4096)  # the cache alone exceeds 64 MiB
+    (huge,) = find(records, "decode", "bundled", batch=4096)  # the cache alone exceeds 96 MiB
     assert huge["skipped"].startswith("weights + cache needs") and huge["compile_s"] is None
 
-    longctx = find("longctx", "bundled")
+    longctx = find(records, "longctx", "bundled")
     assert [(r["filled"], r["capacity"], r["prompt_len"]) for r in longctx] == [
         (32, 36, 16), (32, 128, 16), (96, 128, 16)]  # fills > --longctx-prefill: a 16-token block
     assert [r["start"] for r in longctx] == [16, 16, 80]
-    assert all(r["decode_ms_per_step"] is not None for r in longctx), longctx
+    # (t(4) - t(1)) / 3 of a tiny model on a shared CPU may be any sign: only present
+    assert all(r["decode_ms_per_step"] is not None and r["prefill_ms"] > 0 for r in longctx)
 
-    missing = find("decode", "no-such-model") + find("longctx", "no-such-model")
+    missing = find(records, "decode", "no-such-model") + find(records, "longctx", "no-such-model")
     assert missing and all(r["failed"].startswith("FileNotFoundError") for r in missing)
-    assert find("hf", "bundled") and all(r.get("skipped") for r in find("hf", "bundled"))
+    hf = find(records, "hf", "bundled")
+    assert len(hf) == 3 and all(r.get("skipped") for r in hf)  # torch has no CUDA here
 
 
-def test_profile_step_classifies_kernels_and_needs_a_device_trace():
-    """scripts/profile_step.py sorts kernel names into kinds, and on CPU (no device
-    planes in the trace) stops with a message instead of printing zeros."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import profile_step
+def test_decode_record_is_what_generate_does(smoke_run):
+    """The decode case's first row: generate's greedy tokens for the same random model,
+    prompt and capacity; a positive step time, and tokens/s, MBU and the prefill's
+    TFLOP/s as docs/benchmarks.md defines them from it."""
+    import jax.numpy as jnp
 
-    kinds = [profile_step.kind_of(name) for name in (
+    import kvjax
+
+    lib = bench_lib()
+    _, records = smoke_run
+    (small,) = find(records, "decode", "bundled", batch=1)
+    assert not small.get("skipped") and not small.get("failed"), small
+    assert (small["prompt_len"], small["new_tokens"], small["capacity"], small["filled"]) == (
+        PROMPT, NEW, PROMPT + NEW, PROMPT)
+    assert small["implementation"] == "kvjax" and small["start"] == 0
+
+    model = lib.random_kvjax_model("bundled", jnp.bfloat16)
+    tokens, _ = lib.decode_inputs(model.config, 1, PROMPT)
+    expected = kvjax.generate(model, tokens, max_new_tokens=NEW, stop_tokens=[],
+                              capacity=PROMPT + NEW)
+    assert small["tokens"] == expected.tokens[0]
+
+    step_s = small["decode_ms_per_step"] / 1e3
+    assert step_s > 0 and small["tokens_per_s"] == pytest.approx(1 / step_s)
+    read = lib.step_bytes(model.config, 1, PROMPT, NEW, PROMPT + NEW)
+    assert small["mbu"] == pytest.approx(read / (step_s * small["bound_GBps"] * 1e9))
+    assert small["prefill_ms"] > 0 and small["mfu"] is None  # no peak for a CPU
+    flops = lib.prefill_flops(model.config, 1, PROMPT)
+    assert small["prefill_tflops"] == pytest.approx(flops / (small["prefill_ms"] / 1e3) / 1e12)
+    assert small["compile_s"] > 0 and small["program_bytes"] > lib.nbytes(model.params)
+
+
+def test_matmul_params_counts_projections_and_lm_head():
+    """Model FLOPs count every layer projection and the LM head once per token: for a
+    Llama shape, 4 attention and 3 MLP products a layer."""
+    import kvjax
+
+    lib = bench_lib()
+    config = kvjax.ModelConfig.from_json(lib.config_path("llama-3.2-1b"))
+    d, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    per_layer = d * q + 2 * d * kv + q * d + 3 * d * f
+    assert lib.matmul_params(config) == config.num_layers * per_layer + config.vocab_size * d
+
+
+def test_profile_kinds_and_a_cpu_trace():
+    """bench_lib sorts kernel names into kinds (sharding_benchmark.py --profile), and on
+    CPU (no device planes in the trace) raises instead of returning zeros."""
+    import jax
+    import jax.numpy as jnp
+
+    lib = bench_lib()
+    kinds = [lib.kind_of(name) for name in (
         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "gemm_fusion_dot_12",
         "nvjet_sm90_tst_128x256", "MemcpyD2D", "loop_add_fusion_2", "all_reduce_12_0_fusion_1",
-        "ncclDevKernel_AllGather_RING_LL")]
-    assert kinds == ["attention", "matmul", "matmul", "copy", "other", "collective", "collective"]
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "profile_step.py"), "--model", "bundled",
-         "--prompt", "16", "--new", "4"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-        env=os.environ | {"JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 1
-    assert "the trace has no device kernels (a CPU run?): profile on a GPU" in proc.stderr
+        "ncclDevKernel_AllGather_RING_LL", "decode_attention_kernel")]
+    assert kinds == ["attention", "matmul", "matmul", "copy", "other", "collective",
+                     "collective", "attention"]
+    if jax.default_backend() != "cpu":
+        pytest.skip("a device trace has kernels")
+    x = jnp.ones((8, 8))
+    with pytest.raises(RuntimeError, match="the trace has no device kernels"):
+        lib.traced_runs(lambda n: jax.block_until_ready(x * n), (1, 2), pause_s=0.01)
 
 
 def test_bandwidth_probe_sums_inside_its_loop():
     """The HBM probe (bench_lib.measure_hbm_bandwidth) times n chained sums less one:
     each sum must stay inside the compiled loop (a hoisted sum would read the array
     once and the probe would report n times the bandwidth), and the total is n sums."""
-    import re
-
     import jax.numpy as jnp
 
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import bench_lib
-
-    chained = bench_lib.chained_sums(9)
+    lib = bench_lib()
+    chained = lib.chained_sums(9)
     ones = jnp.ones((1000,), jnp.bfloat16)
     assert float(chained(ones)) == 9000.0
     hlo = chained.lower(ones).compile().as_text()
@@ -120,9 +194,7 @@ def test_bandwidth_probe_warms_up_before_timing(monkeypatch):
     fresh from idle) and whose n-sum program takes 0.2 ms + n ms: the bound is exactly
     ``chain`` sums' bytes per ``chain`` ms. Timing the one-sum program while the device
     is slow would shrink the difference and overstate the bound."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import bench_lib
-
+    lib = bench_lib()
     clock = {"now": 0.0, "calls": 0}
 
     def chained_sums(n):
@@ -132,19 +204,18 @@ def test_bandwidth_probe_warms_up_before_timing(monkeypatch):
             return x
         return program
 
-    monkeypatch.setattr(bench_lib, "chained_sums", chained_sums)
-    monkeypatch.setattr(bench_lib.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(lib, "chained_sums", chained_sums)
+    monkeypatch.setattr(lib.time, "perf_counter", lambda: clock["now"])
     gib = 2 ** -20
     bytes_read = int(gib * 2 ** 30) // 2 * 2
-    assert bench_lib.measure_hbm_bandwidth(gib, chain=8) == pytest.approx(bytes_read / 1e-3)
+    assert lib.measure_hbm_bandwidth(gib, chain=8) == pytest.approx(bytes_read / 1e-3)
 
 
 def test_profile_splits_runs_at_pauses():
-    """profile_step.traced_runs (behind profile_step.py and sharding_benchmark.py
-    --profile): one trace of three runs is split at the two longest gaps between
-    kernels, and each run is summed by kind."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import profile_step
+    """bench_lib.traced_runs (behind sharding_benchmark.py --profile): one trace of three
+    runs is split at the two longest gaps between kernels, and each run is summed by
+    kind."""
+    lib = bench_lib()
 
     def run(t0, kernels):  # kernels back to back from t0 (ns), 1 us apart
         events, t = [], t0
@@ -157,12 +228,13 @@ def test_profile_splits_runs_at_pauses():
     warm = run(0, one[1:])  # a first run the trace caught only in part
     first = run(400_000_000, one)
     many = run(800_000_000, one + 4 * [("gemm_fusion_dot_1", 50_000), ("all_reduce_3_fusion", 6_000)])
-    runs = profile_step.split_runs(many + warm + first, 3)
+    runs = lib.split_runs(many + warm + first, 3)
     assert runs == [warm, first, many]
-    a, b = profile_step.kernel_ms_by_kind(runs[1]), profile_step.kernel_ms_by_kind(runs[2])
+    a, b = lib.kernel_ms_by_kind(runs[1]), lib.kernel_ms_by_kind(runs[2])
     assert (a["matmul"], a["collective"], a["other"]) == pytest.approx((0.05, 0.006, 0.002))
     assert (b["matmul"], b["collective"], b["other"]) == pytest.approx((0.25, 0.03, 0.002))
     assert b["span"] == pytest.approx(0.292)  # 282 us of kernels and 10 gaps of 1 us
     assert b["busy"] == pytest.approx(0.282) and b["idle"] == pytest.approx(0.010)
-    step = profile_step.per_step(a, b, 5)  # the 5-token run's 4 steps: a GEMM and an all-reduce each
+    step = lib.per_step(a, b, 5)  # the 5-token run's 4 steps: a GEMM and an all-reduce each
     assert (step["matmul"], step["collective"], step["other"]) == pytest.approx((0.05, 0.006, 0.0))
+    assert np.isclose(sum(step[k] for k, _ in lib.KINDS) + step["other"], step["busy"])

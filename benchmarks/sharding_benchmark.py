@@ -11,10 +11,12 @@ intermediate 14336, 32 layers, 32 heads over 8 KV heads, head_dim 128), prompt 5
 * data parallelism at batch 32: data=1 x model=1 against data=2.
 
 Every figure is measured in the run that prints it. Weights are drawn directly onto
-each mesh (jitted random draws with ``out_shardings=param_shardings(...)``: no device
-ever holds more than its shard), the cache is created sharded, and the program is
-``kvjax.generate``'s program (``kvjax.jit_decode`` with its fresh prefill and groups of
-decode steps) compiled once per (mesh, batch). ms/step = (median time of a run
+each mesh (jitted random draws of ``kvjax.params.specs``' shapes with
+``out_shardings=param_shardings(...)``: no device ever holds more than its shard), the
+cache is created sharded, and the program is ``kvjax.generate``'s
+(``kvjax.programs.generation_program`` of the model on its mesh: its fresh prefill,
+groups of decode steps and the decode kernel where the mesh splits it) compiled once
+per (mesh, batch). ms/step = (median time of a run
 of ``--new`` tokens - median time of a 1-token run) / (new - 1): the same compiled
 program, so prefill, dispatch and read-back cancel. ``prefill_ms`` is the 1-token run.
 ``agree`` is the fraction of greedy tokens equal to the first run of the same batch,
@@ -25,19 +27,21 @@ with ``JAX_DEFAULT_MATMUL_PRECISION=highest`` is the exactness check.
 
 Usage::
 
-    python scripts/sharding_benchmark.py                    # 2 GPUs, a few minutes
-    python scripts/sharding_benchmark.py --runs 1:1x1 1:1x2 1:1x4 32:1x1 32:4x1
+    python benchmarks/sharding_benchmark.py                    # 2 GPUs, a few minutes
+    python benchmarks/sharding_benchmark.py --runs 1:1x1 1:1x2 1:1x4 32:1x1 32:4x1
+    python benchmarks/sharding_benchmark.py --runs 1:1x1 --profile   # one GPU's step by kernel kind
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-        python scripts/sharding_benchmark.py --shape tiny --prompt 32 --new 16 \\
+        python benchmarks/sharding_benchmark.py --shape tiny --prompt 32 --new 16 \\
         --runs 1:1x1 1:1x2 8:1x1 8:2x1 8:2x4      # CPU smoke test, seconds
 
 ``--profile`` also traces each run and records where a decode step's time goes on the
-first device (``step_profile``: matmuls, attention, collectives, other kernels, span).
+first device (``step_profile``: matmuls, attention, collectives, copies, other kernels,
+busy, span and idle; ``bench_lib.KINDS`` sorts the kernels by name).
 
 A run is ``BATCH:DATAxMODEL`` or ``BATCH:DATAxMODEL:RULES`` (other ``ShardingRules``
 in ``kvjax.sharding.parse_rules``'s text, e.g. ``1:1x2:heads=none,kv_heads=none``).
 Results: a table on stdout and a JSON list of records
-(``--json``, default ``benchmarks/results/sharding-<device>-<date>.json``).
+(``--json``, default ``benchmarks/results/sharding-<device>-<date>.json`` in the repository).
 """
 
 from __future__ import annotations
@@ -56,12 +60,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
+import kvjax.params
+import kvjax.programs
+import kvjax.requests
 from kvjax import sharding
-from kvjax.model import layer_param_shapes, top_param_shapes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_lib as lib  # noqa: E402  (scripts/, next to this file)
-import profile_step  # noqa: E402
+import bench_lib as lib  # noqa: E402  (benchmarks/, next to this file)
 
 # A test-sized shape (8 query heads over 2 KV heads, so model=4 and 8 replicate KV
 # heads); "llama-8b" and "llama-1b" are the Llama shapes of configs/ (bench_lib).
@@ -87,33 +92,30 @@ def parse_run(text: str) -> tuple[int, int, int, str]:
 
 
 def sharded_params(config, mesh, dtype, rules=sharding.DEFAULT_RULES):
-    """Random params (norms 1, the rest N(0, 0.02), as ``init_params``) drawn directly
-    onto their shardings: no device holds more than its shard, and the values do not
-    depend on the mesh (threefry is partitionable). One small program per distinct
-    (kind, shape, sharding), reused for every layer: far faster to compile than one
-    program for the whole 8B tree."""
+    """Random params of ``kvjax.params.specs(config)`` (norms the identity scale, the
+    rest N(0, 0.02), as ``init_params``) drawn directly onto their shardings: no device
+    holds more than its shard, and the values do not depend on the mesh (threefry is
+    partitionable). One small program per distinct (kind, shape, sharding), reused for
+    every layer: far faster to compile than one program for the whole 8B tree."""
     shardings = sharding.param_shardings(config, mesh, rules)
     makers: dict = {}
     counter = iter(range(1 << 30))
 
-    def make(name: str, shape: tuple, placement):
-        norm = name.endswith("norm")
+    def make(spec, placement):
+        shape = tuple(spec.shape)
+        norm = spec.init == kvjax.params.NORM
         key = (norm, shape, placement)
         if key not in makers:
             if norm:
-                fn = lambda k, shape=shape: jnp.ones(shape, dtype)
+                fn = lambda k, shape=shape: jnp.full(shape, 1.0 - config.norm_offset, dtype)
             else:
                 fn = lambda k, shape=shape: (0.02 * jax.random.normal(k, shape, jnp.float32)
                                              ).astype(dtype)
             makers[key] = jax.jit(fn, out_shardings=placement)
         return makers[key](jax.random.fold_in(jax.random.key(0), next(counter)))
 
-    params = {name: make(name, shape, shardings[name])
-              for name, shape in top_param_shapes(config).items()}
-    params["layers"] = tuple(
-        {name: make(name, shape, shardings["layers"][i][name])
-         for name, shape in layer_param_shapes(config).items()}
-        for i in range(config.num_layers))
+    params = jax.tree.map(make, kvjax.params.specs(config), shardings,
+                          is_leaf=lambda x: isinstance(x, kvjax.params.ParamSpec))
     jax.block_until_ready(params)
     return params
 
@@ -136,42 +138,45 @@ def peak_device_memory() -> float | None:
 
 def step_profile(once, new: int) -> dict:
     """Where a decode step's time goes on the first device: milliseconds per step by
-    kernel kind (``profile_step.KINDS``: matmul, attention, collective, copy, other),
+    kernel kind (``bench_lib.KINDS``: matmul, attention, collective, copy, other),
     busy, span and idle. One trace of a throwaway 1-token run, a 1-token run and a
-    ``new``-token run (``profile_step.traced_runs``); a step is (``new``-token run -
+    ``new``-token run (``bench_lib.traced_runs``); a step is (``new``-token run -
     1-token run) / (``new`` - 1)."""
-    _, one, many = (profile_step.kernel_ms_by_kind(run)
-                    for run in profile_step.traced_runs(once, (1, 1, new)))
-    return {f"{k}_ms": ms for k, ms in profile_step.per_step(one, many, new).items()}
+    _, one, many = (lib.kernel_ms_by_kind(run) for run in lib.traced_runs(once, (1, 1, new)))
+    return {f"{k}_ms": ms for k, ms in lib.per_step(one, many, new).items()}
 
 
-def measure(config, params, mesh, rules, batch: int, args, dtype) -> tuple[dict, np.ndarray]:
+def measure(config, params, mesh, rules, batch: int, args) -> tuple[dict, np.ndarray]:
     rng = np.random.default_rng(batch)
     prompt = rng.integers(3, config.vocab_size, size=(batch, args.prompt)).astype(np.int32)
     lengths = np.full((batch,), args.prompt, np.int32)
     capacity = args.prompt + args.new
-    controls = (kvjax.SamplingParams.create(batch), np.uint32(0), np.full((16,), -1, np.int32))
+    controls = (kvjax.SamplingParams.create(batch), np.uint32(0),
+                np.full((kvjax.requests.MAX_STOP_TOKENS,), -1, np.int32))
+    limits = lambda n: np.full((batch,), n, np.int32)  # max_new_tokens of each row
+    # The params are already placed by ``rules``: shard_model moves nothing, it records
+    # the mesh and rules that pick generate's program and the cache's placement.
+    model = sharding.shard_model(kvjax.Model(config=config, params=params), mesh, rules)
 
     def new_cache():
-        cache = sharding.make_cache(config, batch, capacity, dtype, mesh, rules)
+        cache = kvjax.programs.new_cache(model, batch, capacity)  # created sharded
         jax.block_until_ready(cache)
         return cache
 
-    # kvjax.generate's program: a fresh prefill, steps in groups between done-checks
-    step, whole_block_fn = kvjax.api._steps(config, True, None, True,
-                                            **sharding.kernel_options(config, mesh, rules))
-    run = kvjax.jit_decode(step, num_steps=args.new, greedy=True, whole_block_fn=whole_block_fn,
-                           sync_every=kvjax.api.SYNC_EVERY,
-                           compiler_options=kvjax.model.compiler_options())
+    # kvjax.generate's program for this model on this mesh: a fresh prefill, steps in
+    # groups between done-checks, the decode kernel where the mesh splits it
+    run = kvjax.programs.generation_program(
+        model, num_steps=args.new, greedy=True,
+        key_limit=kvjax.requests.fresh_key_limit(args.prompt, args.new, capacity))
     t0 = time.perf_counter()
-    compiled = run.lower(params, new_cache(), prompt, lengths, np.int32(args.new),
+    compiled = run.lower(params, new_cache(), prompt, lengths, limits(args.new),
                          *controls).compile()
     compile_s = time.perf_counter() - t0
 
     def once(n: int):
         cache = new_cache()  # donated: each run needs its own
         t = time.perf_counter()
-        result = compiled(params, cache, prompt, lengths, np.int32(n), *controls)
+        result = compiled(params, cache, prompt, lengths, limits(n), *controls)
         jax.block_until_ready(result.tokens)
         return time.perf_counter() - t, result
 
@@ -242,7 +247,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 params = sharded_params(config, mesh, dtype, rules)
                 params_mesh, init_s = (data, model, rules), time.perf_counter() - t0
-            result, tokens = measure(config, params, mesh, rules, batch, args, dtype)
+            result, tokens = measure(config, params, mesh, rules, batch, args)
             row |= result | dict(init_s=init_s)
             row["_tokens"] = tokens
         except Exception as e:  # a failed run is recorded and the others go on
@@ -286,7 +291,7 @@ def main(argv=None) -> int:
           f"{meta['peak_gib_per_device'] if meta['peak_gib_per_device'] is None else round(meta['peak_gib_per_device'], 2)} GiB")
 
     path = args.json or os.path.join(
-        "benchmarks", "results",
+        lib.ROOT, "benchmarks", "results",
         f"sharding-{device.device_kind.replace(' ', '_')}-{meta['date'][:10]}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:

@@ -12,9 +12,11 @@ bf16 dense peak (``bench_lib.PEAK_BF16_TFLOPS``); then the cases, one record per
 Suite cases (model shapes from ``configs/``, ``--models``, random bf16 weights):
 
 * ``decode``: ``--batches`` x ``--decode-shapes`` (prompt+new), capacity prompt + new;
-  one compiled program (``kvjax.jit_decode``'s, greedy, cache donated) timed with
-  ``max_new_tokens`` 1 (= prefill_ms) and N: ms/step = (t(N) - t(1)) / (N - 1), medians
-  of ``--reps`` after a warm-up, a fresh cache per call outside the timed region.
+  one compiled program (``kvjax.programs.generation_program``: the one ``kvjax.generate``
+  compiles, greedy, cache donated) timed with ``max_new_tokens`` 1 (= prefill_ms) and
+  N: ms/step = (t(N) - t(1)) / (N - 1), medians of ``--reps`` after a warm-up, a fresh
+  cache per call outside the timed region. The record keeps the first row's greedy
+  tokens (``tokens``): ``kvjax.generate``'s for the same model, prompt and capacity.
 * ``longctx``: batch 1, capacity ``--longctx-capacity``, decode of ``--longctx-new``
   steps after ``--longctx-fills`` tokens, plus the smallest fill in a cache of
   capacity fill + new (the reference the issue's targets compare with). Fills up to
@@ -25,7 +27,7 @@ Suite cases (model shapes from ``configs/``, ``--models``, random bf16 weights):
   row's length becomes ``fill``), so decode attends over ``fill`` real-looking slots.
   prefill_ms / mfu of such a record are those of the block.
 * ``prefill32k``: one ``--long-prompt``-token prompt (32768) + 16 new, prefilled in
-  ``kvjax.api.PREFILL_CHUNK``-token pieces as ``kvjax.generate`` does.
+  ``kvjax.programs.PREFILL_CHUNK``-token pieces as ``kvjax.generate`` does.
 * ``hf``: transformers ``generate`` with the dynamic cache, the static cache and the
   static cache with transformers' torch.compile (``hf-static-compile``), same shapes
   (``--hf-shapes``, ``--hf-batches``), same GPU; only where torch has CUDA (on CPU
@@ -46,25 +48,25 @@ Issue-5 cases, on ``--shape`` (bundled tokenizer's vocabulary), unchanged:
   turn's new tokens at the end of the cache (what the session runs) against a
   from-scratch prefill of the whole history, both timed as the prefill program alone.
 
-Decode over several devices (issue 12's meshes) is ``scripts/sharding_benchmark.py``'s
-(docs/benchmarks.md, "Several GPUs").
+Decode over several devices (issue 12's meshes) is ``benchmarks/sharding_benchmark.py``'s
+(docs/sharding.md; a summary in docs/benchmarks.md).
 
 A point that cannot fit (weights + cache, then the compiled program's
 ``memory_analysis``, against the device memory or ``--memory-limit``) or that starts
 after ``--time-budget`` seconds is recorded with ``skipped``; one that raises, with
 ``failed: "Type: message"``; the run goes on. Records (fields: docs/benchmarks.md)
 are rewritten after every point to ``--json`` (default
-``benchmarks/results/<device>-<date>.json``, temp file + rename), a progress line per
+``benchmarks/results/<device>-<date>.json`` in the repository, temp file + rename), a progress line per
 point goes to stdout, and with matplotlib (``pip install -e ".[bench]"``) PNG plots
 are written next to the JSON. jax does not preallocate GPU memory here
 (``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless set) so the torch peers share the GPU.
 
 Usage::
 
-    python scripts/benchmark.py --shape tiny            # CPU preset, about a minute
-    python scripts/benchmark.py --cases decode longctx --models llama-3.1-8b  # GPU
-    python scripts/benchmark.py --shape llama-1b --cases stream chat nocache  # issue 5
-    python scripts/benchmark.py --plot benchmarks/results/a.json b.json --json out.json
+    python benchmarks/benchmark.py --shape tiny            # CPU preset, about a minute
+    python benchmarks/benchmark.py --cases decode longctx --models llama-3.1-8b  # GPU
+    python benchmarks/benchmark.py --shape llama-1b --cases stream chat nocache  # issue 5
+    python benchmarks/benchmark.py --plot benchmarks/results/a.json b.json --json out.json
     (docs/benchmarks.md lists the GPU commands that split the suite into <9-min runs)
 """
 
@@ -93,11 +95,14 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kvjax  # noqa: E402
-import bench_lib as lib  # noqa: E402  (scripts/, next to this file)
-from bench_lib import Skipped, timed  # noqa: E402
+import kvjax.params  # noqa: E402
+import kvjax.programs  # noqa: E402
+import kvjax.requests  # noqa: E402
 from kvjax import BUNDLED_MODEL  # noqa: E402
-from kvjax.decode import prefill  # noqa: E402
-from kvjax.model import step_fn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_lib as lib  # noqa: E402  (benchmarks/, next to this file)
+from bench_lib import Skipped, timed  # noqa: E402
 
 # CPU cannot donate buffers; the warning would repeat on every call.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -137,7 +142,7 @@ def random_model(shape: str, dtype: str) -> kvjax.Model:
         config = kvjax.ModelConfig(model_type="llama", **TINY_SHAPE, **common)
     else:
         config = dataclasses.replace(lib.model_config(shape), **common)
-    params = kvjax.init_params(config, jax.random.key(0), jax.numpy.dtype(dtype))
+    params = kvjax.params.init_params(config, jax.random.key(0), jax.numpy.dtype(dtype))
     return kvjax.Model(config=config, params=params, tokenizer=bundled.tokenizer,
                        stop_tokens=bundled.stop_tokens)
 
@@ -168,16 +173,12 @@ def case_stream(model, args):
 def prefill_timer(model):
     """``time(tokens, start, capacity)``: median seconds of prefilling ``tokens`` (one row)
     at positions ``start...`` into a cache of ``capacity`` slots, the prefill program
-    alone (``kvjax.decode.prefill`` jitted with the cache donated, a fresh cache per call)."""
-    step = step_fn(model.config)
-
-    def run(params, cache, tokens, lengths, start):
-        state, _ = prefill(step, params, cache, tokens, lengths, start=start, greedy=True,
-                           max_new_tokens=np.int32(1), sampling=kvjax.SamplingParams.create(1),
-                           seed=np.uint32(0), stop_tokens=np.full((1,), -1, np.int32))
-        return state
-
-    program = jax.jit(run, donate_argnums=1)
+    alone: the one ``ChatSession`` runs for a turn (``kvjax.programs.stream_programs``'
+    prefill of a continued cache, greedy, the cache donated), a fresh cache per call."""
+    program, _ = kvjax.programs.stream_programs(model, greedy=True, chunk_size=16,
+                                                state_shardings=None, fresh=False)
+    controls = (np.ones((1,), np.int32), kvjax.SamplingParams.create(1), np.uint32(0),
+                np.full((kvjax.requests.MAX_STOP_TOKENS,), -1, np.int32))
 
     def time_prefill(tokens: list[int], start: int, capacity: int) -> float:
         width = max(16, 1 << (len(tokens) - 1).bit_length())  # generate's prompt bucket
@@ -190,7 +191,7 @@ def prefill_timer(model):
             t0 = time.perf_counter()
             jax.block_until_ready(program(model.params, cache, block,
                                           np.array([len(tokens)], np.int32),
-                                          np.array([start], np.int32)))
+                                          np.array([start], np.int32), *controls))
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
 
@@ -309,7 +310,7 @@ class Run:
                             decode_kernel=False if self.args.xla_decode_steps else None)
         return self.metrics(model.config, p, t.prefill_s, t.step_s) | dict(
             compile_s=t.compile_s, program_bytes=t.program_bytes,
-            peak_bytes=lib.peak_bytes(self.device))
+            peak_bytes=lib.peak_bytes(self.device), tokens=t.tokens)
 
     def hf_point(self, p: dict) -> dict:
         torch_device = lib.torch_device(self.args.hf_on_cpu)
@@ -473,7 +474,7 @@ def main(argv=None) -> int:
     args.decode_shapes = [shape_pair(s) if isinstance(s, str) else s for s in args.decode_shapes]
     args.hf_shapes = args.hf_shapes or args.decode_shapes
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    path = args.json or os.path.join("benchmarks", "results",
+    path = args.json or os.path.join(lib.ROOT, "benchmarks", "results",
                                      f"{device.device_kind.replace(' ', '_')}-{date[:10]}.json")
 
     bounds = lib.measure_bounds(device, args.hbm_gib, args.gemm_size)

@@ -1,8 +1,10 @@
-"""Helpers of ``scripts/benchmark.py`` (issue 13's suite): the hardware bounds, model
-shapes with random weights, FLOP and byte counts, memory checks, the timed decode
-program, Hugging Face peers and the plots.
+"""Helpers of ``benchmarks/benchmark.py`` (issue 13's suite) and
+``benchmarks/sharding_benchmark.py``: the hardware bounds, model shapes with random
+weights, FLOP and byte counts, memory checks, the timed decode program, Hugging Face
+peers, profiler traces split by kernel kind, and the plots. Public kvjax API only
+(``kvjax.programs``, ``kvjax.params``, ``kvjax.requests``).
 
-Definitions (docs/benchmarks.md, "Benchmark suite"):
+Definitions (docs/benchmarks.md, "What the suite measures"):
 
 * model FLOPs of a prompt block of ``P`` tokens per row written after ``S`` cached
   tokens: ``2 x matmul params x P`` (every layer projection and the LM head; the
@@ -17,12 +19,13 @@ Definitions (docs/benchmarks.md, "Benchmark suite"):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
+import glob
 import json
 import os
 import re
 import statistics
+import tempfile
 import time
 
 import jax
@@ -30,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
-from kvjax.model import layer_param_shapes
+import kvjax.params
+import kvjax.programs
+import kvjax.requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs")
@@ -118,7 +123,7 @@ def config_path(name: str) -> str:
                             "or a config.json path")
 
 
-# Short names the scripts' ``--shape`` / ``--config`` flags give the Llama shapes of configs/.
+# Short names the benchmarks' ``--shape`` flags give the Llama shapes of configs/.
 LLAMA_SHAPES = {"llama-1b": "llama-3.2-1b", "llama-8b": "llama-3.1-8b"}
 
 
@@ -131,7 +136,7 @@ def model_config(name: str) -> kvjax.ModelConfig:
 def random_kvjax_model(name: str, dtype=jnp.bfloat16) -> kvjax.Model:
     """The shape of config ``name`` with random weights (speed does not depend on them)."""
     config = model_config(name)
-    params = jax.block_until_ready(kvjax.init_params(config, jax.random.key(0), dtype))
+    params = jax.block_until_ready(kvjax.params.init_params(config, jax.random.key(0), dtype))
     return kvjax.Model(config=config, params=params)
 
 
@@ -152,10 +157,11 @@ class OneModel:
 # ----- counts -------------------------------------------------------------------------
 
 def matmul_params(config: kvjax.ModelConfig) -> int:
-    """Weights used in matmuls per token: layer projections and the LM head."""
-    per_layer = sum(int(np.prod(shape)) for name, shape in layer_param_shapes(config).items()
-                    if name.startswith("w"))
-    return config.num_layers * per_layer + config.vocab_size * config.hidden_size
+    """Weights used in matmuls per token: layer projections (the layers' ``w*`` params of
+    ``kvjax.params.specs``) and the LM head."""
+    layers = sum(int(np.prod(spec.shape)) for layer in kvjax.params.specs(config)["layers"]
+                 for name, spec in layer.items() if name.startswith("w"))
+    return layers + config.vocab_size * config.hidden_size
 
 
 def prefill_flops(config: kvjax.ModelConfig, batch: int, tokens: int, start: int = 0) -> float:
@@ -165,7 +171,7 @@ def prefill_flops(config: kvjax.ModelConfig, batch: int, tokens: int, start: int
 
 
 def param_shapes(config: kvjax.ModelConfig, dtype=jnp.bfloat16):
-    return jax.eval_shape(lambda: kvjax.init_params(config, jax.random.key(0), dtype))
+    return kvjax.params.abstract_params(config, dtype)
 
 
 def nbytes(tree) -> int:
@@ -191,11 +197,11 @@ def measure_hbm_bandwidth(gib: float, reps: int = 5, chain: int = 8, warmup: int
     wait), as a decode step's time is a difference of two runs. Timing one sum from the
     host counted ~0.13 ms of those on a 1.34 ms read of 4 GiB: 2.79-2.94 TB/s between
     runs on one H100, against 3.13-3.17 TB/s this way and 3.20 TB/s for the kernel
-    alone in a trace (docs/benchmarks.md, 2026-11-26).
+    alone in a trace (docs/experiments.md, 2026-11-26).
 
     The long program runs ``warmup`` times before anything is timed, and the timed runs
     of the two alternate. Timing all one-sum runs first, on a GPU just started, once
-    gave 3425 GB/s, above the H100's 3.35 TB/s spec (docs/benchmarks.md)."""
+    gave 3425 GB/s, above the H100's 3.35 TB/s spec (docs/experiments.md)."""
     count = max(1, int(gib * 2 ** 30) // 2)
     x = jax.jit(lambda: jnp.ones((count,), jnp.bfloat16))()
     one_sum, many_sums = chained_sums(1), chained_sums(1 + chain)
@@ -291,25 +297,47 @@ def check_fits(what: str, need: int | None, limit: int | None) -> None:
 
 # ----- the kvjax decode program -----------------------------------------------------
 
-@functools.lru_cache(maxsize=32)
-def decode_program(config: kvjax.ModelConfig, num_steps: int, key_limit: int | None,
-                   fresh: bool, decode_kernel: bool | None = None):
-    """``kvjax.generate``'s program (greedy, cache donated, prompts longer than
-    ``kvjax.api.PREFILL_CHUNK`` prefilled in pieces; with ``fresh`` the prompt attends
-    within itself and decode steps read the first ``key_limit`` slots only) plus
-    ``kvjax.decode``'s ``start``: where each row's prompt block begins in the cache.
-    ``fresh`` is for ``start`` 0 only; otherwise the cache is continued, as a chat turn
-    does, and attention reads every slot. ``decode_kernel`` as in ``kvjax.model.forward``."""
-    step, whole_block_fn = kvjax.api._steps(config, True, key_limit, fresh, decode_kernel)
+def continued_program(model: kvjax.Model, num_steps: int, decode_kernel: bool | None = None):
+    """``kvjax.generate``'s loop (greedy, cache donated, ``kvjax.programs``' prefill
+    chunk, groups of steps and compiler options) on a cache that is continued, as a
+    chat turn does: a prompt block at each row's ``start`` (``kvjax.decode``'s), its
+    attention over every slot. Called as ``program(params, cache, tokens, lengths,
+    start, max_new_tokens, sampling, seed, stop_tokens)``."""
+    step, _ = kvjax.programs.step_functions(model, fresh=False, decode_kernel=decode_kernel)
 
     def run(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed, stops):
         return kvjax.decode(step, params, cache, tokens, lengths, num_steps=num_steps,
                             max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                             stop_tokens=stops, greedy=True, start=start,
-                            prefill_chunk=kvjax.api.PREFILL_CHUNK, whole_block_fn=whole_block_fn,
-                            sync_every=kvjax.api.SYNC_EVERY)
+                            prefill_chunk=kvjax.programs.PREFILL_CHUNK,
+                            sync_every=kvjax.programs.SYNC_EVERY)
 
-    return jax.jit(run, donate_argnums=1, compiler_options=kvjax.model.compiler_options())
+    return jax.jit(run, donate_argnums=1, compiler_options=kvjax.programs.compiler_options())
+
+
+def decode_program(model: kvjax.Model, num_steps: int, prompt_len: int, capacity: int,
+                   start: int = 0, decode_kernel: bool | None = None):
+    """``(program, takes_start)``: with ``start`` 0, the program ``kvjax.generate``
+    compiles for a fresh cache of ``capacity`` slots, a ``prompt_len``-token block and
+    ``num_steps`` loop steps (``kvjax.programs.generation_program``, greedy, its
+    ``key_limit``: the prompt attends within itself and decode steps read only the
+    slots the generation can fill); otherwise ``continued_program``, which also takes
+    ``start``. ``decode_kernel`` as in ``kvjax.programs.step_functions``."""
+    if start:
+        return continued_program(model, num_steps, decode_kernel), True
+    key_limit = kvjax.requests.fresh_key_limit(prompt_len, num_steps, capacity)
+    return kvjax.programs.generation_program(model, num_steps=num_steps, greedy=True,
+                                             key_limit=key_limit,
+                                             decode_kernel=decode_kernel), False
+
+
+def decode_inputs(config: kvjax.ModelConfig, batch: int, prompt_len: int, seed: int = 0):
+    """The prompt block a decode point runs: random tokens (ids 3 ... vocab - 1, numpy's
+    generator seeded ``seed``) and each row's length, as ``kvjax.generate`` would pad
+    them."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, config.vocab_size, (batch, prompt_len)).astype(np.int32)
+    return tokens, np.full((batch,), prompt_len, np.int32)
 
 
 @dataclasses.dataclass
@@ -318,6 +346,7 @@ class DecodeTiming:
     program_bytes: int | None
     prefill_s: float  # the 1-token run: prefill + first token
     step_s: float | None  # (N-token run - 1-token run) / (N - 1)
+    tokens: list[int]  # the first row's new tokens of the N-token run (greedy)
 
 
 def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capacity: int,
@@ -326,45 +355,52 @@ def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capac
     """Times one compiled program (``num_steps = new``) run with ``max_new_tokens`` 1 and
     ``new``, a fresh cache for every call (outside the timed region), no stop tokens.
 
-    A ``prompt_len`` block of random tokens is prefilled at positions ``start ...`` of
-    every row; slots before ``start`` are left as the empty cache has them (zeros) but
-    count as filled: the prefill sets each row's length to ``start + prompt_len``,
-    exactly as a chat turn continues a cache (kvjax.decode's ``start``). With ``start``
-    0 the program is ``kvjax.generate``'s for a fresh cache (``decode_program``, which
-    also takes ``decode_kernel``)."""
+    A ``prompt_len`` block of random tokens (``decode_inputs``) is prefilled at
+    positions ``start ...`` of every row. With ``start`` 0 the program is
+    ``kvjax.generate``'s for a fresh cache, called with the inputs ``generate`` gives it
+    (per-row ``max_new_tokens``, ``MAX_STOP_TOKENS`` stop slots, all unused), so its
+    greedy tokens are ``generate``'s for the same model, prompt and capacity. With
+    ``start`` > 0 the slots before ``start`` are left as the empty cache has them
+    (zeros) but count as filled: the prefill sets each row's length to ``start +
+    prompt_len``, exactly as a chat turn continues a cache (``continued_program``)."""
     config, dtype = model.config, model.dtype
     if start + prompt_len + new - 1 > capacity:
         raise ValueError(f"{start} + {prompt_len} + {new} - 1 tokens exceed capacity {capacity}")
     check_fits("weights + cache", nbytes(model.params) + cache_bytes(config, batch, capacity, dtype),
                memory)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(3, config.vocab_size, (batch, prompt_len)).astype(np.int32)
-    lengths = np.full((batch,), prompt_len, np.int32)
+    tokens, lengths = decode_inputs(config, batch, prompt_len)
     starts = np.full((batch,), start, np.int32)
-    controls = (kvjax.SamplingParams.create(batch), np.uint32(0), np.full((1,), -1, np.int32))
+    stops = np.full((kvjax.requests.MAX_STOP_TOKENS,), -1, np.int32)
+    sampling = kvjax.SamplingParams.create(batch)
     new_cache = lambda: jax.block_until_ready(kvjax.KVCache.create(config, batch, capacity, dtype))
-    args = lambda cache, n: (model.params, cache, tokens, lengths, starts, np.int32(n), *controls)
+    program, takes_start = decode_program(model, new, prompt_len, capacity, start, decode_kernel)
+
+    def args(cache, n):
+        block = (tokens, lengths, starts) if takes_start else (tokens, lengths)
+        return (model.params, cache, *block, np.full((batch,), n, np.int32), sampling,
+                np.uint32(0), stops)
 
     t0 = time.perf_counter()
     cache_shape = jax.eval_shape(lambda: kvjax.KVCache.create(config, batch, capacity, dtype))
-    fresh = start == 0
-    key_limit = kvjax.api.fresh_key_limit(prompt_len, new, capacity) if fresh else None
-    compiled = decode_program(config, new, key_limit, fresh, decode_kernel).lower(
-        *args(cache_shape, new)).compile()
+    compiled = program.lower(*args(cache_shape, new)).compile()
     compile_s = time.perf_counter() - t0
     need = program_bytes(compiled)
     check_fits("the compiled program", need, memory)
+    first_row: list[int] = []
 
     def run(n):
         def call(cache):
             out = jax.block_until_ready(compiled(*args(cache, n)))
             if int(out.steps_run) != n - 1:
                 raise RuntimeError(f"expected {n - 1} decode steps, ran {int(out.steps_run)}")
+            if n == new and not first_row:
+                first_row.extend(np.asarray(out.tokens)[0, :n].tolist())
         return call
 
     first = timed(run(1), reps, setup=new_cache)
     step = (timed(run(new), reps, setup=new_cache) - first) / (new - 1) if new > 1 else None
-    return DecodeTiming(compile_s=compile_s, program_bytes=need, prefill_s=first, step_s=step)
+    return DecodeTiming(compile_s=compile_s, program_bytes=need, prefill_s=first, step_s=step,
+                        tokens=first_row)
 
 
 # ----- Hugging Face transformers peers ------------------------------------------------
@@ -444,6 +480,73 @@ def time_hf(model, variant: str, batch: int, prompt_len: int, new: int, reps: in
                 compile_s=first_full - full if compiles else None,
                 peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
                 device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+
+
+# ----- profiler traces (sharding_benchmark.py --profile) ------------------------------
+
+# Kernel name fragments by kind, checked in this order (XLA:GPU, cuDNN, Pallas and NCCL names).
+KINDS = (("collective", ("all_reduce", "all_gather", "reduce_scatter", "nccl")),
+         ("attention", ("fmha", "cudnn", "flash", "decode_attention")),
+         ("matmul", ("gemm", "cublas", "cutlass", "nvjet", "xmma", "dot")),
+         ("copy", ("memcpy", "memset", "copy")))
+
+
+def kind_of(name: str) -> str:
+    """The kind of a device kernel, from its name: one of ``KINDS`` or ``"other"``."""
+    lowered = name.lower()
+    for kind, fragments in KINDS:
+        if any(f in lowered for f in fragments):
+            return kind
+    return "other"
+
+
+def traced_runs(once, tokens: tuple[int, ...], pause_s: float = 0.3) -> list[list[tuple]]:
+    """Kernel events ``(start_ns, end_ns, name)`` on the first device of one
+    ``jax.profiler`` trace of ``once(n)`` for each ``n`` in ``tokens``, ``pause_s`` apart,
+    one list per run (``split_runs``). A trace can miss the first kernels after it
+    starts, so callers make their first run a throwaway. Raises RuntimeError when the
+    trace has no device kernels (CPU)."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for n in tokens:
+                once(n)
+                time.sleep(pause_s)
+        path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[-1]
+        data = jax.profiler.ProfileData.from_file(path)
+    planes = sorted((p for p in data.planes if p.name.startswith("/device:")), key=lambda p: p.name)
+    events = [(e.start_ns, e.start_ns + e.duration_ns, e.name) for p in planes[:1]
+              for line in p.lines if line.name.lower().startswith("stream")  # a line per stream
+              for e in line.events]
+    if not events:
+        raise RuntimeError("the trace has no device kernels (a CPU run?): profile on a GPU")
+    return split_runs(events, len(tokens))
+
+
+def split_runs(events: list[tuple[int, int, str]], count: int) -> list[list]:
+    """Kernel events ``(start_ns, end_ns, name)`` of ``count`` runs separated by pauses,
+    split at the ``count - 1`` longest gaps between one kernel's end and the next's start."""
+    events = sorted(events)
+    gaps, last_end = [], events[0][1]  # (the gap before event i, i)
+    for i, (start, end, _) in enumerate(events[1:], 1):
+        gaps.append((start - last_end, i))
+        last_end = max(last_end, end)
+    cuts = [0, *sorted(i for _, i in sorted(gaps)[len(gaps) - count + 1:]), len(events)]
+    return [events[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def kernel_ms_by_kind(run: list[tuple[int, int, str]]) -> dict[str, float]:
+    """Milliseconds of kernel time by kind in one run, plus ``busy`` (their sum), ``span``
+    (first start to last end) and ``idle`` (span less busy, at least 0)."""
+    by_kind = dict.fromkeys([k for k, _ in KINDS] + ["other"], 0.0)
+    for start, end, name in run:
+        by_kind[kind_of(name)] += (end - start) / 1e6
+    busy, span = sum(by_kind.values()), (max(end for _, end, _ in run) - run[0][0]) / 1e6
+    return by_kind | dict(busy=busy, span=span, idle=max(span - busy, 0.0))
+
+
+def per_step(one: dict[str, float], many: dict[str, float], new: int) -> dict[str, float]:
+    """A decode step's share of each figure: (``new``-token run - 1-token run) / (new - 1)."""
+    return {k: (many[k] - one.get(k, 0)) / (new - 1) for k in many}
 
 
 # ----- plots --------------------------------------------------------------------------
