@@ -1,13 +1,11 @@
 """Streaming and multi-turn chat: same tokens as one-shot generation, history never recomputed."""
 
-import numpy as np
 import pytest
 import transformers
 
 import kvjax
 from kvjax.chat import CapacityError, ChatSession
 from kvjax.tokenizer import ChatTemplateError, StreamDecoder, Tokenizer
-from tests.conftest import make_config, make_model
 
 STOPS = [0, 2]  # <eos>, <|im_end|> of the text checkpoint
 

@@ -16,7 +16,7 @@ from kvjax.attention import LayerAttention, choose, flash
 from kvjax.cache import is_axes
 from kvjax.kernels import decode_attention
 from kvjax.requests import make_request
-from tests.conftest import make_config, make_model
+from tests.conftest import make_config
 
 PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [2, 71, 33]]
 
