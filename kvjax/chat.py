@@ -12,6 +12,7 @@ from kvjax.decode import PAD_TOKEN
 from kvjax.loading import Model
 from kvjax.requests import (MIN_PROMPT_BUCKET, bucket, new_token_limits, pad_block, pad_rows,
                             stop_array)
+from kvjax.cache import check_kv_dtype
 from kvjax.config import is_count
 from kvjax.sampling import SamplingParams, check_sampling_values
 from kvjax.streaming import DecodeChunks, tokens_of_chunk
@@ -40,13 +41,15 @@ class ChatSession:
       seed: turn ``i`` samples with seed ``seed + i``.
       stop_tokens: default the model's.
       chunk_size: decode steps per compiled chunk while streaming.
+      kv_dtype: what the KV cache stores (as in ``generate``; None: the model's dtype).
     """
 
     def __init__(self, model: Model, *, capacity: int | None = None, system: str | None = None,
                  max_new_tokens: int = 256, temperature: float | None = None,
                  top_k: int | None = None,
                  top_p: float | None = None, min_p: float | None = None, seed: int = 0,
-                 stop_tokens: Sequence[int] | None = None, chunk_size: int = 16):
+                 stop_tokens: Sequence[int] | None = None, chunk_size: int = 16,
+                 kv_dtype: str | None = None):
         if model.tokenizer is None:
             raise ValueError("chat needs a tokenizer (tokenizer.json in the checkpoint)")
         if model.tokenizer.chat_template is None:
@@ -56,6 +59,8 @@ class ChatSession:
                              ("chunk_size", chunk_size)):
             if value is not None and not is_count(value):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_kv_dtype(kv_dtype)
+        self.kv_dtype = kv_dtype
         self.model = model
         self.capacity = capacity or min(model.config.max_position_embeddings, 4096)
         self.max_new_tokens = max_new_tokens
@@ -77,7 +82,8 @@ class ChatSession:
         self.history: list[int] = []  # the cache holds history[:-1]
         self._rendered = ""  # the text that `history` encodes
         self._turn = 0
-        self._cache = programs.new_cache(self.model, self._rows, self.capacity)
+        self._cache = programs.new_cache(self.model, self._rows, self.capacity,
+                                         kv_dtype=self.kv_dtype)
 
     @property
     def cache_fill(self) -> int:
@@ -113,7 +119,8 @@ class ChatSession:
                         sampling=self.sampling, seed=np.uint32(self.seed + self._turn),
                         stop_tokens=self.stops)
         chunks = DecodeChunks(self.model, True, self.chunk_size, self._cache, block, lengths,
-                         np.full((self._rows,), start, np.int32), controls)
+                              np.full((self._rows,), start, np.int32), controls,
+                              kv_dtype=self.kv_dtype)
         self._cache = None  # donated to the prefill program
         stops = set(self.stops.tolist()) - {PAD_TOKEN}
         decoder = StreamDecoder(tokenizer)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import threading
 
 import kvjax
+from kvjax import memory
+from kvjax.requests import make_request
+from kvjax.tokenizer import Tokenizer
 
 DEFAULT_PROMPT = "The Python interpreter"
 
@@ -20,14 +24,16 @@ EXAMPLES = """examples:
   echo "Tell me about tuples" | python scripts/generate.py --quiet
   python scripts/generate.py --model Qwen/Qwen2.5-0.5B-Instruct --chat
   python scripts/generate.py --no-cache --max-new-tokens 64   # the recompute baseline
+  python scripts/generate.py --model ./my-llama --prompt-file long.txt --kv-dtype int8 \
+      --dry-run --memory-budget 24GiB    # memory per device, nothing loaded or compiled
 
 output: one prompt: the prompt and its continuation. Several prompts: each row after a line
   "--- row N ---"; with --stream, one line "[N] text" per piece of row N, its newlines
   written \\n, carriage returns \\r and backslashes \\\\. --quiet leaves out the prompts
   and the stats line (stderr).
 
-exit codes: 0 ok, 1 bad input or model, 2 bad flags, 130 interrupted (Ctrl-C stops a run
-  at once)
+exit codes: 0 ok, 1 bad input or model (--dry-run: the run does not fit), 2 bad flags,
+  130 interrupted (Ctrl-C stops a run at once)
 """
 
 # JAX's backends to start for each --platform, tried in turn: the accelerator (a GPU is CUDA
@@ -62,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--capacity", type=int, default=None, help="KV cache slots per row")
     run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="default: bfloat16 on GPU/TPU, float32 on CPU")
+    run.add_argument("--kv-dtype", default=None, choices=list(kvjax.cache.KV_DTYPES),
+                     help="what the KV cache stores (default: --dtype); int8 and fp8 hold "
+                          "about half the bytes of bfloat16 (codes and a float32 scale per "
+                          "token and KV head)")
     run.add_argument("--no-cache", action="store_true",
                      help="recompute the whole sequence every step (the baseline)")
     run.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default=None,
@@ -78,6 +88,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="how --mesh splits the model (kvjax.sharding.ShardingRules fields, "
                           "none = replicated); heads=none,kv_heads=none keeps attention whole "
                           "on every model device: one all-reduce a layer, faster at batch 1")
+    plan = parser.add_argument_group(
+        "memory planning", "--dry-run reads only config.json and the tokenizer: no weights "
+        "loaded, nothing compiled")
+    plan.add_argument("--dry-run", action="store_true",
+                      help="print the weights, KV cache and scratch bytes per device this run "
+                           "would need, the device's memory and whether it fits (exit 0) or not "
+                           "(exit 1, with the largest batch and capacity that fit)")
+    plan.add_argument("--memory-budget", type=_bytes_flag, default=None, metavar="BYTES",
+                      help="the memory of a device for --dry-run (default: the device's, or "
+                           "on CPU the host's RAM shared by its devices); a number of bytes or "
+                           "with a unit: 512MiB, 8GiB, 8G (= GiB), 8GB (10^9)")
     dist = parser.add_argument_group("several processes (run the same command in each)")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     dist.add_argument("--num-processes", type=int, default=None)
@@ -102,6 +123,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         ("--chunk-size", args.chunk_size)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be an integer >= 1")
+    if args.dry_run and (args.chat or args.no_cache):
+        parser.error("--dry-run plans a generation's KV cache: it takes no --chat or --no-cache")
+    if args.memory_budget is not None and not args.dry_run:
+        parser.error("--memory-budget is the device memory a --dry-run plans for: pass --dry-run")
+    if args.kv_dtype is not None and args.no_cache:
+        parser.error("--kv-dtype sets what the KV cache stores; --no-cache keeps none")
     if args.compile_cache is not None and args.no_compile_cache:
         parser.error("--compile-cache and --no-compile-cache exclude each other")
     if args.rules is not None and args.mesh is None and args.coordinator is None:
@@ -120,6 +147,21 @@ def _mesh_flag(text: str) -> dict[str, int]:
             raise argparse.ArgumentTypeError(f"expected data=D,model=M (e.g. data=2,model=4), got {text!r}")
         sizes[name] = int(value)
     return sizes
+
+
+# --memory-budget units: binary for KiB/MiB/GiB/TiB and the bare letters, decimal for kB/MB/GB/TB
+_UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kib": 2 ** 10, "kb": 10 ** 3, "m": 2 ** 20,
+          "mib": 2 ** 20, "mb": 10 ** 6, "g": 2 ** 30, "gib": 2 ** 30, "gb": 10 ** 9,
+          "t": 2 ** 40, "tib": 2 ** 40, "tb": 10 ** 12}
+
+
+def _bytes_flag(text: str) -> int:
+    """``8GiB`` -> 8589934592 (``_UNITS``; a number alone is bytes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"expected bytes, a number with an optional unit (e.g. 8GiB, 512MiB), got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def _prompts(args: argparse.Namespace) -> tuple[list[str], bool]:
@@ -187,6 +229,8 @@ def _interruptible(work, *args):
 
 def _run(args: argparse.Namespace) -> int:
     """The whole command after parsing its flags; returns the exit code."""
+    if args.dry_run:
+        return _dry_run(args)
     model = _load(args)
     if args.chat:
         return _chat(model, args)
@@ -206,11 +250,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):
     """Sets up JAX (compile cache, processes, platform, mesh) and loads the model."""
+    mesh, rules = _setup(args)
+    return kvjax.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules)
+
+
+def _setup(args: argparse.Namespace, compile_cache: bool = True):
+    """Sets up JAX (compile cache, processes, platform); returns the mesh (or None) and the
+    sharding rules."""
     if args.model == kvjax.BUNDLED_MODEL and not os.path.isdir(kvjax.BUNDLED_MODEL):
         raise FileNotFoundError(f"the bundled model is missing from {kvjax.BUNDLED_MODEL}; "
                                 "reinstall kvjax or pass --model")
     rules = kvjax.sharding.parse_rules(args.rules or "")  # bad text: an error before any work
-    if not args.no_compile_cache:  # before anything compiles
+    if compile_cache and not args.no_compile_cache:  # before anything compiles
         try:
             kvjax.compilation_cache.enable(args.compile_cache)
         except ValueError as e:
@@ -227,7 +278,7 @@ def _load(args: argparse.Namespace):
     mesh = None
     if args.mesh is not None or args.coordinator is not None:
         mesh = kvjax.sharding.make_mesh(**(args.mesh or {}))
-    return kvjax.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules)
+    return mesh, rules
 
 
 def _use_platform(platform: str) -> None:
@@ -264,7 +315,8 @@ def _generate(model, prompts: list[str], defaulted: bool, args: argparse.Namespa
     returns the Generation, or None when the stream printed it as JSON lines."""
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-                   stop_tokens=args.stop, capacity=args.capacity, use_cache=not args.no_cache)
+                   stop_tokens=args.stop, capacity=args.capacity, use_cache=not args.no_cache,
+                   kv_dtype=args.kv_dtype)
     show_progress = (not (args.stream or defaulted or args.quiet or args.json)
                      and sys.stderr.isatty() and args.max_new_tokens >= 128)
     if not (args.stream or defaulted or show_progress):
@@ -353,11 +405,107 @@ def _print_stream(model, prompts: list[str], stream, args):
     return out
 
 
+# ----- --dry-run -----
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """``--dry-run``: prints what this run would hold per device and whether that fits in
+    a device's memory; returns 0 when it fits, 1 when not (then also the largest batch and
+    capacity that fit, and what ``--kv-dtype int8`` would need). Reads ``config.json`` and
+    the tokenizer only: no weights are loaded and nothing is compiled.
+
+    Per device: the weights (``kvjax.params.abstract_params``, split by
+    ``kvjax.sharding.param_shardings``), the KV cache (``kvjax.cache.estimate_bytes``,
+    the bytes ``kvjax.generate`` creates) and an estimate of XLA's scratch
+    (``kvjax.memory.scratch_bytes``). The memory is ``--memory-budget``, else the
+    device's ``bytes_limit``, else (CPU) the host's RAM divided among this process's
+    devices in the run.
+    """
+    mesh, rules = _setup(args, compile_cache=False)
+    directory = kvjax.loading.resolve_checkpoint(args.model)
+    config = kvjax.ModelConfig.from_json(directory)
+    dtype = (args.dtype or kvjax.orbax_store.stored_dtype(directory)
+             or kvjax.loading.default_dtype(mesh))
+    # What a request is checked and shaped against: the model without its weights.
+    shell = kvjax.Model(config=config, params=None, mesh=mesh, rules=rules,
+                        tokenizer=Tokenizer.from_directory(directory))
+    request = make_request(shell, _prompts(args)[0], max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           min_p=args.min_p, seed=args.seed, stop_tokens=args.stop,
+                           capacity=args.capacity, kv_dtype=args.kv_dtype)
+    report = {"model": args.model, **memory.plan(
+        config, request, dtype, kv_dtype=args.kv_dtype, mesh=mesh, rules=rules,
+        memory=args.memory_budget)}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_plan(report)
+    return 0 if report["fits"] else 1
+
+
+def _size(n: int) -> str:
+    """``n`` bytes, exactly and in the largest binary unit that keeps it >= 1."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n:>16,} bytes  {n / scale:8.1f} {unit}"
+    return f"{n:>16,} bytes"
+
+
+def _print_plan(r: dict) -> None:
+    """The text form of a ``--dry-run`` report."""
+    mesh = (f"mesh {' x '.join(f'{k}={v}' for k, v in r['mesh'].items())}, " if r["mesh"]
+            else "")
+    rows = f" ({r['rows']} rows)" if r["rows"] != r["batch"] else ""
+    print(f"dry run of {os.path.basename(os.path.normpath(r['model']))}: batch {r['batch']}{rows}, "
+          f"capacity {r['capacity']}, prompt block {r['prompt_block']}, dtype {r['dtype']}, "
+          f"kv_dtype {r['kv_dtype']}, {mesh}{r['devices']} {r['platform']} "
+          f"device{'s' if r['devices'] > 1 else ''}; no weights loaded, nothing compiled")
+    print("per device:")
+    for name, key in (("weights", "weights_bytes"), ("KV cache", "cache_bytes"),
+                      ("scratch", "scratch_bytes"), ("total", "total_bytes"),
+                      ("memory", "memory_bytes")):
+        note = f"  ({r['memory_source']})" if key == "memory_bytes" else ""
+        print(f"  {name:<9}{_size(r[key])}{note}")
+    terms = " + ".join(f"{name.replace('_', ' ')} {value:,}"
+                       for name, value in r["scratch_estimate"].items() if value)
+    print(f"  scratch, estimated as a prefill piece's largest temporaries: {terms} bytes")
+    share = r["total_bytes"] / r["memory_bytes"] if r["memory_bytes"] else float("inf")
+    if r["fits"]:
+        print(f"fits: {share:.1%} of the memory")
+        return
+    print(f"does not fit: needs {r['total_bytes']:,} bytes of {r['memory_bytes']:,} "
+          f"({share:.0%})")
+    fitting = r["fitting"]
+    current = fitting[r["kv_dtype"]]
+    if current["max_batch"] == 0 and current["max_capacity"] == 0:
+        print(f"  not even one row of one slot fits: the weights and the scratch alone need "
+              f"{r['weights_bytes'] + r['scratch_bytes']:,} bytes; use a smaller --dtype, more "
+              "model devices (--mesh) or shorter prompts")
+    else:
+        _print_largest(r, current, fitting["capacity_needed"], "")
+    if "int8" in fitting:
+        int8 = fitting["int8"]
+        verdict = "fits" if int8["total_bytes"] <= r["memory_bytes"] else "does not fit"
+        print(f"with --kv-dtype int8: KV cache {int8['cache_bytes']:,} bytes, total "
+              f"{int8['total_bytes']:,}: {verdict}")
+        if verdict != "fits" and (int8["max_batch"] or int8["max_capacity"]):
+            _print_largest(r, int8, fitting["capacity_needed"], " with --kv-dtype int8")
+
+
+def _print_largest(r: dict, largest: dict, needed: int, suffix: str) -> None:
+    multiple = (f" (a multiple of data={r['mesh']['data']})"
+                if r["mesh"] and r["mesh"].get("data", 1) > 1 else "")
+    print(f"  largest batch that fits at capacity {r['capacity']}{suffix}: "
+          f"{largest['max_batch']}{multiple}")
+    print(f"  largest capacity that fits at batch {r['rows']}{suffix}: "
+          f"{largest['max_capacity']} (this run needs >= {needed})")
+
+
 def _chat(model, args: argparse.Namespace) -> int:
     session = kvjax.ChatSession(
         model, capacity=args.capacity, system=args.system, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        seed=args.seed, stop_tokens=args.stop, chunk_size=args.chunk_size)
+        seed=args.seed, stop_tokens=args.stop, chunk_size=args.chunk_size,
+        kv_dtype=args.kv_dtype)
     print("chat with the model: /reset starts over, /stats shows the last turn, /quit ends",
           file=sys.stderr)
     while True:

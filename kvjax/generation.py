@@ -43,7 +43,8 @@ def generate(model: Model, prompts: Prompts, *,
              max_new_tokens: int = 64, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, min_p: float | None = None, seed: int = 0,
              stop_tokens: Sequence[int] | None = None, capacity: int | None = None,
-             use_cache: bool = True, return_logits: bool = False) -> Generation:
+             use_cache: bool = True, return_logits: bool = False,
+             kv_dtype: str | None = None) -> Generation:
     """Generates a continuation of each prompt, the whole run one compiled program.
 
     Args:
@@ -63,6 +64,10 @@ def generate(model: Model, prompts: Prompts, *,
         max_new_tokens (capped at max_position_embeddings).
       use_cache: False recomputes the whole sequence every step (the baseline).
       return_logits: also return the logits of every new token.
+      kv_dtype: what the KV cache stores: ``"bfloat16"``, ``"float16"``, ``"float32"``,
+        ``"int8"`` or ``"fp8"`` (quantized with a float32 scale per token and KV head:
+        about half the bytes of bfloat16; ``kvjax.cache.QuantizedKVCache``). None: the
+        model's dtype.
 
     Prompt lengths are padded to power-of-two buckets and ``max_new_tokens`` to a
     power-of-two number of loop steps, so other prompts, lengths in the same bucket,
@@ -75,14 +80,15 @@ def generate(model: Model, prompts: Prompts, *,
     """
     req = make_request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
-                   capacity=capacity)
+                   capacity=capacity, kv_dtype=kv_dtype, use_cache=use_cache)
     # sharded on model.mesh, after checking that the mesh splits these rows and the model
-    cache = programs.new_cache(model, req.rows, req.capacity, use_cache)
+    cache = programs.new_cache(model, req.rows, req.capacity, use_cache, req.kv_dtype)
     cache_bytes = cache.nbytes
     timed = not compilation_cache.in_use()  # JAX stores no program with a host callback
     jitted = programs.generation_program(
         model, num_steps=req.num_steps, greedy=req.greedy, use_cache=use_cache,
-        return_logits=return_logits, key_limit=req.key_limit, timed=timed)
+        return_logits=return_logits, key_limit=req.key_limit, timed=timed,
+        kv_dtype=req.kv_dtype)
     run_id = (programs.PREFILL_CLOCK.start_run(),) if timed else ()
     args = (model.params, cache, req.prompt_tokens, req.prompt_lengths,
             *req.controls.values(), *run_id)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import AttentionPlan, LayerAttention, attend_layer, choose, soft_cap
-from kvjax.cache import KVCache, TokenHistory
+from kvjax.cache import KVCache, QuantizedKVCache, TokenHistory
 from kvjax.config import ModelConfig
 from kvjax.kernels.decode_attention import MeshSplit
 from kvjax.params import init_params  # noqa: F401  (kvjax.model.init_params, its old home)
@@ -208,8 +208,8 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
       ``[batch, seq, vocab]`` float32 array is the largest of a long prefill).
     """
     if attention is None:
-        dtype = params["embed"].dtype if cache is None else cache.keys[0].dtype
-        attention = choose(config, dtype, use_cache=cache is not None)
+        attention = choose(config, params["embed"].dtype, use_cache=cache is not None,
+                           kv_dtype=cache_kv_dtype(cache))
     x = embed(config, params, tokens, positions)  # [batch, seq, hidden]
     # A batch-1 decode step runs its layers on two rows, the second all zeros at first
     # (and finite after: every op but attention is row-wise), so each product is a GEMM:
@@ -229,11 +229,11 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
             # in order, each reading its weights when it runs; a prefill measured 1-3%
             # slower without it (docs/architecture.md §6). No work at run time.
             x, layer = jax.lax.optimization_barrier((x, layer))
-        keys, values = (None, None) if cache is None else cache.layer(index)
-        x, keys, values = _layer(config, attention.layers[index], spare_row, layer, x,
-                                 *tables[index], keys, values, positions)
+        layer_cache = None if cache is None else cache.layer(index)
+        x, layer_cache = _layer(config, attention.layers[index], spare_row, layer, x,
+                                *tables[index], layer_cache, positions)
         if cache is not None:
-            cache = cache.with_layer(index, (keys, values))
+            cache = cache.with_layer(index, layer_cache)
     if spare_row:
         x = x[:1]
     if cache is not None:
@@ -247,13 +247,14 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _layer(config: ModelConfig, attention: LayerAttention, spare_row: bool, layer: dict,
            x: jax.Array, cos: jax.Array | None, sin: jax.Array | None,
-           keys: jax.Array | None, values: jax.Array | None, positions: jax.Array
-           ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+           layer_cache: tuple | None, positions: jax.Array
+           ) -> tuple[jax.Array, tuple | None]:
     """One decoder layer on ``x`` (``[batch, seq, hidden]``; with ``spare_row``, a
     batch-1 step's real row and ``forward``'s spare row): attention as ``attention``
-    says, written to and read from this layer's cache buffers ``keys``/``values``
-    (``[batch, kv_heads, capacity, head_dim]``, None without a cache), then the MLP.
-    Returns ``(x, keys, values)``.
+    says, written to and read from this layer's part of the cache (``Cache.layer``:
+    ``(keys, values)`` buffers ``[batch, kv_heads, capacity, head_dim]``, with scales
+    for a quantized cache; None without a cache), then the MLP. Returns
+    ``(x, layer_cache)``.
 
     A program of its own (a nested ``jit``, which XLA inlines): layers with the same
     attention and shapes are traced and lowered once, not once each. A whole
@@ -263,9 +264,18 @@ def _layer(config: ModelConfig, attention: LayerAttention, spare_row: bool, laye
     q, k, v = qkv_projection(config, layer, x, cos, sin)
     if spare_row:
         q, k, v = q[:1], k[:1], v[:1]
-    attn, keys, values = attend_layer(config, attention, q, k, v, keys, values, positions)
+    attn, layer_cache = attend_layer(config, attention, q, k, v, layer_cache, positions)
     x = finish_layer(config, layer, x, _add_spare_row(attn) if spare_row else attn)
-    return x, keys, values
+    return x, layer_cache
+
+
+def cache_kv_dtype(cache) -> str | None:
+    """What ``cache`` stores, as a ``kv_dtype`` (None without a cache)."""
+    if cache is None:
+        return None
+    if isinstance(cache, QuantizedKVCache):
+        return cache.kv_dtype
+    return jnp.dtype(cache.keys[0].dtype).name
 
 
 def step_fn(config: ModelConfig, *, attention: AttentionPlan | None = None,
@@ -282,10 +292,9 @@ def step_fn(config: ModelConfig, *, attention: AttentionPlan | None = None,
         return functools.partial(forward, config, attention=attention)
 
     def step(params, tokens, positions, cache):
-        dtype = params["embed"].dtype if cache is None else cache.keys[0].dtype
-        plan = choose(config, dtype, use_cache=cache is not None, fresh=fresh,
+        plan = choose(config, params["embed"].dtype, use_cache=cache is not None, fresh=fresh,
                       key_limit=key_limit, decode_kernel=decode_kernel,
-                      kernel_split=kernel_split)
+                      kernel_split=kernel_split, kv_dtype=cache_kv_dtype(cache))
         return forward(config, params, tokens, positions, cache, attention=plan)
 
     return step

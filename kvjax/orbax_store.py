@@ -278,3 +278,12 @@ def _check_finite(tree, directory: str) -> None:
         if not ok:
             raise CheckpointError(f"tensor {name} of the orbax store {directory} holds NaN or "
                                   f"inf values; {_DAMAGED}")
+
+
+def stored_dtype(directory: str) -> str | None:
+    """The dtype of a kvjax orbax store's params (what ``kvjax.load`` keeps), None for a
+    safetensors checkpoint."""
+    if not is_orbax_store(directory):
+        return None
+    with open(os.path.join(directory, STORE_FILE)) as f:
+        return json.load(f).get("dtype")

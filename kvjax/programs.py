@@ -26,7 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from kvjax import sharding
 from kvjax.attention import AttentionPlan, choose
-from kvjax.cache import KVCache, TokenHistory
+from kvjax import cache as caches
+from kvjax.cache import TokenHistory
 from kvjax.config import ModelConfig
 from kvjax.decode import DecodeState, decode, decode_steps, prefill
 from kvjax.loading import Model
@@ -46,33 +47,36 @@ __all__ = ["PREFILL_CHUNK", "SYNC_EVERY", "PrefillClock", "ProgramCache", "atten
            "stream_programs"]
 
 
-def new_cache(model: Model, batch: int, capacity: int, use_cache: bool = True):
-    """An empty cache for ``batch`` rows of ``capacity`` slots in the model's dtype: a
-    ``KVCache`` (a ``TokenHistory`` for ``use_cache=False``), created already sharded on
-    ``model.mesh`` by ``model.rules`` when the model has a mesh.
+def new_cache(model: Model, batch: int, capacity: int, use_cache: bool = True,
+              kv_dtype: str | None = None):
+    """An empty cache for ``batch`` rows of ``capacity`` slots: the kind ``kv_dtype``
+    names (``kvjax.cache.create``; None: a ``KVCache`` in the model's dtype), a
+    ``TokenHistory`` for ``use_cache=False``; created already sharded on ``model.mesh``
+    by ``model.rules`` when the model has a mesh.
 
     Raises:
       ShardingError: ``model.mesh`` cannot split this model or ``batch``, before
         anything is allocated or compiled.
     """
-    create, args = ((KVCache.create, (model.config, batch, capacity, model.dtype)) if use_cache
-                    else (TokenHistory.create, (batch, capacity)))
+    create, args = ((caches.create, (model.config, batch, capacity, kv_dtype, model.dtype))
+                    if use_cache else (TokenHistory.create, (batch, capacity)))
     if model.mesh is None:
         return create(*args)
     return sharding.create_sharded(model.config, model.mesh, model.rules, create, *args)
 
 
 def attention_plan(model: Model, *, use_cache: bool = True, fresh: bool = False,
-                   key_limit: int | None = None,
-                   decode_kernel: bool | None = None) -> AttentionPlan:
+                   key_limit: int | None = None, decode_kernel: bool | None = None,
+                   kv_dtype: str | None = None) -> AttentionPlan:
     """``kvjax.attention.choose`` for ``model``'s config, dtype, mesh and rules."""
     return choose(model.config, model.dtype, use_cache=use_cache, fresh=fresh,
                   key_limit=key_limit, mesh=model.mesh, rules=model.rules,
-                  decode_kernel=decode_kernel)
+                  decode_kernel=decode_kernel, kv_dtype=kv_dtype)
 
 
 def step_functions(model: Model, *, use_cache: bool = True, fresh: bool = True,
-                   key_limit: int | None = None, decode_kernel: bool | None = None):
+                   key_limit: int | None = None, decode_kernel: bool | None = None,
+                   kv_dtype: str | None = None):
     """``(step_fn, whole_block_fn)`` that ``kvjax.decode`` drives for ``model``.
 
     Args:
@@ -81,9 +85,11 @@ def step_functions(model: Model, *, use_cache: bool = True, fresh: bool = True,
         and attends within it (never reading empty slots); None otherwise.
       key_limit: slots the generation can fill (``kvjax.requests.fresh_key_limit``):
         attention reads none past it.
-      decode_kernel: as in ``kvjax.attention.choose``.
+      decode_kernel, kv_dtype: as in ``kvjax.attention.choose`` (``kv_dtype``: what the
+        cache stores, ``new_cache``'s).
     """
-    return _step_functions(*_model_key(model), use_cache, fresh, key_limit, decode_kernel)
+    return _step_functions(*_model_key(model), use_cache, fresh, key_limit, decode_kernel,
+                           kv_dtype)
 
 
 def _model_key(model: Model) -> tuple:
@@ -93,11 +99,11 @@ def _model_key(model: Model) -> tuple:
 
 @functools.lru_cache(maxsize=64)
 def _step_functions(config: ModelConfig, dtype: str, mesh, rules, use_cache: bool, fresh: bool,
-                    key_limit: int | None, decode_kernel: bool | None):
+                    key_limit: int | None, decode_kernel: bool | None, kv_dtype: str | None):
     if not use_cache:
         return recompute_step_fn(config), None
     plan = functools.partial(choose, config, dtype, mesh=mesh, rules=rules,
-                             decode_kernel=decode_kernel)
+                             decode_kernel=decode_kernel, kv_dtype=kv_dtype)
     whole_block_fn = step_fn(config, attention=plan(fresh=True)) if fresh else None
     return step_fn(config, attention=plan(key_limit=key_limit)), whole_block_fn
 
@@ -134,7 +140,8 @@ PREFILL_CLOCK = PrefillClock()
 
 def generation_program(model: Model, *, num_steps: int, greedy: bool, use_cache: bool = True,
                        return_logits: bool = False, key_limit: int | None = None,
-                       decode_kernel: bool | None = None, timed: bool = False):
+                       decode_kernel: bool | None = None, timed: bool = False,
+                       kv_dtype: str | None = None):
     """The program ``kvjax.generate`` compiles: prefill and up to ``num_steps - 1`` decode
     steps, jitted with the cache donated, called as ``program(params, cache,
     prompt_tokens, prompt_lengths, max_new_tokens, sampling, seed, stop_tokens)`` ->
@@ -146,14 +153,14 @@ def generation_program(model: Model, *, num_steps: int, greedy: bool, use_cache:
     ``step_functions`` and ``kvjax.decode.decode``.
     """
     return _generation_program(*_model_key(model), num_steps, greedy, use_cache, return_logits,
-                               key_limit, decode_kernel, timed)
+                               key_limit, decode_kernel, timed, kv_dtype)
 
 
 @functools.lru_cache(maxsize=64)
 def _generation_program(config, dtype, mesh, rules, num_steps, greedy, use_cache, return_logits,
-                        key_limit, decode_kernel, timed):
+                        key_limit, decode_kernel, timed, kv_dtype):
     step, whole_block_fn = _step_functions(config, dtype, mesh, rules, use_cache, True,
-                                           key_limit, decode_kernel)
+                                           key_limit, decode_kernel, kv_dtype)
 
     def run(params, cache, prompt_tokens, prompt_lengths, max_new_tokens, sampling, seed,
             stop_tokens, *run_id):
@@ -168,7 +175,8 @@ def _generation_program(config, dtype, mesh, rules, num_steps, greedy, use_cache
 
 
 def stream_programs(model: Model, *, greedy: bool, chunk_size: int, state_shardings,
-                    use_cache: bool = True, key_limit: int | None = None, fresh: bool = True):
+                    use_cache: bool = True, key_limit: int | None = None, fresh: bool = True,
+                    kv_dtype: str | None = None):
     """``(prefill program, chunk program)`` of ``generate_stream`` and ``ChatSession``,
     each jitted once with its cache/state donated.
 
@@ -181,14 +189,14 @@ def stream_programs(model: Model, *, greedy: bool, chunk_size: int, state_shardi
     returns is exactly what the next chunk (or a chat's next prefill) was compiled for.
     """
     return _stream_programs(*_model_key(model), use_cache, greedy, chunk_size, state_shardings,
-                            key_limit, fresh)
+                            key_limit, fresh, kv_dtype)
 
 
 @functools.lru_cache(maxsize=64)
 def _stream_programs(config, dtype, mesh, rules, use_cache, greedy, chunk_size, shardings,
-                     key_limit, fresh):
+                     key_limit, fresh, kv_dtype):
     step, whole_block_fn = _step_functions(config, dtype, mesh, rules, use_cache, fresh,
-                                           key_limit, None)
+                                           key_limit, None, kv_dtype)
 
     def prefill_block(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed,
                       stop_tokens):

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from kvjax import sharding
+from kvjax.cache import check_kv_dtype
 from kvjax.config import ModelConfig, is_count
 from kvjax.decode import PAD_TOKEN
 from kvjax.loading import Model
@@ -109,6 +110,7 @@ class Request:
     prompt_tokens: np.ndarray  # int32[rows, prompt_bucket], right-padded
     prompt_lengths: np.ndarray  # int32[rows]
     capacity: int
+    kv_dtype: str | None  # what the cache stores (kvjax.cache.KV_DTYPES; None: the model's dtype)
     num_steps: int  # power-of-two bound on new tokens
     controls: dict  # max_new_tokens, sampling, seed, stop_tokens: the dynamic loop inputs
     sampling_values: dict  # temperature, top_k, top_p, min_p as used (defaults resolved)
@@ -142,9 +144,13 @@ def fresh_key_limit(prompt_width: int, num_steps: int, capacity: int) -> int | N
 def make_request(model: Model, prompts: Prompts, *, max_new_tokens: int,
                  temperature: float | None, top_k: int | None, top_p: float | None,
                  min_p: float | None, seed: int, stop_tokens: Sequence[int] | None,
-                 capacity: int | None) -> Request:
+                 capacity: int | None, kv_dtype: str | None = None,
+                 use_cache: bool = True) -> Request:
     """Validates a generation request (arguments as in ``kvjax.generate``) and pads it
     to the shapes of its programs; raises ``ValueError`` naming the first problem."""
+    check_kv_dtype(kv_dtype)
+    if kv_dtype is not None and not use_cache:
+        raise ValueError("kv_dtype sets what the KV cache stores; use_cache=False keeps none")
     values = model.sampling_values(temperature, top_k, top_p, min_p)
     check_sampling_values(**values)
     if not (is_count(seed, 0) and seed < 2 ** 32):
@@ -160,7 +166,7 @@ def make_request(model: Model, prompts: Prompts, *, max_new_tokens: int,
     controls = dict(max_new_tokens=new_token_limits(len(encoded), len(rows), max_new_tokens),
                     sampling=sampling, seed=np.uint32(seed), stop_tokens=stops)
     return Request(encoded=encoded, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths,
-                    capacity=capacity, num_steps=bucket(max_new_tokens, MIN_STEPS_BUCKET),
+                    capacity=capacity, kv_dtype=kv_dtype, num_steps=bucket(max_new_tokens, MIN_STEPS_BUCKET),
                     controls=controls, sampling_values=values)
 
 

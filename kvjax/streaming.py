@@ -46,11 +46,12 @@ class DecodeChunks:
 
     def __init__(self, model: Model, use_cache: bool, chunk_size: int, cache, block: np.ndarray,
                  lengths: np.ndarray, start: np.ndarray, controls: dict,
-                 key_limit: int | None = None, fresh: bool = False):
+                 key_limit: int | None = None, fresh: bool = False,
+                 kv_dtype: str | None = None):
         prefill_program, chunk_program = programs.stream_programs(
             model, greedy=controls["sampling"].is_greedy, chunk_size=chunk_size,
             state_shardings=programs.state_shardings(model, cache), use_cache=use_cache,
-            key_limit=key_limit, fresh=fresh)
+            key_limit=key_limit, fresh=fresh, kv_dtype=kv_dtype)
         self._params, self._controls, self._chunk_size = model.params, controls, chunk_size
         self._prefill_args = (model.params, cache, block, lengths, start, *controls.values())
         t0 = time.perf_counter()
@@ -127,7 +128,7 @@ def generate_stream(model: Model, prompts: Prompts, *,
                     top_k: int | None = None, top_p: float | None = None,
                     min_p: float | None = None, seed: int = 0,
                     stop_tokens: Sequence[int] | None = None, capacity: int | None = None,
-                    use_cache: bool = True) -> TokenStream:
+                    use_cache: bool = True, kv_dtype: str | None = None) -> TokenStream:
     """Like ``generate`` but yields new tokens as they are made, ``chunk_size`` steps at a time.
 
     Two compiled programs (the prefill and a chunk of ``chunk_size`` decode steps) serve
@@ -138,10 +139,10 @@ def generate_stream(model: Model, prompts: Prompts, *,
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     req = make_request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
-                   capacity=capacity)
-    cache = programs.new_cache(model, req.rows, req.capacity, use_cache)
+                   capacity=capacity, kv_dtype=kv_dtype, use_cache=use_cache)
+    cache = programs.new_cache(model, req.rows, req.capacity, use_cache, req.kv_dtype)
     cache_bytes = cache.nbytes
     chunks = DecodeChunks(model, use_cache, chunk_size, cache, req.prompt_tokens, req.prompt_lengths,
                      np.zeros((req.rows,), np.int32), req.controls, key_limit=req.key_limit,
-                     fresh=True)
+                     fresh=True, kv_dtype=req.kv_dtype)
     return TokenStream(model, req, chunks, cache_bytes)

@@ -223,6 +223,7 @@ def task_meshes(hf_dir: str) -> dict:
     # --- a GQA model built in memory with init_params, placed with shard_params ---
     base = gqa_model()
     reference = kvjax.generate(base, PROMPTS, **opts).tokens
+    int8_reference = kvjax.generate(base, PROMPTS, kv_dtype="int8", **opts).tokens
     gqa = {"reference": reference}
     for data, model_ways in MESHES:
         mesh = sharding.make_mesh(data=data, model=model_ways)
@@ -249,6 +250,11 @@ def task_meshes(hf_dir: str) -> dict:
                  "weight_shapes": sorted(weight_shapes(model.params)),
                  "step": step_checks(model, 16, 256),
                  "cache_placement": cache_placement(model, 8, 64)}
+        int8_cache = programs.new_cache(model, len(PROMPTS), 64, kv_dtype="int8")
+        entry["int8"] = {
+            "tokens_equal": kvjax.generate(model, PROMPTS, kv_dtype="int8", **opts).tokens
+            == int8_reference,
+            "codes": spec_of(int8_cache.keys[0]), "scales": spec_of(int8_cache.key_scales[0])}
         if model_ways > base.config.num_kv_heads:  # KV heads grouped: whole program
             entry["program"] = program_gathers(model, 8, 64)
         entry["kernel"] = kernel_on_mesh(model, reference)

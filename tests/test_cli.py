@@ -230,3 +230,128 @@ def _wait_until_quiet(stream, seconds: float, deadline: float) -> None:
     while not last or time.monotonic() - last[-1] < seconds:
         assert time.monotonic() - start < deadline, "the CLI printed no compile log in time"
         time.sleep(0.1)
+
+
+# ----- --dry-run and --kv-dtype -----
+
+def dry_run(*args):
+    proc = run_cli("--dry-run", *args)
+    return proc, (json.loads(proc.stdout) if "--json" in args and proc.stdout else None)
+
+
+def test_dry_run_is_the_run_it_plans(bundled):
+    """The cache and weights bytes of --dry-run are those of the run itself (what
+    ``generate`` creates, the loaded weights) and of ``kvjax.cache.estimate_bytes``."""
+    flags = ["--prompt", TWO_PROMPTS[0], "--prompt", TWO_PROMPTS[1], "--max-new-tokens", "40"]
+    proc, report = dry_run(*flags, "--json")
+    assert proc.returncode == 0, proc.stderr
+    run = kvjax.generate(bundled, TWO_PROMPTS, max_new_tokens=40)
+    assert (report["rows"], report["capacity"]) == (2, run.stats["capacity"])
+    assert report["cache_bytes"] == run.stats["cache_bytes"] == kvjax.cache.estimate_bytes(
+        bundled.config, 2, run.stats["capacity"], dtype="float32")
+    assert report["weights_bytes"] == kvjax.cache.tree_nbytes(bundled.params)
+    assert report["total_bytes"] == (report["weights_bytes"] + report["cache_bytes"]
+                                     + report["scratch_bytes"])
+    assert report["scratch_bytes"] == sum(report["scratch_estimate"].values()) > 0
+    assert report["fits"] and report["memory_bytes"] > 0
+    text, _ = dry_run(*flags)
+    assert text.returncode == 0, text.stderr
+    assert re.search(rf"^  KV cache +{report['cache_bytes']:,} bytes ", text.stdout, re.M)
+    assert re.search(rf"^  weights +{report['weights_bytes']:,} bytes ", text.stdout, re.M)
+    assert "scratch, estimated as a prefill piece's largest temporaries: activations " \
+        in text.stdout
+    assert text.stdout.splitlines()[-1].startswith("fits: ")
+
+
+def test_dry_run_reads_no_weights(tmp_path):
+    """A checkpoint directory without its safetensors: the dry run needs none of it."""
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes(open(os.path.join(kvjax.BUNDLED_MODEL, name), "rb").read())
+    proc, report = dry_run("--model", str(tmp_path), "--prompt", "x", "--kv-dtype", "int8",
+                           "--dtype", "bfloat16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    config = kvjax.ModelConfig.from_json(str(tmp_path))
+    assert report["cache_bytes"] == kvjax.cache.estimate_bytes(config, 1, report["capacity"],
+                                                               "int8")
+    assert report["weights_bytes"] == kvjax.cache.tree_nbytes(
+        kvjax.params.abstract_params(config, "bfloat16"))
+
+
+def test_dry_run_that_does_not_fit_says_what_would(bundled):
+    flags = ["--prompt", "a", "--prompt", "b", "--prompt", "c", "--prompt", "d",
+             "--capacity", "512", "--memory-budget", "17MiB"]
+    proc, report = dry_run(*flags, "--json")
+    assert proc.returncode == 1 and not report["fits"]
+    assert report["memory_bytes"] == 17 * 2 ** 20 and report["memory_source"] == "--memory-budget"
+    room = report["memory_bytes"] - report["weights_bytes"] - report["scratch_bytes"]
+    config = bundled.config
+    for kv_dtype in ("float32", "int8"):
+        largest = report["fitting"][kv_dtype]
+        size = lambda b, c: kvjax.cache.estimate_bytes(config, b, c, kv_dtype, dtype="float32")
+        b, c = largest["max_batch"], largest["max_capacity"]
+        assert (b == 0 or size(b, 512) <= room) and size(b + 1, 512) > room
+        assert size(4, c) <= room < size(4, c + 1)
+    assert report["fitting"]["int8"]["max_batch"] >= 1  # int8 fits a row where float32 does not
+    text, _ = dry_run(*flags)
+    assert text.returncode == 1
+    lines = text.stdout.splitlines()
+    f32, int8 = report["fitting"]["float32"], report["fitting"]["int8"]
+    assert f"  largest batch that fits at capacity 512: {f32['max_batch']}" in lines
+    assert (f"  largest capacity that fits at batch 4: {f32['max_capacity']} (this run needs "
+            f">= {report['fitting']['capacity_needed']})") in lines
+    assert any(line.startswith("with --kv-dtype int8: KV cache ") for line in lines)
+    assert f"  largest batch that fits at capacity 512 with --kv-dtype int8: " \
+           f"{int8['max_batch']}" in lines
+
+
+def test_dry_run_when_not_even_one_row_fits():
+    proc, _ = dry_run("--prompt", "x", "--memory-budget", "1MiB")
+    assert proc.returncode == 1
+    assert ("  not even one row of one slot fits: the weights and the scratch alone need "
+            in proc.stdout)
+    assert "with --kv-dtype int8: KV cache " in proc.stdout
+
+
+@pytest.mark.parametrize("budget, expected", [("8GiB", 8 * 2 ** 30), ("1.5GB", 1_500_000_000),
+                                              ("123456", 123456), ("2m", 2 * 2 ** 20)])
+def test_memory_budget_units(budget, expected):
+    proc, report = dry_run("--prompt", "x", "--memory-budget", budget, "--json")
+    assert report["memory_bytes"] == expected, proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--memory-budget", "8XB", "--dry-run"], "argument --memory-budget: expected bytes, a "
+                                              "number with an optional unit"),
+    (["--memory-budget", "8GiB"], "--memory-budget is the device memory a --dry-run plans for"),
+    (["--dry-run", "--no-cache"], "--dry-run plans a generation's KV cache"),
+    (["--kv-dtype", "int8", "--no-cache"], "--kv-dtype sets what the KV cache stores"),
+    (["--kv-dtype", "int4"], "argument --kv-dtype: invalid choice: 'int4'"),
+])
+def test_planning_flag_errors_exit_2(flags, message):
+    proc = run_cli("--prompt", "x", *flags)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"kvjax-generate: error: {message}")
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_kv_dtype_generates_what_the_library_does(bundled, kv_dtype):
+    proc = run_cli("--prompt", "The list type", "--max-new-tokens", "24", "--kv-dtype", kv_dtype,
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    expected = kvjax.generate(bundled, ["The list type"], max_new_tokens=24, kv_dtype=kv_dtype)
+    assert out["tokens"] == expected.tokens
+    assert out["stats"]["cache_bytes"] == expected.stats["cache_bytes"] == \
+        kvjax.cache.estimate_bytes(bundled.config, 1, expected.stats["capacity"], kv_dtype)
+    streamed = run_cli("--prompt", "The list type", "--max-new-tokens", "24", "--kv-dtype",
+                       kv_dtype, "--stream", "--quiet")
+    assert streamed.stdout == expected.texts[0] + "\n"
+
+
+def test_chat_with_kv_dtype(checkpoint):
+    proc = run_cli("--model", checkpoint, "--chat", "--max-new-tokens", "8", "--dtype", "float32",
+                   "--kv-dtype", "int8", stdin="hello there\n")
+    assert proc.returncode == 0, proc.stderr
+    session = kvjax.ChatSession(kvjax.load(checkpoint, dtype="float32"), max_new_tokens=8,
+                                kv_dtype="int8")
+    assert proc.stdout == f"you> model> {session.send('hello there')}\nyou> "

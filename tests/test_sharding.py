@@ -89,6 +89,16 @@ def test_tokens_equal_one_device(meshes, model_kind, mesh):
 
 
 @pytest.mark.parametrize("mesh", MESHES)
+def test_int8_cache_on_a_mesh(meshes, mesh):
+    """An int8 KV cache on each mesh gives the one-device int8 tokens; its scales
+    ([batch, kv_heads, capacity]) are split like the codes' rows and KV heads."""
+    entry = meshes["gqa"][mesh]["int8"]
+    assert entry["tokens_equal"]
+    assert entry["scales"]["spec"] == entry["codes"]["spec"][:3]
+    assert entry["scales"]["mesh"] == entry["codes"]["mesh"]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
 def test_batch_that_data_does_not_divide(meshes, mesh):
     """7 prompts on data=2, 4 or 8: generate and generate_stream pad the batch and give
     the 7 rows of the one-device run, and nothing of the padding rows."""

@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 
-from kvjax.attention import flash, plain
+from kvjax.attention import flash, plain, quantized
+from kvjax.cache import QUANTIZED, check_kv_dtype
 from kvjax.cache.contiguous import write_block
+from kvjax.cache.quantized import write_quantized_block
 from kvjax.config import ModelConfig
 from kvjax.kernels import decode_attention as kernel
 
@@ -38,6 +41,9 @@ class LayerAttention:
         attention stays within the block and never reads the cache's empty slots.
       key_limit: no query attends to a slot at or past it (a generation that can fill
         only its first ``key_limit`` slots): the work follows what can be filled.
+      quantized: the cache holds int8/fp8 codes and scales (``QuantizedKVCache``): a
+        block is quantized when written, and attention over the cache reads the codes
+        block by block (``kvjax.attention.quantized``).
     """
 
     implementation: str = "xla"
@@ -46,6 +52,7 @@ class LayerAttention:
     split: kernel.MeshSplit | None = None
     fresh: bool = False
     key_limit: int | None = None
+    quantized: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +81,13 @@ def block_implementation(head_dim: int, dtype, logit_softcap: float | None,
 def choose(config: ModelConfig, dtype, *, use_cache: bool = True, fresh: bool = False,
            key_limit: int | None = None, mesh=None, rules=None,
            decode_kernel: bool | None = None,
-           kernel_split: kernel.MeshSplit | None = None) -> AttentionPlan:
+           kernel_split: kernel.MeshSplit | None = None,
+           kv_dtype: str | None = None) -> AttentionPlan:
     """How a program's layers attend.
 
     Args:
       config: the model.
-      dtype: the cache's (and params') dtype.
+      dtype: the params' (and queries') dtype.
       use_cache: False for the recompute baseline (attention within the block only).
       fresh, key_limit: as in ``LayerAttention``.
       mesh, rules: where params and cache live (``kvjax.sharding``). On a mesh of
@@ -91,6 +99,9 @@ def choose(config: ModelConfig, dtype, *, use_cache: bool = True, fresh: bool = 
         interpreted (slow; tests); False: never.
       kernel_split: the kernel's split when the caller made it without a mesh
         (``kvjax.sharding.kernel_options``, kept for older code); ignored with ``mesh``.
+      kv_dtype: what the cache stores (``kvjax.cache.KV_DTYPES``; None: ``dtype``). A
+        cache in another float dtype than the queries attends on the XLA path; int8 and
+        fp8 caches on the quantized path (the decode kernel does not read them yet).
 
     Raises:
       RuntimeError: ``decode_kernel=True`` where this JAX has no Pallas Triton.
@@ -102,6 +113,9 @@ def choose(config: ModelConfig, dtype, *, use_cache: bool = True, fresh: bool = 
         split = sharding.kernel_split(config, mesh, rules or sharding.DEFAULT_RULES)
         if split is None:
             decode_kernel = False
+    check_kv_dtype(kv_dtype)
+    is_quantized = kv_dtype in QUANTIZED
+    same_dtype = kv_dtype is None or (not is_quantized and np.dtype(kv_dtype) == np.dtype(dtype))
     if decode_kernel and not kernel.available():
         raise RuntimeError("decode_kernel=True asks for kvjax's Pallas Triton decode kernel, "
                            "but this JAX has no Pallas Triton; pass decode_kernel=None or False")
@@ -111,40 +125,51 @@ def choose(config: ModelConfig, dtype, *, use_cache: bool = True, fresh: bool = 
     def layer(window: int | None) -> LayerAttention:
         mode = None
         if use_cache and not fresh and decode_kernel is not False and window is None \
-                and softcap is None:
+                and softcap is None and same_dtype and not is_quantized:
             if kernel.supported(config.head_dim, dtype):
                 mode = "compiled"
             elif decode_kernel:  # any dtype and head_dim: the tests' float32 models too
                 mode = "interpret"
-        return LayerAttention(
-            implementation=block_implementation(config.head_dim, dtype, softcap, window,
-                                                over_cache=not within_block),
-            kernel=mode, window=window, split=split if mode else None, fresh=fresh,
-            key_limit=key_limit)
+        implementation = block_implementation(config.head_dim, dtype, softcap, window,
+                                              over_cache=not within_block)
+        if not (within_block or same_dtype):  # cuDNN takes one dtype for q, k and v
+            implementation = "xla"
+        return LayerAttention(implementation=implementation, kernel=mode, window=window,
+                              split=split if mode else None, fresh=fresh,
+                              key_limit=key_limit, quantized=use_cache and is_quantized)
 
     return AttentionPlan(tuple(layer(config.layer_window(i)) for i in range(config.num_layers)))
 
 
 def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k: jax.Array,
-                 v: jax.Array, keys: jax.Array | None, values: jax.Array | None,
-                 positions: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+                 v: jax.Array, layer_cache: tuple | None, positions: jax.Array
+                 ) -> tuple[jax.Array, tuple | None]:
     """A layer's attention as its ``LayerAttention`` says: the block's ``k``, ``v``
-    (``[batch, seq, kv_heads, head_dim]``) written to the layer's cache buffers ``keys``,
-    ``values`` (``[batch, kv_heads, capacity, head_dim]``; None without a cache), then
-    ``q`` (``[batch, seq, heads, head_dim]``) attending. Returns ``(attn, keys, values)``."""
+    (``[batch, seq, kv_heads, head_dim]``) written to the layer's part of the cache
+    (``Cache.layer``: ``(keys, values)`` buffers ``[batch, kv_heads, capacity,
+    head_dim]``, with scales for a quantized cache; None without a cache), then ``q``
+    (``[batch, seq, heads, head_dim]``) attending. Returns ``(attn, layer_cache)``."""
     scale, softcap, window = config.query_scale, config.attn_logit_softcap, attention.window
-    if keys is not None and attention.kernel and q.shape[1] == 1:
-        return kernel.attend_and_write(q, k, v, keys, values, positions, scale,
-                                       interpret=attention.kernel == "interpret",
-                                       split=attention.split)
-    if keys is not None:  # written [batch, kv_heads, seq, head_dim]
-        keys, values = write_block(keys, values, k.transpose(0, 2, 1, 3),
-                                   v.transpose(0, 2, 1, 3), positions)
-    if keys is None or attention.fresh:  # attend within the given tokens
+    if layer_cache is not None and attention.kernel and q.shape[1] == 1:
+        out, keys, values = kernel.attend_and_write(
+            q, k, v, *layer_cache, positions, scale, interpret=attention.kernel == "interpret",
+            split=attention.split)
+        return out, (keys, values)
+    if layer_cache is not None:  # written [batch, kv_heads, seq, head_dim]
+        block_keys, block_values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if attention.quantized:
+            layer_cache = write_quantized_block(layer_cache, block_keys, block_values, positions)
+        else:
+            layer_cache = write_block(*layer_cache, block_keys, block_values, positions)
+    if layer_cache is None or attention.fresh:  # attend within the given tokens
         if attention.implementation == "cudnn":
-            return flash.attend_block(q, k, v, positions, window, scale), keys, values
-        return plain.attend_block(q, k, v, positions, window, scale, softcap), keys, values
+            return flash.attend_block(q, k, v, positions, window, scale), layer_cache
+        return plain.attend_block(q, k, v, positions, window, scale, softcap), layer_cache
+    if attention.quantized:
+        return quantized.attend_cache(q, *layer_cache, positions, window, scale, softcap,
+                                      attention.key_limit), layer_cache
+    keys, values = layer_cache
     if attention.implementation == "cudnn":
-        return flash.attend_cache(q, k, v, keys, values, positions, scale), keys, values
+        return flash.attend_cache(q, k, v, keys, values, positions, scale), layer_cache
     return plain.attend_cache(q, keys, values, positions, window, scale, softcap,
-                              attention.key_limit), keys, values
+                              attention.key_limit), layer_cache

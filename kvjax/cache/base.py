@@ -54,6 +54,34 @@ class Cache(Protocol):
         """A pytree of this cache's structure with a ``LogicalAxes`` per array leaf."""
 
 
+class PerLayerBuffers:
+    """What caches with per-layer ``keys`` buffers ``[batch, kv_heads, capacity, ...]``
+    and ``lengths`` share (``KVCache``, ``QuantizedKVCache``): a mixin of their
+    ``flax.struct`` dataclasses, holding no fields of its own."""
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache's arrays (buffers, scales, lengths)."""
+        return tree_nbytes(self)
+
+    @property
+    def is_full(self) -> jax.Array:
+        """``bool[batch]``: rows with no free slot left."""
+        return self.lengths >= self.capacity
+
+    def advance(self, positions: jax.Array):
+        """Sets each row's length past the largest position just written (``-1`` = padding)."""
+        return self.replace(lengths=advanced_lengths(self.lengths, positions))
+
+
 def tree_nbytes(tree: Any) -> int:
     """Bytes of every array in ``tree`` (works on abstract arrays too)."""
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
@@ -86,3 +114,8 @@ def write_rows(buffer: jax.Array, block: jax.Array, positions: jax.Array,
 def advanced_lengths(lengths: jax.Array, positions: jax.Array) -> jax.Array:
     """Row lengths after writing ``positions`` (``int32[batch, new]``, ``-1`` = padding)."""
     return jnp.maximum(lengths, positions.max(axis=1) + 1)
+
+
+def replace_at(items: tuple, index: int, value) -> tuple:
+    """``items`` with the entry at ``index`` replaced by ``value`` (per-layer buffers)."""
+    return items[:index] + (value,) + items[index + 1:]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.base import advanced_lengths, tree_nbytes, write_rows
+from kvjax.cache.base import PerLayerBuffers, replace_at, write_rows
 from kvjax.config import ModelConfig, is_count
 
 # What the K/V buffers may hold (KVCache.create).
@@ -25,7 +25,7 @@ BUFFER_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 
 
 @struct.dataclass
-class KVCache:
+class KVCache(PerLayerBuffers):
     """Keys and values of every layer for a batch of sequences.
 
     Attributes:
@@ -55,19 +55,6 @@ class KVCache:
         zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(keys=zeros(), values=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
 
-    @property
-    def batch(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the cache buffers (keys, values and lengths)."""
-        return tree_nbytes(self)
-
     def logical_axes(self) -> "KVCache":
         """Every K/V buffer ``(batch, kv_heads, cache_seq, head_dim)``, lengths ``(batch,)``."""
         layers = (BUFFER_AXES,) * len(self.keys)
@@ -82,11 +69,6 @@ class KVCache:
         """``int32[batch, capacity]``: the position held by each slot (slot = position)."""
         return jnp.broadcast_to(jnp.arange(self.capacity, dtype=jnp.int32),
                                 (self.batch, self.capacity))
-
-    @property
-    def is_full(self) -> jax.Array:
-        """``bool[batch]``: rows with no free slot left."""
-        return self.lengths >= self.capacity
 
     def update(self, layer: int, keys: jax.Array, values: jax.Array,
                positions: jax.Array) -> "KVCache":
@@ -109,12 +91,8 @@ class KVCache:
         """The cache with one layer's whole ``(keys, values)`` buffers replaced
         (``[batch, kv_heads, capacity, head_dim]``, e.g. as the decode kernel wrote them)."""
         keys, values = layer
-        return self.replace(keys=_replace_at(self.keys, index, keys),
-                            values=_replace_at(self.values, index, values))
-
-    def advance(self, positions: jax.Array) -> "KVCache":
-        """Sets each row's length past the largest position just written (``-1`` = padding)."""
-        return self.replace(lengths=advanced_lengths(self.lengths, positions))
+        return self.replace(keys=replace_at(self.keys, index, keys),
+                            values=replace_at(self.values, index, values))
 
 
 def write_block(keys: jax.Array, values: jax.Array, new_keys: jax.Array,
@@ -125,6 +103,3 @@ def write_block(keys: jax.Array, values: jax.Array, new_keys: jax.Array,
     return (write_rows(keys, new_keys, positions, seq_axis=2),
             write_rows(values, new_values, positions, seq_axis=2))
 
-
-def _replace_at(items: tuple, index: int, value) -> tuple:
-    return items[:index] + (value,) + items[index + 1:]
