@@ -421,7 +421,7 @@ def _dry_run(args: argparse.Namespace) -> int:
     devices in the run.
     """
     mesh, rules = _setup(args, compile_cache=False)
-    directory = kvjax.loading.resolve_checkpoint(args.model)
+    directory = kvjax.loading.resolve_checkpoint(args.model, weights=False)
     config = kvjax.ModelConfig.from_json(directory)
     dtype = (args.dtype or kvjax.orbax_store.stored_dtype(directory)
              or kvjax.loading.default_dtype(mesh))

@@ -94,10 +94,15 @@ def default_dtype(mesh=None) -> str:
     return "float32" if platform == "cpu" else "bfloat16"
 
 
-def resolve_checkpoint(path_or_hub_id: str) -> str:
+# The files of a Hub checkpoint besides its weights: config, tokenizer, generation config.
+HUB_FILES = ["*.json", "tokenizer.model"]
+
+
+def resolve_checkpoint(path_or_hub_id: str, weights: bool = True) -> str:
     """The local directory of a checkpoint: ``path_or_hub_id`` itself when it is a
     directory (which must hold ``config.json``), else the Hub snapshot it names,
-    downloaded (or found in the ``HF_HOME`` cache) with ``huggingface_hub``."""
+    downloaded (or found in the ``HF_HOME`` cache) with ``huggingface_hub``; without
+    ``weights``, only its small files (``HUB_FILES``: what a dry run reads)."""
     path = os.fspath(path_or_hub_id)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -111,7 +116,7 @@ def resolve_checkpoint(path_or_hub_id: str) -> str:
 
     try:
         return huggingface_hub.snapshot_download(
-            path, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+            path, allow_patterns=HUB_FILES + (["*.safetensors"] if weights else []))
     except Exception as e:
         raise FileNotFoundError(
             f"could not get {path} from the Hugging Face Hub ({type(e).__name__}: {e}). "

@@ -277,6 +277,27 @@ def test_dry_run_reads_no_weights(tmp_path):
         kvjax.params.abstract_params(config, "bfloat16"))
 
 
+def test_dry_run_downloads_no_weights_from_the_hub(monkeypatch, capsys):
+    """For a Hub id the dry run fetches only the small files (config, tokenizer), never
+    the safetensors; a generation fetches both."""
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        return kvjax.BUNDLED_MODEL
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    from kvjax import cli
+
+    assert cli.main(["--model", "org/name", "--prompt", "x", "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache_bytes"] > 0
+    assert asked == [("org/name", ["*.json", "tokenizer.model"])]
+    assert kvjax.loading.resolve_checkpoint("org/name") == kvjax.BUNDLED_MODEL
+    assert asked[-1] == ("org/name", ["*.json", "tokenizer.model", "*.safetensors"])
+
+
 def test_dry_run_that_does_not_fit_says_what_would(bundled):
     flags = ["--prompt", "a", "--prompt", "b", "--prompt", "c", "--prompt", "d",
              "--capacity", "512", "--memory-budget", "17MiB"]
