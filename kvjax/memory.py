@@ -64,14 +64,11 @@ def weights_bytes(config, dtype: str, mesh, rules) -> int:
     abstract = params.abstract_params(config, np.dtype(dtype))
     if mesh is None:
         return tree_nbytes(abstract)
-    shardings = sharding.param_shardings(config, mesh, rules)
-    shards = jax.tree.map(lambda a, s: int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize,
-                          abstract, shardings)
-    return sum(jax.tree.leaves(shards))
+    return sharding.shard_nbytes(abstract, sharding.param_shardings(config, mesh, rules))
 
 
 def scratch_bytes(config, dtype: str, request, kv_dtype, mesh, rules,
-             platform: str) -> tuple[int, dict[str, int]]:
+                  platform: str) -> tuple[int, dict[str, int]]:
     """An estimate of the scratch XLA needs on one device beside the weights and the
     cache, and its terms (bytes by what they hold).
 

@@ -395,6 +395,16 @@ def batch_ways(mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES) -> int:
 
 # ----- describing where things are -----
 
+def shard_nbytes(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of ``tree`` (arrays or ``jax.ShapeDtypeStruct``s) placed by
+    ``shardings`` (``NamedSharding``s, the same structure). kvjax splits an axis only in
+    whole, equal parts, so every device holds shards of the same shapes."""
+    shards = jax.tree.map(lambda leaf, placed: int(np.prod(placed.shard_shape(leaf.shape),
+                                                           dtype=object))
+                          * np.dtype(leaf.dtype).itemsize, tree, shardings)
+    return sum(jax.tree.leaves(shards))
+
+
 def bytes_per_device(tree: Any) -> dict:
     """Bytes each device holds of the arrays in ``tree`` (from their addressable shards)."""
     held: dict = {}

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import numpy as np
 
 from kvjax.cache.base import tree_nbytes
 from kvjax.config import ModelConfig, is_count
@@ -51,11 +50,7 @@ def estimate_bytes(config: ModelConfig, batch: int, capacity: int, kv_dtype: str
     sharding.check_mesh(config, mesh, batch=batch, rules=rules)
     shardings = sharding.logical_shardings(abstract.logical_axes(), config, mesh, rules,
                                            batch=batch, capacity=capacity)
-    # kvjax.sharding splits an axis only in whole, equal parts: every device holds a
-    # shard of the same shape of each leaf, so one device's sum is the largest.
-    shards = jax.tree.map(lambda leaf, s: _nbytes(s.shard_shape(leaf.shape), leaf.dtype),
-                          abstract, shardings)
-    return sum(jax.tree.leaves(shards))
+    return sharding.shard_nbytes(abstract, shardings)
 
 
 def max_batch(config: ModelConfig, capacity: int, budget_bytes: int,
@@ -153,10 +148,6 @@ def _ways(mesh, rules, axis: str) -> int:
         return sharding.batch_ways(mesh, rules)
     mesh_axis = getattr(rules, axis)
     return mesh.shape[mesh_axis] if mesh_axis in mesh.shape else 1
-
-
-def _nbytes(shape: tuple[int, ...], dtype) -> int:
-    return int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
 
 
 def _check_sizes(**sizes) -> None:
