@@ -325,25 +325,26 @@ def decode(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
 
 
 def jit_decode(step_fn: StepFn, *, num_steps: int, greedy: bool, return_logits: bool = False,
-               on_prefill: Callable[[jax.Array], None] | None = None,
+               on_prefill: Callable[..., None] | None = None,
                prefill_chunk: int | None = None, whole_block_fn: StepFn | None = None,
                sync_every: int = 1, compiler_options: dict | None = None):
     """``decode`` for ``step_fn`` as one jitted program with the cache donated.
 
     The program takes ``(params, cache, prompt_tokens, prompt_lengths, max_new_tokens,
-    sampling, seed, stop_tokens)`` and returns a ``DecodeResult``; the cache passed in
-    is consumed (its buffers are updated in place). ``compiler_options``: XLA options
-    of the compile (``jax.jit``'s), e.g. ``kvjax.model.compiler_options()`` for
-    kvjax's model.
+    sampling, seed, stop_tokens, *on_prefill_args)`` and returns a ``DecodeResult``; the
+    cache passed in is consumed (its buffers are updated in place). Arrays after
+    ``stop_tokens`` are handed to ``on_prefill`` after the first tokens (``decode``'s
+    ``on_prefill_args``, e.g. a run id). ``compiler_options``: XLA options of the compile
+    (``jax.jit``'s), e.g. ``kvjax.model.compiler_options()`` for kvjax's model.
     """
 
     def run(params, cache, prompt_tokens, prompt_lengths, max_new_tokens, sampling, seed,
-            stop_tokens):
+            stop_tokens, *on_prefill_args):
         return decode(step_fn, params, cache, prompt_tokens, prompt_lengths,
                       num_steps=num_steps, max_new_tokens=max_new_tokens, sampling=sampling,
                       seed=seed, stop_tokens=stop_tokens, greedy=greedy,
                       return_logits=return_logits, on_prefill=on_prefill,
-                      prefill_chunk=prefill_chunk, whole_block_fn=whole_block_fn,
-                      sync_every=sync_every)
+                      on_prefill_args=on_prefill_args, prefill_chunk=prefill_chunk,
+                      whole_block_fn=whole_block_fn, sync_every=sync_every)
 
     return jax.jit(run, donate_argnums=1, compiler_options=compiler_options)

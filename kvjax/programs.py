@@ -29,7 +29,7 @@ from kvjax.attention import AttentionPlan, choose
 from kvjax import cache as caches
 from kvjax.cache import TokenHistory
 from kvjax.config import ModelConfig
-from kvjax.decode import DecodeState, decode, decode_steps, prefill
+from kvjax.decode import DecodeState, decode_steps, jit_decode, prefill
 from kvjax.loading import Model
 from kvjax.model import compiler_options, recompute_step_fn, step_fn
 
@@ -162,16 +162,11 @@ def _generation_program(config, dtype, mesh, rules, num_steps, greedy, use_cache
     step, whole_block_fn = _step_functions(config, dtype, mesh, rules, use_cache, True,
                                            key_limit, decode_kernel, kv_dtype)
 
-    def run(params, cache, prompt_tokens, prompt_lengths, max_new_tokens, sampling, seed,
-            stop_tokens, *run_id):
-        return decode(step, params, cache, prompt_tokens, prompt_lengths, num_steps=num_steps,
-                      max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                      stop_tokens=stop_tokens, greedy=greedy, return_logits=return_logits,
-                      on_prefill=PREFILL_CLOCK if timed else None, on_prefill_args=run_id,
+    return jit_decode(step, num_steps=num_steps, greedy=greedy, return_logits=return_logits,
+                      on_prefill=PREFILL_CLOCK if timed else None,
                       prefill_chunk=PREFILL_CHUNK if use_cache else None,
-                      whole_block_fn=whole_block_fn, sync_every=SYNC_EVERY)
-
-    return jax.jit(run, donate_argnums=1, compiler_options=compiler_options())
+                      whole_block_fn=whole_block_fn, sync_every=SYNC_EVERY,
+                      compiler_options=compiler_options())
 
 
 def stream_programs(model: Model, *, greedy: bool, chunk_size: int, state_shardings,
