@@ -1,7 +1,14 @@
 """kvjax.kernels.decode_attention: a decode step's cache write and attention in one Pallas kernel,
-checked against the plain path (KVCache.update + attend_cache). On CPU the kernel runs
-in Pallas interpret mode; the compiled kernel is checked on GPUs."""
+checked against the plain path (KVCache.update + attend_cache; for an int8/fp8 cache
+write_quantized_block + the portable quantized attend_cache). On CPU the kernel runs in
+Pallas interpret mode (on a mesh: a subprocess with 4 CPU devices); the compiled kernel
+is checked on GPUs."""
 
+import json
+import os
+import re
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -11,29 +18,65 @@ import pytest
 
 import kvjax
 
-from kvjax.attention import attend_cache, choose
+from kvjax.attention import attend_cache, choose, quantized
+from kvjax.cache.quantized import quantize, write_quantized_block
 from kvjax.kernels import decode_attention
 from kvjax.sampling import SamplingParams
 from tests.conftest import count_calls, make_config, make_model
 
-
-def plain_step(q, k, v, cache_k, cache_v, positions):
-    """What the kernel replaces: write the new K/V, then attend over the cache."""
-    cache = kvjax.KVCache(keys=(cache_k,), values=(cache_v,),
-                          lengths=jnp.zeros((q.shape[0],), jnp.int32))
-    cache = cache.update(0, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions)
-    out = attend_cache(q, k, v, cache.keys[0], cache.values[0], positions, implementation="xla")
-    return jnp.where((positions >= 0)[:, :, None, None], out, 0), cache.keys[0], cache.values[0]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the cache holds: the queries' float dtype (None), int8 or fp8 codes with scales.
+KINDS = (None, "int8", "fp8")
 
 
-def random_step(batch, heads, kv_heads, head_dim, capacity, dtype=jnp.float32, seed=0):
+def plain_step(q, k, v, positions, *buffers):
+    """What the kernel replaces: write the new K/V, then attend over the cache (the
+    buffers of ``random_step``: float, or quantized codes and scales); returns
+    ``(out, *buffers)``, zeros out for rows at position -1."""
+    if len(buffers) == 2:
+        cache = kvjax.KVCache(keys=buffers[:1], values=buffers[1:],
+                              lengths=jnp.zeros((q.shape[0],), jnp.int32))
+        cache = cache.update(0, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions)
+        buffers = cache.keys[0], cache.values[0]
+        out = attend_cache(q, k, v, *buffers, positions, implementation="xla")
+    else:
+        buffers = write_quantized_block(buffers, k.transpose(0, 2, 1, 3),
+                                        v.transpose(0, 2, 1, 3), positions)
+        out = quantized.attend_cache(q, *buffers, positions)
+    return jnp.where((positions >= 0)[:, :, None, None], out, 0), *buffers
+
+
+def kernel_step(q, k, v, positions, *buffers, **options):
+    """The kernel over ``buffers`` (float or quantized); returns ``(out, *buffers)``."""
+    write = (decode_attention.attend_and_write if len(buffers) == 2
+             else decode_attention.attend_and_write_quantized)
+    return write(q, k, v, *buffers, positions, **options)
+
+
+def random_step(batch, heads, kv_heads, head_dim, capacity, dtype=jnp.float32, seed=0,
+                kind=None):
+    """``(q, k, v, *buffers)`` of a decode step: the cache's buffers in ``dtype``, or for
+    an int8/fp8 ``kind`` random values quantized (codes and scales)."""
     keys = jax.random.split(jax.random.key(seed), 5)
     normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    cache = (normal(keys[3], (batch, kv_heads, capacity, head_dim)),
+             normal(keys[4], (batch, kv_heads, capacity, head_dim)))
+    if kind is not None:
+        (key_codes, key_scales), (value_codes, value_scales) = (quantize(x, kind) for x in cache)
+        cache = key_codes, value_codes, key_scales, value_scales
     return (normal(keys[0], (batch, 1, heads, head_dim)),
             normal(keys[1], (batch, 1, kv_heads, head_dim)),
-            normal(keys[2], (batch, 1, kv_heads, head_dim)),
-            normal(keys[3], (batch, kv_heads, capacity, head_dim)),
-            normal(keys[4], (batch, kv_heads, capacity, head_dim)))
+            normal(keys[2], (batch, 1, kv_heads, head_dim)), *cache)
+
+
+def f32(x):
+    return np.asarray(x, np.float32)  # exact for bf16, f16, int8 and fp8
+
+
+def assert_same_buffers(got, want):
+    """The cache's buffers bit for bit (codes and scales too)."""
+    for got_buffer, want_buffer in zip(got, want, strict=True):
+        np.testing.assert_array_equal(f32(got_buffer), f32(want_buffer))
 
 
 # (heads, kv_heads, head_dim, capacity, positions): MHA, GQA, MQA and a group of 16;
@@ -50,54 +93,60 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_equals_the_plain_path(case):
-    """Interpreted: the same attention output (float32 rounding) and exactly the same
-    cache buffers; idle rows give zeros and leave their cache untouched."""
+def test_kernel_equals_the_plain_path(case, kind):
+    """Interpreted, float32 queries over a float32 cache or int8/fp8 codes: the same
+    attention output (float32 rounding: 2e-6) and exactly the same cache buffers (the
+    new token's codes and scales too); idle rows give zeros and leave their cache
+    untouched."""
     heads, kv_heads, head_dim, capacity, rows = CASES[case]
-    q, k, v, cache_k, cache_v = random_step(len(rows), heads, kv_heads, head_dim, capacity)
+    q, k, v, *buffers = random_step(len(rows), heads, kv_heads, head_dim, capacity, kind=kind)
     positions = jnp.array(rows, jnp.int32)[:, None]
-    want = plain_step(q, k, v, cache_k, cache_v, positions)
-    got = jax.jit(lambda *a: decode_attention.attend_and_write(*a, interpret=True))(
-        q, k, v, cache_k, cache_v, positions)
+    want = plain_step(q, k, v, positions, *buffers)
+    got = jax.jit(lambda *a: kernel_step(*a, interpret=True))(q, k, v, positions, *buffers)
     np.testing.assert_allclose(got[0], want[0], atol=2e-6, rtol=2e-6)
-    np.testing.assert_array_equal(got[1], want[1])
-    np.testing.assert_array_equal(got[2], want[2])
+    assert_same_buffers(got[1:], want[1:])
     idle = np.asarray(rows) < 0
     assert not np.any(np.asarray(got[0])[idle])
-    np.testing.assert_array_equal(np.asarray(got[1])[idle], np.asarray(cache_k)[idle])
+    assert_same_buffers([np.asarray(b)[idle] for b in got[1:]],
+                        [np.asarray(b)[idle] for b in buffers])
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", ["gqa", "long", "group16", "head_dim256"])
-def test_single_part_equals_the_plain_path(case, monkeypatch):
+def test_single_part_equals_the_plain_path(case, kind, monkeypatch):
     """With one part a row (as at batches of 32 and more: part_count), the kernel writes
-    the normalised output itself and nothing is merged after it: the same output and
-    cache as the plain path."""
+    the normalised output itself and nothing is merged after it: the same output (2e-6)
+    and cache as the plain path."""
     monkeypatch.setattr(decode_attention, "TARGET_PROGRAMS", 1)
     heads, kv_heads, head_dim, capacity, rows = CASES[case]
     assert decode_attention.part_count(len(rows), kv_heads, capacity, head_dim) == 1
-    q, k, v, cache_k, cache_v = random_step(len(rows), heads, kv_heads, head_dim, capacity)
+    q, k, v, *buffers = random_step(len(rows), heads, kv_heads, head_dim, capacity, kind=kind)
     positions = jnp.array(rows, jnp.int32)[:, None]
-    want = plain_step(q, k, v, cache_k, cache_v, positions)
-    got = decode_attention.attend_and_write(q, k, v, cache_k, cache_v, positions, interpret=True)
+    want = plain_step(q, k, v, positions, *buffers)
+    got = kernel_step(q, k, v, positions, *buffers, interpret=True)
     np.testing.assert_allclose(got[0], want[0], atol=2e-6, rtol=2e-6)
-    np.testing.assert_array_equal(got[1], want[1])
-    np.testing.assert_array_equal(got[2], want[2])
-    jaxpr = str(jax.make_jaxpr(lambda *a: decode_attention.attend_and_write(*a, interpret=True))(
-        q, k, v, cache_k, cache_v, positions))
+    assert_same_buffers(got[1:], want[1:])
+    jaxpr = str(jax.make_jaxpr(lambda *a: kernel_step(*a, interpret=True))(
+        q, k, v, positions, *buffers))
     assert "reduce_max" not in jaxpr.split("pallas_call")[-1]  # no merge after the kernel
 
 
-def test_kernel_in_bfloat16():
-    """A bfloat16 cache: the output within bfloat16 rounding of the float32 plain path."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_in_bfloat16(kind):
+    """bfloat16 queries over a bfloat16 cache or int8/fp8 codes (converted to bfloat16
+    in the kernel, as compiled): the output within bfloat16 rounding (atol 0.03, rtol
+    0.05) of the float32 plain path; the cache exactly."""
     rows = [700, 3]
-    q, k, v, cache_k, cache_v = random_step(2, 8, 2, 64, 768, jnp.bfloat16, seed=1)
+    q, k, v, *buffers = random_step(2, 8, 2, 64, 768, jnp.bfloat16, seed=1, kind=kind)
     positions = jnp.array(rows, jnp.int32)[:, None]
-    f32 = lambda x: x.astype(jnp.float32)
-    want = plain_step(f32(q), f32(k), f32(v), f32(cache_k), f32(cache_v), positions)
-    got = decode_attention.attend_and_write(q, k, v, cache_k, cache_v, positions, interpret=True)
+    to_f32 = lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
+    want = plain_step(*map(to_f32, (q, k, v)), positions, *map(to_f32, buffers))
+    got = kernel_step(q, k, v, positions, *buffers, interpret=True)
+    assert got[0].dtype == jnp.bfloat16
     np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
-    np.testing.assert_array_equal(f32(got[1]), want[1])
+    assert_same_buffers(got[1:], want[1:])
 
 
 def test_part_count():
@@ -113,7 +162,8 @@ def test_part_count():
 
 
 # (head_dim, dtype, keywords) -> whether the kernel handles them (``fits``): 16-bit
-# caches, power-of-two head dimensions from 16 to 256, no sliding window, no soft-cap.
+# queries over a cache of their dtype or of int8/fp8 codes, power-of-two head dimensions
+# from 16 to 256, no sliding window, no soft-cap.
 SHAPES = [
     ((128, jnp.bfloat16), {}, True), ((256, jnp.bfloat16), {}, True),
     ((16, jnp.float16), {}, True), ((64, jnp.float16), {}, True),
@@ -123,6 +173,14 @@ SHAPES = [
     ((128, jnp.bfloat16), dict(sliding_window=4096), False),
     ((128, jnp.bfloat16), dict(logit_softcap=50.0), False),
     ((128, jnp.float16), dict(sliding_window=4096, logit_softcap=50.0), False),
+    ((128, jnp.bfloat16), dict(kv_dtype="int8"), True),
+    ((256, jnp.float16), dict(kv_dtype="int8"), True),
+    ((128, jnp.bfloat16), dict(kv_dtype="fp8"), True),
+    ((64, jnp.bfloat16), dict(kv_dtype="bfloat16"), True),
+    ((64, jnp.bfloat16), dict(kv_dtype="float16"), False),  # one float dtype for both
+    ((128, jnp.float32), dict(kv_dtype="int8"), False),
+    ((96, jnp.bfloat16), dict(kv_dtype="fp8"), False),
+    ((128, jnp.bfloat16), dict(kv_dtype="int8", sliding_window=4096), False),
 ]
 
 
@@ -159,8 +217,12 @@ def test_supported_on_a_cuda_gpu_is_fits(monkeypatch):
     pretend_gpu(monkeypatch, (9, 0))
     for (head_dim, dtype), kwargs, expected in SHAPES:
         assert decode_attention.supported(head_dim, dtype, **kwargs) is expected
-    pretend_gpu(monkeypatch, (8, 0))
+    pretend_gpu(monkeypatch, (8, 0))  # Ampere: no fp8 conversions in Triton
     assert decode_attention.supported(128, jnp.bfloat16) is True
+    assert decode_attention.supported(128, jnp.bfloat16, kv_dtype="int8") is True
+    assert decode_attention.supported(128, jnp.bfloat16, kv_dtype="fp8") is False
+    pretend_gpu(monkeypatch, (8, 9))
+    assert decode_attention.supported(128, jnp.bfloat16, kv_dtype="fp8") is True
     for capability in [(7, 5), None]:
         pretend_gpu(monkeypatch, capability)
         assert not any(decode_attention.supported(head_dim, dtype, **kwargs)
@@ -198,10 +260,10 @@ def test_without_pallas_triton(monkeypatch):
         decode_attention._warn_missing_triton.cache_clear()
     with pytest.raises(RuntimeError, match="this JAX has no Pallas Triton"):
         choose(config, jnp.bfloat16, decode_kernel=True)
-    q, k, v, cache_k, cache_v = random_step(1, 4, 2, 16, 64, jnp.bfloat16)
-    with pytest.raises(RuntimeError, match="needs JAX's Pallas Triton backend"):
-        decode_attention.attend_and_write(q, k, v, cache_k, cache_v, jnp.zeros((1, 1), jnp.int32),
-                                          interpret=True)
+    for kind in KINDS:
+        step = random_step(1, 4, 2, 16, 64, jnp.bfloat16, kind=kind)
+        with pytest.raises(RuntimeError, match="needs JAX's Pallas Triton backend"):
+            kernel_step(*step[:3], jnp.zeros((1, 1), jnp.int32), *step[3:], interpret=True)
 
 
 def run_decode(model, kernel: bool | None, stops):
@@ -252,63 +314,142 @@ def test_auto_keeps_the_plain_path_without_a_gpu():
     assert calls(True) == calls(False) + config.num_layers == config.num_layers
 
 
-@pytest.mark.skipif(not decode_attention.supported(128, jnp.bfloat16), reason="needs a CUDA GPU")
+def skip_unless_compiled(head_dim: int, kind: str | None) -> None:
+    if not decode_attention.supported(head_dim, jnp.bfloat16, kv_dtype=kind):
+        pytest.skip(f"needs a CUDA GPU that runs the kernel over a {kind or 'bf16'} cache")
+
+
+def float32_plain_step(q, k, v, positions, *buffers):
+    """``plain_step`` in float32: the oracle of the bf16 kernel."""
+    to_f32 = lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
+    return plain_step(*map(to_f32, (q, k, v)), positions, *map(to_f32, buffers))
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 8, 128), (8, 1, 256), (16, 16, 256)])
 @pytest.mark.parametrize("rows", [[0, 511, -1], [2047, 5, 1000]])
-def test_compiled_kernel_equals_the_plain_path(rows, heads, kv_heads, head_dim):
-    """The compiled kernel (bf16; Llama-3's heads, Gemma's MQA and MHA at head_dim 256)
-    against the float32 plain path; its cache writes exactly."""
+def test_compiled_kernel_equals_the_plain_path(rows, heads, kv_heads, head_dim, kind):
+    """The compiled kernel (bf16 queries over a bf16, int8 or fp8 cache; Llama-3's heads,
+    Gemma's MQA and MHA at head_dim 256) against the float32 plain path (atol 0.03,
+    rtol 0.05); its cache writes exactly."""
+    skip_unless_compiled(head_dim, kind)
     capacity = 2112
-    q, k, v, cache_k, cache_v = random_step(len(rows), heads, kv_heads, head_dim, capacity,
-                                            jnp.bfloat16)
+    q, k, v, *buffers = random_step(len(rows), heads, kv_heads, head_dim, capacity,
+                                    jnp.bfloat16, kind=kind)
     positions = jnp.array(rows, jnp.int32)[:, None]
-    f32 = lambda x: x.astype(jnp.float32)
-    want = plain_step(f32(q), f32(k), f32(v), f32(cache_k), f32(cache_v), positions)
-    got = jax.jit(decode_attention.attend_and_write)(q, k, v, cache_k, cache_v, positions)
+    want = float32_plain_step(q, k, v, positions, *buffers)
+    got = jax.jit(kernel_step)(q, k, v, positions, *buffers)
     np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
-    np.testing.assert_array_equal(f32(got[1]), want[1])
-    np.testing.assert_array_equal(f32(got[2]), want[2])
+    assert_same_buffers(got[1:], want[1:])
 
 
 def gpus() -> int:
     return jax.device_count() if jax.default_backend() == "gpu" else 0
 
 
-@pytest.mark.skipif(gpus() < 2 or not decode_attention.supported(128, jnp.bfloat16),
-                    reason="needs two CUDA GPUs")
-@pytest.mark.parametrize("data, model", [(1, 2), (2, 1)])
-def test_compiled_kernel_on_each_device_of_a_mesh(data, model):
-    """Under a MeshSplit (rows over data, KV heads and their query heads over model) the
-    compiled kernel runs on each GPU's shard: the float32 plain path's output, an exact
-    cache written in place (its per-device buffers aliased), and no collective at all."""
+def split_step(data: int, model: int, kind: str | None, dtype, rows: list[int], capacity: int,
+               heads: int, kv_heads: int, head_dim: int, interpret: bool = False):
+    """A decode step of the kernel under ``kvjax.sharding.kernel_split`` on a (data,
+    model) mesh: its operands placed as the split says (scales like their KV heads) and
+    its cache donated. Returns ``(compiled, args, want)``: ``want`` the float32 plain
+    path's ``(out, *buffers)`` on one device."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from kvjax import sharding
 
-    config = make_config(num_heads=32, num_kv_heads=8, head_dim=128, hidden_size=4096)
-    mesh = sharding.make_mesh(data=data, model=model)
-    split = sharding.kernel_split(config, mesh)
-    rows, capacity = [0, 511, 2047, -1], 2112
-    q, k, v, cache_k, cache_v = random_step(len(rows), 32, 8, 128, capacity, jnp.bfloat16)
+    config = make_config(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                         hidden_size=heads * head_dim)
+    split = sharding.kernel_split(config, sharding.make_mesh(data=data, model=model))
+    q, k, v, *buffers = random_step(len(rows), heads, kv_heads, head_dim, capacity, dtype,
+                                    kind=kind)
     positions = jnp.array(rows, jnp.int32)[:, None]
-    f32 = lambda x: x.astype(jnp.float32)
-    want = plain_step(f32(q), f32(k), f32(v), f32(cache_k), f32(cache_v), positions)
-    place = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
-    args = (place(q, "data", None, "model"), place(k, "data", None, "model"),
-            place(v, "data", None, "model"), place(cache_k, "data", "model"),
-            place(cache_v, "data", "model"), place(positions, "data"))
-    step = jax.jit(lambda *a: decode_attention.attend_and_write(*a, split=split),
-                   donate_argnums=(3, 4))
-    compiled = step.lower(*args).compile()
+    want = float32_plain_step(q, k, v, positions, *buffers)
+    place = lambda x, *spec: jax.device_put(x, NamedSharding(split.mesh, P(*spec)))
+    args = (place(q, split.rows, None, split.heads), place(k, split.rows, None, split.kv_heads),
+            place(v, split.rows, None, split.kv_heads), place(positions, split.rows),
+            *(place(b, split.rows, split.kv_heads) for b in buffers))
+    step = jax.jit(lambda *a: kernel_step(*a, split=split, interpret=interpret),
+                   donate_argnums=tuple(range(4, len(args))))
+    return step.lower(*args).compile(), args, want
+
+
+def collectives(hlo: str) -> list[str]:
+    return [op for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute")
+            if op in hlo]
+
+
+@pytest.mark.skipif(gpus() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("data, model", [(1, 2), (2, 1)])
+def test_compiled_kernel_on_each_device_of_a_mesh(data, model, kind):
+    """Under a MeshSplit (rows over data, KV heads and their query heads over model) the
+    compiled kernel runs on each GPU's shard: the float32 plain path's output (atol
+    0.03, rtol 0.05), an exact cache written in place (its per-device buffers aliased),
+    and no collective at all."""
+    skip_unless_compiled(128, kind)
+    compiled, args, want = split_step(data, model, kind, jnp.bfloat16, [0, 511, 2047, -1],
+                                      2112, 32, 8, 128)
     text = compiled.as_text()
     assert "kvjax_decode_attention" in text
-    assert not any(op in text for op in ("all-gather", "all-reduce", "all-to-all",
-                                         "collective-permute"))
-    # each device's halves of the two buffers: cache_k.nbytes in all
-    assert compiled.memory_analysis().alias_size_in_bytes >= cache_k.nbytes
-    cache_sharding = args[3].sharding
+    assert not collectives(text)
+    # each device's halves of the K and V buffers (and scales): the keys' bytes in all
+    assert compiled.memory_analysis().alias_size_in_bytes >= args[4].nbytes
+    shardings = [a.sharding for a in args[4:]]
     got = compiled(*args)
-    assert got[1].sharding.is_equivalent_to(cache_sharding, 4)
+    for buffer, sharding in zip(got[1:], shardings):
+        assert buffer.sharding.is_equivalent_to(sharding, buffer.ndim)
     np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
-    np.testing.assert_array_equal(f32(got[1]), want[1])
-    np.testing.assert_array_equal(f32(got[2]), want[2])
+    assert_same_buffers(got[1:], want[1:])
+
+
+# (data, model) meshes of 4 CPU devices: 2 KV heads split over model; and grouped, each
+# KV head on the two devices whose query heads read it.
+CPU_MESHES = [(2, 2), (1, 4)]
+
+
+@pytest.fixture(scope="module")
+def on_a_cpu_mesh() -> list[dict]:
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "tests.test_decode_kernel"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_interpreted_kernel_on_each_device_of_a_mesh(on_a_cpu_mesh):
+    """Interpreted under a MeshSplit on 4 CPU devices (a subprocess), over a float32
+    cache and int8/fp8 codes with scales split like their KV heads: the plain path's
+    output (2e-6), its cache exactly, and no collective."""
+    assert [(tuple(c["mesh"]), c["kind"]) for c in on_a_cpu_mesh] == [
+        (mesh, kind) for mesh in CPU_MESHES for kind in KINDS]
+    for case in on_a_cpu_mesh:
+        assert case["collectives"] == [], case
+        assert case["error"] <= 2e-6 and case["same_buffers"], case
+
+
+def _mesh_worker() -> list[dict]:
+    """The subprocess's steps (4 CPU devices); returns what the test above asserts on."""
+    assert jax.device_count() == 4, "set XLA_FLAGS=--xla_force_host_platform_device_count=4"
+    results = []
+    for data, model in CPU_MESHES:
+        for kind in KINDS:
+            compiled, args, want = split_step(data, model, kind, jnp.float32, [0, 70, 129, -1],
+                                              136, 8, 2, 16, interpret=True)
+            got = compiled(*args)
+            try:
+                assert_same_buffers(got[1:], want[1:])
+                same = True
+            except AssertionError:
+                same = False
+            results.append({"mesh": [data, model], "kind": kind, "same_buffers": same,
+                            "collectives": collectives(compiled.as_text()),
+                            "error": float(np.max(np.abs(f32(got[0]) - f32(want[0]))))})
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(_mesh_worker()))

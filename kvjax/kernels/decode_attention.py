@@ -17,6 +17,17 @@ cache (aliased in place: the buffers are the kernel's outputs). Rows whose posit
 ``-1`` (finished rows) read and write nothing and return zeros. With a single part a
 row (large batches) the kernel normalises and writes the output itself.
 
+The same kernel reads an int8 or fp8 cache (``kvjax.cache.QuantizedKVCache``;
+``attend_and_write_quantized``), a static flag: a decode step is bound by reading the
+cache, and codes are half the bytes of bf16. A block of codes is converted to the
+queries' dtype in registers (int8's -127..127 and every e4m3 value are exact in bf16 and
+f16), and the float32 scales of its tokens multiply the scores and the probabilities
+(a token's scale factors out of its dot products, as in
+``kvjax.attention.quantized``). The new token is quantized before the kernel (XLA, a
+few elements a row); it attends as its codes will be read back, and part 0 writes its
+codes and scales in place, so the step equals ``write_quantized_block`` followed by
+``kvjax.attention.quantized.attend_cache``.
+
 ``supported`` says where it runs; ``kvjax.attention.choose`` picks it there for decode
 steps and the XLA/cuDNN path everywhere else (CPU, TPU, sliding windows, soft-capped
 logits). With ``interpret=True`` the same kernel runs on any backend, slowly: that is
@@ -25,8 +36,9 @@ how the tests check it against the plain path on CPU.
 The kernel is written with Pallas Triton, which JAX deprecated in 0.11 (to be
 removed; JAX points to Mosaic GPU or jax_triton). Where it is gone, this module still
 imports, ``available()`` is False and the portable path runs. A move to another
-backend is this module alone: ``attend_and_write`` and ``supported`` are its interface,
-and tests/test_decode_kernel.py checks it against the plain path.
+backend is this module alone: ``attend_and_write``, ``attend_and_write_quantized`` and
+``supported`` are its interface, and tests/test_decode_kernel.py checks it against the
+plain path.
 
 XLA cannot split a custom call over a mesh (it would gather the whole cache to every
 device first), so on a mesh the kernel runs under ``jax.shard_map``: each device
@@ -48,6 +60,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import Mesh, PartitionSpec
 
 from kvjax.attention.plain import MASKED, default_scale
+from kvjax.cache.quantized import QUANTIZED, quantize
 from kvjax import platform
 
 try:  # deprecated since JAX 0.11 and to be removed: kvjax must import without it
@@ -64,6 +77,12 @@ NUM_WARPS, NUM_STAGES = 4, 2
 # Programs the grid aims at: about two per SM of an H100 (132). 512 was slower at 2k
 # fills, parts of at least two blocks slower at short fills (docs/experiments.md).
 TARGET_PROGRAMS = 256
+# The cache's buffers the kernel reads and writes, by whether the cache is quantized
+# (in the order of ``Cache.layer``).
+CACHE_BUFFERS = {False: ("keys", "values"),
+                 True: ("keys", "values", "key_scales", "value_scales")}
+# Triton converts float8_e4m3fn natively from compute capability 8.9 (Ada, Hopper) on.
+FP8_CAPABILITY = (8, 9)
 
 
 def available() -> bool:
@@ -73,23 +92,30 @@ def available() -> bool:
 
 
 def fits(head_dim: int, dtype, sliding_window: int | None = None,
-         logit_softcap: float | None = None) -> bool:
-    """Whether the compiled kernel handles these shapes: a 16-bit float cache, a
-    power-of-two head dimension from 16 to 256, no sliding window and no logit soft-cap
-    (interpreted, it takes any dtype and head dimension)."""
+         logit_softcap: float | None = None, kv_dtype: str | None = None) -> bool:
+    """Whether the compiled kernel handles these shapes: 16-bit float queries (``dtype``)
+    over a cache of the same dtype or of int8/fp8 codes (``kv_dtype``, as in
+    ``kvjax.cache.KV_DTYPES``; None: ``dtype``), a power-of-two head dimension from 16
+    to 256, no sliding window and no logit soft-cap (interpreted, it takes any float
+    dtype and head dimension)."""
     if sliding_window is not None or logit_softcap is not None:
         return False
     if np.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return False
+    if kv_dtype not in (None, *QUANTIZED) and np.dtype(kv_dtype) != np.dtype(dtype):
         return False
     return 16 <= head_dim <= 256 and not head_dim & (head_dim - 1)
 
 
 def supported(head_dim: int, dtype, sliding_window: int | None = None,
-              logit_softcap: float | None = None) -> bool:
+              logit_softcap: float | None = None, kv_dtype: str | None = None) -> bool:
     """Whether the kernel runs compiled here: ``fits`` these shapes, a CUDA GPU of
-    compute capability 8.0 or newer, and a JAX with Pallas Triton (on such a GPU
-    without it, one warning says the portable path runs instead)."""
-    if not (fits(head_dim, dtype, sliding_window, logit_softcap) and platform.is_cuda_gpu((8, 0))):
+    compute capability 8.0 or newer (8.9 for an fp8 cache: ``FP8_CAPABILITY``), and a
+    JAX with Pallas Triton (on such a GPU without it, one warning says the portable path
+    runs instead)."""
+    capability = FP8_CAPABILITY if kv_dtype == "fp8" else (8, 0)
+    if not (fits(head_dim, dtype, sliding_window, logit_softcap, kv_dtype)
+            and platform.is_cuda_gpu(capability)):
         return False
     if not available():
         _warn_missing_triton()
@@ -108,8 +134,9 @@ def _warn_missing_triton() -> None:
 class MeshSplit:
     """How a mesh splits the kernel's operands, each field a ``PartitionSpec`` entry (a
     mesh axis, a tuple of them, or None): ``rows`` the batch, ``heads`` the query heads,
-    ``kv_heads`` the new keys/values and the cache buffers. ``attend_and_write`` then runs
-    the kernel on each device's shard (``kvjax.sharding.kernel_split`` makes one)."""
+    ``kv_heads`` the new keys/values and the cache buffers (a quantized cache's scales
+    too). ``attend_and_write`` then runs the kernel on each device's shard
+    (``kvjax.sharding.kernel_split`` makes one)."""
 
     mesh: Mesh
     rows: str | tuple[str, ...] | None
@@ -130,21 +157,27 @@ def part_count(batch: int, kv_heads: int, capacity: int, head_dim: int) -> int:
     return max(1, min(TARGET_PROGRAMS // (batch * kv_heads), most))
 
 
-def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, values_ref,
-            *out_refs, scale: float, parts: int, group: int, slots: int):
-    """One (row, KV head, part) program; refs as laid out by ``attend_and_write``. The
-    outputs are ``(out, max, sum, keys, values)``: a part's flash partials, or, with a
-    single part, ``(out, keys, values)``: the attention output itself. ``slots``: cache
-    slots per loop iteration (``block_slots``)."""
-    if parts == 1:
-        out_ref, keys_out_ref, values_out_ref = out_refs
-    else:
-        out_ref, max_ref, sum_ref, keys_out_ref, values_out_ref = out_refs
+def _kernel(positions_ref, queries_ref, *refs, scale: float, parts: int, group: int,
+            slots: int, quantized: bool):
+    """One (row, KV head, part) program; refs as laid out by ``_attend_and_write``. After
+    the positions and queries come the new token's entries, then the cache's buffers,
+    then the outputs: a part's flash partials ``(out, max, sum)`` or, with a single part,
+    ``(out,)``: the attention output itself, and the cache's buffers again (aliased).
+    The new entries and buffers are ``(key, value)``, and for a ``quantized`` cache
+    ``(key codes, value codes, key scale, value scale)``: codes are converted to the
+    queries' dtype in registers (exact for int8 and e4m3 in bf16/f16) and the float32
+    scales multiply the scores and the probabilities, so no dequantized block is ever
+    stored. ``slots``: cache slots per loop iteration (``block_slots``)."""
+    count = len(CACHE_BUFFERS[quantized])
+    new_refs, cache_refs, out_refs = refs[:count], refs[count:2 * count], refs[2 * count:]
+    partial_refs, written_refs = out_refs[:-count], out_refs[-count:]
+    keys_ref, values_ref = cache_refs[:2]
     row, head, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     padded_group, head_dim = queries_ref.shape
     position = positions_ref[row]
     real = jnp.arange(padded_group) < group  # the group's heads; the rest is padding
     queries = plgpu.load(queries_ref, mask=real[:, None], other=0.)  # [padded_group, head_dim]
+    operands = queries.dtype if quantized else keys_ref.dtype  # of the two dots
     per_part = pl.cdiv(pl.cdiv(position, parts), slots) * slots
     first = part * per_part
     end = jnp.minimum(first + per_part, position)  # this part's slots before the new one
@@ -154,15 +187,28 @@ def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, va
         out, top, total = carry
         start = first + i * slots
         filled = (start + slot) < end  # [slots]
-        window = (row, head, pl.ds(start, slots), slice(None))
-        keys = plgpu.load(keys_ref.at[window], mask=filled[:, None], other=0.)
-        scores = plgpu.dot(queries, keys.T) * scale  # [padded_group, slots] float32
+        window = (row, head, pl.ds(start, slots))
+
+        def load(ref):  # the block of a buffer: [slots(, head_dim)], 0 past the fill
+            trailing = (slice(None),) * (ref.ndim - 3)
+            zero = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.
+            return plgpu.load(ref.at[window + trailing], mask=filled[:, None] if trailing
+                              else filled, other=zero)
+
+        keys = load(keys_ref).astype(operands)  # [slots, head_dim]
+        scores = plgpu.dot(queries, keys.T)  # [padded_group, slots] float32
+        if quantized:  # a key's scale factors out of its dot product
+            scores = scores * (load(cache_refs[2]) * scale)[None, :]
+        else:
+            scores = scores * scale
         scores = jnp.where(filled[None, :], scores, MASKED)
         new_top = jnp.maximum(top, scores.max(axis=-1))
         rescale = jnp.exp(top - new_top)
         weights = jnp.exp(scores - new_top[:, None])
-        values = plgpu.load(values_ref.at[window], mask=filled[:, None], other=0.)
-        out = out * rescale[:, None] + plgpu.dot(weights.astype(values.dtype), values)
+        values = load(values_ref).astype(operands)
+        # so does a value's: weighted by p * scale, its codes enter the dot as stored
+        weighted = weights * load(cache_refs[3])[None, :] if quantized else weights
+        out = out * rescale[:, None] + plgpu.dot(weighted.astype(operands), values)
         return out, new_top, total * rescale + weights.sum(axis=-1)
 
     carry = (jnp.zeros((padded_group, head_dim), jnp.float32),
@@ -171,10 +217,14 @@ def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, va
     blocks = jnp.maximum(pl.cdiv(end - first, slots), 0)
     out, top, total = jax.lax.fori_loop(0, blocks, block, carry)
 
-    # The new token: added (and written to the cache) by part 0 of an active row.
+    # The new token: added (and written to the cache) by part 0 of an active row. A
+    # quantized one attends as its codes will be read back (dequantized), as the
+    # portable path does after writing it.
     owner = (part == 0) & (position >= 0)
-    new_key = new_key_ref[...].astype(jnp.float32)  # [head_dim]
-    new_value = new_value_ref[...].astype(jnp.float32)
+    new_key = new_refs[0][...].astype(jnp.float32)  # [head_dim]
+    new_value = new_refs[1][...].astype(jnp.float32)
+    if quantized:
+        new_key, new_value = new_key * new_refs[2][...], new_value * new_refs[3][...]
     score = jnp.sum(queries.astype(jnp.float32) * new_key[None, :], axis=-1) * scale
     score = jnp.where(owner, score, MASKED)  # [padded_group]
     new_top = jnp.maximum(top, score)
@@ -184,18 +234,26 @@ def _kernel(positions_ref, queries_ref, new_key_ref, new_value_ref, keys_ref, va
     total = total * rescale + weight
     # Only the group's rows are stored: the outputs hold no padding.
     if parts == 1:  # normalised here: no merge after the kernel
+        out_ref, = partial_refs
         out = out / jnp.maximum(total, 1e-30)[:, None]  # 0 for a row that takes no part
         plgpu.store(out_ref, out.astype(out_ref.dtype), mask=real[:, None])
     else:
+        out_ref, max_ref, sum_ref = partial_refs
         plgpu.store(out_ref, out, mask=real[:, None])
         plgpu.store(max_ref, new_top, mask=real)
         plgpu.store(sum_ref, total, mask=real)
 
     @pl.when(owner)
     def _write():
-        at = (row, head, pl.ds(position, 1), slice(None))
-        keys_out_ref[at] = new_key_ref[...][None, :].astype(keys_out_ref.dtype)
-        values_out_ref[at] = new_value_ref[...][None, :].astype(values_out_ref.dtype)
+        for new_ref, written_ref in zip(new_refs, written_refs):
+            _write_slot(written_ref, new_ref[...], row, head, position)
+
+
+def _write_slot(buffer_ref, entry: jax.Array, row, head, position) -> None:
+    """Stores one token's ``entry`` (a key/value ``[head_dim]`` or a scale ``[]``) in
+    its slot of a cache buffer (``[batch, kv_heads, capacity(, head_dim)]``)."""
+    at = (row, head, pl.ds(position, 1)) + (slice(None),) * entry.ndim
+    buffer_ref[at] = entry[None].astype(buffer_ref.dtype)
 
 
 def attend_and_write(queries: jax.Array, keys: jax.Array, values: jax.Array,
@@ -220,41 +278,92 @@ def attend_and_write(queries: jax.Array, keys: jax.Array, values: jax.Array,
       ``(out [batch, 1, heads, head_dim], cache_keys, cache_values)``, as
       ``kvjax.attention.attend_cache`` after ``KVCache.update`` would give them.
     """
+    return _run(queries, keys, values, positions, (cache_keys, cache_values), scale,
+                interpret, split)
+
+
+def attend_and_write_quantized(queries: jax.Array, keys: jax.Array, values: jax.Array,
+                               cache_keys: jax.Array, cache_values: jax.Array,
+                               key_scales: jax.Array, value_scales: jax.Array,
+                               positions: jax.Array, scale: float | None = None,
+                               interpret: bool = False, split: MeshSplit | None = None
+                               ) -> tuple[jax.Array, ...]:
+    """``attend_and_write`` over a quantized cache (``kvjax.cache.QuantizedKVCache``; the
+    cache arguments in the order of its ``layer``): the new key/value is quantized
+    (``kvjax.cache.quantize``) and its codes and scales written; the kernel reads the
+    codes, half the bytes of a 16-bit cache.
+
+    Args:
+      cache_keys, cache_values: codes ``[batch, kv_heads, capacity, head_dim]``, int8 or
+        float8_e4m3fn (consumed, like the scales).
+      key_scales, value_scales: ``float32[batch, kv_heads, capacity]``.
+      Others as in ``attend_and_write``; ``keys``, ``values`` in full precision.
+
+    Returns:
+      ``(out, cache_keys, cache_values, key_scales, value_scales)``, as
+      ``kvjax.attention.quantized.attend_cache`` after ``write_quantized_block`` would
+      give them (zeros out for a row at position ``-1``).
+    """
+    return _run(queries, keys, values, positions,
+                (cache_keys, cache_values, key_scales, value_scales), scale, interpret, split)
+
+
+def _run(queries, keys, values, positions, buffers: tuple, scale: float | None,
+         interpret: bool, split: MeshSplit | None) -> tuple:
+    """The kernel over the cache's ``buffers`` (``CACHE_BUFFERS``), on each device's
+    shard under a ``split``; returns ``(out, *buffers)``."""
     if not available():
         raise RuntimeError("kvjax's decode kernel needs JAX's Pallas Triton backend, which this "
                            "JAX lacks; run the XLA path (kvjax.attention.choose(..., "
                            "decode_kernel=False))")
     step = functools.partial(_attend_and_write, scale=scale, interpret=interpret)
     if split is None:
-        return step(queries, keys, values, cache_keys, cache_values, positions)
+        return step(queries, keys, values, positions, *buffers)
     token = PartitionSpec(split.rows, None, split.heads, None)  # [batch, 1, heads, head_dim]
     new = PartitionSpec(split.rows, None, split.kv_heads, None)
-    buffer = PartitionSpec(split.rows, split.kv_heads, None, None)
+    codes = PartitionSpec(split.rows, split.kv_heads, None, None)  # and float buffers
+    scales = PartitionSpec(split.rows, split.kv_heads, None)  # split like their KV heads
+    specs = (codes, codes, scales, scales)[:len(buffers)]
     return jax.shard_map(step, mesh=split.mesh,
-                         in_specs=(token, new, new, buffer, buffer, PartitionSpec(split.rows)),
-                         out_specs=(token, buffer, buffer), check_vma=False,
-                         )(queries, keys, values, cache_keys, cache_values, positions)
+                         in_specs=(token, new, new, PartitionSpec(split.rows), *specs),
+                         out_specs=(token, *specs), check_vma=False,
+                         )(queries, keys, values, positions, *buffers)
 
 
-def _attend_and_write(queries, keys, values, cache_keys, cache_values, positions, *,
-                      scale: float | None, interpret: bool):
-    """``attend_and_write`` on one device's operands."""
+def _quantized_entries(keys: jax.Array, values: jax.Array, storage) -> tuple:
+    """The new token's key and value (``[batch, kv_heads, head_dim]``) as the kernel
+    writes them into a quantized cache of codes of ``storage``: codes
+    ``[batch, kv_heads, head_dim]`` and scales ``[batch, kv_heads]``, quantized as
+    ``write_quantized_block`` does."""
+    kind = next(name for name, (dtype, _) in QUANTIZED.items() if np.dtype(dtype) == storage)
+    (key_codes, key_scales), (value_codes, value_scales) = (quantize(keys, kind),
+                                                            quantize(values, kind))
+    return key_codes, value_codes, key_scales, value_scales
+
+
+def _attend_and_write(queries, keys, values, positions, *buffers, scale: float | None,
+                      interpret: bool):
+    """The kernel on one device's operands: ``buffers`` as ``CACHE_BUFFERS`` names them;
+    returns ``(out, *buffers)``."""
     batch, _, heads, head_dim = queries.shape
-    _, kv_heads, capacity, _ = cache_keys.shape
+    _, kv_heads, capacity, _ = buffers[0].shape
+    quantized = len(buffers) == len(CACHE_BUFFERS[True])
     group = heads // kv_heads
     padded_group = max(16, 1 << (group - 1).bit_length())  # Triton's dot needs 16 rows
     parts = part_count(batch, kv_heads, capacity, head_dim)
     scale = default_scale(head_dim) if scale is None else scale
     kernel = functools.partial(_kernel, scale=scale, parts=parts, group=group,
-                               slots=block_slots(head_dim))
+                               slots=block_slots(head_dim), quantized=quantized)
+    new = keys[:, 0], values[:, 0]  # [batch, kv_heads, head_dim]
+    if quantized:
+        new = _quantized_entries(*new, buffers[0].dtype)
     whole = pl.BlockSpec()  # the kernel indexes these itself
-    per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda b, h, s: (b, h, 0))
+    per_head = lambda *block: pl.BlockSpec((None, None, *block),
+                                           lambda b, h, s: (b, h) + (0,) * len(block))
     each_part = lambda *block: pl.BlockSpec((None, None, None, *block),
                                             lambda b, h, s: (b, h, s) + (0,) * len(block))
     partial_shape = lambda *shape: jax.ShapeDtypeStruct((batch, kv_heads, parts, *shape),
                                                         jnp.float32)
-    caches = [jax.ShapeDtypeStruct(cache_keys.shape, cache_keys.dtype),
-              jax.ShapeDtypeStruct(cache_values.shape, cache_values.dtype)]
     if parts == 1:  # the output itself, [batch, kv_heads, group, head_dim]
         out_specs = [pl.BlockSpec((None, None, padded_group, head_dim),
                                   lambda b, h, s: (b, h, 0, 0))]
@@ -263,26 +372,26 @@ def _attend_and_write(queries, keys, values, cache_keys, cache_values, positions
         out_specs = [each_part(padded_group, head_dim), each_part(padded_group),
                      each_part(padded_group)]
         out_shape = [partial_shape(group, head_dim), partial_shape(group), partial_shape(group)]
+    first_buffer = 2 + len(new)  # inputs: positions, queries, new entries, buffers
     outputs = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, parts),
         in_specs=[whole,
                   pl.BlockSpec((None, None, padded_group, head_dim), lambda b, h, s: (b, h, 0, 0)),
-                  per_head(head_dim), per_head(head_dim), whole, whole],
-        out_specs=out_specs + [whole, whole],
-        out_shape=out_shape + caches,
-        input_output_aliases={4: len(out_shape), 5: len(out_shape) + 1},
+                  *(per_head(*entry.shape[2:]) for entry in new), *(whole for _ in buffers)],
+        out_specs=out_specs + [whole for _ in buffers],
+        out_shape=out_shape + [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in buffers],
+        input_output_aliases={first_buffer + i: len(out_shape) + i for i in range(len(buffers))},
         compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
         name="kvjax_decode_attention",
-    )(positions[:, 0], queries.reshape(batch, kv_heads, group, head_dim), keys[:, 0],
-      values[:, 0], cache_keys, cache_values)
-    *partials, cache_keys, cache_values = outputs
+    )(positions[:, 0], queries.reshape(batch, kv_heads, group, head_dim), *new, *buffers)
+    partials, buffers = outputs[:len(out_shape)], outputs[len(out_shape):]
     if parts == 1:
-        return partials[0].reshape(batch, 1, heads, head_dim), cache_keys, cache_values
+        return partials[0].reshape(batch, 1, heads, head_dim), *buffers
     # Merge the parts: [batch, kv_heads, parts, group(, head_dim)] -> per head.
     out, top, total = partials
     weight = jnp.exp(top - top.max(axis=2, keepdims=True))
     total = (total * weight).sum(axis=2)  # 0 for a row that takes no part
     out = (out * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]
-    return out.reshape(batch, 1, heads, head_dim).astype(queries.dtype), cache_keys, cache_values
+    return out.reshape(batch, 1, heads, head_dim).astype(queries.dtype), *buffers
