@@ -219,34 +219,36 @@ def measure_hbm_bandwidth(gib: float, reps: int = 5, chain: int = 8, warmup: int
 
 
 def bytes_per_step(config: kvjax.ModelConfig, params: dict, batch: int, prompt: int, new: int,
-                   capacity: int, kv_itemsize: int) -> dict:
+                   capacity: int, kv_dtype: str) -> dict:
     """What a decode step reads: all weights (``param_bytes``), the weights a step reads
     (``param_bytes_read``: only the batch's rows of the input embedding when the LM head
-    is a matrix of its own), and the K/V at the average fill ``prompt + new / 2`` and at
-    ``capacity``."""
+    is a matrix of its own), and the K/V (``kv_dtype``, scales included) at the average
+    fill ``prompt + new / 2`` and at ``capacity``."""
     total = nbytes(params)
     embed = params["embed"]
     if config.tie_word_embeddings:
         param_read = total  # the LM head reads the whole embedding (counted once)
     else:
         param_read = total - nbytes(embed) + batch * embed.shape[1] * embed.dtype.itemsize
-    per_slot = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * kv_itemsize
+    per_slot = (kvjax.cache.estimate_bytes(config, batch, 2, kv_dtype)
+                - kvjax.cache.estimate_bytes(config, batch, 1, kv_dtype))
     return {"param_bytes": total, "param_bytes_read": param_read,
             "kv_bytes_avg_fill": int(per_slot * (prompt + new / 2)),
             "kv_bytes_capacity": per_slot * capacity}
 
 
 def step_bytes(config: kvjax.ModelConfig, batch: int, filled: int, new: int,
-               capacity: int, dtype=jnp.bfloat16) -> int:
+               capacity: int, dtype=jnp.bfloat16, kv_dtype: str | None = None) -> int:
     """Bytes read per decode step: weights + K/V at the average fill ``filled + new / 2``
-    (as ``bytes_per_step`` counts them)."""
+    (as ``bytes_per_step`` counts them; ``kv_dtype`` None: ``dtype``)."""
     b = bytes_per_step(config, param_shapes(config, dtype), batch, filled, new, capacity,
-                       jnp.dtype(dtype).itemsize)
+                       kv_dtype or jnp.dtype(dtype).name)
     return b["param_bytes_read"] + b["kv_bytes_avg_fill"]
 
 
-def cache_bytes(config: kvjax.ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16) -> int:
-    return nbytes(jax.eval_shape(lambda: kvjax.KVCache.create(config, batch, capacity, dtype)))
+def cache_bytes(config: kvjax.ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16,
+                kv_dtype: str | None = None) -> int:
+    return kvjax.cache.estimate_bytes(config, batch, capacity, kv_dtype, dtype=jnp.dtype(dtype).name)
 
 
 # ----- memory -------------------------------------------------------------------------
@@ -297,13 +299,15 @@ def check_fits(what: str, need: int | None, limit: int | None) -> None:
 
 # ----- the kvjax decode program -----------------------------------------------------
 
-def continued_program(model: kvjax.Model, num_steps: int, decode_kernel: bool | None = None):
+def continued_program(model: kvjax.Model, num_steps: int, decode_kernel: bool | None = None,
+                      kv_dtype: str | None = None):
     """``kvjax.generate``'s loop (greedy, cache donated, ``kvjax.programs``' prefill
     chunk, groups of steps and compiler options) on a cache that is continued, as a
     chat turn does: a prompt block at each row's ``start`` (``kvjax.decode``'s), its
     attention over every slot. Called as ``program(params, cache, tokens, lengths,
     start, max_new_tokens, sampling, seed, stop_tokens)``."""
-    step, _ = kvjax.programs.step_functions(model, fresh=False, decode_kernel=decode_kernel)
+    step, _ = kvjax.programs.step_functions(model, fresh=False, decode_kernel=decode_kernel,
+                                            kv_dtype=kv_dtype)
 
     def run(params, cache, tokens, lengths, start, max_new_tokens, sampling, seed, stops):
         return kvjax.decode(step, params, cache, tokens, lengths, num_steps=num_steps,
@@ -316,19 +320,20 @@ def continued_program(model: kvjax.Model, num_steps: int, decode_kernel: bool | 
 
 
 def decode_program(model: kvjax.Model, num_steps: int, prompt_len: int, capacity: int,
-                   start: int = 0, decode_kernel: bool | None = None):
+                   start: int = 0, decode_kernel: bool | None = None,
+                   kv_dtype: str | None = None):
     """``(program, takes_start)``: with ``start`` 0, the program ``kvjax.generate``
     compiles for a fresh cache of ``capacity`` slots, a ``prompt_len``-token block and
     ``num_steps`` loop steps (``kvjax.programs.generation_program``, greedy, its
     ``key_limit``: the prompt attends within itself and decode steps read only the
     slots the generation can fill); otherwise ``continued_program``, which also takes
-    ``start``. ``decode_kernel`` as in ``kvjax.programs.step_functions``."""
+    ``start``. ``decode_kernel``, ``kv_dtype`` as in ``kvjax.programs.step_functions``."""
     if start:
-        return continued_program(model, num_steps, decode_kernel), True
+        return continued_program(model, num_steps, decode_kernel, kv_dtype), True
     key_limit = kvjax.requests.fresh_key_limit(prompt_len, num_steps, capacity)
     return kvjax.programs.generation_program(model, num_steps=num_steps, greedy=True,
-                                             key_limit=key_limit,
-                                             decode_kernel=decode_kernel), False
+                                             key_limit=key_limit, decode_kernel=decode_kernel,
+                                             kv_dtype=kv_dtype), False
 
 
 def decode_inputs(config: kvjax.ModelConfig, batch: int, prompt_len: int, seed: int = 0):
@@ -351,7 +356,7 @@ class DecodeTiming:
 
 def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capacity: int,
                 reps: int, memory: int | None, start: int = 0,
-                decode_kernel: bool | None = None) -> DecodeTiming:
+                decode_kernel: bool | None = None, kv_dtype: str | None = None) -> DecodeTiming:
     """Times one compiled program (``num_steps = new``) run with ``max_new_tokens`` 1 and
     ``new``, a fresh cache for every call (outside the timed region), no stop tokens.
 
@@ -366,14 +371,16 @@ def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capac
     config, dtype = model.config, model.dtype
     if start + prompt_len + new - 1 > capacity:
         raise ValueError(f"{start} + {prompt_len} + {new} - 1 tokens exceed capacity {capacity}")
-    check_fits("weights + cache", nbytes(model.params) + cache_bytes(config, batch, capacity, dtype),
-               memory)
+    check_fits("weights + cache",
+               nbytes(model.params) + cache_bytes(config, batch, capacity, dtype, kv_dtype), memory)
     tokens, lengths = decode_inputs(config, batch, prompt_len)
     starts = np.full((batch,), start, np.int32)
     stops = np.full((kvjax.requests.MAX_STOP_TOKENS,), -1, np.int32)
     sampling = kvjax.SamplingParams.create(batch)
-    new_cache = lambda: jax.block_until_ready(kvjax.KVCache.create(config, batch, capacity, dtype))
-    program, takes_start = decode_program(model, new, prompt_len, capacity, start, decode_kernel)
+    create = lambda: kvjax.cache.create(config, batch, capacity, kv_dtype, dtype)
+    new_cache = lambda: jax.block_until_ready(create())
+    program, takes_start = decode_program(model, new, prompt_len, capacity, start, decode_kernel,
+                                          kv_dtype)
 
     def args(cache, n):
         block = (tokens, lengths, starts) if takes_start else (tokens, lengths)
@@ -381,7 +388,7 @@ def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capac
                 np.uint32(0), stops)
 
     t0 = time.perf_counter()
-    cache_shape = jax.eval_shape(lambda: kvjax.KVCache.create(config, batch, capacity, dtype))
+    cache_shape = jax.eval_shape(create)
     compiled = program.lower(*args(cache_shape, new)).compile()
     compile_s = time.perf_counter() - t0
     need = program_bytes(compiled)

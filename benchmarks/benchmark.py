@@ -127,8 +127,8 @@ LONG_PROMPT_NEW = 16
 
 # Every suite record has these keys (None where not measured); docs/benchmarks.md.
 FIELDS = ("case", "implementation", "model", "device", "batch", "prompt_len", "new_tokens",
-          "capacity", "filled", "prefill_ms", "mfu", "decode_ms_per_step", "tokens_per_s",
-          "mbu", "bound_GBps", "compile_s", "peak_bytes", "versions", "date")
+          "capacity", "filled", "kv_dtype", "prefill_ms", "mfu", "decode_ms_per_step",
+          "tokens_per_s", "mbu", "bound_GBps", "compile_s", "peak_bytes", "versions", "date")
 
 
 def random_model(shape: str, dtype: str) -> kvjax.Model:
@@ -249,23 +249,27 @@ SHAPE_CASES = {"stream": case_stream, "chat": case_chat, "nocache": case_nocache
 def decode_points(args, model):
     for prompt, new in args.decode_shapes:
         for batch in args.batches:
-            yield dict(model=model, batch=batch, prompt_len=prompt, start=0, new_tokens=new,
-                       capacity=prompt + new, filled=prompt)
+            for kv_dtype in args.kv_dtypes:
+                yield dict(model=model, batch=batch, prompt_len=prompt, start=0, new_tokens=new,
+                           capacity=prompt + new, filled=prompt, kv_dtype=kv_dtype)
 
 
 def longctx_points(args, model):
     new, capacity = args.longctx_new, args.longctx_capacity
     fills = [min(fill, capacity - new) for fill in args.longctx_fills]
-    for fill, cap in [(fills[0], fills[0] + new)] + [(fill, capacity) for fill in fills]:
-        prompt = fill if fill <= args.longctx_prefill else args.longctx_block
-        yield dict(model=model, batch=1, prompt_len=prompt, start=fill - prompt, new_tokens=new,
-                   capacity=cap, filled=fill)
+    for batch in args.longctx_batches:
+        for fill, cap in [(fills[0], fills[0] + new)] + [(fill, capacity) for fill in fills]:
+            prompt = fill if fill <= args.longctx_prefill else args.longctx_block
+            for kv_dtype in args.kv_dtypes:
+                yield dict(model=model, batch=batch, prompt_len=prompt, start=fill - prompt,
+                           new_tokens=new, capacity=cap, filled=fill, kv_dtype=kv_dtype)
 
 
 def prefill32k_points(args, model):
-    yield dict(model=model, batch=1, prompt_len=args.long_prompt, start=0,
-               new_tokens=LONG_PROMPT_NEW, capacity=args.long_prompt + LONG_PROMPT_NEW,
-               filled=args.long_prompt)
+    for kv_dtype in args.kv_dtypes:
+        yield dict(model=model, batch=1, prompt_len=args.long_prompt, start=0,
+                   new_tokens=LONG_PROMPT_NEW, capacity=args.long_prompt + LONG_PROMPT_NEW,
+                   filled=args.long_prompt, kv_dtype=kv_dtype)
 
 
 def hf_points(args, model):
@@ -298,7 +302,8 @@ class Run:
         out = dict(prefill_ms=prefill_s * 1e3, prefill_tflops=flops / prefill_s / 1e12,
                    mfu=flops / (prefill_s * peak * 1e12) if peak else None)
         if step_s:
-            read = lib.step_bytes(config, p["batch"], p["filled"], p["new_tokens"], p["capacity"])
+            read = lib.step_bytes(config, p["batch"], p["filled"], p["new_tokens"], p["capacity"],
+                                  kv_dtype=p.get("kv_dtype"))
             out |= dict(decode_ms_per_step=step_s * 1e3, tokens_per_s=p["batch"] / step_s,
                         mbu=read / (step_s * self.bounds["bound_GBps"] * 1e9))
         return out
@@ -307,7 +312,8 @@ class Run:
         model = self.models.get(("kvjax", p["model"]), lambda: lib.random_kvjax_model(p["model"]))
         t = lib.time_decode(model, p["batch"], p["prompt_len"], p["new_tokens"], p["capacity"],
                             self.args.reps, self.memory, start=p["start"],
-                            decode_kernel=False if self.args.xla_decode_steps else None)
+                            decode_kernel=False if self.args.xla_decode_steps else None,
+                            kv_dtype=p.get("kv_dtype"))
         return self.metrics(model.config, p, t.prefill_s, t.step_s) | dict(
             compile_s=t.compile_s, program_bytes=t.program_bytes,
             peak_bytes=lib.peak_bytes(self.device), tokens=t.tokens)
@@ -355,7 +361,8 @@ class Run:
 def describe(r: dict) -> str:
     """One progress line for a suite record."""
     what = (f"{r['case']} {r['implementation']} {r['model']} B={r['batch']} "
-            f"prompt {r['prompt_len']}+{r['new_tokens']} capacity {r['capacity']} filled {r['filled']}")
+            f"prompt {r['prompt_len']}+{r['new_tokens']} capacity {r['capacity']} filled {r['filled']}"
+            + (f" kv {r['kv_dtype']}" if r.get("kv_dtype") else ""))
     if r.get("skipped") or r.get("failed"):
         return f"{what}: {'SKIPPED' if r.get('skipped') else 'FAILED'} {r.get('skipped') or r.get('failed')}"
     pct = lambda x: "-" if x is None else f"{x:.1%}"
@@ -423,6 +430,11 @@ def parse_args(argv):
     suite.add_argument("--longctx-prefill", type=int,
                        help="fills up to this are prefilled for real, larger ones constructed")
     suite.add_argument("--longctx-block", type=int, default=16)
+    suite.add_argument("--longctx-batches", type=int, nargs="+", default=[1])
+    suite.add_argument("--kv-dtypes", nargs="+", default=[None],
+                       choices=list(kvjax.cache.KV_DTYPES),
+                       help="what the KV cache stores, one point each (default: the model's "
+                            "dtype; docs/memory.md)")
     suite.add_argument("--long-prompt", type=int)
     suite.add_argument("--hf-shapes", type=shape_pair, nargs="+", metavar="PROMPT+NEW",
                        help="default: --decode-shapes")

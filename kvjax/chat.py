@@ -11,8 +11,9 @@ from kvjax import programs, sharding
 from kvjax.decode import PAD_TOKEN
 from kvjax.loading import Model
 from kvjax.requests import (MIN_PROMPT_BUCKET, bucket, new_token_limits, pad_block, pad_rows,
-                            stop_array)
+                            stop_array, streaming_capacity)
 from kvjax.cache import check_kv_dtype
+from kvjax.cache.quantized import check_storable
 from kvjax.config import is_count
 from kvjax.sampling import SamplingParams, check_sampling_values
 from kvjax.streaming import DecodeChunks, tokens_of_chunk
@@ -42,6 +43,9 @@ class ChatSession:
       stop_tokens: default the model's.
       chunk_size: decode steps per compiled chunk while streaming.
       kv_dtype: what the KV cache stores (as in ``generate``; None: the model's dtype).
+      window, sink_tokens: streaming, as in ``generate``: the conversation goes on past
+        the capacity, each token seeing the first ``sink_tokens`` and its last
+        ``window`` positions, and never raises ``CapacityError``.
     """
 
     def __init__(self, model: Model, *, capacity: int | None = None, system: str | None = None,
@@ -49,7 +53,8 @@ class ChatSession:
                  top_k: int | None = None,
                  top_p: float | None = None, min_p: float | None = None, seed: int = 0,
                  stop_tokens: Sequence[int] | None = None, chunk_size: int = 16,
-                 kv_dtype: str | None = None):
+                 kv_dtype: str | None = None, window: int | None = None,
+                 sink_tokens: int | None = None):
         if model.tokenizer is None:
             raise ValueError("chat needs a tokenizer (tokenizer.json in the checkpoint)")
         if model.tokenizer.chat_template is None:
@@ -60,8 +65,13 @@ class ChatSession:
             if value is not None and not is_count(value):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         check_kv_dtype(kv_dtype)
+        check_storable(kv_dtype)
         self.kv_dtype = kv_dtype
         self.model = model
+        self.streaming = window is not None or sink_tokens is not None
+        self.window, self.sink_tokens = window, sink_tokens
+        if self.streaming:
+            capacity = streaming_capacity(model.config, capacity, window, sink_tokens)
         self.capacity = capacity or min(model.config.max_position_embeddings, 4096)
         self.max_new_tokens = max_new_tokens
         # one conversation, copied to fill the rows a mesh's `data` axis splits (pad_rows)
@@ -83,7 +93,8 @@ class ChatSession:
         self._rendered = ""  # the text that `history` encodes
         self._turn = 0
         self._cache = programs.new_cache(self.model, self._rows, self.capacity,
-                                         kv_dtype=self.kv_dtype)
+                                         kv_dtype=self.kv_dtype, window=self.window,
+                                         sink_tokens=self.sink_tokens)
 
     @property
     def cache_fill(self) -> int:
@@ -107,13 +118,15 @@ class ChatSession:
         block_tokens = self.history[-1:] + new_tokens
         start = self.cache_fill
         needed = start + len(block_tokens) + self.max_new_tokens
-        if needed > self.capacity:
+        if needed > self.capacity and not self.streaming:
             raise CapacityError(
                 f"the conversation has reached the cache capacity: {start} cached tokens + "
                 f"{len(block_tokens)} new + up to {self.max_new_tokens} for the reply = {needed} "
                 f"> {self.capacity}; reset the conversation (ChatSession.reset(), /reset in the CLI "
                 "chat) or use a larger capacity")
-        width = min(bucket(len(block_tokens), MIN_PROMPT_BUCKET), self.capacity - start)
+        width = bucket(len(block_tokens), MIN_PROMPT_BUCKET)
+        if not self.streaming:
+            width = min(width, self.capacity - start)
         block, lengths = pad_block(pad_rows([block_tokens], self._rows), width)
         controls = dict(max_new_tokens=new_token_limits(1, self._rows, self.max_new_tokens),
                         sampling=self.sampling, seed=np.uint32(self.seed + self._turn),

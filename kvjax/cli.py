@@ -72,6 +72,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="what the KV cache stores (default: --dtype); int8 and fp8 hold "
                           "about half the bytes of bfloat16 (codes and a float32 scale per "
                           "token and KV head)")
+    run.add_argument("--window", type=int, default=None, metavar="W",
+                     help="streaming: each token sees the first --sink-tokens and its last W "
+                          "positions; generation and chat go on past the cache with memory "
+                          "that never grows (default with --sink-tokens: --capacity minus the "
+                          "sinks)")
+    run.add_argument("--sink-tokens", type=int, default=None, metavar="S",
+                     help="streaming: keep the first S positions (attention sinks; 4 is "
+                          "StreamingLLM's choice) besides the --window")
     run.add_argument("--no-cache", action="store_true",
                      help="recompute the whole sequence every step (the baseline)")
     run.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default=None,
@@ -129,6 +137,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--memory-budget is the device memory a --dry-run plans for: pass --dry-run")
     if args.kv_dtype is not None and args.no_cache:
         parser.error("--kv-dtype sets what the KV cache stores; --no-cache keeps none")
+    if (args.window is not None or args.sink_tokens is not None) and args.no_cache:
+        parser.error("--window and --sink-tokens say what the KV cache keeps; --no-cache keeps "
+                     "none")
     if args.compile_cache is not None and args.no_compile_cache:
         parser.error("--compile-cache and --no-compile-cache exclude each other")
     if args.rules is not None and args.mesh is None and args.coordinator is None:
@@ -316,7 +327,7 @@ def _generate(model, prompts: list[str], defaulted: bool, args: argparse.Namespa
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
                    stop_tokens=args.stop, capacity=args.capacity, use_cache=not args.no_cache,
-                   kv_dtype=args.kv_dtype)
+                   kv_dtype=args.kv_dtype, window=args.window, sink_tokens=args.sink_tokens)
     show_progress = (not (args.stream or defaulted or args.quiet or args.json)
                      and sys.stderr.isatty() and args.max_new_tokens >= 128)
     if not (args.stream or defaulted or show_progress):
@@ -431,7 +442,8 @@ def _dry_run(args: argparse.Namespace) -> int:
     request = make_request(shell, _prompts(args)[0], max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            min_p=args.min_p, seed=args.seed, stop_tokens=args.stop,
-                           capacity=args.capacity, kv_dtype=args.kv_dtype)
+                           capacity=args.capacity, kv_dtype=args.kv_dtype, window=args.window,
+                           sink_tokens=args.sink_tokens)
     report = {"model": args.model, **memory.plan(
         config, request, dtype, kv_dtype=args.kv_dtype, mesh=mesh, rules=rules,
         memory=args.memory_budget)}
@@ -505,7 +517,7 @@ def _chat(model, args: argparse.Namespace) -> int:
         model, capacity=args.capacity, system=args.system, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         seed=args.seed, stop_tokens=args.stop, chunk_size=args.chunk_size,
-        kv_dtype=args.kv_dtype)
+        kv_dtype=args.kv_dtype, window=args.window, sink_tokens=args.sink_tokens)
     print("chat with the model: /reset starts over, /stats shows the last turn, /quit ends",
           file=sys.stderr)
     while True:

@@ -44,7 +44,8 @@ def generate(model: Model, prompts: Prompts, *,
              top_p: float | None = None, min_p: float | None = None, seed: int = 0,
              stop_tokens: Sequence[int] | None = None, capacity: int | None = None,
              use_cache: bool = True, return_logits: bool = False,
-             kv_dtype: str | None = None) -> Generation:
+             kv_dtype: str | None = None, window: int | None = None,
+             sink_tokens: int | None = None) -> Generation:
     """Generates a continuation of each prompt, the whole run one compiled program.
 
     Args:
@@ -68,6 +69,12 @@ def generate(model: Model, prompts: Prompts, *,
         ``"int8"`` or ``"fp8"`` (quantized with a float32 scale per token and KV head:
         about half the bytes of bfloat16; ``kvjax.cache.QuantizedKVCache``). None: the
         model's dtype.
+      window, sink_tokens: streaming (StreamingLLM; either turns it on): every layer
+        keeps the first ``sink_tokens`` (default 0) positions and a ring of the last
+        ``window`` (default ``capacity - sink_tokens``) and attends to those only, so a
+        row can go on past ``capacity`` (then ``sink_tokens + window``, the slots a row
+        holds) with memory that never grows. While a row fits, the tokens are those of
+        the plain cache. Needs rotary position embeddings (``kvjax.cache.layout``).
 
     Prompt lengths are padded to power-of-two buckets and ``max_new_tokens`` to a
     power-of-two number of loop steps, so other prompts, lengths in the same bucket,
@@ -80,9 +87,11 @@ def generate(model: Model, prompts: Prompts, *,
     """
     req = make_request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
-                   capacity=capacity, kv_dtype=kv_dtype, use_cache=use_cache)
+                   capacity=capacity, kv_dtype=kv_dtype, use_cache=use_cache, window=window,
+                   sink_tokens=sink_tokens)
     # sharded on model.mesh, after checking that the mesh splits these rows and the model
-    cache = programs.new_cache(model, req.rows, req.capacity, use_cache, req.kv_dtype)
+    cache = programs.new_cache(model, req.rows, req.capacity, use_cache, req.kv_dtype,
+                               window=req.window, sink_tokens=req.sink_tokens)
     cache_bytes = cache.nbytes
     timed = not compilation_cache.in_use()  # JAX stores no program with a host callback
     jitted = programs.generation_program(

@@ -30,9 +30,10 @@ def plan(config: ModelConfig, request: Request, dtype: str, *, kv_dtype: str | N
     platform = devices[0].platform
     place = dict(dtype=dtype, mesh=mesh, rules=rules)
     rows, capacity = request.rows, request.capacity
+    streaming = dict(window=request.window, sink_tokens=request.sink_tokens)
 
     def needs(kind):  # (cache, scratch, its terms) per device
-        return (estimate_bytes(config, rows, capacity, kind, **place),
+        return (estimate_bytes(config, rows, capacity, kind, **place, **streaming),
                 *scratch_bytes(config, dtype, request, kind, mesh, rules, platform))
 
     weights = weights_bytes(config, dtype, mesh, rules)
@@ -48,6 +49,8 @@ def plan(config: ModelConfig, request: Request, dtype: str, *, kv_dtype: str | N
               "fits": total <= memory}
     if total > memory:
         needed = max(len(ids) for ids in request.encoded) + int(request.controls["max_new_tokens"][0])
+        if request.window is not None or request.sink_tokens is not None:
+            needed = (request.sink_tokens or 0) + 1  # streaming: any window runs
         report["fitting"] = {"capacity_needed": needed,
                              kv_dtype or dtype: largest(config, request, weights, scratch,
                                                         memory, kv_dtype, place)}
@@ -118,8 +121,10 @@ def largest(config, request, weights: int, scratch: int, memory: int, kv_dtype,
     """The largest batch (at this run's capacity) and capacity (at its rows) whose cache
     fits beside the weights and this run's scratch (which a smaller run does not exceed)."""
     room = max(memory - weights - scratch, 0)
-    return {"max_batch": max_batch(config, request.capacity, room, kv_dtype, **place),
-            "max_capacity": max_capacity(config, request.rows, room, kv_dtype, **place)}
+    return {"max_batch": max_batch(config, request.capacity, room, kv_dtype, **place,
+                                   window=request.window, sink_tokens=request.sink_tokens),
+            "max_capacity": max_capacity(config, request.rows, room, kv_dtype, **place,
+                                         sink_tokens=request.sink_tokens)}
 
 
 def device_memory(devices: list) -> tuple[int, str]:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import AttentionPlan, LayerAttention, attend_layer, choose, soft_cap
-from kvjax.cache import KVCache, QuantizedKVCache, TokenHistory
+from kvjax.cache import KVCache, LayerSlots, QuantizedKVCache, TokenHistory
 from kvjax.config import ModelConfig
 from kvjax.kernels.decode_attention import MeshSplit
 from kvjax.params import init_params  # noqa: F401  (kvjax.model.init_params, its old home)
@@ -118,13 +118,17 @@ def embed(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax.A
     return x
 
 
-def qkv_projection(config: ModelConfig, layer: dict, x: jax.Array, cos: jax.Array | None,
-                   sin: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Normed, projected (QK-normed) and rotated queries, keys and values of one layer.
+def rotate(config: ModelConfig, x: jax.Array, cos: jax.Array | None,
+           sin: jax.Array | None) -> jax.Array:
+    """Queries or keys rotated by the layer's ``rope_tables`` (as they are without RoPE)."""
+    return apply_rope(x, cos, sin) if config.position_embedding == "rope" else x
 
-    ``cos``, ``sin``: the layer's ``rope_tables`` (``None`` without RoPE).
-    Returns ``q [batch, seq, heads, head_dim]`` and ``k, v [batch, seq, kv_heads, head_dim]``.
-    """
+
+def unrotated_qkv(config: ModelConfig, layer: dict, x: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Normed, projected (QK-normed) queries, keys and values of one layer, before
+    their rotation (``rotate``): ``q [batch, seq, heads, head_dim]`` and ``k, v
+    [batch, seq, kv_heads, head_dim]``."""
     batch, seq, _ = x.shape
     h = norm(config, layer, "attn_norm", x) if config.pre_norms else x
     hq, hk, hv = _inputs_of_separate_products(h, 3)
@@ -138,8 +142,6 @@ def qkv_projection(config: ModelConfig, layer: dict, x: jax.Array, cos: jax.Arra
     v = v.reshape(batch, seq, config.num_kv_heads, config.head_dim)
     if config.qk_norm and config.qk_norm_per_head:
         q, k = norm(config, layer, "q_norm", q), norm(config, layer, "k_norm", k)
-    if config.position_embedding == "rope":
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     return q, k, v
 
 
@@ -223,6 +225,8 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
         x = _add_spare_row(x)  # [2, 1, hidden]
     max_length = tokens.shape[1] if cache is None else cache.capacity
     tables = layer_rope_tables(config, positions, max_length)
+    slots = [None if cache is None else cache.layer_slots(i) for i in range(config.num_layers)]
+    sink_tables = _sink_rope_tables(config, slots, positions, max_length)
     for index, layer in enumerate(params["layers"]):
         if index and tokens.shape[1] > 1:
             # Ties a layer's weights to its input: XLA:GPU then schedules a block's layers
@@ -230,8 +234,8 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
             # slower without it (docs/architecture.md §6). No work at run time.
             x, layer = jax.lax.optimization_barrier((x, layer))
         layer_cache = None if cache is None else cache.layer(index)
-        x, layer_cache = _layer(config, attention.layers[index], spare_row, layer, x,
-                                *tables[index], layer_cache, positions)
+        x, layer_cache = _layer(config, attention.layers[index], slots[index], spare_row, layer,
+                                x, *tables[index], *sink_tables[index], layer_cache, positions)
         if cache is not None:
             cache = cache.with_layer(index, layer_cache)
     if spare_row:
@@ -244,27 +248,46 @@ def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax
     return final_logits(config, params, x), cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _layer(config: ModelConfig, attention: LayerAttention, spare_row: bool, layer: dict,
-           x: jax.Array, cos: jax.Array | None, sin: jax.Array | None,
-           layer_cache: tuple | None, positions: jax.Array
-           ) -> tuple[jax.Array, tuple | None]:
+def _sink_rope_tables(config: ModelConfig, slots: list, positions: jax.Array,
+                      max_length: int) -> list[tuple[jax.Array | None, jax.Array | None]]:
+    """Per layer, the rope tables of the queries that score streaming's sinks
+    (``kvjax.attention.ring``): at ``min(position, sinks + window - 1)``; ``(None,
+    None)`` for layers without sinks."""
+    with_sinks = [s for s in slots if s is not None and s.sinks]
+    if not with_sinks:
+        return [(None, None)] * config.num_layers
+    last = with_sinks[0].sinks + with_sinks[0].window - 1  # every streaming layer's
+    tables = layer_rope_tables(config, jnp.minimum(positions, last), max_length)
+    return [table if s is not None and s.sinks else (None, None)
+            for table, s in zip(tables, slots)]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _layer(config: ModelConfig, attention: LayerAttention, slots: LayerSlots | None,
+           spare_row: bool, layer: dict, x: jax.Array, cos: jax.Array | None,
+           sin: jax.Array | None, sink_cos: jax.Array | None, sink_sin: jax.Array | None,
+           layer_cache: tuple | None, positions: jax.Array) -> tuple[jax.Array, tuple | None]:
     """One decoder layer on ``x`` (``[batch, seq, hidden]``; with ``spare_row``, a
     batch-1 step's real row and ``forward``'s spare row): attention as ``attention``
     says, written to and read from this layer's part of the cache (``Cache.layer``:
     ``(keys, values)`` buffers ``[batch, kv_heads, capacity, head_dim]``, with scales
-    for a quantized cache; None without a cache), then the MLP. Returns
-    ``(x, layer_cache)``.
+    for a quantized cache; None without a cache; ``slots``: its ring buffer, and
+    ``sink_cos``/``sink_sin`` the rope tables of its sinks' queries), then the MLP.
+    Returns ``(x, layer_cache)``.
 
     A program of its own (a nested ``jit``, which XLA inlines): layers with the same
     attention and shapes are traced and lowered once, not once each. A whole
     generation of the Llama-3.1-8B shape then lowers in 0.4-0.5 s instead of 3.2-3.9 s
     on an H100's host and compiles in 10.3-10.9 s instead of 14.7-14.9 s, with the same
     step times (docs/experiments.md)."""
-    q, k, v = qkv_projection(config, layer, x, cos, sin)
+    unrotated, k, v = unrotated_qkv(config, layer, x)
+    q, k = rotate(config, unrotated, cos, sin), rotate(config, k, cos, sin)
+    sink_queries = None if sink_cos is None else rotate(config, unrotated, sink_cos, sink_sin)
     if spare_row:
         q, k, v = q[:1], k[:1], v[:1]
-    attn, layer_cache = attend_layer(config, attention, q, k, v, layer_cache, positions)
+        sink_queries = None if sink_queries is None else sink_queries[:1]
+    attn, layer_cache = attend_layer(config, attention, q, k, v, layer_cache, positions, slots,
+                                     sink_queries)
     x = finish_layer(config, layer, x, _add_spare_row(attn) if spare_row else attn)
     return x, layer_cache
 

@@ -48,17 +48,19 @@ __all__ = ["PREFILL_CHUNK", "SYNC_EVERY", "PrefillClock", "ProgramCache", "atten
 
 
 def new_cache(model: Model, batch: int, capacity: int, use_cache: bool = True,
-              kv_dtype: str | None = None):
+              kv_dtype: str | None = None, *, window: int | None = None,
+              sink_tokens: int | None = None):
     """An empty cache for ``batch`` rows of ``capacity`` slots: the kind ``kv_dtype``
-    names (``kvjax.cache.create``; None: a ``KVCache`` in the model's dtype), a
-    ``TokenHistory`` for ``use_cache=False``; created already sharded on ``model.mesh``
-    by ``model.rules`` when the model has a mesh.
+    names (``kvjax.cache.create``; None: a ``KVCache`` in the model's dtype; ``window``,
+    ``sink_tokens``: streaming), a ``TokenHistory`` for ``use_cache=False``; created
+    already sharded on ``model.mesh`` by ``model.rules`` when the model has a mesh.
 
     Raises:
       ShardingError: ``model.mesh`` cannot split this model or ``batch``, before
         anything is allocated or compiled.
     """
-    create, args = ((caches.create, (model.config, batch, capacity, kv_dtype, model.dtype))
+    create, args = ((caches.create, (model.config, batch, capacity, kv_dtype, model.dtype, window,
+                                     sink_tokens))
                     if use_cache else (TokenHistory.create, (batch, capacity)))
     if model.mesh is None:
         return create(*args)

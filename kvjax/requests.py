@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from kvjax import sharding
-from kvjax.cache import check_kv_dtype
+from kvjax.cache import cache_layout, check_kv_dtype
+from kvjax.cache.quantized import check_storable
 from kvjax.config import ModelConfig, is_count
 from kvjax.decode import PAD_TOKEN
 from kvjax.loading import Model
@@ -102,6 +103,21 @@ def check_lengths(config: ModelConfig, longest: int, max_new_tokens: int,
     return capacity
 
 
+def streaming_capacity(config: ModelConfig, capacity: int | None, window: int | None,
+                       sink_tokens: int | None) -> int:
+    """The slots a row of a streaming cache holds (``sink_tokens + window``), its sizes
+    checked (``kvjax.cache.cache_layout``). ``window`` defaults to the capacity after the
+    sinks; one of the two must be given."""
+    if capacity is None:
+        if window is None:
+            raise ValueError("streaming needs its window: pass window (positions each query sees "
+                             "after the sinks) or capacity (sink_tokens + window)")
+        if not is_count(window):
+            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        capacity = window + (sink_tokens if is_count(sink_tokens, 0) else 0)
+    return cache_layout(config, capacity, window=window, sink_tokens=sink_tokens).capacity
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """A validated generation request, padded to the shapes of its compiled programs."""
@@ -111,6 +127,8 @@ class Request:
     prompt_lengths: np.ndarray  # int32[rows]
     capacity: int
     kv_dtype: str | None  # what the cache stores (kvjax.cache.KV_DTYPES; None: the model's dtype)
+    window: int | None  # streaming (kvjax.cache.layout): positions each query sees after the sinks
+    sink_tokens: int | None  # streaming: the first positions every query sees
     num_steps: int  # power-of-two bound on new tokens
     controls: dict  # max_new_tokens, sampling, seed, stop_tokens: the dynamic loop inputs
     sampling_values: dict  # temperature, top_k, top_p, min_p as used (defaults resolved)
@@ -145,12 +163,18 @@ def make_request(model: Model, prompts: Prompts, *, max_new_tokens: int,
                  temperature: float | None, top_k: int | None, top_p: float | None,
                  min_p: float | None, seed: int, stop_tokens: Sequence[int] | None,
                  capacity: int | None, kv_dtype: str | None = None,
-                 use_cache: bool = True) -> Request:
+                 use_cache: bool = True, window: int | None = None,
+                 sink_tokens: int | None = None) -> Request:
     """Validates a generation request (arguments as in ``kvjax.generate``) and pads it
     to the shapes of its programs; raises ``ValueError`` naming the first problem."""
     check_kv_dtype(kv_dtype)
+    check_storable(kv_dtype)
     if kv_dtype is not None and not use_cache:
         raise ValueError("kv_dtype sets what the KV cache stores; use_cache=False keeps none")
+    streaming = window is not None or sink_tokens is not None
+    if streaming and not use_cache:
+        raise ValueError("window and sink_tokens say what the KV cache keeps; use_cache=False "
+                         "keeps none")
     values = model.sampling_values(temperature, top_k, top_p, min_p)
     check_sampling_values(**values)
     if not (is_count(seed, 0) and seed < 2 ** 32):
@@ -158,15 +182,21 @@ def make_request(model: Model, prompts: Prompts, *, max_new_tokens: int,
     encoded = encode_prompts(model, prompts)
     stops = stop_array(model, stop_tokens)
     longest = max(len(ids) for ids in encoded)
-    capacity = check_lengths(model.config, longest, max_new_tokens, capacity)
+    if streaming:  # rows run past the cache's slots: no length is too long
+        if not is_count(max_new_tokens):
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        capacity = streaming_capacity(model.config, capacity, window, sink_tokens)
+    else:
+        capacity = check_lengths(model.config, longest, max_new_tokens, capacity)
     rows = pad_rows(encoded, sharding.batch_ways(model.mesh, model.rules))
-    prompt_tokens, prompt_lengths = pad_block(rows, min(bucket(longest, MIN_PROMPT_BUCKET),
-                                                         capacity))
+    width = bucket(longest, MIN_PROMPT_BUCKET)
+    prompt_tokens, prompt_lengths = pad_block(rows, width if streaming else min(width, capacity))
     sampling = SamplingParams.create(len(rows), **values)
     controls = dict(max_new_tokens=new_token_limits(len(encoded), len(rows), max_new_tokens),
                     sampling=sampling, seed=np.uint32(seed), stop_tokens=stops)
     return Request(encoded=encoded, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths,
-                    capacity=capacity, kv_dtype=kv_dtype, num_steps=bucket(max_new_tokens, MIN_STEPS_BUCKET),
+                    capacity=capacity, kv_dtype=kv_dtype, window=window, sink_tokens=sink_tokens,
+                    num_steps=bucket(max_new_tokens, MIN_STEPS_BUCKET),
                     controls=controls, sampling_values=values)
 
 

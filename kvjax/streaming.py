@@ -128,7 +128,8 @@ def generate_stream(model: Model, prompts: Prompts, *,
                     top_k: int | None = None, top_p: float | None = None,
                     min_p: float | None = None, seed: int = 0,
                     stop_tokens: Sequence[int] | None = None, capacity: int | None = None,
-                    use_cache: bool = True, kv_dtype: str | None = None) -> TokenStream:
+                    use_cache: bool = True, kv_dtype: str | None = None,
+                    window: int | None = None, sink_tokens: int | None = None) -> TokenStream:
     """Like ``generate`` but yields new tokens as they are made, ``chunk_size`` steps at a time.
 
     Two compiled programs (the prefill and a chunk of ``chunk_size`` decode steps) serve
@@ -139,8 +140,10 @@ def generate_stream(model: Model, prompts: Prompts, *,
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     req = make_request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
-                   capacity=capacity, kv_dtype=kv_dtype, use_cache=use_cache)
-    cache = programs.new_cache(model, req.rows, req.capacity, use_cache, req.kv_dtype)
+                   capacity=capacity, kv_dtype=kv_dtype, use_cache=use_cache, window=window,
+                   sink_tokens=sink_tokens)
+    cache = programs.new_cache(model, req.rows, req.capacity, use_cache, req.kv_dtype,
+                               window=req.window, sink_tokens=req.sink_tokens)
     cache_bytes = cache.nbytes
     chunks = DecodeChunks(model, use_cache, chunk_size, cache, req.prompt_tokens, req.prompt_lengths,
                      np.zeros((req.rows,), np.int32), req.controls, key_limit=req.key_limit,

@@ -2,6 +2,9 @@
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,23 @@ def make_model(config: kvjax.ModelConfig, seed: int = 0, dtype=jnp.float32,
     params = kvjax.init_params(config, jax.random.key(seed), dtype)
     params = jax.tree.map(lambda x: x if x.ndim == 1 else x * scale, params)
     return kvjax.Model(config=config, params=params)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_on_cpu_devices(module: str, devices: int) -> dict:
+    """Runs ``python -m module`` in a subprocess with ``devices`` CPU devices (XLA only
+    makes them before jax starts) and returns the JSON of its last line of output."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def clear_programs() -> None:

@@ -16,8 +16,8 @@ Tasks:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import os
 import re
 import sys
 
@@ -224,6 +224,10 @@ def task_meshes(hf_dir: str) -> dict:
     base = gqa_model()
     reference = kvjax.generate(base, PROMPTS, **opts).tokens
     int8_reference = kvjax.generate(base, PROMPTS, kv_dtype="int8", **opts).tokens
+    windowed = make_model(dataclasses.replace(gqa_config(), sliding_window=6))
+    ring_reference = {"window": kvjax.generate(windowed, PROMPTS, **opts).tokens,
+                      "streaming": kvjax.generate(base, PROMPTS, sink_tokens=4, window=12,
+                                                  **opts).tokens}
     gqa = {"reference": reference}
     for data, model_ways in MESHES:
         mesh = sharding.make_mesh(data=data, model=model_ways)
@@ -255,6 +259,14 @@ def task_meshes(hf_dir: str) -> dict:
             "tokens_equal": kvjax.generate(model, PROMPTS, kv_dtype="int8", **opts).tokens
             == int8_reference,
             "codes": spec_of(int8_cache.keys[0]), "scales": spec_of(int8_cache.key_scales[0])}
+        if (data, model_ways) in ((1, 8), (2, 4)):  # ring buffers: a window, streaming
+            ring_cache = programs.new_cache(model, len(PROMPTS), 64, window=12, sink_tokens=4)
+            entry["ring"] = {
+                "window_equal": kvjax.generate(sharding.shard_model(windowed, mesh), PROMPTS,
+                                               **opts).tokens == ring_reference["window"],
+                "streaming_equal": kvjax.generate(model, PROMPTS, sink_tokens=4, window=12,
+                                                  **opts).tokens == ring_reference["streaming"],
+                "keys": spec_of(ring_cache.keys[0]), "slots": ring_cache.keys[0].shape[2]}
         if model_ways > base.config.num_kv_heads:  # KV heads grouped: whole program
             entry["program"] = program_gathers(model, 8, 64)
         entry["kernel"] = kernel_on_mesh(model, reference)

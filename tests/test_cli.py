@@ -347,6 +347,7 @@ def test_memory_budget_units(budget, expected):
     (["--dry-run", "--no-cache"], "--dry-run plans a generation's KV cache"),
     (["--kv-dtype", "int8", "--no-cache"], "--kv-dtype sets what the KV cache stores"),
     (["--kv-dtype", "int4"], "argument --kv-dtype: invalid choice: 'int4'"),
+    (["--window", "8", "--no-cache"], "--window and --sink-tokens say what the KV cache keeps"),
 ])
 def test_planning_flag_errors_exit_2(flags, message):
     proc = run_cli("--prompt", "x", *flags)
@@ -376,3 +377,22 @@ def test_chat_with_kv_dtype(checkpoint):
     session = kvjax.ChatSession(kvjax.load(checkpoint, dtype="float32"), max_new_tokens=8,
                                 kv_dtype="int8")
     assert proc.stdout == f"you> model> {session.send('hello there')}\nyou> "
+
+
+def test_streaming_runs_past_the_capacity(bundled):
+    """--sink-tokens and --window: 200 new tokens through 64 slots, the library's tokens
+    and cache bytes; a streaming --chat never reaches the capacity message."""
+    proc = run_cli("--prompt", "The list type", "--max-new-tokens", "200", "--sink-tokens", "4",
+                   "--window", "60", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    expected = kvjax.generate(bundled, ["The list type"], max_new_tokens=200, sink_tokens=4,
+                              window=60)
+    assert out["tokens"] == expected.tokens and len(out["tokens"][0]) > 64
+    assert out["stats"]["capacity"] == 64
+    assert out["stats"]["cache_bytes"] == kvjax.cache.estimate_bytes(
+        bundled.config, 1, 64, sink_tokens=4, window=60, dtype="float32")
+    chat = run_cli("--chat", "--max-new-tokens", "40", "--sink-tokens", "4", "--window", "28",
+                   stdin="hello there\nthe cat sat on the mat in the park\nand then?\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "capacity" not in chat.stderr and chat.stdout.count("model> ") == 3

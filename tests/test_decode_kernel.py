@@ -5,10 +5,6 @@ Pallas interpret mode (on a mesh: a subprocess with 4 CPU devices); the compiled
 is checked on GPUs."""
 
 import json
-import os
-import re
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -22,9 +18,8 @@ from kvjax.attention import attend_cache, choose, quantized
 from kvjax.cache.quantized import quantize, write_quantized_block
 from kvjax.kernels import decode_attention
 from kvjax.sampling import SamplingParams
-from tests.conftest import count_calls, make_config, make_model
+from tests.conftest import count_calls, make_config, make_model, run_on_cpu_devices
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the cache holds: the queries' float dtype (None), int8 or fp8 codes with scales.
 KINDS = (None, "int8", "fp8")
 
@@ -266,38 +261,41 @@ def test_without_pallas_triton(monkeypatch):
             kernel_step(*step[:3], jnp.zeros((1, 1), jnp.int32), *step[3:], interpret=True)
 
 
-def run_decode(model, kernel: bool | None, stops):
+def run_decode(model, kernel: bool | None, stops, kv_dtype: str | None = None):
     """kvjax.generate's loop over a ragged batch with the model's decode steps on the
-    kernel (interpreted off GPUs) or on the plain path; returns the result and how many
-    Pallas calls the program holds."""
+    kernel (interpreted off GPUs) or on the plain path, over a cache of ``kv_dtype``;
+    returns the result and how many Pallas calls the program holds."""
     config = model.config
     prompts = np.zeros((3, 16), np.int32)
     prompts[0, :7], prompts[1, :3], prompts[2, :11] = range(5, 12), [2, 71, 33], range(40, 51)
     program = kvjax.jit_decode(kvjax.model.step_fn(config, decode_kernel=kernel), num_steps=20,
                                greedy=True, sync_every=4)
-    args = (model.params, kvjax.KVCache.create(config, 3, 48, jnp.float32), prompts,
+    args = (model.params, kvjax.cache.create(config, 3, 48, kv_dtype, jnp.float32), prompts,
             np.array([7, 3, 11], np.int32), np.int32(20), SamplingParams.create(3),
             np.uint32(0), np.asarray(stops, np.int32))
     pallas_calls = count_calls(jax.make_jaxpr(program)(*args).jaxpr, "pallas_call")
     return program(*args), pallas_calls
 
 
-def test_generation_with_the_kernel_equals_the_plain_path():
+@pytest.mark.parametrize("kind", KINDS)
+def test_generation_with_the_kernel_equals_the_plain_path(kind):
     """Greedy decoding with every decode step on the interpreted kernel (a float32 model:
-    interpreted, the kernel takes any float cache) gives the plain path's tokens and
-    cache, with rows that stop early (idle in later steps)."""
+    interpreted, the kernel takes any float cache), over a float, int8 or fp8 cache,
+    gives the plain path's tokens and cache, with rows that stop early (idle in later
+    steps)."""
     model = make_model(make_config(num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64))
-    free, _ = run_decode(model, False, [-1])
+    free, _ = run_decode(model, False, [-1], kind)
     stops = [int(free.tokens[0, 4]), int(free.tokens[2, 9])]
-    (plain, plain_calls), (fused, fused_calls) = (run_decode(model, False, stops),
-                                                  run_decode(model, True, stops))
+    (plain, plain_calls), (fused, fused_calls) = (run_decode(model, False, stops, kind),
+                                                  run_decode(model, True, stops, kind))
     # the decode step's layers on the kernel; the prefill (a block) never is
     assert (plain_calls, fused_calls) == (0, model.config.num_layers)
     np.testing.assert_array_equal(fused.tokens, plain.tokens)
     np.testing.assert_array_equal(fused.num_generated, plain.num_generated)
     assert min(np.asarray(plain.num_generated)) < 20  # some row stopped early
     for got, want in zip(jax.tree.leaves(fused.cache), jax.tree.leaves(plain.cache)):
-        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   atol=1e-5)
 
 
 def test_auto_keeps_the_plain_path_without_a_gpu():
@@ -409,15 +407,7 @@ CPU_MESHES = [(2, 2), (1, 4)]
 
 @pytest.fixture(scope="module")
 def on_a_cpu_mesh() -> list[dict]:
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", ""))
-    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "tests.test_decode_kernel"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_cpu_devices("tests.test_decode_kernel", 4)
 
 
 def test_interpreted_kernel_on_each_device_of_a_mesh(on_a_cpu_mesh):

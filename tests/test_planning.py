@@ -5,10 +5,7 @@ devices, run as ``python -m tests.test_planning``) per device on meshes."""
 import contextlib
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +13,8 @@ import pytest
 
 import kvjax
 from kvjax.cache import KV_DTYPES, create, estimate_bytes, max_batch, max_capacity
+from tests.conftest import run_on_cpu_devices
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]  # (data, model)
 
 
@@ -138,15 +135,7 @@ def test_exported_from_kvjax_cache():
 
 @pytest.fixture(scope="module")
 def on_meshes() -> dict:
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", ""))
-    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "tests.test_planning"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_cpu_devices("tests.test_planning", 8)
 
 
 def test_estimate_per_device_is_the_created_shards(on_meshes):

@@ -252,3 +252,20 @@ def test_family_quality_against_torch():
     assert compared["int8"]["max_abs_logit_diff"] == pytest.approx(
         float(np.abs(through - int8).max()))
     assert 0 < compared["int8"]["mean_kl"] < 1e-3 and compared["int8"]["top1_agreement"] >= 0.9
+
+
+def test_fp8_where_the_backend_cannot_hold_it(model, monkeypatch):
+    """This backend holds fp8 (a quantization compiles here); where one cannot, generate
+    and ChatSession refuse before compiling, naming the kv_dtype that works there."""
+    from kvjax.cache import quantized
+
+    assert quantized.can_store("fp8", jax.default_backend())
+    monkeypatch.setattr(quantized, "can_store", lambda kv_dtype, platform: kv_dtype == "int8")
+    message = (f"kv_dtype='fp8' stores float8_e4m3fn codes, which this JAX cannot hold on "
+               f"{jax.default_backend()}; use kv_dtype='int8' there (or a float kv_dtype)")
+    with pytest.raises(ValueError) as error:
+        kvjax.generate(model, PROMPTS, kv_dtype="fp8")
+    assert str(error.value) == message
+    with pytest.raises(ValueError) as error:
+        kvjax.ChatSession(kvjax.load(kvjax.BUNDLED_MODEL), kv_dtype="fp8")
+    assert str(error.value) == message

@@ -98,6 +98,17 @@ def test_int8_cache_on_a_mesh(meshes, mesh):
     assert entry["scales"]["mesh"] == entry["codes"]["mesh"]
 
 
+@pytest.mark.parametrize("mesh", ["1x8", "2x4"])
+def test_ring_buffers_on_a_mesh(meshes, mesh):
+    """Sliding-window ring buffers and streaming with sinks (positions 4x past the 16
+    slots) give the one-device tokens on a mesh; a streaming cache of 16 slots is split
+    like the plain one: rows over data, KV heads over model."""
+    entry = meshes["gqa"][mesh]["ring"]
+    assert entry["window_equal"] and entry["streaming_equal"]
+    assert entry["slots"] == 16
+    assert entry["keys"]["spec"] == meshes["gqa"][mesh]["cache_keys"]["spec"]
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 def test_batch_that_data_does_not_divide(meshes, mesh):
     """7 prompts on data=2, 4 or 8: generate and generate_stream pad the batch and give

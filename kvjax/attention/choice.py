@@ -14,10 +14,11 @@ import dataclasses
 import jax
 import numpy as np
 
-from kvjax.attention import flash, plain, quantized
+from kvjax.attention import flash, plain, quantized, ring
 from kvjax.cache import QUANTIZED, check_kv_dtype
 from kvjax.cache.contiguous import write_block
-from kvjax.cache.quantized import write_quantized_block
+from kvjax.cache.layout import LayerSlots
+from kvjax.cache.quantized import layer_kv_dtype, quantize_block, write_quantized_block
 from kvjax.config import ModelConfig
 from kvjax.kernels import decode_attention as kernel
 
@@ -101,7 +102,8 @@ def choose(config: ModelConfig, dtype, *, use_cache: bool = True, fresh: bool = 
         (``kvjax.sharding.kernel_options``, kept for older code); ignored with ``mesh``.
       kv_dtype: what the cache stores (``kvjax.cache.KV_DTYPES``; None: ``dtype``). A
         cache in another float dtype than the queries attends on the XLA path; int8 and
-        fp8 caches on the quantized path (the decode kernel does not read them yet).
+        fp8 caches on the quantized path, and in decode steps through the decode kernel
+        where it runs (it reads the codes).
 
     Raises:
       RuntimeError: ``decode_kernel=True`` where this JAX has no Pallas Triton.
@@ -125,8 +127,8 @@ def choose(config: ModelConfig, dtype, *, use_cache: bool = True, fresh: bool = 
     def layer(window: int | None) -> LayerAttention:
         mode = None
         if use_cache and not fresh and decode_kernel is not False and window is None \
-                and softcap is None and same_dtype and not is_quantized:
-            if kernel.supported(config.head_dim, dtype):
+                and softcap is None and (same_dtype or is_quantized):
+            if kernel.supported(config.head_dim, dtype, kv_dtype=kv_dtype):
                 mode = "compiled"
             elif decode_kernel:  # any dtype and head_dim: the tests' float32 models too
                 mode = "interpret"
@@ -142,20 +144,35 @@ def choose(config: ModelConfig, dtype, *, use_cache: bool = True, fresh: bool = 
 
 
 def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k: jax.Array,
-                 v: jax.Array, layer_cache: tuple | None, positions: jax.Array
+                 v: jax.Array, layer_cache: tuple | None, positions: jax.Array,
+                 slots: LayerSlots | None = None, sink_queries: jax.Array | None = None
                  ) -> tuple[jax.Array, tuple | None]:
     """A layer's attention as its ``LayerAttention`` says: the block's ``k``, ``v``
     (``[batch, seq, kv_heads, head_dim]``) written to the layer's part of the cache
     (``Cache.layer``: ``(keys, values)`` buffers ``[batch, kv_heads, capacity,
     head_dim]``, with scales for a quantized cache; None without a cache), then ``q``
-    (``[batch, seq, heads, head_dim]``) attending. Returns ``(attn, layer_cache)``."""
+    (``[batch, seq, heads, head_dim]``) attending. Returns ``(attn, layer_cache)``.
+
+    ``slots``: the layer's ring buffer (``Cache.layer_slots``: a sliding window or
+    streaming), whose attention ``kvjax.attention.ring`` runs; ``sink_queries``: ``q``
+    rotated for the sinks of streaming (``kvjax.attention.ring``)."""
     scale, softcap, window = config.query_scale, config.attn_logit_softcap, attention.window
-    if layer_cache is not None and attention.kernel and q.shape[1] == 1:
-        out, keys, values = kernel.attend_and_write(
-            q, k, v, *layer_cache, positions, scale, interpret=attention.kernel == "interpret",
-            split=attention.split)
-        return out, (keys, values)
-    if layer_cache is not None:  # written [batch, kv_heads, seq, head_dim]
+    if layer_cache is not None and slots is not None:
+        window = slots.window  # streaming may narrow a layer's window
+        if not attention.fresh or slots.sinks:
+            return ring.attend(scale, softcap, slots, attention.fresh, attention.quantized, q, k,
+                               v, layer_cache, positions, sink_queries)
+        # a prompt starting the cache attends within itself (below), then keeps its window
+        stored = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        if attention.quantized:
+            stored = quantize_block(*stored, layer_kv_dtype(layer_cache))
+        layer_cache = ring.write(layer_cache, stored, positions, slots)
+    elif layer_cache is not None and attention.kernel and q.shape[1] == 1:
+        step = kernel.attend_and_write_quantized if attention.quantized else kernel.attend_and_write
+        out, *layer_cache = step(q, k, v, *layer_cache, positions, scale,
+                                 interpret=attention.kernel == "interpret", split=attention.split)
+        return out, tuple(layer_cache)
+    elif layer_cache is not None:  # written [batch, kv_heads, seq, head_dim]
         block_keys, block_values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if attention.quantized:
             layer_cache = write_quantized_block(layer_cache, block_keys, block_values, positions)

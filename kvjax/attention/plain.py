@@ -36,6 +36,24 @@ def soft_cap(x: jax.Array, cap: float) -> jax.Array:
     return cap * jnp.tanh(x / cap)
 
 
+def masked_scores(queries: jax.Array, keys: jax.Array, query_positions: jax.Array,
+                  key_positions: jax.Array, sliding_window: int | None = None,
+                  scale: float | None = None, logit_softcap: float | None = None) -> jax.Array:
+    """``float32[batch, kv_heads, group, queries, keys]``: scaled (soft-capped) scores of
+    grouped queries against keys, ``MASKED`` where a query may not see a key (arguments
+    as in ``attend``)."""
+    batch, num_queries, heads, head_dim = queries.shape
+    kv_heads = keys.shape[1]
+    grouped = queries.reshape(batch, num_queries, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,bksd->bkgqs", grouped, keys,
+                        preferred_element_type=jnp.float32)  # [batch, kv_heads, group, queries, keys]
+    scores = scores * (default_scale(head_dim) if scale is None else scale)
+    if logit_softcap is not None:
+        scores = soft_cap(scores, logit_softcap)
+    mask = attention_mask(query_positions, key_positions, sliding_window)[:, None, None]
+    return jnp.where(mask, scores, MASKED)
+
+
 def attend(queries: jax.Array, keys: jax.Array, values: jax.Array,
            query_positions: jax.Array, key_positions: jax.Array,
            sliding_window: int | None = None, scale: float | None = None,
@@ -56,20 +74,55 @@ def attend(queries: jax.Array, keys: jax.Array, values: jax.Array,
       ``[batch, queries, heads, head_dim]`` in the dtype of ``queries``.
     """
     batch, num_queries, heads, head_dim = queries.shape
-    kv_heads = keys.shape[1]
-    grouped = queries.reshape(batch, num_queries, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bqkgd,bksd->bkgqs", grouped, keys,
-                        preferred_element_type=jnp.float32)  # [batch, kv_heads, group, queries, keys]
-    scores = scores * (default_scale(head_dim) if scale is None else scale)
-    if logit_softcap is not None:
-        scores = soft_cap(scores, logit_softcap)
-    mask = attention_mask(query_positions, key_positions, sliding_window)[:, None, None]
-    scores = jnp.where(mask, scores, MASKED)
+    scores = masked_scores(queries, keys, query_positions, key_positions, sliding_window,
+                           scale, logit_softcap)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     # In the values' dtype, as HF transformers does (GPUs accumulate in float32 anyway);
     # XLA:CPU has no bf16 x bf16 -> f32 kernel for this batched contraction.
     out = jnp.einsum("bkgqs,bksd->bqkgd", probs, values)  # [batch, queries, kv_heads, group, head_dim]
     return out.reshape(batch, num_queries, heads, head_dim).astype(queries.dtype)
+
+
+# Flash-attention partials of queries over one part of their keys: the scores' maximum
+# ``float32[batch, kv_heads, group, queries]``, the sum of ``exp(score - maximum)`` (same
+# shape) and the values weighted by it ``float32[batch, kv_heads, group, queries,
+# head_dim]``. Parts over disjoint keys ``merge`` into the attention over all of them.
+Partials = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def partials(queries: jax.Array, keys: jax.Array, values: jax.Array,
+             query_positions: jax.Array, key_positions: jax.Array,
+             sliding_window: int | None = None, scale: float | None = None,
+             logit_softcap: float | None = None) -> Partials:
+    """``Partials`` of ``queries`` over ``keys`` (arguments as in ``attend``)."""
+    scores = masked_scores(queries, keys, query_positions, key_positions, sliding_window,
+                           scale, logit_softcap)
+    top = scores.max(axis=-1)
+    weights = jnp.exp(scores - top[..., None])
+    out = jnp.einsum("bkgqs,bksd->bkgqd", weights.astype(values.dtype), values)
+    return top, weights.sum(axis=-1), out.astype(jnp.float32)
+
+
+def merge(parts: list[Partials]) -> Partials:
+    """The ``Partials`` over the keys of all ``parts`` (each rescaled to the largest
+    maximum; a part whose keys a query cannot see contributes nothing)."""
+    top = parts[0][0]
+    for part in parts[1:]:
+        top = jnp.maximum(top, part[0])
+    rescale = [jnp.exp(part[0] - top) for part in parts]
+    total = sum(r * part[1] for r, part in zip(rescale, parts))
+    out = sum(r[..., None] * part[2] for r, part in zip(rescale, parts))
+    return top, total, out
+
+
+def finish(parts: Partials, dtype) -> jax.Array:
+    """Normalised attention ``[batch, queries, heads, head_dim]`` in ``dtype`` from
+    ``Partials`` (a query that sees nothing, padding, gets a finite average)."""
+    _, total, out = parts
+    batch, kv_heads, group, num_queries, head_dim = out.shape
+    out = out / total[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, num_queries, kv_heads * group,
+                                                  head_dim).astype(dtype)
 
 
 def attend_block(queries: jax.Array, keys: jax.Array, values: jax.Array,

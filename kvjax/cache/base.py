@@ -38,6 +38,10 @@ class Cache(Protocol):
     @property
     def capacity(self) -> int: ...
 
+    def layer_slots(self, index: int) -> Any:
+        """Layer ``index``'s ring buffer (``kvjax.cache.layout.LayerSlots``), or None
+        where slot = position."""
+
     @property
     def nbytes(self) -> int: ...
 
@@ -55,9 +59,10 @@ class Cache(Protocol):
 
 
 class PerLayerBuffers:
-    """What caches with per-layer ``keys`` buffers ``[batch, kv_heads, capacity, ...]``
-    and ``lengths`` share (``KVCache``, ``QuantizedKVCache``): a mixin of their
-    ``flax.struct`` dataclasses, holding no fields of its own."""
+    """What caches with per-layer ``keys`` buffers ``[batch, kv_heads, slots, ...]``,
+    ``lengths`` and a static ``layout`` (``kvjax.cache.layout.CacheLayout``, or None:
+    every layer slot = position) share (``KVCache``, ``QuantizedKVCache``): a mixin of
+    their ``flax.struct`` dataclasses, holding no fields of its own."""
 
     @property
     def batch(self) -> int:
@@ -65,7 +70,20 @@ class PerLayerBuffers:
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        """Positions a row holds before it is full (with streaming: the slots it keeps)."""
+        return self.keys[0].shape[2] if self.layout is None else self.layout.capacity
+
+    @property
+    def streaming(self) -> bool:
+        """Rows never fill: past the sinks, the oldest positions are dropped."""
+        return self.layout is not None and self.layout.streaming
+
+    def layer_slots(self, index: int):
+        """Layer ``index``'s ``LayerSlots`` where it keeps a ring buffer (a sliding
+        window, streaming), else None (slot = position)."""
+        if self.layout is None or not self.layout.layers[index].ring:
+            return None
+        return self.layout.layers[index]
 
     @property
     def nbytes(self) -> int:
@@ -74,8 +92,8 @@ class PerLayerBuffers:
 
     @property
     def is_full(self) -> jax.Array:
-        """``bool[batch]``: rows with no free slot left."""
-        return self.lengths >= self.capacity
+        """``bool[batch]``: rows with no free slot left (never, with streaming)."""
+        return (self.lengths >= self.capacity) & (not self.streaming)
 
     def advance(self, positions: jax.Array):
         """Sets each row's length past the largest position just written (``-1`` = padding)."""

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from kvjax.cache.base import PerLayerBuffers, replace_at, write_rows
+from kvjax.cache.layout import CacheLayout, cache_layout, write_slots
 from kvjax.config import ModelConfig, is_count
 
 # What the K/V buffers may hold (KVCache.create).
@@ -29,19 +30,29 @@ class KVCache(PerLayerBuffers):
     """Keys and values of every layer for a batch of sequences.
 
     Attributes:
-      keys: one buffer per layer, each ``[batch, kv_heads, capacity, head_dim]``.
+      keys: one buffer per layer, each ``[batch, kv_heads, slots, head_dim]``: ``capacity``
+        slots (slot = position), or a ring of a sliding window (``layout``).
       values: same shapes as ``keys``.
-      lengths: ``int32[batch]``, how many leading slots of each row hold real tokens.
+      lengths: ``int32[batch]``, how many positions of each row were written.
+      layout: static; each layer's slots (``kvjax.cache.layout``); None: every layer
+        has ``capacity`` slots, slot = position.
     """
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
     lengths: jax.Array
+    layout: CacheLayout | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def create(cls, config: ModelConfig, batch: int, capacity: int,
-               dtype: jnp.dtype = jnp.bfloat16) -> "KVCache":
-        """An empty cache for ``batch`` sequences of up to ``capacity`` tokens each."""
+               dtype: jnp.dtype = jnp.bfloat16, *, window: int | None = None,
+               sink_tokens: int | None = None) -> "KVCache":
+        """An empty cache for ``batch`` sequences of up to ``capacity`` tokens each.
+
+        Sliding-window layers narrower than ``capacity`` keep a ring of their window
+        only. ``window`` / ``sink_tokens``: streaming (``kvjax.cache.layout``): every
+        layer keeps ``sink_tokens`` sinks and a ring of ``window`` positions, and rows
+        never fill."""
         if not (is_count(batch) and is_count(capacity)):
             raise ValueError(f"batch and capacity must be >= 1, got batch={batch}, capacity={capacity}")
         try:
@@ -51,14 +62,17 @@ class KVCache(PerLayerBuffers):
         if name not in CACHE_DTYPES:
             raise ValueError("the cache dtype must be a floating type "
                              f"({', '.join(CACHE_DTYPES)}), got {name}")
-        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(keys=zeros(), values=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
+        layout = cache_layout(config, capacity, window=window, sink_tokens=sink_tokens)
+        zeros = lambda: tuple(
+            jnp.zeros((batch, config.num_kv_heads, layer.slots, config.head_dim), dtype)
+            for layer in layout.layers)
+        return cls(keys=zeros(), values=zeros(), lengths=jnp.zeros((batch,), jnp.int32),
+                   layout=layout)
 
     def logical_axes(self) -> "KVCache":
         """Every K/V buffer ``(batch, kv_heads, cache_seq, head_dim)``, lengths ``(batch,)``."""
         layers = (BUFFER_AXES,) * len(self.keys)
-        return KVCache(keys=layers, values=layers, lengths=("batch",))
+        return KVCache(keys=layers, values=layers, lengths=("batch",), layout=self.layout)
 
     def layer(self, index: int) -> tuple[jax.Array, jax.Array]:
         """One layer's ``(keys, values)`` buffers."""
@@ -66,7 +80,8 @@ class KVCache(PerLayerBuffers):
 
     @property
     def slot_positions(self) -> jax.Array:
-        """``int32[batch, capacity]``: the position held by each slot (slot = position)."""
+        """``int32[batch, capacity]``: the position held by each slot of a cache whose
+        layers keep slot = position (no ring)."""
         return jnp.broadcast_to(jnp.arange(self.capacity, dtype=jnp.int32),
                                 (self.batch, self.capacity))
 
@@ -83,9 +98,14 @@ class KVCache(PerLayerBuffers):
 
         The caller guarantees ``positions[b, 0] + new <= capacity`` (``kvjax.generate``
         checks it before compiling); ``dynamic_update_slice`` would otherwise clamp the
-        start and overwrite earlier slots.
+        start and overwrite earlier slots. A ring layer (``layer_slots``) keeps the
+        block's last positions of its window instead.
         """
-        return self.with_layer(layer, write_block(*self.layer(layer), keys, values, positions))
+        slots = self.layer_slots(layer)
+        if slots is None:
+            return self.with_layer(layer, write_block(*self.layer(layer), keys, values, positions))
+        return self.with_layer(layer, tuple(write_slots(buffer, block, positions, slots)
+                                            for buffer, block in zip(self.layer(layer), (keys, values))))
 
     def with_layer(self, index: int, layer: tuple[jax.Array, jax.Array]) -> "KVCache":
         """The cache with one layer's whole ``(keys, values)`` buffers replaced

@@ -18,11 +18,13 @@ from typing import Callable
 import jax
 
 from kvjax.cache.base import tree_nbytes
+from kvjax.cache.layout import cache_layout
 from kvjax.config import ModelConfig, is_count
 
 
 def estimate_bytes(config: ModelConfig, batch: int, capacity: int, kv_dtype: str | None = None,
-                   *, dtype="bfloat16", mesh=None, rules=None) -> int:
+                   *, dtype="bfloat16", mesh=None, rules=None, window: int | None = None,
+                   sink_tokens: int | None = None) -> int:
     """Bytes of the cache ``kvjax.cache.create(config, batch, capacity, kv_dtype, dtype)``
     would hold, without allocating it.
 
@@ -35,13 +37,15 @@ def estimate_bytes(config: ModelConfig, batch: int, capacity: int, kv_dtype: str
       mesh, rules: a ``kvjax.sharding`` mesh and its ``ShardingRules`` (default
         ``DEFAULT_RULES``): the bytes on the device holding the most, by each leaf's
         shard shape.
+      window, sink_tokens: streaming (``kvjax.cache.layout``). Sliding-window layers
+        count their ring buffers either way.
 
     Raises:
       ValueError: an unknown ``kv_dtype``, sizes that are not integers >= 1, or
         (``kvjax.sharding.ShardingError``) a mesh that cannot split this model or batch.
     """
     _check_sizes(batch=batch, capacity=capacity)
-    abstract = _abstract_cache(config, batch, capacity, kv_dtype, dtype)
+    abstract = _abstract_cache(config, batch, capacity, kv_dtype, dtype, window, sink_tokens)
     if mesh is None:
         return tree_nbytes(abstract)
     from kvjax import sharding  # kvjax.sharding imports kvjax.cache
@@ -54,7 +58,8 @@ def estimate_bytes(config: ModelConfig, batch: int, capacity: int, kv_dtype: str
 
 
 def max_batch(config: ModelConfig, capacity: int, budget_bytes: int,
-              kv_dtype: str | None = None, *, dtype="bfloat16", mesh=None, rules=None) -> int:
+              kv_dtype: str | None = None, *, dtype="bfloat16", mesh=None, rules=None,
+              window: int | None = None, sink_tokens: int | None = None) -> int:
     """The largest batch whose cache of ``capacity`` slots a row fits in ``budget_bytes``
     (per device on a mesh), 0 when even one row does not fit. On a mesh the batch is a
     multiple of the ``data`` ways (``kvjax.sharding.batch_ways``), the batches it can
@@ -68,28 +73,38 @@ def max_batch(config: ModelConfig, capacity: int, budget_bytes: int,
     ways = _ways(mesh, rules, "batch")
     return ways * _largest_fitting(
         lambda n: estimate_bytes(config, n * ways, capacity, kv_dtype, dtype=dtype, mesh=mesh,
-                                 rules=rules), budget_bytes)
+                                 rules=rules, window=window, sink_tokens=sink_tokens),
+        budget_bytes)
 
 
 def max_capacity(config: ModelConfig, batch: int, budget_bytes: int,
                  kv_dtype: str | None = None, *, dtype="bfloat16", mesh=None,
-                 rules=None) -> int:
+                 rules=None, sink_tokens: int | None = None) -> int:
     """The largest capacity (slots a row) whose cache of ``batch`` rows fits in
     ``budget_bytes`` (per device on a mesh), 0 when even one slot does not fit. Not
     bounded by the model's ``max_position_embeddings``. On a mesh whose rules split
     ``cache_seq`` (the default does not), a multiple of those ways. Other arguments as
-    in ``max_batch``."""
+    in ``max_batch``; with ``sink_tokens``, the capacity of a streaming cache (its
+    window is the rest). Sliding-window layers stop growing at their window: a model
+    whose every layer has one (Mistral) fits any capacity once its windows fit, and the
+    answer is then ``max_position_embeddings``, the most a row can use."""
     _check_sizes(batch=batch)
     _check_budget(budget_bytes)
     ways = _ways(mesh, rules, "cache_seq")
-    return ways * _largest_fitting(
-        lambda n: estimate_bytes(config, batch, n * ways, kv_dtype, dtype=dtype, mesh=mesh,
-                                 rules=rules), budget_bytes)
+    sinks = sink_tokens or 0  # a streaming cache holds the sinks and a window of >= 1 slot
+    windowed = all(config.layer_window(i) for i in range(config.num_layers))
+    most = (config.max_position_embeddings - sinks) // ways if windowed else None
+    windows = _largest_fitting(
+        lambda n: estimate_bytes(config, batch, sinks + n * ways, kv_dtype, dtype=dtype,
+                                 mesh=mesh, rules=rules, sink_tokens=sink_tokens),
+        budget_bytes, most)
+    return sinks + windows * ways if windows else 0
 
 
-def _largest_fitting(bytes_at: Callable[[int], int], budget: int) -> int:
-    """The largest ``n >= 1`` with ``bytes_at(n) <= budget`` (0 when none), for
-    ``bytes_at`` non-decreasing.
+def _largest_fitting(bytes_at: Callable[[int], int], budget: int,
+                     most: int | None = None) -> int:
+    """The largest ``n >= 1`` (at most ``most``) with ``bytes_at(n) <= budget`` (0 when
+    none), for ``bytes_at`` non-decreasing.
 
     A cache's bytes grow linearly in its rows and in its slots, so two points predict the
     boundary; the prediction is then checked at the boundary itself (``n`` fits, ``n +
@@ -104,6 +119,10 @@ def _largest_fitting(bytes_at: Callable[[int], int], budget: int) -> int:
     if slope <= 0:  # every kind's leaves hold the batch and the slots: a bug, not input
         raise RuntimeError(f"cache bytes do not grow with its size ({first} -> {first + slope})")
     fits, too_big = 1, None  # bytes_at(fits) <= budget < bytes_at(too_big)
+    if most is not None:
+        if bytes_at(most) <= budget:
+            return most
+        too_big = most
     guess = 1 + (budget - first) // slope
     for n in (guess, guess + 1):
         if n > fits and (too_big is None or n < too_big):
@@ -127,12 +146,14 @@ def _largest_fitting(bytes_at: Callable[[int], int], budget: int) -> int:
 
 
 def _abstract_cache(config: ModelConfig, batch: int, capacity: int, kv_dtype: str | None,
-                    dtype):
+                    dtype, window: int | None, sink_tokens: int | None):
     """The cache ``create`` makes, as ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
     from kvjax.cache import check_kv_dtype, create  # defined in the package, after this import
 
-    check_kv_dtype(kv_dtype)  # before tracing: the message alone, without a trace
-    return jax.eval_shape(lambda: create(config, int(batch), int(capacity), kv_dtype, dtype))
+    check_kv_dtype(kv_dtype)  # before tracing: the messages alone, without a trace
+    cache_layout(config, int(capacity), window=window, sink_tokens=sink_tokens)
+    return jax.eval_shape(lambda: create(config, int(batch), int(capacity), kv_dtype, dtype,
+                                         window=window, sink_tokens=sink_tokens))
 
 
 def _ways(mesh, rules, axis: str) -> int:

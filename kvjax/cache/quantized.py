@@ -14,12 +14,15 @@ of a token factors out of its dot products), computed block by block
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from kvjax.cache.base import PerLayerBuffers, replace_at, write_rows
 from kvjax.cache.contiguous import BUFFER_AXES
+from kvjax.cache.layout import CacheLayout, cache_layout, write_slots
 from kvjax.config import ModelConfig, is_count
 
 # kv_dtype -> (storage dtype, largest code)
@@ -40,6 +43,33 @@ def quantize(x: jax.Array, kv_dtype: str) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(scaled, -largest, largest).astype(storage), scale
 
 
+def check_storable(kv_dtype: str | None, platform: str | None = None) -> None:
+    """Raises ``ValueError`` naming what works when this backend (``platform``, default
+    JAX's default) cannot hold ``kv_dtype``'s codes (fp8 needs ``float8_e4m3fn``
+    arrays); nothing for float dtypes and None. Checked once per backend, by compiling
+    a quantization there."""
+    if kv_dtype not in QUANTIZED:
+        return
+    platform = platform or jax.default_backend()
+    if not can_store(kv_dtype, platform):
+        works = [name for name in QUANTIZED if can_store(name, platform)]
+        raise ValueError(
+            f"kv_dtype={kv_dtype!r} stores {jnp.dtype(QUANTIZED[kv_dtype][0]).name} codes, which "
+            f"this JAX cannot hold on {platform}; use kv_dtype="
+            f"{' or '.join(repr(name) for name in works) or 'None'} there (or a float kv_dtype)")
+
+
+@functools.cache
+def can_store(kv_dtype: str, platform: str) -> bool:
+    """Whether ``platform`` compiles ``kv_dtype``'s quantization (codes written, read back)."""
+    example = jax.device_put(jnp.ones((2, 8), jnp.float32), jax.local_devices(backend=platform)[0])
+    try:
+        jax.jit(lambda x: dequantize(*quantize(x, kv_dtype))).lower(example).compile()
+    except (jax.errors.JaxRuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+    return True
+
+
 def dequantize(codes: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
     """``codes * scale[..., None]`` in ``dtype`` (for tests and inspection; attention
     folds the scales in instead)."""
@@ -54,7 +84,9 @@ class QuantizedKVCache(PerLayerBuffers):
       keys, values: one buffer per layer, each ``[batch, kv_heads, capacity, head_dim]``
         of int8 or float8_e4m3fn codes.
       key_scales, value_scales: one per layer, ``float32[batch, kv_heads, capacity]``.
-      lengths: ``int32[batch]``, how many leading slots of each row hold real tokens.
+      lengths: ``int32[batch]``, how many positions of each row were written.
+      layout: static; each layer's slots, as in ``KVCache`` (ring buffers of sliding
+        windows, streaming).
     """
 
     keys: tuple[jax.Array, ...]
@@ -62,34 +94,38 @@ class QuantizedKVCache(PerLayerBuffers):
     key_scales: tuple[jax.Array, ...]
     value_scales: tuple[jax.Array, ...]
     lengths: jax.Array
+    layout: CacheLayout | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def create(cls, config: ModelConfig, batch: int, capacity: int,
-               kv_dtype: str = "int8") -> "QuantizedKVCache":
-        """An empty cache for ``batch`` sequences of up to ``capacity`` tokens each."""
+               kv_dtype: str = "int8", *, window: int | None = None,
+               sink_tokens: int | None = None) -> "QuantizedKVCache":
+        """An empty cache for ``batch`` sequences of up to ``capacity`` tokens each
+        (``window``, ``sink_tokens``: as in ``KVCache.create``)."""
         if not (is_count(batch) and is_count(capacity)):
             raise ValueError(f"batch and capacity must be >= 1, got batch={batch}, capacity={capacity}")
         if kv_dtype not in QUANTIZED:
             raise ValueError(f"a quantized cache holds {' or '.join(QUANTIZED)}, got {kv_dtype!r}")
         storage = QUANTIZED[kv_dtype][0]
-        codes = (batch, config.num_kv_heads, capacity, config.head_dim)
-        layers = range(config.num_layers)
-        zeros = lambda shape, dtype: tuple(jnp.zeros(shape, dtype) for _ in layers)
-        return cls(keys=zeros(codes, storage), values=zeros(codes, storage),
-                   key_scales=zeros(codes[:3], jnp.float32),
-                   value_scales=zeros(codes[:3], jnp.float32),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+        layout = cache_layout(config, capacity, window=window, sink_tokens=sink_tokens)
+        heads = (batch, config.num_kv_heads)
+        codes = lambda: tuple(jnp.zeros((*heads, layer.slots, config.head_dim), storage)
+                              for layer in layout.layers)
+        scales = lambda: tuple(jnp.zeros((*heads, layer.slots), jnp.float32)
+                               for layer in layout.layers)
+        return cls(keys=codes(), values=codes(), key_scales=scales(), value_scales=scales(),
+                   lengths=jnp.zeros((batch,), jnp.int32), layout=layout)
 
     @property
     def kv_dtype(self) -> str:
-        return "int8" if self.keys[0].dtype == jnp.int8 else "fp8"
+        return layer_kv_dtype(self.layer(0))
 
     def logical_axes(self) -> "QuantizedKVCache":
         """Codes like ``KVCache``'s buffers; scales ``(batch, kv_heads, cache_seq)``, so
         they are split like their KV heads."""
         codes, scales = (BUFFER_AXES,) * len(self.keys), (SCALE_AXES,) * len(self.keys)
         return QuantizedKVCache(keys=codes, values=codes, key_scales=scales,
-                                value_scales=scales, lengths=("batch",))
+                                value_scales=scales, lengths=("batch",), layout=self.layout)
 
     def layer(self, index: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """One layer's ``(keys, values, key_scales, value_scales)``."""
@@ -105,16 +141,27 @@ class QuantizedKVCache(PerLayerBuffers):
                             value_scales=replace_at(self.value_scales, index, value_scales))
 
 
+def quantize_block(keys: jax.Array, values: jax.Array, kv_dtype: str) -> tuple:
+    """A block's keys and values (``[batch, kv_heads, new, head_dim]``) as a layer's
+    ``(keys, values, key_scales, value_scales)`` of ``kv_dtype`` codes."""
+    key_codes, key_scales = quantize(keys, kv_dtype)
+    value_codes, value_scales = quantize(values, kv_dtype)
+    return key_codes, value_codes, key_scales, value_scales
+
+
+def layer_kv_dtype(layer: tuple) -> str:
+    """What a quantized layer's ``(keys, values, key_scales, value_scales)`` stores."""
+    return "int8" if layer[0].dtype == jnp.int8 else "fp8"
+
+
 def write_quantized_block(layer: tuple, new_keys: jax.Array, new_values: jax.Array,
-                          positions: jax.Array) -> tuple:
+                          positions: jax.Array, slots=None) -> tuple:
     """One layer's ``(keys, values, key_scales, value_scales)`` with a block
     (``[batch, kv_heads, new, head_dim]``, full precision) quantized and written at each
-    row's positions (``KVCache.update`` says what the caller guarantees)."""
-    keys, values, key_scales, value_scales = layer
-    kv_dtype = "int8" if keys.dtype == jnp.int8 else "fp8"
-    key_codes, new_key_scales = quantize(new_keys, kv_dtype)
-    value_codes, new_value_scales = quantize(new_values, kv_dtype)
-    return (write_rows(keys, key_codes, positions, seq_axis=2),
-            write_rows(values, value_codes, positions, seq_axis=2),
-            write_rows(key_scales, new_key_scales, positions, seq_axis=2),
-            write_rows(value_scales, new_value_scales, positions, seq_axis=2))
+    row's positions (``KVCache.update`` says what the caller guarantees), or, for a ring
+    layer (``slots``: ``kvjax.cache.layout.LayerSlots``), to the slots they map to."""
+    block = quantize_block(new_keys, new_values, layer_kv_dtype(layer))
+    if slots is None:
+        return tuple(write_rows(buffer, new, positions, seq_axis=2)
+                     for buffer, new in zip(layer, block))
+    return tuple(write_slots(buffer, new, positions, slots) for buffer, new in zip(layer, block))

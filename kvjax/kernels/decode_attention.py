@@ -60,7 +60,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import Mesh, PartitionSpec
 
 from kvjax.attention.plain import MASKED, default_scale
-from kvjax.cache.quantized import QUANTIZED, quantize
+from kvjax.cache.quantized import QUANTIZED, layer_kv_dtype, quantize_block
 from kvjax import platform
 
 try:  # deprecated since JAX 0.11 and to be removed: kvjax must import without it
@@ -330,17 +330,6 @@ def _run(queries, keys, values, positions, buffers: tuple, scale: float | None,
                          )(queries, keys, values, positions, *buffers)
 
 
-def _quantized_entries(keys: jax.Array, values: jax.Array, storage) -> tuple:
-    """The new token's key and value (``[batch, kv_heads, head_dim]``) as the kernel
-    writes them into a quantized cache of codes of ``storage``: codes
-    ``[batch, kv_heads, head_dim]`` and scales ``[batch, kv_heads]``, quantized as
-    ``write_quantized_block`` does."""
-    kind = next(name for name, (dtype, _) in QUANTIZED.items() if np.dtype(dtype) == storage)
-    (key_codes, key_scales), (value_codes, value_scales) = (quantize(keys, kind),
-                                                            quantize(values, kind))
-    return key_codes, value_codes, key_scales, value_scales
-
-
 def _attend_and_write(queries, keys, values, positions, *buffers, scale: float | None,
                       interpret: bool):
     """The kernel on one device's operands: ``buffers`` as ``CACHE_BUFFERS`` names them;
@@ -355,8 +344,8 @@ def _attend_and_write(queries, keys, values, positions, *buffers, scale: float |
     kernel = functools.partial(_kernel, scale=scale, parts=parts, group=group,
                                slots=block_slots(head_dim), quantized=quantized)
     new = keys[:, 0], values[:, 0]  # [batch, kv_heads, head_dim]
-    if quantized:
-        new = _quantized_entries(*new, buffers[0].dtype)
+    if quantized:  # codes [batch, kv_heads, head_dim], scales [batch, kv_heads]
+        new = quantize_block(*new, layer_kv_dtype(buffers))
     whole = pl.BlockSpec()  # the kernel indexes these itself
     per_head = lambda *block: pl.BlockSpec((None, None, *block),
                                            lambda b, h, s: (b, h) + (0,) * len(block))
