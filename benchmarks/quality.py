@@ -19,6 +19,9 @@ Modes (``--mode``):
   saved, loaded with ``kvjax.load`` and teacher-forced through the cache over random
   tokens; per family and ``kv_dtype``: how often the next-token argmax equals the
   bfloat16 cache's, mean KL(bfloat16 || kv_dtype) and the largest logit difference.
+* ``streaming``: rows of ``--context`` tokens streamed through caches of ``--capacity``
+  slots (``--sink-tokens`` sinks and a window of the rest, or a window alone) against
+  the perplexity of windows that fit the capacity (``streaming``).
 * ``build-text``: writes ``benchmarks/data/quality_text.json`` (``build_text``).
 
 Texts (``--text``): ``held-out+numpy`` (the default; ``benchmarks/data/quality_text.json``:
@@ -31,6 +34,7 @@ Usage::
     python benchmarks/quality.py --context 512 --prefix 128 --json out.json   # ~2 min, CPU
     python benchmarks/quality.py --mode greedy --kv-dtypes float32 int8 fp8
     python benchmarks/quality.py --mode families --kv-dtypes float32 int8 fp8
+    python benchmarks/quality.py --mode streaming --capacity 256 --context 1024 --prefix 64
     python benchmarks/quality.py --mode build-text      # rewrites the committed text
 """
 
@@ -190,11 +194,13 @@ def windows(tokens: list[int], context: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- through the cache
 
 def _through_cache(model: kvjax.Model, rows: np.ndarray, prefix: int, kv_dtype: str | None,
-                   per_token):
+                   per_token, window: int | None = None, sink_tokens: int | None = None):
     """Prefills ``rows[:, :prefix]``, then feeds token ``t - 1`` by a decode step for
     ``t = prefix .. context - 1``; returns ``per_token(logits, rows, t)`` (traced;
     ``logits``: float32 ``[batch, vocab]``, those that predict token ``t`` from a cache
-    holding the row's tokens before it), stacked ``[context - prefix, ...]``."""
+    holding the row's tokens before it), stacked ``[context - prefix, ...]``. With a
+    ``window`` the cache streams (``sink_tokens`` sinks and a ring of ``window``): the
+    rows may be longer than it."""
     batch, context = rows.shape
     step, prefill_step = programs.step_functions(model, kv_dtype=kv_dtype)
 
@@ -212,19 +218,23 @@ def _through_cache(model: kvjax.Model, rows: np.ndarray, prefix: int, kv_dtype: 
 
         return jax.lax.scan(one, (cache, logits), jnp.arange(prefix, context))[1]
 
-    cache = programs.new_cache(model, batch, context, kv_dtype=kv_dtype)
+    capacity = context if window is None else (sink_tokens or 0) + window
+    cache = programs.new_cache(model, batch, capacity, kv_dtype=kv_dtype, window=window,
+                               sink_tokens=sink_tokens)
     return run(model.params, cache, jnp.asarray(rows))
 
 
-def score(model: kvjax.Model, rows: np.ndarray, prefix: int, kv_dtype: str | None) -> float:
+def score(model: kvjax.Model, rows: np.ndarray, prefix: int, kv_dtype: str | None,
+          window: int | None = None, sink_tokens: int | None = None) -> float:
     """Mean negative log-likelihood (nats) of tokens ``prefix .. context - 1`` of each
-    row, each predicted from a cache holding the row's tokens before it."""
+    row, each predicted from a cache holding the row's tokens before it (with a
+    ``window``: streaming, the sinks and the last ``window`` of them)."""
     batch = rows.shape[0]
 
     def nll(logits, rows, t):
         return -jax.nn.log_softmax(logits)[jnp.arange(batch), rows[:, t]]
 
-    return float(_through_cache(model, rows, prefix, kv_dtype, nll).mean())
+    return float(_through_cache(model, rows, prefix, kv_dtype, nll, window, sink_tokens).mean())
 
 
 def logits_through_cache(model: kvjax.Model, rows: np.ndarray, prefix: int,
@@ -261,6 +271,46 @@ def perplexity(model: kvjax.Model, text: str, context: int, prefix: int,
         record["perplexity"][kv_dtype] = math.exp(nll)
         print(f"{kv_dtype}: perplexity {math.exp(nll):.4f} ({time.perf_counter() - start:.1f} s)",
               flush=True)
+    return record
+
+
+def streaming(model: kvjax.Model, text: str, capacity: int, context: int, prefix: int,
+              sink_tokens: int) -> dict:
+    """Perplexity of rows of ``context`` tokens (several times ``capacity``) streamed
+    through caches of ``capacity`` slots, against the perplexity while a sequence fits.
+
+    ``in_capacity``: windows of ``capacity`` tokens, each through a plain cache (every
+    token sees the window's tokens before it). ``sinks``: rows of ``context`` tokens
+    through a streaming cache of ``sink_tokens`` sinks and a window of the rest;
+    ``window_only``: the same without sinks; ``no_eviction``: a plain cache of
+    ``context`` slots, every token seeing the whole row (past what the model was trained
+    on, where the text is longer than that). Each scores tokens ``prefix ..`` of its
+    rows; the streamed rows also report their tokens past the capacity alone.
+    """
+    tokens = model.tokenizer.encode(text)
+    rows, fitting = windows(tokens, context), windows(tokens, capacity)
+    runs = {"in_capacity": (fitting, {}),
+            "sinks": (rows, dict(window=capacity - sink_tokens, sink_tokens=sink_tokens)),
+            "window_only": (rows, dict(window=capacity, sink_tokens=0)),
+            "no_eviction": (rows, {})}
+    record = {"tokens_in_text": len(tokens), "capacity": capacity, "context": context,
+              "prefix": prefix, "sink_tokens": sink_tokens, "rows": rows.shape[0],
+              "perplexity": {}, "perplexity_past_capacity": {}}
+    for name, (batch, options) in runs.items():
+        start = time.perf_counter()
+        batch_size = batch.shape[0]
+
+        def nll(logits, rows, t):
+            return -jax.nn.log_softmax(logits)[jnp.arange(batch_size), rows[:, t]]
+
+        per_token = np.asarray(_through_cache(model, batch, prefix, None, nll,
+                                              **options))  # [scored positions, rows]
+        record["perplexity"][name] = math.exp(per_token.mean())
+        if batch is rows:  # positions capacity .. context - 1: the cache has dropped tokens
+            record["perplexity_past_capacity"][name] = math.exp(
+                per_token[capacity - prefix:].mean())
+        print(f"{name}: perplexity {record['perplexity'][name]:.4f} "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)
     return record
 
 
@@ -363,7 +413,8 @@ def families(kv_dtypes: list[str], variants: list[str] | None, reference: str, l
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["perplexity", "greedy", "families", "build-text"],
+    parser.add_argument("--mode", choices=["perplexity", "greedy", "families", "streaming",
+                                           "build-text"],
                         default="perplexity")
     parser.add_argument("--model", default=kvjax.BUNDLED_MODEL)
     parser.add_argument("--text", default="held-out+numpy",
@@ -380,6 +431,9 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=320, help="families: tokens per row")
     parser.add_argument("--family-prefix", type=int, default=32, help="families: prefilled")
     parser.add_argument("--batch", type=int, default=4, help="families: rows")
+    parser.add_argument("--capacity", type=int, default=256,
+                        help="streaming: the cache's slots (--context: the rows, several times it)")
+    parser.add_argument("--sink-tokens", type=int, default=4, help="streaming: sinks")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.mode == "build-text":
@@ -397,10 +451,14 @@ def main(argv=None) -> None:
         model = kvjax.load(args.model)
         record.update(model=os.path.relpath(args.model, ROOT) if args.model.startswith(ROOT)
                       else args.model, model_dtype=str(model.dtype))
-        if args.mode == "perplexity":
+        if args.mode in ("perplexity", "streaming"):
             record["text"] = args.text
+        if args.mode == "perplexity":
             record.update(perplexity(model, load_text(args.text), args.context, args.prefix,
                                      kv_dtypes))
+        elif args.mode == "streaming":
+            record.update(streaming(model, load_text(args.text), args.capacity, args.context,
+                                    args.prefix, args.sink_tokens))
         else:
             record.update(greedy(model, kv_dtypes, args.references))
     if args.json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -207,6 +208,17 @@ def test_perplexity_through_the_cache_equals_one_forward_pass():
     assert quality.score(bundled, rows, prefix, "int8") == pytest.approx(float(want), rel=0.02)
     through = quality.logits_through_cache(bundled, rows, prefix, "float32")
     np.testing.assert_allclose(through, np.asarray(logits[:, prefix - 1:-1]), atol=1e-4)
+    # streaming: while the rows fit, the same; a 16-token window alone over 48-token rows
+    # is one forward pass whose every layer attends to its last 16 positions
+    assert quality.score(bundled, rows, prefix, "float32", window=48, sink_tokens=0) == \
+        pytest.approx(got, rel=1e-5)
+    windowed = dataclasses.replace(bundled.config, sliding_window=16)
+    logits, _ = kvjax.forward(windowed, bundled.params, rows, positions)
+    log_probs = jax.nn.log_softmax(logits[:, prefix - 1:-1])
+    want = -np.mean(np.take_along_axis(np.asarray(log_probs), rows[:, prefix:, None], axis=2))
+    assert quality.score(bundled, rows, prefix, "float32", window=16, sink_tokens=0) == \
+        pytest.approx(float(want), rel=1e-5)
+    assert abs(float(want) - got) > 1e-3  # the window bites
 
 
 def test_default_text_is_the_committed_held_out_text():
