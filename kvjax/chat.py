@@ -16,7 +16,7 @@ from kvjax.cache import check_kv_dtype
 from kvjax.cache.quantized import check_storable
 from kvjax.config import is_count
 from kvjax.sampling import SamplingParams, check_sampling_values
-from kvjax.streaming import DecodeChunks, tokens_of_chunk
+from kvjax.streaming import DecodeChunks, prefix_cached_chunks, tokens_of_chunk
 from kvjax.tokenizer import StreamDecoder
 
 
@@ -46,6 +46,10 @@ class ChatSession:
       window, sink_tokens: streaming, as in ``generate``: the conversation goes on past
         the capacity, each token seeing the first ``sink_tokens`` and its last
         ``window`` positions, and never raises ``CapacityError``.
+      prefix_cache: a ``kvjax.PrefixCache``: each turn runs the whole conversation as a
+        row of its pool, prefilling only what follows the longest cached prefix (the
+        turns before, or another chat's equal system prompt), instead of a cache of the
+        session's own.
     """
 
     def __init__(self, model: Model, *, capacity: int | None = None, system: str | None = None,
@@ -54,7 +58,7 @@ class ChatSession:
                  top_p: float | None = None, min_p: float | None = None, seed: int = 0,
                  stop_tokens: Sequence[int] | None = None, chunk_size: int = 16,
                  kv_dtype: str | None = None, window: int | None = None,
-                 sink_tokens: int | None = None):
+                 sink_tokens: int | None = None, prefix_cache=None):
         if model.tokenizer is None:
             raise ValueError("chat needs a tokenizer (tokenizer.json in the checkpoint)")
         if model.tokenizer.chat_template is None:
@@ -69,6 +73,13 @@ class ChatSession:
         self.kv_dtype = kv_dtype
         self.model = model
         self.streaming = window is not None or sink_tokens is not None
+        self.prefix_cache = prefix_cache
+        if prefix_cache is not None:
+            prefix_cache.check_model(model)
+            if self.streaming or (kv_dtype is not None and kv_dtype != prefix_cache.kv_dtype):
+                raise ValueError("a chat with a prefix_cache takes neither window nor "
+                                 "sink_tokens, and its kv_dtype is the prefix cache's "
+                                 f"({prefix_cache.kv_dtype})")
         self.window, self.sink_tokens = window, sink_tokens
         if self.streaming:
             capacity = streaming_capacity(model.config, capacity, window, sink_tokens)
@@ -92,9 +103,9 @@ class ChatSession:
         self.history: list[int] = []  # the cache holds history[:-1]
         self._rendered = ""  # the text that `history` encodes
         self._turn = 0
-        self._cache = programs.new_cache(self.model, self._rows, self.capacity,
-                                         kv_dtype=self.kv_dtype, window=self.window,
-                                         sink_tokens=self.sink_tokens)
+        self._cache = None if self.prefix_cache is not None else programs.new_cache(
+            self.model, self._rows, self.capacity, kv_dtype=self.kv_dtype, window=self.window,
+            sink_tokens=self.sink_tokens)
 
     @property
     def cache_fill(self) -> int:
@@ -124,32 +135,43 @@ class ChatSession:
                 f"{len(block_tokens)} new + up to {self.max_new_tokens} for the reply = {needed} "
                 f"> {self.capacity}; reset the conversation (ChatSession.reset(), /reset in the CLI "
                 "chat) or use a larger capacity")
-        width = bucket(len(block_tokens), MIN_PROMPT_BUCKET)
-        if not self.streaming:
-            width = min(width, self.capacity - start)
-        block, lengths = pad_block(pad_rows([block_tokens], self._rows), width)
         controls = dict(max_new_tokens=new_token_limits(1, self._rows, self.max_new_tokens),
                         sampling=self.sampling, seed=np.uint32(self.seed + self._turn),
                         stop_tokens=self.stops)
-        chunks = DecodeChunks(self.model, True, self.chunk_size, self._cache, block, lengths,
-                              np.full((self._rows,), start, np.int32), controls,
-                              kv_dtype=self.kv_dtype)
-        self._cache = None  # donated to the prefill program
+        on_end = None
+        if self.prefix_cache is not None:  # the whole conversation, its cached prefix reused
+            chunks, on_end, _ = prefix_cached_chunks(self.model, self.prefix_cache,
+                                                     [self.history + new_tokens], controls,
+                                                     self.chunk_size)
+        else:
+            width = bucket(len(block_tokens), MIN_PROMPT_BUCKET)
+            if not self.streaming:
+                width = min(width, self.capacity - start)
+            block, lengths = pad_block(pad_rows([block_tokens], self._rows), width)
+            chunks = DecodeChunks(self.model, True, self.chunk_size, self._cache, block, lengths,
+                                  np.full((self._rows,), start, np.int32), controls,
+                                  kv_dtype=self.kv_dtype)
+            self._cache = None  # donated to the prefill program
         stops = set(self.stops.tolist()) - {PAD_TOKEN}
         decoder = StreamDecoder(tokenizer)
         reply: list[int] = []
         finished = False
         t0 = time.perf_counter()
-        for block_out in chunks:
-            new, finished = tokens_of_chunk(block_out[0], stops, finished)
-            reply.extend(new)
-            text = decoder.add(new)
-            if text:
-                yield text
+        try:
+            for block_out in chunks:
+                new, finished = tokens_of_chunk(block_out[0], stops, finished)
+                reply.extend(new)
+                text = decoder.add(new)
+                if text:
+                    yield text
+        finally:
+            if on_end is not None:  # the pool back to the prefix cache, even if left early
+                on_end(chunks.state, [reply])
         text = decoder.flush()
         if text:
             yield text
-        self._cache = chunks.state.cache
+        if self.prefix_cache is None:
+            self._cache = chunks.state.cache
         self.history = self.history + new_tokens + reply
         self._rendered = rendered + tokenizer.decode(reply, skip_special_tokens=False)
         self.messages = messages + [{"role": "assistant", "content": tokenizer.decode(reply)}]

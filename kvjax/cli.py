@@ -96,6 +96,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="how --mesh splits the model (kvjax.sharding.ShardingRules fields, "
                           "none = replicated); heads=none,kv_heads=none keeps attention whole "
                           "on every model device: one all-reduce a layer, faster at batch 1")
+    paged = parser.add_argument_group(
+        "prefix cache", "--paged runs rows in a pool of KV blocks that keeps the prefixes they "
+        "computed, for later requests and chat turns (docs/paged.md)")
+    paged.add_argument("--paged", action="store_true",
+                       help="use a prefix cache (kvjax.PrefixCache); with --chat, a /reset "
+                            "then a repeated system prompt is served from it")
+    paged.add_argument("--block-size", type=int, default=None, metavar="N",
+                       help="slots per block, a power of two (default 16)")
+    paged.add_argument("--prefix-cache-mb", type=int, default=None, metavar="M",
+                       help="MiB of device memory for the pool (default 1024)")
+    paged.add_argument("--host-cache-mb", type=int, default=None, metavar="M",
+                       help="MiB of host memory for blocks evicted from the device "
+                            "(default 0: dropped)")
+    paged.add_argument("--eviction", choices=["lru", "lfu", "lru-k"], default=None,
+                       help="which unused cached block gives way first (default lru)")
+    paged.add_argument("--stats", action="store_true",
+                       help="print the prefix cache's statistics (hit rate, blocks, "
+                            "evictions) as JSON on stderr after the run")
     plan = parser.add_argument_group(
         "memory planning", "--dry-run reads only config.json and the tokenizer: no weights "
         "loaded, nothing compiled")
@@ -137,6 +155,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--memory-budget is the device memory a --dry-run plans for: pass --dry-run")
     if args.kv_dtype is not None and args.no_cache:
         parser.error("--kv-dtype sets what the KV cache stores; --no-cache keeps none")
+    paged_flags = [flag for flag, value in (
+        ("--block-size", args.block_size), ("--prefix-cache-mb", args.prefix_cache_mb),
+        ("--host-cache-mb", args.host_cache_mb), ("--eviction", args.eviction),
+        ("--stats", args.stats or None)) if value is not None]
+    if paged_flags and not args.paged:
+        parser.error(f"{paged_flags[0]} sets up the prefix cache: pass --paged too")
+    conflicts = [flag for flag, value in (
+        ("--no-cache", args.no_cache), ("--window", args.window is not None),
+        ("--sink-tokens", args.sink_tokens is not None), ("--mesh", args.mesh is not None),
+        ("--dry-run", args.dry_run)) if value]
+    if args.paged and conflicts:
+        parser.error(f"--paged runs rows in one pool of blocks on one device: it takes no "
+                     f"{conflicts[0]}")
     if (args.window is not None or args.sink_tokens is not None) and args.no_cache:
         parser.error("--window and --sink-tokens say what the KV cache keeps; --no-cache keeps "
                      "none")
@@ -246,7 +277,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.chat:
         return _chat(model, args)
     prompts, defaulted = _prompts(args)
-    out = _generate(model, prompts, defaulted, args)
+    prefix_cache = _prefix_cache(model, args)
+    out = _generate(model, prompts, defaulted, args, prefix_cache)
+    if args.stats:
+        print(json.dumps(prefix_cache.stats()), file=sys.stderr)
     if out is None:  # printed already, as JSON lines
         return 0
     if args.json:
@@ -321,13 +355,16 @@ def _start_jax(platforms: str | None) -> str | None:
         return None
 
 
-def _generate(model, prompts: list[str], defaulted: bool, args: argparse.Namespace):
-    """Generates (streaming when asked, with a progress bar on a terminal for long runs);
-    returns the Generation, or None when the stream printed it as JSON lines."""
+def _generate(model, prompts: list[str], defaulted: bool, args: argparse.Namespace,
+              prefix_cache=None):
+    """Generates (streaming when asked, with a progress bar on a terminal for long runs;
+    in ``prefix_cache``'s pool when given); returns the Generation, or None when the
+    stream printed it as JSON lines."""
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
                    stop_tokens=args.stop, capacity=args.capacity, use_cache=not args.no_cache,
-                   kv_dtype=args.kv_dtype, window=args.window, sink_tokens=args.sink_tokens)
+                   kv_dtype=args.kv_dtype, window=args.window, sink_tokens=args.sink_tokens,
+                   prefix_cache=prefix_cache)
     show_progress = (not (args.stream or defaulted or args.quiet or args.json)
                      and sys.stderr.isatty() and args.max_new_tokens >= 128)
     if not (args.stream or defaulted or show_progress):
@@ -512,12 +549,24 @@ def _print_largest(r: dict, largest: dict, needed: int, suffix: str) -> None:
           f"{largest['max_capacity']} (this run needs >= {needed})")
 
 
+def _prefix_cache(model, args: argparse.Namespace):
+    """The ``kvjax.PrefixCache`` the flags ask for (None without ``--paged``)."""
+    if not args.paged:
+        return None
+    return kvjax.PrefixCache(model, block_size=args.block_size or 16,
+                             budget_bytes=(args.prefix_cache_mb or 1024) * 2 ** 20,
+                             policy=args.eviction or "lru",
+                             host_budget_bytes=(args.host_cache_mb or 0) * 2 ** 20,
+                             kv_dtype=args.kv_dtype)
+
+
 def _chat(model, args: argparse.Namespace) -> int:
     session = kvjax.ChatSession(
         model, capacity=args.capacity, system=args.system, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         seed=args.seed, stop_tokens=args.stop, chunk_size=args.chunk_size,
-        kv_dtype=args.kv_dtype, window=args.window, sink_tokens=args.sink_tokens)
+        kv_dtype=args.kv_dtype, window=args.window, sink_tokens=args.sink_tokens,
+        prefix_cache=_prefix_cache(model, args))
     print("chat with the model: /reset starts over, /stats shows the last turn, /quit ends",
           file=sys.stderr)
     while True:
@@ -536,7 +585,10 @@ def _chat(model, args: argparse.Namespace) -> int:
             print("(conversation reset)", file=sys.stderr)
             continue
         if command == "/stats":
-            print(json.dumps(session.last_stats), file=sys.stderr)
+            stats = session.last_stats
+            if session.prefix_cache is not None:
+                stats = {**stats, "prefix_cache": session.prefix_cache.stats()}
+            print(json.dumps(stats), file=sys.stderr)
             continue
         try:
             print("model> ", end="", flush=True)

@@ -45,7 +45,7 @@ def generate(model: Model, prompts: Prompts, *,
              stop_tokens: Sequence[int] | None = None, capacity: int | None = None,
              use_cache: bool = True, return_logits: bool = False,
              kv_dtype: str | None = None, window: int | None = None,
-             sink_tokens: int | None = None) -> Generation:
+             sink_tokens: int | None = None, prefix_cache=None) -> Generation:
     """Generates a continuation of each prompt, the whole run one compiled program.
 
     Args:
@@ -75,6 +75,10 @@ def generate(model: Model, prompts: Prompts, *,
         row can go on past ``capacity`` (then ``sink_tokens + window``, the slots a row
         holds) with memory that never grows. While a row fits, the tokens are those of
         the plain cache. Needs rotary position embeddings (``kvjax.cache.layout``).
+      prefix_cache: a ``kvjax.PrefixCache``: the rows run in its paged pool, each
+        prefilling only what follows its longest cached prefix, and leave their blocks
+        cached for later requests (the run goes through ``generate_stream``'s programs,
+        in chunks of ``max_new_tokens`` steps).
 
     Prompt lengths are padded to power-of-two buckets and ``max_new_tokens`` to a
     power-of-two number of loop steps, so other prompts, lengths in the same bucket,
@@ -89,6 +93,17 @@ def generate(model: Model, prompts: Prompts, *,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
                    capacity=capacity, kv_dtype=kv_dtype, use_cache=use_cache, window=window,
                    sink_tokens=sink_tokens)
+    if prefix_cache is not None:
+        from kvjax.streaming import prefix_cached_stream  # streaming imports this module
+
+        if return_logits or not use_cache:
+            raise ValueError("prefix_cache runs rows in its paged pool: it takes neither "
+                             "return_logits=True nor use_cache=False")
+
+        stream = prefix_cached_stream(model, req, prefix_cache, req.num_steps)
+        for _ in stream:
+            pass
+        return stream.generation
     # sharded on model.mesh, after checking that the mesh splits these rows and the model
     cache = programs.new_cache(model, req.rows, req.capacity, use_cache, req.kv_dtype,
                                window=req.window, sink_tokens=req.sink_tokens)

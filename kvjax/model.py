@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import AttentionPlan, LayerAttention, attend_layer, choose, soft_cap
-from kvjax.cache import KVCache, LayerSlots, QuantizedKVCache, TokenHistory
+from kvjax.cache import KVCache, LayerSlots, TokenHistory
+from kvjax.cache.quantized import layer_kv_dtype
 from kvjax.config import ModelConfig
 from kvjax.kernels.decode_attention import MeshSplit
 from kvjax.params import init_params  # noqa: F401  (kvjax.model.init_params, its old home)
@@ -253,13 +254,13 @@ def _sink_rope_tables(config: ModelConfig, slots: list, positions: jax.Array,
     """Per layer, the rope tables of the queries that score streaming's sinks
     (``kvjax.attention.ring``): at ``min(position, sinks + window - 1)``; ``(None,
     None)`` for layers without sinks."""
-    with_sinks = [s for s in slots if s is not None and s.sinks]
-    if not with_sinks:
+    has_sinks = [isinstance(s, LayerSlots) and s.sinks > 0 for s in slots]
+    if not any(has_sinks):
         return [(None, None)] * config.num_layers
-    last = with_sinks[0].sinks + with_sinks[0].window - 1  # every streaming layer's
-    tables = layer_rope_tables(config, jnp.minimum(positions, last), max_length)
-    return [table if s is not None and s.sinks else (None, None)
-            for table, s in zip(tables, slots)]
+    first = slots[has_sinks.index(True)]  # every streaming layer's sinks and window
+    tables = layer_rope_tables(config, jnp.minimum(positions, first.sinks + first.window - 1),
+                               max_length)
+    return [table if sinks else (None, None) for table, sinks in zip(tables, has_sinks)]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -294,11 +295,7 @@ def _layer(config: ModelConfig, attention: LayerAttention, slots: LayerSlots | N
 
 def cache_kv_dtype(cache) -> str | None:
     """What ``cache`` stores, as a ``kv_dtype`` (None without a cache)."""
-    if cache is None:
-        return None
-    if isinstance(cache, QuantizedKVCache):
-        return cache.kv_dtype
-    return jnp.dtype(cache.keys[0].dtype).name
+    return None if cache is None else layer_kv_dtype(cache.keys)
 
 
 def step_fn(config: ModelConfig, *, attention: AttentionPlan | None = None,

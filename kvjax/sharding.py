@@ -145,6 +145,7 @@ class ShardingRules:
     kv_heads: str | None = MODEL  # KV heads: wk/wv/bk/bv columns and the cache
     mlp: str | None = MODEL  # intermediate width: w_gate/w_up columns, w_down rows
     cache_seq: str | None = None  # cache slots: never split (writes go to any slot)
+    cache_blocks: str | None = None  # a paged pool's blocks: any row's, never split
     head_dim: str | None = None  # within a head: never split
     group_kv_heads: bool = True
 
@@ -176,7 +177,7 @@ def parse_rules(text: str) -> ShardingRules:
             values[name] = None if value.lower() == "none" else value
     return ShardingRules(**values)
 LOGICAL_AXES = ("batch", "vocab", "vocab_in", "embed", "heads", "kv_heads", "mlp", "cache_seq",
-                "head_dim")
+                "cache_blocks", "head_dim")
 
 
 def _units(config: ModelConfig, batch: int | None, capacity: int | None) -> dict[str, int | None]:
@@ -184,7 +185,8 @@ def _units(config: ModelConfig, batch: int | None, capacity: int | None) -> dict
     return {"vocab": config.vocab_size, "vocab_in": config.vocab_size,
             "embed": config.hidden_size, "heads": config.num_heads,
             "kv_heads": config.num_kv_heads, "mlp": config.intermediate_size,
-            "head_dim": config.head_dim, "batch": batch, "cache_seq": capacity}
+            "head_dim": config.head_dim, "batch": batch, "cache_seq": capacity,
+            "cache_blocks": None}
 
 
 @functools.lru_cache(maxsize=64)

@@ -14,7 +14,7 @@ from kvjax.config import is_count
 from kvjax.decode import PAD_TOKEN
 from kvjax.generation import Generation, generation_stats, texts
 from kvjax.loading import Model
-from kvjax.requests import Prompts, Request, make_request
+from kvjax.requests import MIN_PROMPT_BUCKET, Prompts, Request, bucket, make_request, pad_block
 
 
 def tokens_of_chunk(block: np.ndarray, stops: set[int], finished: bool,
@@ -40,8 +40,10 @@ class DecodeChunks:
     waits for detokenizing or printing. The host stops queueing once the chunks queued
     reach ``max_new_tokens``; a row that ends on a stop token ends the loop after the
     chunk that reported it, and the chunk queued behind that one runs its steps to no
-    effect. ``state`` holds the final loop state (and its cache) after iteration (not
-    waited for); ``times`` the compile, prefill and decode seconds.
+    effect. ``state`` holds the newest loop state (and its cache; not waited for): the
+    final one after iteration, else the one the last queued program returns (its
+    cache's lengths count positions whose tokens may not be read back yet);
+    ``compile_s``, ``prefill_s`` and ``decode_s`` the seconds spent.
     """
 
     def __init__(self, model: Model, use_cache: bool, chunk_size: int, cache, block: np.ndarray,
@@ -70,7 +72,7 @@ class DecodeChunks:
 
     def __iter__(self):
         t0 = time.perf_counter()
-        state = self._prefill(*self._prefill_args)
+        state = self.state = self._prefill(*self._prefill_args)
         first = sharding.to_host(state.tokens)[:, None]  # [batch, 1]
         finished = bool(np.all(sharding.to_host(state.done)))
         self.prefill_s = time.perf_counter() - t0
@@ -79,12 +81,14 @@ class DecodeChunks:
         pending = None
         if not finished:
             pending, steps_left = self._run_chunk(state), steps_left - self._chunk_size
+            self.state = pending[0]
         yield first
         while pending is not None:
             state, tokens, done = pending
             pending = None
             if steps_left > 0:  # queued before this chunk is read back
                 pending, steps_left = self._run_chunk(state), steps_left - self._chunk_size
+                self.state = pending[0]
             tokens = sharding.to_host(tokens)
             self.decode_steps += int(np.sum(np.any(tokens != PAD_TOKEN, axis=0)))
             yield tokens
@@ -96,10 +100,15 @@ class DecodeChunks:
 
 class TokenStream:
     """Iterating yields, per chunk, each row's new tokens (a list per row, empty once the
-    row has stopped); afterwards ``generation`` holds the whole ``Generation``."""
+    row has stopped); afterwards ``generation`` holds the whole ``Generation``.
+    ``on_end(state, tokens)`` is called once the iteration ends, also when the caller
+    stops early, with the newest loop state and each row's tokens so far (a prefix
+    cache takes its pool back there)."""
 
-    def __init__(self, model: Model, req: Request, chunks: DecodeChunks, cache_bytes: int):
+    def __init__(self, model: Model, req: Request, chunks: DecodeChunks, cache_bytes: int,
+                 on_end=None):
         self._model, self._req, self._chunks, self._cache_bytes = model, req, chunks, cache_bytes
+        self._on_end = on_end
         self.generation: Generation | None = None
 
     def __iter__(self):
@@ -108,14 +117,18 @@ class TokenStream:
         finished = [False] * batch
         stops = set(self._req.controls["stop_tokens"].tolist()) - {PAD_TOKEN}
         limits = self._req.controls["max_new_tokens"]  # [rows]
-        for block in self._chunks:
-            delta: list[list[int]] = []
-            for row in range(batch):
-                new, finished[row] = tokens_of_chunk(block[row], stops, finished[row],
-                                                int(limits[row]) - len(tokens[row]))
-                tokens[row].extend(new)
-                delta.append(new)
-            yield delta
+        try:
+            for block in self._chunks:
+                delta: list[list[int]] = []
+                for row in range(batch):
+                    new, finished[row] = tokens_of_chunk(block[row], stops, finished[row],
+                                                         int(limits[row]) - len(tokens[row]))
+                    tokens[row].extend(new)
+                    delta.append(new)
+                yield delta
+        finally:
+            if self._on_end is not None:
+                self._on_end(self._chunks.state, tokens)
         c = self._chunks
         stats = generation_stats(self._req, tokens, c.compile_s, c.prefill_s + c.decode_s,
                                  c.prefill_s, c.decode_steps, self._cache_bytes)
@@ -129,7 +142,8 @@ def generate_stream(model: Model, prompts: Prompts, *,
                     min_p: float | None = None, seed: int = 0,
                     stop_tokens: Sequence[int] | None = None, capacity: int | None = None,
                     use_cache: bool = True, kv_dtype: str | None = None,
-                    window: int | None = None, sink_tokens: int | None = None) -> TokenStream:
+                    window: int | None = None, sink_tokens: int | None = None,
+                    prefix_cache=None) -> TokenStream:
     """Like ``generate`` but yields new tokens as they are made, ``chunk_size`` steps at a time.
 
     Two compiled programs (the prefill and a chunk of ``chunk_size`` decode steps) serve
@@ -142,6 +156,8 @@ def generate_stream(model: Model, prompts: Prompts, *,
                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
                    capacity=capacity, kv_dtype=kv_dtype, use_cache=use_cache, window=window,
                    sink_tokens=sink_tokens)
+    if prefix_cache is not None:
+        return prefix_cached_stream(model, req, prefix_cache, chunk_size)
     cache = programs.new_cache(model, req.rows, req.capacity, use_cache, req.kv_dtype,
                                window=req.window, sink_tokens=req.sink_tokens)
     cache_bytes = cache.nbytes
@@ -149,3 +165,47 @@ def generate_stream(model: Model, prompts: Prompts, *,
                      np.zeros((req.rows,), np.int32), req.controls, key_limit=req.key_limit,
                      fresh=True, kv_dtype=req.kv_dtype)
     return TokenStream(model, req, chunks, cache_bytes)
+
+
+def prefix_cached_stream(model: Model, req: Request, prefix_cache, chunk_size: int) -> TokenStream:
+    """``generate_stream`` over a ``kvjax.PrefixCache``'s pool: each row's table starts
+    with the blocks of its longest cached prefix and the row prefills only the rest;
+    when the stream ends (or is left early) the pool goes back to ``prefix_cache`` and
+    the rows' full blocks stay cached."""
+    check_prefix_cache_request(model, req, prefix_cache)
+    chunks, on_end, cache_bytes = prefix_cached_chunks(model, prefix_cache, req.encoded,
+                                                       req.controls, chunk_size)
+    return TokenStream(model, req, chunks, cache_bytes, on_end)
+
+
+def prefix_cached_chunks(model: Model, prefix_cache, rows: list[list[int]], controls: dict,
+                         chunk_size: int):
+    """``(chunks, on_end, cache_bytes)``: ``DecodeChunks`` of ``rows`` (prompts' token
+    ids) in ``prefix_cache``'s pool, each prefilling from its cached prefix on, and
+    ``on_end(state, new_tokens)`` that hands the pool back and keeps the rows' blocks."""
+    allocations = prefix_cache.allocate(rows, int(np.max(controls["max_new_tokens"])))
+    starts = np.array([allocation.cached_tokens for allocation in allocations], np.int32)
+    rests = [ids[start:] for ids, start in zip(rows, starts)]
+    block, lengths = pad_block(rests, bucket(max(map(len, rests)), MIN_PROMPT_BUCKET))
+    cache = prefix_cache.cache_for(allocations)
+    chunks = DecodeChunks(model, True, chunk_size, cache, block, lengths, starts, controls,
+                          kv_dtype=prefix_cache.kv_dtype)
+
+    def on_end(state, new_tokens):
+        prefix_cache.release(allocations, state.cache if state is not None else cache,
+                             [ids + new for ids, new in zip(rows, new_tokens)])
+
+    return chunks, on_end, cache.nbytes
+
+
+def check_prefix_cache_request(model: Model, req: Request, prefix_cache) -> None:
+    """Raises ``ValueError`` for a request a prefix cache cannot serve: another model,
+    another ``kv_dtype``, streaming (``window``, ``sink_tokens``)."""
+    prefix_cache.check_model(model)
+    if req.kv_dtype is not None and req.kv_dtype != prefix_cache.kv_dtype:
+        raise ValueError(f"kv_dtype={req.kv_dtype!r}, but the prefix cache stores "
+                         f"{prefix_cache.kv_dtype}: pass kv_dtype=None or build the "
+                         f"PrefixCache with kv_dtype={req.kv_dtype!r}")
+    if req.window is not None or req.sink_tokens is not None:
+        raise ValueError("a prefix cache keeps whole prefixes; streaming (window, sink_tokens) "
+                         "drops them: pass one or the other")

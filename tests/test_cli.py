@@ -348,6 +348,9 @@ def test_memory_budget_units(budget, expected):
     (["--kv-dtype", "int8", "--no-cache"], "--kv-dtype sets what the KV cache stores"),
     (["--kv-dtype", "int4"], "argument --kv-dtype: invalid choice: 'int4'"),
     (["--window", "8", "--no-cache"], "--window and --sink-tokens say what the KV cache keeps"),
+    (["--block-size", "8"], "--block-size sets up the prefix cache: pass --paged too"),
+    (["--paged", "--no-cache"], "--paged runs rows in one pool of blocks on one device: it "
+                                "takes no --no-cache"),
 ])
 def test_planning_flag_errors_exit_2(flags, message):
     proc = run_cli("--prompt", "x", *flags)
@@ -396,3 +399,18 @@ def test_streaming_runs_past_the_capacity(bundled):
                    stdin="hello there\nthe cat sat on the mat in the park\nand then?\n")
     assert chat.returncode == 0, chat.stderr
     assert "capacity" not in chat.stderr and chat.stdout.count("model> ") == 3
+
+
+def test_paged_chat_serves_a_repeated_conversation_from_the_prefix_cache():
+    """--chat --paged: after /reset, the same first message is served from the pool
+    (/stats shows it) and the reply is the one before."""
+    proc = run_cli("--chat", "--paged", "--block-size", "8", "--prefix-cache-mb", "16",
+                   "--max-new-tokens", "8", "--temperature", "0",
+                   stdin="hello there\n/reset\nhello there\n/stats\n/quit\n")
+    assert proc.returncode == 0, proc.stderr
+    replies = [line for line in proc.stdout.split("you> ") if line.startswith("model> ")]
+    assert len(replies) == 2 and replies[0] == replies[1]
+    stats = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    cache = stats[-1]["prefix_cache"]
+    assert cache["cached_tokens"] > 0 and cache["block_size"] == 8
+    assert cache["blocks"]["device"]["total"] == 16 * 2 ** 20 // cache["block_bytes"]

@@ -14,10 +14,11 @@ import dataclasses
 import jax
 import numpy as np
 
-from kvjax.attention import flash, plain, quantized, ring
+from kvjax.attention import flash, paged, plain, quantized, ring
 from kvjax.cache import QUANTIZED, check_kv_dtype
 from kvjax.cache.contiguous import write_block
 from kvjax.cache.layout import LayerSlots
+from kvjax.cache.paged import PagedSlots
 from kvjax.cache.quantized import layer_kv_dtype, quantize_block, write_quantized_block
 from kvjax.config import ModelConfig
 from kvjax.kernels import decode_attention as kernel
@@ -145,7 +146,7 @@ def choose(config: ModelConfig, dtype, *, use_cache: bool = True, fresh: bool = 
 
 def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k: jax.Array,
                  v: jax.Array, layer_cache: tuple | None, positions: jax.Array,
-                 slots: LayerSlots | None = None, sink_queries: jax.Array | None = None
+                 slots: LayerSlots | PagedSlots | None = None, sink_queries: jax.Array | None = None
                  ) -> tuple[jax.Array, tuple | None]:
     """A layer's attention as its ``LayerAttention`` says: the block's ``k``, ``v``
     (``[batch, seq, kv_heads, head_dim]``) written to the layer's part of the cache
@@ -153,11 +154,17 @@ def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k
     head_dim]``, with scales for a quantized cache; None without a cache), then ``q``
     (``[batch, seq, heads, head_dim]``) attending. Returns ``(attn, layer_cache)``.
 
-    ``slots``: the layer's ring buffer (``Cache.layer_slots``: a sliding window or
-    streaming), whose attention ``kvjax.attention.ring`` runs; ``sink_queries``: ``q``
-    rotated for the sinks of streaming (``kvjax.attention.ring``)."""
+    ``slots``: how the layer's slots hold positions (``Cache.layer_slots``): a ring
+    buffer (a sliding window or streaming, ``kvjax.attention.ring``) or a block pool
+    (``PagedSlots``, ``kvjax.attention.paged``); None: slot = position.
+    ``sink_queries``: ``q`` rotated for the sinks of streaming (``kvjax.attention.ring``)."""
     scale, softcap, window = config.query_scale, config.attn_logit_softcap, attention.window
-    if layer_cache is not None and slots is not None:
+    if layer_cache is not None and isinstance(slots, PagedSlots):
+        layer_cache = paged.write(layer_cache, k, v, positions, attention.quantized)
+        if not attention.fresh:
+            return paged.attend_cache(q, layer_cache, positions, window, scale, softcap,
+                                      attention.key_limit), layer_cache
+    elif layer_cache is not None and slots is not None:
         window = slots.window  # streaming may narrow a layer's window
         if not attention.fresh or slots.sinks:
             return ring.attend(scale, softcap, slots, attention.fresh, attention.quantized, q, k,

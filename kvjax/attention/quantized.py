@@ -1,12 +1,10 @@
 """Attention over a quantized cache (``kvjax.cache.QuantizedKVCache``), on any backend.
 
-The cache is read block by block (``BLOCK_SLOTS`` slots at a time, a ``fori_loop`` with
-an online softmax, as flash attention does): only one block's codes are ever converted
-to float, never the whole cache. A token's scale factors out of its dot products:
-``q . (codes * s) = (q . codes) * s`` for a key, and a value weighted by ``p``
-contributes ``(p * s) . codes``, so the codes enter the products as they are stored.
-Masks follow positions as in ``kvjax.attention.plain`` (slot = position, or the
-positions a ring buffer's slots hold).
+The cache is read block by block (``BLOCK_SLOTS`` slots at a time,
+``kvjax.attention.blockwise``): only one block's codes are ever converted to float,
+never the whole cache, and the scales are folded into the scores and weights. Masks
+follow positions as in ``kvjax.attention.plain`` (slot = position, or the positions a
+ring buffer's slots hold).
 """
 
 from __future__ import annotations
@@ -14,8 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention.plain import (MASKED, Partials, attention_mask, default_scale, finish,
-                                   soft_cap)
+from kvjax.attention import blockwise
+from kvjax.attention.plain import Partials, finish
 
 BLOCK_SLOTS = 256  # cache slots read per iteration
 
@@ -51,43 +49,23 @@ def partials(queries: jax.Array, keys: jax.Array, values: jax.Array, key_scales:
              scale: float | None = None, logit_softcap: float | None = None,
              key_limit: int | None = None, block_slots: int = BLOCK_SLOTS) -> Partials:
     """``kvjax.attention.plain.Partials`` of queries over quantized keys and values, read
-    block by block. ``key_positions``: ``int32[batch, slots]``, the position each slot
-    holds (a ring buffer's, ``-1``: empty); None: slot = position. Other arguments as in
-    ``attend_cache``."""
-    batch, seq, heads, head_dim = queries.shape
-    _, kv_heads, capacity, _ = keys.shape
-    group = heads // kv_heads
+    block by block (``kvjax.attention.blockwise``). ``key_positions``:
+    ``int32[batch, slots]``, the position each slot holds (a ring buffer's, ``-1``:
+    empty); None: slot = position. Other arguments as in ``attend_cache``."""
+    batch, capacity = keys.shape[0], keys.shape[2]
     limit = capacity if key_limit is None else min(key_limit, capacity)
     block = min(block_slots, limit)
-    blocks = -(-limit // block)
-    scale = default_scale(head_dim) if scale is None else scale
-    grouped = queries.reshape(batch, seq, kv_heads, group, head_dim).astype(jnp.float32)
 
-    def step(i, carry):
-        top, total, out = carry  # [batch, kv_heads, group, seq](, head_dim)
+    def read(i):
         # the last block moves back inside the buffer; slots an earlier block read are
-        # masked out below, so none counts twice
+        # masked out, so none counts twice
         start = jnp.minimum(i * block, limit - block)
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block, axis=2)
         slots = start + jnp.arange(block, dtype=jnp.int32)  # [block]
         held = (jnp.broadcast_to(slots, (batch, block)) if key_positions is None
                 else jax.lax.dynamic_slice_in_dim(key_positions, start, block, axis=1))
-        key_codes = take(keys).astype(jnp.float32)  # [batch, kv_heads, block, head_dim]
-        scores = jnp.einsum("bqkgd,bksd->bkgqs", grouped, key_codes)
-        scores = scores * (take(key_scales)[:, :, None, None, :] * scale)
-        if logit_softcap is not None:
-            scores = soft_cap(scores, logit_softcap)
-        seen = attention_mask(query_positions, held, sliding_window) & (slots >= i * block)[None, None, :]
-        scores = jnp.where(seen[:, None, None], scores, MASKED)
-        new_top = jnp.maximum(top, scores.max(axis=-1))
-        rescale = jnp.exp(top - new_top)
-        weights = jnp.exp(scores - new_top[..., None])  # [batch, kv_heads, group, seq, block]
-        value_codes = take(values).astype(jnp.float32)
-        weighted = weights * take(value_scales)[:, :, None, None, :]
-        out = out * rescale[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", weighted, value_codes)
-        return new_top, total * rescale + weights.sum(axis=-1), out
+        held = jnp.where(slots >= i * block, held, -1)
+        return take(keys), take(values), take(key_scales), take(value_scales), held
 
-    shape = (batch, kv_heads, group, seq)
-    init = (jnp.full(shape, MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros((*shape, head_dim), jnp.float32))
-    return jax.lax.fori_loop(0, blocks, step, init)
+    return blockwise.partials(queries, read, -(-limit // block), query_positions,
+                              sliding_window, scale, logit_softcap)

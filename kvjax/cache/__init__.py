@@ -5,6 +5,8 @@
   buffers in a float dtype (the default).
 * ``quantized``: ``QuantizedKVCache``, int8 or fp8 codes with a float32 scale per token
   and KV head.
+* ``paged``: ``PagedKVCache``, a pool of fixed-size blocks per layer and a block table
+  per row (``kvjax.paged`` hands the blocks out and shares cached prefixes).
 * ``history``: ``TokenHistory``, the token ids of the recompute baseline.
 * ``layout``: which slots hold which positions: ring buffers of sliding-window layers,
   streaming with attention sinks (``CacheLayout``, ``LayerSlots``).
@@ -21,6 +23,7 @@ from kvjax.cache.base import (Cache, LogicalAxes, advanced_lengths, is_axes, rep
                               tree_nbytes, write_rows)
 from kvjax.cache.contiguous import BUFFER_AXES, CACHE_DTYPES, KVCache, write_block
 from kvjax.cache.history import TokenHistory
+from kvjax.cache.paged import PagedKVCache, PagedSlots
 from kvjax.cache.layout import CacheLayout, LayerSlots, cache_layout, held_positions
 from kvjax.cache.planning import estimate_bytes, max_batch, max_capacity
 from kvjax.cache.quantized import QUANTIZED, QuantizedKVCache, dequantize, quantize
@@ -51,7 +54,7 @@ def create(config, batch: int, capacity: int, kv_dtype: str | None, dtype,
 
 
 __all__ = ["BUFFER_AXES", "CACHE_DTYPES", "Cache", "CacheLayout", "KVCache", "KV_DTYPES",
-           "LayerSlots", "LogicalAxes", "QUANTIZED", "QuantizedKVCache", "TokenHistory",
+           "LayerSlots", "LogicalAxes", "PagedKVCache", "PagedSlots", "QUANTIZED", "QuantizedKVCache", "TokenHistory",
            "advanced_lengths", "cache_layout", "check_kv_dtype", "create", "dequantize",
            "estimate_bytes", "held_positions", "is_axes", "max_batch", "max_capacity", "quantize",
            "replace_at", "tree_nbytes", "write_block", "write_rows"]

@@ -150,8 +150,11 @@ def quantize_block(keys: jax.Array, values: jax.Array, kv_dtype: str) -> tuple:
 
 
 def layer_kv_dtype(layer: tuple) -> str:
-    """What a quantized layer's ``(keys, values, key_scales, value_scales)`` stores."""
-    return "int8" if layer[0].dtype == jnp.int8 else "fp8"
+    """What a layer's buffers ``(keys, values, ...)`` store, as a ``kv_dtype``
+    (``"int8"``, ``"fp8"`` or a float dtype's name)."""
+    name = jnp.dtype(layer[0].dtype).name
+    return next((kind for kind, (storage, _) in QUANTIZED.items()
+                 if jnp.dtype(storage).name == name), name)
 
 
 def write_quantized_block(layer: tuple, new_keys: jax.Array, new_values: jax.Array,

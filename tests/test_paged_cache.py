@@ -1,0 +1,116 @@
+"""The paged KV cache (``kvjax.cache.PagedKVCache``, ``kvjax.attention.paged``): the same
+logits as the contiguous cache, whatever blocks a row's table names.
+
+Oracle: the contiguous cache fed the same blocks of tokens (itself checked against
+transformers), and one forward pass without a cache.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.cache import PagedKVCache
+from kvjax.model import forward
+from tests.conftest import make_config, make_model
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(make_config(num_layers=2, max_position_embeddings=128))
+
+
+def feed(model, cache, tokens: np.ndarray, sizes: list[tuple[int, ...]]):
+    """Feeds ``tokens`` (``[rows, n]``) in blocks of ``sizes`` tokens per row (0: a row
+    of padding in that block); returns each block's last logits per row and the cache."""
+    config, params = model.config, model.params
+    rows = tokens.shape[0]
+    fed = np.zeros(rows, np.int32)
+    out = []
+    for block_sizes in sizes:
+        width = max(block_sizes)
+        block = np.zeros((rows, width), np.int32)
+        positions = np.full((rows, width), -1, np.int32)
+        for row, size in enumerate(block_sizes):
+            block[row, :size] = tokens[row, fed[row]:fed[row] + size]
+            positions[row, :size] = fed[row] + np.arange(size)
+        logits, cache = forward(config, params, jnp.asarray(block), jnp.asarray(positions), cache)
+        fed += np.asarray(block_sizes)
+        out.append(np.asarray(logits[:, -1 if width > 1 else 0]))
+    return out, cache
+
+
+SIZES = [(9, 3, 1), (1, 1, 1), (1, 0, 5), (17, 2, 1), (3, 40, 1), (1, 1, 1), (24, 5, 2)]
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8", "fp8"])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_paged_equals_contiguous(model, kv_dtype, block_size):
+    """Three ragged rows fed in blocks of every size (prompts, single tokens, blocks
+    across block boundaries, rows of padding) through a pool whose blocks the tables
+    name in a shuffled order (rows interleaved in the pool, spare blocks unused): every
+    block's logits equal the contiguous cache's (float32: 1e-4; codes: the same codes,
+    so 1e-4 too), and each row's positions hold the contiguous cache's first-layer keys
+    (codes) exactly."""
+    config = model.config
+    rows, capacity = 3, 64
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (rows, capacity))
+    # a block is written from its row's length on, and a contiguous cache needs room for
+    # the whole block there (padding included): 128 slots
+    contiguous = kvjax.cache.create(config, rows, 2 * capacity, kv_dtype, jnp.float32)
+    per_row = capacity // block_size
+    order = np.random.default_rng(1).permutation(rows * per_row + 5)[:rows * per_row]
+    paged = PagedKVCache.create(config, rows, capacity, kv_dtype, block_size=block_size,
+                                num_blocks=rows * per_row + 5)
+    paged = paged.with_tables(order.reshape(rows, per_row), np.zeros(rows))
+    want, contiguous = feed(model, contiguous, tokens, SIZES)
+    got, paged = feed(model, paged, tokens, SIZES)
+    for a, b, sizes in zip(got, want, SIZES):
+        real = np.asarray(sizes) > 0  # a row of padding has no logits to compare
+        np.testing.assert_allclose(a[real], b[real], atol=ATOL)
+    np.testing.assert_array_equal(paged.lengths, contiguous.lengths)
+    filled = np.asarray(contiguous.lengths)
+    pool = np.asarray(paged.keys[0], np.float32)  # [blocks, kv_heads, block, head_dim]
+    for row in range(rows):  # layer 0's keys depend on no attention: equal exactly
+        positions = np.arange(filled[row])
+        held = pool[order.reshape(rows, per_row)[row, positions // block_size], :,
+                    positions % block_size]  # [positions, kv_heads, head_dim]
+        np.testing.assert_array_equal(
+            held, np.asarray(contiguous.keys[0], np.float32)[row, :, :filled[row]]
+            .transpose(1, 0, 2))
+
+
+def test_rows_sharing_blocks_read_the_same_prefix(model):
+    """Two rows whose tables start with the same blocks (a shared prefix, written once by
+    the first row) continue from it as a forward pass over their whole sequences."""
+    config = model.config
+    rng = np.random.default_rng(2)
+    prefix = rng.integers(0, config.vocab_size, 8)  # two blocks of 4
+    tails = rng.integers(0, config.vocab_size, (2, 6))
+    paged = PagedKVCache.create(config, 2, 16, "float32", block_size=4, num_blocks=8)
+    tables = np.array([[0, 1, 2, 3], [0, 1, 4, 5]], np.int32)
+    paged = paged.with_tables(tables[:1], np.zeros(1))
+    _, paged = forward(config, model.params, jnp.asarray(prefix[None]),
+                       jnp.arange(8, dtype=jnp.int32)[None], paged)  # the prefix, row 0 only
+    paged = paged.with_tables(tables, np.full(2, 8))
+    logits, _ = forward(config, model.params, jnp.asarray(tails),
+                        jnp.broadcast_to(jnp.arange(8, 14, dtype=jnp.int32), (2, 6)), paged)
+    for row in range(2):
+        sequence = np.concatenate([prefix, tails[row]])[None]
+        full, _ = forward(config, model.params, jnp.asarray(sequence),
+                          jnp.arange(14, dtype=jnp.int32)[None])
+        np.testing.assert_allclose(logits[row, -1], full[0, -1], atol=ATOL)
+
+
+def test_block_size_must_be_a_power_of_two_within_the_capacity(model):
+    config = model.config
+    with pytest.raises(ValueError) as error:
+        PagedKVCache.create(config, 1, 64, "float32", block_size=12)
+    assert str(error.value) == ("block_size must be a power of two >= 1 (slots a block; 16 is the "
+                                "usual choice), got 12")
+    with pytest.raises(ValueError) as error:
+        PagedKVCache.create(config, 1, 8, "float32", block_size=16)
+    assert str(error.value) == ("block_size (16) exceeds the capacity (8): a row's table would "
+                                "hold less than one block; pass block_size <= 8")
