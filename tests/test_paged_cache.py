@@ -5,6 +5,9 @@ Oracle: the contiguous cache fed the same blocks of tokens (itself checked again
 transformers), and one forward pass without a cache.
 """
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import pytest
 import kvjax
 from kvjax.cache import PagedKVCache
 from kvjax.model import forward
-from tests.conftest import make_config, make_model
+from tests.conftest import count_calls, make_config, make_model
 
 ATOL = 1e-4
 
@@ -22,10 +25,12 @@ def model():
     return make_model(make_config(num_layers=2, max_position_embeddings=128))
 
 
-def feed(model, cache, tokens: np.ndarray, sizes: list[tuple[int, ...]]):
+def feed(model, cache, tokens: np.ndarray, sizes: list[tuple[int, ...]], step=None):
     """Feeds ``tokens`` (``[rows, n]``) in blocks of ``sizes`` tokens per row (0: a row
-    of padding in that block); returns each block's last logits per row and the cache."""
+    of padding in that block) through ``step`` (default ``forward``'s own choice);
+    returns each block's last logits per row and the cache."""
     config, params = model.config, model.params
+    step = step or functools.partial(forward, config)
     rows = tokens.shape[0]
     fed = np.zeros(rows, np.int32)
     out = []
@@ -36,7 +41,7 @@ def feed(model, cache, tokens: np.ndarray, sizes: list[tuple[int, ...]]):
         for row, size in enumerate(block_sizes):
             block[row, :size] = tokens[row, fed[row]:fed[row] + size]
             positions[row, :size] = fed[row] + np.arange(size)
-        logits, cache = forward(config, params, jnp.asarray(block), jnp.asarray(positions), cache)
+        logits, cache = step(params, jnp.asarray(block), jnp.asarray(positions), cache)
         fed += np.asarray(block_sizes)
         out.append(np.asarray(logits[:, -1 if width > 1 else 0]))
     return out, cache
@@ -72,11 +77,11 @@ def test_paged_equals_contiguous(model, kv_dtype, block_size):
         np.testing.assert_allclose(a[real], b[real], atol=ATOL)
     np.testing.assert_array_equal(paged.lengths, contiguous.lengths)
     filled = np.asarray(contiguous.lengths)
-    pool = np.asarray(paged.keys[0], np.float32)  # [blocks, kv_heads, block, head_dim]
+    pool = np.asarray(paged.keys[0], np.float32)  # [kv_heads, blocks, block, head_dim]
     for row in range(rows):  # layer 0's keys depend on no attention: equal exactly
         positions = np.arange(filled[row])
-        held = pool[order.reshape(rows, per_row)[row, positions // block_size], :,
-                    positions % block_size]  # [positions, kv_heads, head_dim]
+        held = pool[:, order.reshape(rows, per_row)[row, positions // block_size],
+                    positions % block_size].transpose(1, 0, 2)  # [positions, kv_heads, head_dim]
         np.testing.assert_array_equal(
             held, np.asarray(contiguous.keys[0], np.float32)[row, :, :filled[row]]
             .transpose(1, 0, 2))
@@ -114,3 +119,30 @@ def test_block_size_must_be_a_power_of_two_within_the_capacity(model):
         PagedKVCache.create(config, 1, 8, "float32", block_size=16)
     assert str(error.value) == ("block_size (16) exceeds the capacity (8): a row's table would "
                                 "hold less than one block; pass block_size <= 8")
+
+
+def test_tpu_paged_attention_interpreted():
+    """Decode steps over a paged pool through JAX's Pallas TPU paged attention, in its
+    TPU interpret mode on CPU (``decode_kernel=True``): a model whose head_dim (128)
+    and blocks (16 slots) it takes gives the portable path's logits within what its
+    bfloat16 arithmetic allows (0.05; the logits spread over more than 1); a decode
+    step holds one kernel call per layer, blocks of several tokens none."""
+    config = make_config(num_heads=4, num_kv_heads=2, head_dim=128, hidden_size=64,
+                         num_layers=2, max_position_embeddings=128)
+    model = make_model(config, scale=2.0)
+    tokens = np.random.default_rng(5).integers(0, config.vocab_size, (2, 40))
+    sizes = [(9, 30), (1, 1), (1, 1), (17, 1), (1, 1)]
+    order = np.random.default_rng(6).permutation(10)[:8].reshape(2, 4)
+    cache = lambda: (PagedKVCache.create(config, 2, 64, "float32", block_size=16,
+                                         num_blocks=10).with_tables(order, np.zeros(2)))
+    kernel_step = kvjax.model.step_fn(config, decode_kernel=True)
+    want, _ = feed(model, cache(), tokens, sizes)
+    got, _ = feed(model, cache(), tokens, sizes, step=kernel_step)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=0.05)
+    assert max(np.ptp(b) for b in want) > 1.0
+    calls = lambda width: count_calls(jax.make_jaxpr(kernel_step)(
+        model.params, np.zeros((2, width), np.int32),
+        np.broadcast_to(np.arange(width, dtype=np.int32), (2, width)), cache()).jaxpr,
+        "pallas_call")
+    assert (calls(1), calls(4)) == (config.num_layers, 0)

@@ -163,7 +163,7 @@ def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k
         layer_cache = paged.write(layer_cache, k, v, positions, attention.quantized)
         if not attention.fresh:
             return paged.attend_cache(q, layer_cache, positions, window, scale, softcap,
-                                      attention.key_limit), layer_cache
+                                      attention.key_limit, attention.kernel), layer_cache
     elif layer_cache is not None and slots is not None:
         window = slots.window  # streaming may narrow a layer's window
         if not attention.fresh or slots.sinks:

@@ -1,13 +1,24 @@
-"""Attention over a paged cache (``kvjax.cache.PagedKVCache``), on any backend.
+"""Attention over a paged cache (``kvjax.cache.PagedKVCache``).
 
 A block of tokens is written first (each token scattered to its block and slot through
 its row's table), then the queries attend over the row's blocks, read a few at a time
 through the table (``CHUNK_SLOTS`` slots an iteration, ``kvjax.attention.blockwise``):
 only those blocks are ever gathered, never the row's whole history at once. Float and
-int8/fp8 pools alike. The loop runs as many iterations as the longest row needs.
+int8/fp8 pools alike, on any backend. The loop runs as many iterations as the longest
+row needs.
+
+On TPUs a decode step over a float pool runs JAX's Pallas TPU paged attention instead,
+where its constraints are met (``tpu_kernel_fits``): it reads the pool in the layout
+kvjax keeps it in. The tests run it in Pallas's TPU interpret mode on CPU
+(``LayerAttention.kernel == "interpret"``, i.e. ``decode_kernel=True``). It works in
+bfloat16 internally. kvjax's own GPU decode kernel does not read block tables yet:
+GPUs take the portable path.
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +27,12 @@ from kvjax.attention import blockwise
 from kvjax.attention.plain import finish
 from kvjax.cache.paged import slot_addresses, write_pool
 from kvjax.cache.quantized import layer_kv_dtype, quantize_block
+
+try:  # JAX's TPU kernels; kvjax imports and runs without them
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_paged
+except ImportError:
+    pltpu = tpu_paged = None
 
 CHUNK_SLOTS = 256  # slots gathered per iteration (whole blocks)
 
@@ -29,19 +46,57 @@ def write(layer_cache: tuple, k: jax.Array, v: jax.Array, positions: jax.Array,
     block = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # [batch, kv_heads, seq, head_dim]
     if is_quantized:
         block = quantize_block(*block, layer_kv_dtype(pools))
-    blocks, slots = slot_addresses(tables, positions, pools[0].shape[2], pools[0].shape[0])
+    blocks, slots = slot_addresses(tables, positions, pools[0].shape[2], pools[0].shape[1])
     return (*(write_pool(pool, new, blocks, slots) for pool, new in zip(pools, block)), tables)
+
+
+def tpu_kernel_fits(queries: jax.Array, pools: list, sliding_window: int | None) -> bool:
+    """Whether JAX's Pallas TPU paged attention takes this decode step: one query a row,
+    a float pool in the queries' dtype, a head_dim that fills TPU lanes (a multiple of
+    128), blocks of whole sublane tiles (a multiple of 16 slots) and no sliding window."""
+    return (tpu_paged is not None and queries.shape[1] == 1 and len(pools) == 2
+            and pools[0].dtype == queries.dtype and queries.shape[-1] % 128 == 0
+            and pools[0].shape[2] % 16 == 0 and sliding_window is None)
+
+
+def tpu_kernel_mode(kernel: str | None) -> str | None:
+    """``"compiled"`` on TPUs, ``"interpret"`` when asked (``LayerAttention.kernel``),
+    else None (kvjax's GPU decode kernel, ``"compiled"`` on GPUs, reads no tables)."""
+    if kernel == "interpret":
+        return "interpret"
+    return "compiled" if jax.default_backend() == "tpu" else None
+
+
+def tpu_attend(queries: jax.Array, pools: list, tables: jax.Array, positions: jax.Array,
+               scale: float, logit_softcap: float | None, mode: str) -> jax.Array:
+    """A decode step through JAX's Pallas TPU paged attention (``tpu_kernel_fits``):
+    ``[batch, 1, heads, head_dim]``. The kernel does not scale the scores: the queries
+    come scaled. A row at position ``-1`` reads its first slot (finite, discarded)."""
+    block_size, width = pools[0].shape[2], tables.shape[1]
+    lengths = jnp.maximum(positions[:, 0] + 1, 1).astype(jnp.int32)
+    interpret = pltpu.force_tpu_interpret_mode() if mode == "interpret" else contextlib.nullcontext()
+    with interpret:
+        out = tpu_paged((queries[:, 0] * scale).astype(queries.dtype), *pools, lengths,
+                        tables, attn_logits_soft_cap=logit_softcap,
+                        pages_per_compute_block=math.gcd(width, max(CHUNK_SLOTS // block_size, 1)))
+    return out[:, None]
 
 
 def attend_cache(queries: jax.Array, layer_cache: tuple, positions: jax.Array,
                  sliding_window: int | None = None, scale: float | None = None,
-                 logit_softcap: float | None = None, key_limit: int | None = None
-                 ) -> jax.Array:
+                 logit_softcap: float | None = None, key_limit: int | None = None,
+                 kernel: str | None = None) -> jax.Array:
     """A block's attention (``queries`` ``[batch, seq, heads, head_dim]`` at
     ``positions``) over a paged layer that holds it (``write`` first); masks by
     positions as ``kvjax.attention.plain.attend``. ``key_limit``: static; no query
-    sees a position at or past it."""
+    sees a position at or past it. ``kernel``: the layer's ``LayerAttention.kernel``
+    (``tpu_kernel_mode``)."""
     *pools, tables = layer_cache
+    mode = tpu_kernel_mode(kernel)
+    if mode and tpu_kernel_fits(queries, pools, sliding_window):
+        head_dim = queries.shape[-1]
+        return tpu_attend(queries, pools, tables, positions,
+                          head_dim ** -0.5 if scale is None else scale, logit_softcap, mode)
     block_size = pools[0].shape[2]
     width = tables.shape[1]  # table entries a row has
     if key_limit is not None:
@@ -57,7 +112,7 @@ def attend_cache(queries: jax.Array, layer_cache: tuple, positions: jax.Array,
         ids = jax.lax.dynamic_slice_in_dim(tables, start, per_chunk, axis=1)  # [batch, n]
 
         def gather(pool):  # [batch, kv_heads, n * block_size(, head_dim)]
-            taken = jnp.moveaxis(pool[ids], 2, 1)  # [batch, kv_heads, n, block_size, ...]
+            taken = jnp.moveaxis(pool[:, ids], 0, 1)  # [batch, kv_heads, n, block_size, ...]
             return taken.reshape(batch, taken.shape[1], -1, *taken.shape[4:])
 
         held = start * block_size + slots

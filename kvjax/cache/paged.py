@@ -7,9 +7,9 @@ each row's positions to blocks through its table: position ``p`` of row ``b`` is
 tokens rows actually hold, and rows whose prompts share a prefix can share its blocks
 (``kvjax.paged``, which hands blocks out and decides which cached prefixes to keep).
 
-The pool is heads-major within a block (``[num_blocks, kv_heads, block_size,
-head_dim]``): one head's slots of a block are contiguous, as a contiguous cache's row
-is. Writes scatter each new token to its block and slot; attention reads a row's blocks
+The pool is heads-major (``[kv_heads, num_blocks, block_size, head_dim]``): one head's
+slots of a block are contiguous, as a contiguous cache's row is, and the layout is the
+one JAX's Pallas TPU paged attention reads (``kvjax.attention.paged``). Writes scatter each new token to its block and slot; attention reads a row's blocks
 through its table, a few at a time (``kvjax.attention.paged``), never the whole pool.
 int8/fp8 pools hold codes and a float32 scale per token and KV head, as
 ``QuantizedKVCache`` does.
@@ -28,9 +28,9 @@ from kvjax.cache.quantized import QUANTIZED
 from kvjax.config import ModelConfig, is_count
 from kvjax.paged.blocks import check_block_size
 
-# The logical axes of a pool buffer [num_blocks, kv_heads, block_size, head_dim]
+# The logical axes of a pool buffer [kv_heads, num_blocks, block_size, head_dim]
 # (kvjax.sharding): blocks belong to any row, so they are never split over ``batch``.
-POOL_AXES = ("cache_blocks", "kv_heads", "cache_seq", "head_dim")
+POOL_AXES = ("kv_heads", "cache_blocks", "cache_seq", "head_dim")
 SCALE_POOL_AXES = POOL_AXES[:3]
 
 
@@ -47,9 +47,9 @@ class PagedKVCache:
     """Keys and values of every layer in a pool of blocks, and each row's block table.
 
     Attributes:
-      keys, values: one pool per layer, each ``[num_blocks, kv_heads, block_size,
+      keys, values: one pool per layer, each ``[kv_heads, num_blocks, block_size,
         head_dim]`` (float, or int8/fp8 codes).
-      key_scales, value_scales: for codes, one per layer ``float32[num_blocks, kv_heads,
+      key_scales, value_scales: for codes, one per layer ``float32[kv_heads, num_blocks,
         block_size]``; empty tuples for a float pool.
       block_tables: ``int32[batch, blocks_per_row]``: row ``b``'s ``i``-th block holds its
         positions ``i * block_size ...``. Entries past what a row holds are never read.
@@ -77,7 +77,7 @@ class PagedKVCache:
         num_blocks = batch * per_row if num_blocks is None else num_blocks
         if not is_count(num_blocks):
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
-        heads = (num_blocks, config.num_kv_heads, block_size)
+        heads = (config.num_kv_heads, num_blocks, block_size)
         storage = QUANTIZED[kv_dtype][0] if kv_dtype in QUANTIZED else jnp.dtype(kv_dtype)
         pools = lambda shape, dtype: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         scales = (lambda: pools(heads, jnp.float32)) if kv_dtype in QUANTIZED else tuple
@@ -97,7 +97,7 @@ class PagedKVCache:
 
     @property
     def num_blocks(self) -> int:
-        return self.keys[0].shape[0]
+        return self.keys[0].shape[1]
 
     @property
     def capacity(self) -> int:
@@ -145,7 +145,7 @@ class PagedKVCache:
         return self.replace(lengths=advanced_lengths(self.lengths, positions))
 
     def logical_axes(self) -> "PagedKVCache":
-        """Pools ``(cache_blocks, kv_heads, cache_seq, head_dim)`` (scales without
+        """Pools ``(kv_heads, cache_blocks, cache_seq, head_dim)`` (scales without
         ``head_dim``), tables ``(batch, cache_blocks)``, lengths ``(batch,)``."""
         count = len(self.keys)
         scales = (SCALE_POOL_AXES,) * count if self.quantized else ()
@@ -167,8 +167,8 @@ def slot_addresses(block_tables: jax.Array, positions: jax.Array, block_size: in
 
 def write_pool(pool: jax.Array, block: jax.Array, blocks: jax.Array,
                slots: jax.Array) -> jax.Array:
-    """``pool`` (``[num_blocks, kv_heads, block_size, ...]``) with a block of tokens
+    """``pool`` (``[kv_heads, num_blocks, block_size, ...]``) with a block of tokens
     (``[batch, kv_heads, new, ...]``) written at ``(blocks, slots)`` (``slot_addresses``);
     scattered, in place when the cache is donated."""
-    moved = jnp.moveaxis(block, 1, 2)  # [batch, new, kv_heads, ...]
-    return pool.at[blocks, :, slots].set(moved.astype(pool.dtype), mode="drop")
+    moved = jnp.moveaxis(block, 1, 0)  # [kv_heads, batch, new, ...]
+    return pool.at[:, blocks, slots].set(moved.astype(pool.dtype), mode="drop")

@@ -86,7 +86,7 @@ class PrefixCache:
         self.block_size = block_size
         self.pool = PagedKVCache.create(model.config, 1, block_size, self.kv_dtype,
                                         block_size=block_size, num_blocks=budget_blocks)
-        self.host: dict[int, tuple] = {}  # host slot -> the block's buffers, [1, ...] each
+        self.host: dict[int, tuple] = {}  # host slot -> the block's buffers, [kv_heads, 1, ...]
         self._host_memory = _host_memory(self.pool)
 
     def check_model(self, model) -> None:
@@ -150,8 +150,8 @@ class PrefixCache:
             slots, blocks = map(np.asarray, zip(*allocation.restores))
             moved = [jax.device_put(self.host.pop(int(slot)), self.pool.lengths.sharding)
                      for slot in slots]
-            buffers = _put(buffers, jax.tree.map(lambda *parts: jnp.concatenate(parts), *moved),
-                           blocks)
+            buffers = _put(buffers, jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1),
+                                                 *moved), blocks)
         if allocation.copies:
             sources, targets = map(np.asarray, zip(*allocation.copies))
             buffers = _put(buffers, _take(buffers, sources), targets)
@@ -170,7 +170,7 @@ def _model_key(model) -> tuple:
 
 
 def _buffers(pool: PagedKVCache) -> tuple:
-    """The pool's per-layer buffers, ``[num_blocks, ...]`` each."""
+    """The pool's per-layer buffers, ``[kv_heads, num_blocks, ...]`` each."""
     return pool.keys, pool.values, pool.key_scales, pool.value_scales
 
 
@@ -182,14 +182,15 @@ def _with_buffers(pool: PagedKVCache, buffers: tuple) -> PagedKVCache:
 
 @jax.jit
 def _take(buffers, index):
-    """Blocks ``index`` of every buffer: ``[n, ...]`` each."""
-    return jax.tree.map(lambda buffer: buffer[index], buffers)
+    """Blocks ``index`` of every buffer: ``[kv_heads, n, ...]`` each."""
+    return jax.tree.map(lambda buffer: buffer[:, index], buffers)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _put(buffers, blocks, index):
-    """``buffers`` with ``blocks`` (``[n, ...]`` each) written at ``index``, in place."""
-    return jax.tree.map(lambda buffer, block: buffer.at[index].set(block), buffers, blocks)
+    """``buffers`` with ``blocks`` (``[kv_heads, n, ...]`` each) written at ``index``, in
+    place."""
+    return jax.tree.map(lambda buffer, block: buffer.at[:, index].set(block), buffers, blocks)
 
 
 def _host_memory(pool: PagedKVCache) -> SingleDeviceSharding:
