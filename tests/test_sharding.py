@@ -416,8 +416,8 @@ def test_parse_rules():
         sharding.ShardingRules(heads=None, kv_heads=None, group_kv_heads=False)
     assert sharding.parse_rules("batch=model,mlp=data") == \
         sharding.ShardingRules(batch="model", mlp="data")
-    fields = ("batch, vocab, vocab_in, embed, heads, kv_heads, mlp, cache_seq, head_dim, "
-              "group_kv_heads")
+    fields = ("batch, vocab, vocab_in, embed, heads, kv_heads, mlp, cache_seq, cache_blocks, "
+              "head_dim, group_kv_heads")
     for text, message in (
             ("heads", f"sharding rule 'heads' is not field=value with a field in {{{fields}}} "
                       "(e.g. heads=none,kv_heads=none)"),
