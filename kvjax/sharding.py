@@ -5,11 +5,11 @@ The mesh has two axes, ``("data", "model")``. ``model`` splits the weight matric
 (tensor parallelism: attention heads, MLP columns, the LM head's vocabulary); ``data``
 splits the batch rows and their cache. Each parameter and cache buffer gets a
 ``NamedSharding`` from a small table, ``ShardingRules``, that maps *logical* axes (batch,
-vocab, vocab_in, embed, heads, kv_heads, mlp, cache_seq, head_dim) to mesh axes, and is
-placed once: by ``kvjax.load(path, mesh=mesh)`` while reading the checkpoint, or by
-``shard_params`` for params built in memory. The decode program is the unchanged
-``kvjax.decode.jit_decode``: given sharded inputs, XLA compiles it SPMD (its partitioner
-inserts the collectives), once.
+vocab, vocab_in, embed, heads, kv_heads, mlp, cache_seq, cache_blocks, head_dim) to mesh
+axes, and is placed once: by ``kvjax.load(path, mesh=mesh)`` while reading the
+checkpoint, or by ``shard_params`` for params built in memory. The decode program is the
+unchanged ``kvjax.decode.jit_decode``: given sharded inputs, XLA compiles it SPMD (its
+partitioner inserts the collectives), once.
 
     mesh = kvjax.sharding.make_mesh(data=2, model=4)
     model = kvjax.load("path/to/checkpoint", mesh=mesh)
