@@ -312,7 +312,8 @@ class Run:
         model = self.models.get(("kvjax", p["model"]), lambda: lib.random_kvjax_model(p["model"]))
         t = lib.time_decode(model, p["batch"], p["prompt_len"], p["new_tokens"], p["capacity"],
                             self.args.reps, self.memory, start=p["start"],
-                            decode_kernel=False if self.args.xla_decode_steps else None,
+                            decode_kernel=(False if self.args.xla_decode_steps
+                                           else True if self.args.decode_kernel else None),
                             kv_dtype=p.get("kv_dtype"))
         return self.metrics(model.config, p, t.prefill_s, t.step_s) | dict(
             compile_s=t.compile_s, program_bytes=t.program_bytes,
@@ -444,6 +445,9 @@ def parse_args(argv):
     suite.add_argument("--xla-decode-steps", action="store_true",
                        help="decode steps on the XLA/cuDNN path, not kvjax.decode_kernel "
                             "(implementation 'kvjax-xla-steps')")
+    suite.add_argument("--decode-kernel", action="store_true",
+                       help="decode steps on kvjax's decode kernel over int8/fp8 caches too "
+                            "(GPUs; kvjax picks it there only when asked until it is measured)")
     suite.add_argument("--gemm-size", type=int)
     old = parser.add_argument_group("issue-5 cases (stream, chat, nocache) on --shape")
     old.add_argument("--shape", choices=SHAPES, default="tiny")

@@ -443,3 +443,15 @@ def _mesh_worker() -> list[dict]:
 
 if __name__ == "__main__":
     print(json.dumps(_mesh_worker()))
+
+
+def test_quantized_caches_take_the_kernel_only_when_asked(monkeypatch):
+    """Where the kernel runs compiled, ``choose`` picks it for a float cache by default,
+    for an int8/fp8 cache only with ``decode_kernel=True`` (its compiled form is not yet
+    measured on a GPU)."""
+    monkeypatch.setattr(decode_attention, "supported", lambda *args, **kwargs: True)
+    config = make_config(head_dim=128)
+    kernel_of = lambda **kwargs: {a.kernel for a in choose(config, jnp.bfloat16, **kwargs).layers}
+    assert kernel_of() == {"compiled"}
+    assert kernel_of(kv_dtype="int8") == kernel_of(kv_dtype="fp8") == {None}
+    assert kernel_of(kv_dtype="int8", decode_kernel=True) == {"compiled"}
