@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.config import is_count
+
 # A leaf of ``logical_axes()``: one logical axis name per dimension of the array
 # (``kvjax.sharding.ShardingRules`` maps them to mesh axes).
 LogicalAxes = tuple[str, ...]
@@ -98,6 +100,12 @@ class PerLayerBuffers:
     def advance(self, positions: jax.Array):
         """Sets each row's length past the largest position just written (``-1`` = padding)."""
         return self.replace(lengths=advanced_lengths(self.lengths, positions))
+
+
+def check_cache_sizes(batch, capacity) -> None:
+    """Raises ``ValueError`` unless a cache's ``batch`` and ``capacity`` are integers >= 1."""
+    if not (is_count(batch) and is_count(capacity)):
+        raise ValueError(f"batch and capacity must be >= 1, got batch={batch}, capacity={capacity}")
 
 
 def tree_nbytes(tree: Any) -> int:

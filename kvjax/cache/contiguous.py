@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.base import PerLayerBuffers, replace_at, write_rows
+from kvjax.cache.base import PerLayerBuffers, check_cache_sizes, replace_at, write_rows
 from kvjax.cache.layout import CacheLayout, cache_layout, write_slots
-from kvjax.config import ModelConfig, is_count
+from kvjax.config import ModelConfig
 
 # What the K/V buffers may hold (KVCache.create).
 CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -53,8 +53,7 @@ class KVCache(PerLayerBuffers):
         only. ``window`` / ``sink_tokens``: streaming (``kvjax.cache.layout``): every
         layer keeps ``sink_tokens`` sinks and a ring of ``window`` positions, and rows
         never fill."""
-        if not (is_count(batch) and is_count(capacity)):
-            raise ValueError(f"batch and capacity must be >= 1, got batch={batch}, capacity={capacity}")
+        check_cache_sizes(batch, capacity)
         try:
             name = jnp.dtype(dtype).name
         except TypeError:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.base import advanced_lengths, tree_nbytes
+from kvjax.cache.base import advanced_lengths, check_cache_sizes, tree_nbytes
 from kvjax.cache.quantized import QUANTIZED
 from kvjax.config import ModelConfig, is_count
 from kvjax.paged.blocks import check_block_size
@@ -70,8 +70,7 @@ class PagedKVCache:
         slots' worth) holding ``kv_dtype`` (a float dtype name, ``"int8"`` or ``"fp8"``),
         and tables giving row ``b`` the blocks ``b * blocks_per_row ...`` (a block manager
         replaces them: ``with_tables``)."""
-        if not (is_count(batch) and is_count(capacity)):
-            raise ValueError(f"batch and capacity must be >= 1, got batch={batch}, capacity={capacity}")
+        check_cache_sizes(batch, capacity)
         check_block_size(block_size, capacity)
         per_row = -(-capacity // block_size)
         num_blocks = batch * per_row if num_blocks is None else num_blocks

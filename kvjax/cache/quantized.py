@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.base import PerLayerBuffers, replace_at, write_rows
+from kvjax.cache.base import PerLayerBuffers, check_cache_sizes, replace_at, write_rows
 from kvjax.cache.contiguous import BUFFER_AXES
 from kvjax.cache.layout import CacheLayout, cache_layout, write_slots
-from kvjax.config import ModelConfig, is_count
+from kvjax.config import ModelConfig
 
 # kv_dtype -> (storage dtype, largest code)
 QUANTIZED = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, 448.0)}
@@ -102,8 +102,7 @@ class QuantizedKVCache(PerLayerBuffers):
                sink_tokens: int | None = None) -> "QuantizedKVCache":
         """An empty cache for ``batch`` sequences of up to ``capacity`` tokens each
         (``window``, ``sink_tokens``: as in ``KVCache.create``)."""
-        if not (is_count(batch) and is_count(capacity)):
-            raise ValueError(f"batch and capacity must be >= 1, got batch={batch}, capacity={capacity}")
+        check_cache_sizes(batch, capacity)
         if kv_dtype not in QUANTIZED:
             raise ValueError(f"a quantized cache holds {' or '.join(QUANTIZED)}, got {kv_dtype!r}")
         storage = QUANTIZED[kv_dtype][0]
