@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kvjax.cache.base import advanced_lengths, check_cache_sizes, tree_nbytes
+from kvjax.cache.base import advanced_lengths, check_cache_sizes, replace_at, tree_nbytes
 from kvjax.cache.quantized import QUANTIZED
 from kvjax.config import ModelConfig, is_count
 from kvjax.paged.blocks import check_block_size
@@ -126,12 +126,12 @@ class PagedKVCache:
 
     def with_layer(self, index: int, layer: tuple) -> "PagedKVCache":
         """The cache with one layer's pools replaced (``layer`` as ``layer`` gives it)."""
-        put = lambda items, value: items[:index] + (value,) + items[index + 1:]
         pools = layer[:-1]
-        cache = self.replace(keys=put(self.keys, pools[0]), values=put(self.values, pools[1]))
+        cache = self.replace(keys=replace_at(self.keys, index, pools[0]),
+                             values=replace_at(self.values, index, pools[1]))
         if self.quantized:
-            cache = cache.replace(key_scales=put(self.key_scales, pools[2]),
-                                  value_scales=put(self.value_scales, pools[3]))
+            cache = cache.replace(key_scales=replace_at(self.key_scales, index, pools[2]),
+                                  value_scales=replace_at(self.value_scales, index, pools[3]))
         return cache
 
     def with_tables(self, block_tables, lengths) -> "PagedKVCache":

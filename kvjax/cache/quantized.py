@@ -22,7 +22,7 @@ from flax import struct
 
 from kvjax.cache.base import PerLayerBuffers, check_cache_sizes, replace_at, write_rows
 from kvjax.cache.contiguous import BUFFER_AXES
-from kvjax.cache.layout import CacheLayout, cache_layout, write_slots
+from kvjax.cache.layout import CacheLayout, cache_layout
 from kvjax.config import ModelConfig
 
 # kv_dtype -> (storage dtype, largest code)
@@ -157,13 +157,10 @@ def layer_kv_dtype(layer: tuple) -> str:
 
 
 def write_quantized_block(layer: tuple, new_keys: jax.Array, new_values: jax.Array,
-                          positions: jax.Array, slots=None) -> tuple:
+                          positions: jax.Array) -> tuple:
     """One layer's ``(keys, values, key_scales, value_scales)`` with a block
     (``[batch, kv_heads, new, head_dim]``, full precision) quantized and written at each
-    row's positions (``KVCache.update`` says what the caller guarantees), or, for a ring
-    layer (``slots``: ``kvjax.cache.layout.LayerSlots``), to the slots they map to."""
+    row's positions (``KVCache.update`` says what the caller guarantees)."""
     block = quantize_block(new_keys, new_values, layer_kv_dtype(layer))
-    if slots is None:
-        return tuple(write_rows(buffer, new, positions, seq_axis=2)
-                     for buffer, new in zip(layer, block))
-    return tuple(write_slots(buffer, new, positions, slots) for buffer, new in zip(layer, block))
+    return tuple(write_rows(buffer, new, positions, seq_axis=2)
+                 for buffer, new in zip(layer, block))
