@@ -21,10 +21,13 @@ from __future__ import annotations
 import dataclasses
 import gc
 import glob
+import importlib.metadata
 import json
 import os
+import platform
 import re
 import statistics
+import subprocess
 import tempfile
 import time
 
@@ -77,6 +80,33 @@ def timed(fn, reps: int, setup=None, warmup: int = 1) -> float:
 
 
 # ----- bounds -----------------------------------------------------------------------
+
+def versions() -> dict:
+    """jax, jaxlib, kvjax and Python versions, and the checkout's commit."""
+    def dist(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    v = dict(jax=jax.__version__, jaxlib=dist("jaxlib"), kvjax=dist("kvjax"),
+             python=platform.python_version())
+    try:  # the checkout's commit, "+" when the tree has changes
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
+                                        timeout=10, check=True).stdout.strip()
+        v["kvjax_commit"] = git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return v
+
+
+def save_json(records, path: str) -> None:
+    """Writes ``records`` as JSON to ``path`` through a temporary file (never half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(path + ".tmp", path)
+
 
 def spec_peak(device_kind: str) -> tuple[float | None, str | None]:
     """(bf16 dense TFLOP/s, the spec sheet it is from) for a jax ``device_kind``."""
@@ -345,6 +375,20 @@ def decode_inputs(config: kvjax.ModelConfig, batch: int, prompt_len: int, seed: 
     return tokens, np.full((batch,), prompt_len, np.int32)
 
 
+def empty_cache(config: kvjax.ModelConfig, batch: int, capacity: int, dtype,
+              kv_dtype: str | None = None, block_size: int | None = None):
+    """An empty cache: ``kvjax.cache.create``'s, or with ``block_size`` a
+    ``PagedKVCache`` of ``batch`` rows' blocks, each row's table a shuffled choice of
+    them (as a pool that served other requests hands them out)."""
+    if block_size is None:
+        return kvjax.cache.create(config, batch, capacity, kv_dtype, dtype)
+    pool = kvjax.cache.PagedKVCache.create(config, batch, capacity,
+                                           kv_dtype or jnp.dtype(dtype).name,
+                                           block_size=block_size)
+    tables = np.random.default_rng(0).permutation(pool.num_blocks).reshape(batch, -1)
+    return pool.with_tables(tables, np.zeros((batch,), np.int32))
+
+
 @dataclasses.dataclass
 class DecodeTiming:
     compile_s: float
@@ -356,7 +400,8 @@ class DecodeTiming:
 
 def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capacity: int,
                 reps: int, memory: int | None, start: int = 0,
-                decode_kernel: bool | None = None, kv_dtype: str | None = None) -> DecodeTiming:
+                decode_kernel: bool | None = None, kv_dtype: str | None = None,
+                block_size: int | None = None) -> DecodeTiming:
     """Times one compiled program (``num_steps = new``) run with ``max_new_tokens`` 1 and
     ``new``, a fresh cache for every call (outside the timed region), no stop tokens.
 
@@ -367,7 +412,8 @@ def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capac
     greedy tokens are ``generate``'s for the same model, prompt and capacity. With
     ``start`` > 0 the slots before ``start`` are left as the empty cache has them
     (zeros) but count as filled: the prefill sets each row's length to ``start +
-    prompt_len``, exactly as a chat turn continues a cache (``continued_program``)."""
+    prompt_len``, exactly as a chat turn continues a cache (``continued_program``).
+    With ``block_size`` the cache is a paged pool of such blocks (``empty_cache``)."""
     config, dtype = model.config, model.dtype
     if start + prompt_len + new - 1 > capacity:
         raise ValueError(f"{start} + {prompt_len} + {new} - 1 tokens exceed capacity {capacity}")
@@ -377,7 +423,7 @@ def time_decode(model: kvjax.Model, batch: int, prompt_len: int, new: int, capac
     starts = np.full((batch,), start, np.int32)
     stops = np.full((kvjax.requests.MAX_STOP_TOKENS,), -1, np.int32)
     sampling = kvjax.SamplingParams.create(batch)
-    create = lambda: kvjax.cache.create(config, batch, capacity, kv_dtype, dtype)
+    create = lambda: empty_cache(config, batch, capacity, dtype, kv_dtype, block_size)
     new_cache = lambda: jax.block_until_ready(create())
     program, takes_start = decode_program(model, new, prompt_len, capacity, start, decode_kernel,
                                           kv_dtype)

@@ -83,11 +83,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 
@@ -127,7 +124,7 @@ LONG_PROMPT_NEW = 16
 
 # Every suite record has these keys (None where not measured); docs/benchmarks.md.
 FIELDS = ("case", "implementation", "model", "device", "batch", "prompt_len", "new_tokens",
-          "capacity", "filled", "kv_dtype", "prefill_ms", "mfu", "decode_ms_per_step",
+          "capacity", "filled", "kv_dtype", "block_size", "prefill_ms", "mfu", "decode_ms_per_step",
           "tokens_per_s", "mbu", "bound_GBps", "compile_s", "peak_bytes", "versions", "date")
 
 
@@ -258,7 +255,8 @@ def longctx_points(args, model):
     new, capacity = args.longctx_new, args.longctx_capacity
     fills = [min(fill, capacity - new) for fill in args.longctx_fills]
     for batch in args.longctx_batches:
-        for fill, cap in [(fills[0], fills[0] + new)] + [(fill, capacity) for fill in fills]:
+        for fill, cap in dict.fromkeys([(fills[0], fills[0] + new)]
+                                       + [(fill, capacity) for fill in fills]):
             prompt = fill if fill <= args.longctx_prefill else args.longctx_block
             for kv_dtype in args.kv_dtypes:
                 yield dict(model=model, batch=batch, prompt_len=prompt, start=fill - prompt,
@@ -314,7 +312,7 @@ class Run:
                             self.args.reps, self.memory, start=p["start"],
                             decode_kernel=(False if self.args.xla_decode_steps
                                            else True if self.args.decode_kernel else None),
-                            kv_dtype=p.get("kv_dtype"))
+                            kv_dtype=p.get("kv_dtype"), block_size=p.get("block_size"))
         return self.metrics(model.config, p, t.prefill_s, t.step_s) | dict(
             compile_s=t.compile_s, program_bytes=t.program_bytes,
             peak_bytes=lib.peak_bytes(self.device), tokens=t.tokens)
@@ -363,7 +361,8 @@ def describe(r: dict) -> str:
     """One progress line for a suite record."""
     what = (f"{r['case']} {r['implementation']} {r['model']} B={r['batch']} "
             f"prompt {r['prompt_len']}+{r['new_tokens']} capacity {r['capacity']} filled {r['filled']}"
-            + (f" kv {r['kv_dtype']}" if r.get("kv_dtype") else ""))
+            + (f" kv {r['kv_dtype']}" if r.get("kv_dtype") else "")
+            + (f" paged {r['block_size']}" if r.get("block_size") else ""))
     if r.get("skipped") or r.get("failed"):
         return f"{what}: {'SKIPPED' if r.get('skipped') else 'FAILED'} {r.get('skipped') or r.get('failed')}"
     pct = lambda x: "-" if x is None else f"{x:.1%}"
@@ -371,32 +370,6 @@ def describe(r: dict) -> str:
             f"{r['decode_ms_per_step']:.3f} ms/step, {r['tokens_per_s']:.0f} tok/s, MBU {pct(r['mbu'])}; ")
     compile_s = "" if r["compile_s"] is None else f"; compile {r['compile_s']:.1f} s"
     return f"{what}: {step}prefill {r['prefill_ms']:.2f} ms, MFU {pct(r['mfu'])}{compile_s}"
-
-
-def versions() -> dict:
-    def dist(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    v = dict(jax=jax.__version__, jaxlib=dist("jaxlib"), kvjax=dist("kvjax"),
-             python=platform.python_version())
-    try:  # the checkout's commit, "+" when the tree has changes
-        git = lambda *a: subprocess.run(["git", *a], cwd=lib.ROOT, capture_output=True, text=True,
-                                        timeout=10, check=True).stdout.strip()
-        v["kvjax_commit"] = git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain") else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return v
-
-
-def save(records: list[dict], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(tmp, path)
 
 
 def shape_pair(text: str) -> tuple[int, int]:
@@ -436,6 +409,9 @@ def parse_args(argv):
                        choices=list(kvjax.cache.KV_DTYPES),
                        help="what the KV cache stores, one point each (default: the model's "
                             "dtype; docs/memory.md)")
+    suite.add_argument("--block-sizes", type=int, nargs="+", default=[0],
+                       help="the cache's layout, one point each: 0 contiguous, N a paged pool "
+                            "of N-slot blocks (rows' tables a shuffled choice of blocks)")
     suite.add_argument("--long-prompt", type=int)
     suite.add_argument("--hf-shapes", type=shape_pair, nargs="+", metavar="PROMPT+NEW",
                        help="default: --decode-shapes")
@@ -446,8 +422,8 @@ def parse_args(argv):
                        help="decode steps on the XLA/cuDNN path, not kvjax.decode_kernel "
                             "(implementation 'kvjax-xla-steps')")
     suite.add_argument("--decode-kernel", action="store_true",
-                       help="decode steps on kvjax's decode kernel over int8/fp8 caches too "
-                            "(GPUs; kvjax picks it there only when asked until it is measured)")
+                       help="decode steps on kvjax's decode kernel wherever it runs, "
+                            "interpreted where it does not compile (kvjax's default on GPUs)")
     suite.add_argument("--gemm-size", type=int)
     old = parser.add_argument_group("issue-5 cases (stream, chat, nocache) on --shape")
     old.add_argument("--shape", choices=SHAPES, default="tiny")
@@ -494,7 +470,7 @@ def main(argv=None) -> int:
                                      f"{device.device_kind.replace(' ', '_')}-{date[:10]}.json")
 
     bounds = lib.measure_bounds(device, args.hbm_gib, args.gemm_size)
-    run = Run(args, device, bounds, versions(), date)
+    run = Run(args, device, bounds, lib.versions(), date)
     records = [dict(case="bounds", device=device.device_kind, platform=device.platform,
                     memory_bytes=run.memory, preset=args.preset, versions=run.versions,
                     date=date) | bounds]
@@ -516,14 +492,15 @@ def main(argv=None) -> int:
             records.append(meta | row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
                   flush=True)
-        save(records, path)
+        lib.save_json(records, path)
 
-    points = [(case, p) for model in args.models for case in args.cases if case in SUITE_CASES
-              for p in SUITE_CASES[case](args, model)]
+    points = [(case, p | dict(block_size=block_size or None)) for model in args.models
+              for case in args.cases if case in SUITE_CASES for p in SUITE_CASES[case](args, model)
+              for block_size in (args.block_sizes if case != "hf" else [0])]
     for i, (case, p) in enumerate(points):
         records.append(run.point(case, p))
         print(f"[{i + 1}/{len(points)} {run.elapsed():.0f}s] {describe(records[-1])}", flush=True)
-        save(records, path)
+        lib.save_json(records, path)
     print(f"# wrote {path}")
 
     if not args.no_plots:

@@ -110,20 +110,20 @@ def test_kernel_equals_the_plain_path(case, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", ["gqa", "long", "group16", "head_dim256"])
-def test_single_part_equals_the_plain_path(case, kind, monkeypatch):
+def test_single_part_equals_the_plain_path(case, kind):
     """With one part a row (as at batches of 32 and more: part_count), the kernel writes
     the normalised output itself and nothing is merged after it: the same output (2e-6)
     and cache as the plain path."""
-    monkeypatch.setattr(decode_attention, "TARGET_PROGRAMS", 1)
+    tuning = decode_attention.Tuning(target_programs=1)
     heads, kv_heads, head_dim, capacity, rows = CASES[case]
-    assert decode_attention.part_count(len(rows), kv_heads, capacity, head_dim) == 1
+    assert decode_attention.part_count(len(rows), kv_heads, capacity, head_dim, tuning) == 1
     q, k, v, *buffers = random_step(len(rows), heads, kv_heads, head_dim, capacity, kind=kind)
     positions = jnp.array(rows, jnp.int32)[:, None]
     want = plain_step(q, k, v, positions, *buffers)
-    got = kernel_step(q, k, v, positions, *buffers, interpret=True)
+    got = kernel_step(q, k, v, positions, *buffers, interpret=True, tuning=tuning)
     np.testing.assert_allclose(got[0], want[0], atol=2e-6, rtol=2e-6)
     assert_same_buffers(got[1:], want[1:])
-    jaxpr = str(jax.make_jaxpr(lambda *a: kernel_step(*a, interpret=True))(
+    jaxpr = str(jax.make_jaxpr(lambda *a: kernel_step(*a, interpret=True, tuning=tuning))(
         q, k, v, positions, *buffers))
     assert "reduce_max" not in jaxpr.split("pallas_call")[-1]  # no merge after the kernel
 
@@ -154,6 +154,9 @@ def test_part_count():
     assert decode_attention.part_count(1, 1, 16, 16) == 1
     assert decode_attention.part_count(1, 1, 100, 256) == 4  # 100 slots: 4 blocks of 32
     assert decode_attention.part_count(1, 1, 100, 128) == 2
+    deep = decode_attention.DEEP_TUNING  # 128-slot blocks, 512 programs
+    assert decode_attention.part_count(8, 8, 16448, 128, deep) == 8
+    assert decode_attention.part_count(1, 1, 200, 128, deep) == 2
 
 
 # (head_dim, dtype, keywords) -> whether the kernel handles them (``fits``): 16-bit
@@ -445,13 +448,78 @@ if __name__ == "__main__":
     print(json.dumps(_mesh_worker()))
 
 
-def test_quantized_caches_take_the_kernel_only_when_asked(monkeypatch):
-    """Where the kernel runs compiled, ``choose`` picks it for a float cache by default,
-    for an int8/fp8 cache only with ``decode_kernel=True`` (its compiled form is not yet
-    measured on a GPU)."""
+def test_every_cache_kind_takes_the_kernel_where_it_runs(monkeypatch):
+    """Where the kernel runs compiled, ``choose`` picks it by default for float and
+    int8/fp8 caches alike, and never with ``decode_kernel=False``."""
     monkeypatch.setattr(decode_attention, "supported", lambda *args, **kwargs: True)
     config = make_config(head_dim=128)
     kernel_of = lambda **kwargs: {a.kernel for a in choose(config, jnp.bfloat16, **kwargs).layers}
-    assert kernel_of() == {"compiled"}
-    assert kernel_of(kv_dtype="int8") == kernel_of(kv_dtype="fp8") == {None}
-    assert kernel_of(kv_dtype="int8", decode_kernel=True) == {"compiled"}
+    assert kernel_of() == kernel_of(kv_dtype="int8") == kernel_of(kv_dtype="fp8") == {"compiled"}
+    assert kernel_of(kv_dtype="int8", decode_kernel=False) == {None}
+
+
+def random_paged_step(batch, heads, kv_heads, head_dim, block_size, blocks_per_row,
+                      dtype=jnp.float32, seed=0, kind=None):
+    """``(q, k, v, pools, tables)`` of a decode step over a paged layer: random pools of
+    ``batch * blocks_per_row + 3`` blocks (codes and scales for an int8/fp8 ``kind``),
+    the rows' tables a shuffled choice of them."""
+    num_blocks = batch * blocks_per_row + 3
+    q, k, v, *pools = random_step(1, heads, kv_heads, head_dim, num_blocks * block_size,
+                                  dtype, seed, kind)
+    pools = [pool[0].reshape(kv_heads, num_blocks, block_size, *pool.shape[3:])
+             for pool in pools]  # [kv_heads, num_blocks, block_size(, head_dim)]
+    rng = np.random.default_rng(seed)
+    tables = rng.permutation(num_blocks)[:batch * blocks_per_row].reshape(batch, blocks_per_row)
+    q, k, v = (jnp.repeat(x, batch, axis=0) * jnp.arange(1, batch + 1, dtype=dtype)[:, None, None, None]
+               for x in (q, k, v))
+    return q, k, v, tuple(pools), jnp.asarray(tables, jnp.int32)
+
+
+def portable_paged_step(q, k, v, pools, tables, positions):
+    """What the paged kernel replaces: ``kvjax.attention.paged.write`` then its
+    ``attend_cache``; ``(out, *pools)``, zeros out for rows at position -1."""
+    from kvjax.attention import paged
+
+    layer = paged.write((*pools, tables), k, v, positions, len(pools) == 4)
+    out = paged.attend_cache(q, layer, positions)
+    return jnp.where((positions >= 0)[:, :, None, None], out, 0), *layer[:-1]
+
+
+# (block_size, blocks_per_row, positions): blocks smaller than, equal to and larger than
+# the kernel's 64-slot loop; rows deep in their tables, at their first slot and idle.
+PAGED_CASES = {"16": (16, 12, [191, 0, -1, 70]), "64": (64, 3, [150, 64, 63, -1]),
+               "128": (128, 2, [255, 1, 129, -1])}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", PAGED_CASES)
+def test_paged_kernel_equals_the_portable_path(case, kind):
+    """The kernel reading a paged layer through its block tables (interpreted): the
+    portable paged path's output (1e-5) and the same pools bit for bit (the new token's
+    K/V, codes and scales in its block and slot)."""
+    block_size, per_row, rows = PAGED_CASES[case]
+    q, k, v, pools, tables = random_paged_step(len(rows), 8, 2, 16, block_size, per_row, kind=kind)
+    positions = jnp.array(rows, jnp.int32)[:, None]
+    want = portable_paged_step(q, k, v, pools, tables, positions)
+    got = decode_attention.attend_and_write_paged(q, k, v, pools, tables, positions,
+                                                  interpret=True)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    assert_same_buffers(got[1:], want[1:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_compiled_paged_kernel_equals_the_portable_path(head_dim, kind):
+    """The compiled kernel over a paged layer (bf16 queries, a bf16/int8/fp8 pool of
+    16-slot blocks) against the float32 portable path (atol 0.03, rtol 0.05); its pool
+    writes exactly."""
+    skip_unless_compiled(head_dim, kind)
+    q, k, v, pools, tables = random_paged_step(4, 32, 8, head_dim, 16, 130, jnp.bfloat16,
+                                               kind=kind)
+    positions = jnp.array([2079, 0, -1, 700], jnp.int32)[:, None]
+    to_f32 = lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
+    want = portable_paged_step(*map(to_f32, (q, k, v)), tuple(map(to_f32, pools)), tables,
+                               positions)
+    got = jax.jit(decode_attention.attend_and_write_paged)(q, k, v, pools, tables, positions)
+    np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
+    assert_same_buffers(got[1:], want[1:])

@@ -121,6 +121,31 @@ def test_block_size_must_be_a_power_of_two_within_the_capacity(model):
                                 "hold less than one block; pass block_size <= 8")
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8", "fp8"])
+def test_decode_kernel_reads_the_block_tables(model, kv_dtype):
+    """Decode steps through kvjax's decode kernel over the pool (interpreted on CPU:
+    ``decode_kernel=True`` where JAX's TPU kernel does not take the step): the portable
+    path's logits (1e-4) for ragged rows in shuffled blocks, one kernel call per layer
+    in a decode step and none in a block of several tokens."""
+    config = model.config
+    tokens = np.random.default_rng(7).integers(0, config.vocab_size, (3, 64))
+    order = np.random.default_rng(8).permutation(16)[:12].reshape(3, 4)
+    cache = lambda: (PagedKVCache.create(config, 3, 64, kv_dtype, block_size=16, num_blocks=16)
+                     .with_tables(order, np.zeros(3)))
+    kernel_step = kvjax.model.step_fn(config, decode_kernel=True)
+    sizes = [(9, 3, 1), (1, 1, 1), (1, 0, 1), (17, 2, 1), (1, 1, 1), (1, 1, 0)]
+    want, _ = feed(model, cache(), tokens, sizes)
+    got, _ = feed(model, cache(), tokens, sizes, step=kernel_step)
+    for a, b, row_sizes in zip(got, want, sizes):
+        real = np.asarray(row_sizes) > 0
+        np.testing.assert_allclose(a[real], b[real], atol=ATOL)
+    calls = lambda width: count_calls(jax.make_jaxpr(kernel_step)(
+        model.params, np.zeros((3, width), np.int32),
+        np.broadcast_to(np.arange(width, dtype=np.int32), (3, width)), cache()).jaxpr,
+        "pallas_call")
+    assert (calls(1), calls(4)) == (config.num_layers, 0)
+
+
 def test_tpu_paged_attention_interpreted():
     """Decode steps over a paged pool through JAX's Pallas TPU paged attention, in its
     TPU interpret mode on CPU (``decode_kernel=True``): a model whose head_dim (128)

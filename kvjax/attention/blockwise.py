@@ -6,7 +6,8 @@ one block is ever converted or gathered, never the whole cache. Quantized caches
 (``kvjax.attention.quantized``) and paged ones (``kvjax.attention.paged``) differ only
 in how a block is read. Codes enter the products as stored: a token's scale factors out
 of its dot products (``q . (codes * s) = (q . codes) * s``; a value weighted by ``p``
-contributes ``(p * s) . codes``).
+contributes ``(p * s) . codes``). Codes enter the products converted to the queries'
+dtype (exact), so on GPUs they run on the tensor cores.
 """
 
 from __future__ import annotations
@@ -24,6 +25,23 @@ from kvjax.attention.plain import MASKED, Partials, attention_mask, default_scal
 # int32[batch, block] (-1: none, or a slot another block already read).
 BlockReader = Callable[[jax.Array], tuple]
 
+# Slots read per iteration: as many as keep a block's converted keys and its float32
+# scores within BLOCK_BYTES, between MIN_BLOCK_SLOTS and MAX_BLOCK_SLOTS (an iteration is
+# a few kernels: on GPUs few large blocks beat many small ones), and at most a quarter
+# of the cache (a converted block is never a copy of the whole cache).
+MIN_BLOCK_SLOTS, MAX_BLOCK_SLOTS, BLOCK_BYTES = 256, 4096, 64 << 20
+
+
+def block_slots(queries: jax.Array, kv_heads: int, capacity: int) -> int:
+    """Cache slots to read per iteration for ``queries`` (``[batch, seq, heads,
+    head_dim]``) over ``capacity`` slots: a power of two within ``MIN_BLOCK_SLOTS ...
+    MAX_BLOCK_SLOTS`` whose scores (float32) and converted keys fit ``BLOCK_BYTES``, and
+    at most ``capacity // 4`` unless that is below ``MIN_BLOCK_SLOTS``."""
+    batch, seq, heads, head_dim = queries.shape
+    per_slot = batch * max(heads * seq * 4, kv_heads * head_dim * queries.dtype.itemsize)
+    fitting = 1 << (max(BLOCK_BYTES // per_slot, 1).bit_length() - 1)
+    return max(min(fitting, MAX_BLOCK_SLOTS, capacity // 4), MIN_BLOCK_SLOTS)
+
 
 def partials(queries: jax.Array, read: BlockReader, blocks: jax.Array | int,
              query_positions: jax.Array, sliding_window: int | None = None,
@@ -39,8 +57,9 @@ def partials(queries: jax.Array, read: BlockReader, blocks: jax.Array | int,
         keys, values, key_scales, value_scales, held = read(i)
         kv_heads = keys.shape[1]
         grouped = queries.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
-        scores = jnp.einsum("bqkgd,bksd->bkgqs", grouped.astype(jnp.float32),
-                            keys.astype(jnp.float32))  # [batch, kv_heads, group, seq, block]
+        operands = _operand_dtype(queries.dtype, keys.dtype, key_scales is not None)
+        scores = jnp.einsum("bqkgd,bksd->bkgqs", grouped.astype(operands), keys.astype(operands),
+                            preferred_element_type=jnp.float32)  # [batch, kv_heads, group, seq, block]
         if key_scales is not None:
             scores = scores * key_scales[:, :, None, None, :]
         scores = scores * scale
@@ -52,8 +71,9 @@ def partials(queries: jax.Array, read: BlockReader, blocks: jax.Array | int,
         rescale = jnp.exp(top - new_top)
         weights = jnp.exp(scores - new_top[..., None])
         weighted = weights if value_scales is None else weights * value_scales[:, :, None, None, :]
-        out = out * rescale[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", weighted,
-                                                    values.astype(jnp.float32))
+        out = out * rescale[..., None] + jnp.einsum(
+            "bkgqs,bksd->bkgqd", weighted.astype(operands), values.astype(operands),
+            preferred_element_type=jnp.float32)
         return new_top, total * rescale + weights.sum(axis=-1), out
 
     kv_heads = jax.eval_shape(read, jnp.int32(0))[0].shape[1]
@@ -61,3 +81,11 @@ def partials(queries: jax.Array, read: BlockReader, blocks: jax.Array | int,
     init = (jnp.full(shape, MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros((*shape, head_dim), jnp.float32))
     return jax.lax.fori_loop(0, blocks, step, init)
+
+
+def _operand_dtype(query_dtype, key_dtype, codes: bool):
+    """The dtype both dot products take: the queries' for codes (int8 and e4m3 values
+    are exact in every float dtype), else the wider of the queries' and the cache's;
+    products accumulate in float32 (flash attention's choice: the probabilities enter
+    the second product in it too)."""
+    return jnp.dtype(query_dtype) if codes else jnp.promote_types(query_dtype, key_dtype)

@@ -1,10 +1,10 @@
 """Attention over a quantized cache (``kvjax.cache.QuantizedKVCache``), on any backend.
 
-The cache is read block by block (``BLOCK_SLOTS`` slots at a time,
-``kvjax.attention.blockwise``): only one block's codes are ever converted to float,
-never the whole cache, and the scales are folded into the scores and weights. Masks
-follow positions as in ``kvjax.attention.plain`` (slot = position, or the positions a
-ring buffer's slots hold).
+The cache is read block by block (``kvjax.attention.blockwise``): only one block's codes are ever converted, never the whole cache, and
+the scales are folded into the scores and weights. Masks follow positions as in
+``kvjax.attention.plain`` (slot = position, or the positions a ring buffer's slots
+hold). Where slot = position, only the blocks up to the block's last position are read:
+the work follows the fill, not the capacity.
 """
 
 from __future__ import annotations
@@ -15,14 +15,11 @@ import jax.numpy as jnp
 from kvjax.attention import blockwise
 from kvjax.attention.plain import Partials, finish
 
-BLOCK_SLOTS = 256  # cache slots read per iteration
-
-
 def attend_cache(queries: jax.Array, keys: jax.Array, values: jax.Array,
                  key_scales: jax.Array, value_scales: jax.Array, positions: jax.Array,
                  sliding_window: int | None = None, scale: float | None = None,
                  logit_softcap: float | None = None, key_limit: int | None = None,
-                 block_slots: int = BLOCK_SLOTS) -> jax.Array:
+                 block_slots: int | None = None) -> jax.Array:
     """A block's attention over a quantized cache that holds it (slot = position).
 
     Args:
@@ -32,7 +29,7 @@ def attend_cache(queries: jax.Array, keys: jax.Array, values: jax.Array,
       positions: ``int32[batch, seq]``, the block's positions (``-1``: padding).
       key_limit: static; no query sees a slot at or past it: only the blocks before it
         are read.
-      block_slots: static; cache slots read per iteration.
+      block_slots: static; cache slots read per iteration (None: ``kvjax.attention.blockwise.block_slots``).
       Others as in ``kvjax.attention.plain.attend``.
 
     Returns:
@@ -47,14 +44,14 @@ def partials(queries: jax.Array, keys: jax.Array, values: jax.Array, key_scales:
              value_scales: jax.Array, query_positions: jax.Array,
              key_positions: jax.Array | None = None, sliding_window: int | None = None,
              scale: float | None = None, logit_softcap: float | None = None,
-             key_limit: int | None = None, block_slots: int = BLOCK_SLOTS) -> Partials:
+             key_limit: int | None = None, block_slots: int | None = None) -> Partials:
     """``kvjax.attention.plain.Partials`` of queries over quantized keys and values, read
     block by block (``kvjax.attention.blockwise``). ``key_positions``:
     ``int32[batch, slots]``, the position each slot holds (a ring buffer's, ``-1``:
     empty); None: slot = position. Other arguments as in ``attend_cache``."""
-    batch, capacity = keys.shape[0], keys.shape[2]
+    batch, kv_heads, capacity = keys.shape[:3]
     limit = capacity if key_limit is None else min(key_limit, capacity)
-    block = min(block_slots, limit)
+    block = min(block_slots or blockwise.block_slots(queries, kv_heads, limit), limit)
 
     def read(i):
         # the last block moves back inside the buffer; slots an earlier block read are
@@ -67,5 +64,8 @@ def partials(queries: jax.Array, keys: jax.Array, values: jax.Array, key_scales:
         held = jnp.where(slots >= i * block, held, -1)
         return take(keys), take(values), take(key_scales), take(value_scales), held
 
-    return blockwise.partials(queries, read, -(-limit // block), query_positions,
-                              sliding_window, scale, logit_softcap)
+    blocks = -(-limit // block)
+    if key_positions is None:  # slot = position: no query sees past the last one
+        blocks = jnp.clip(-(-(jnp.max(query_positions) + 1) // block), 0, blocks)
+    return blockwise.partials(queries, read, blocks, query_positions, sliding_window, scale,
+                              logit_softcap)

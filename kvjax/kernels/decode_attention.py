@@ -144,30 +144,71 @@ class MeshSplit:
     kv_heads: str | tuple[str, ...] | None
 
 
-def block_slots(head_dim: int) -> int:
-    """Cache slots a program reads per loop iteration: ``BLOCK_SLOTS``, half as many for
-    head_dim 256 (shared memory; see ``BLOCK_SLOTS``)."""
-    return BLOCK_SLOTS if head_dim <= 128 else BLOCK_SLOTS // 2
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """The kernel's launch settings: cache slots a program reads per loop iteration
+    (halved for head_dim 256: ``block_slots``), Triton's warps and pipeline stages per
+    program, and the programs the grid aims at (``part_count``)."""
+
+    block_slots: int = BLOCK_SLOTS
+    num_warps: int = NUM_WARPS
+    num_stages: int = NUM_STAGES
+    target_programs: int = TARGET_PROGRAMS
 
 
-def part_count(batch: int, kv_heads: int, capacity: int, head_dim: int) -> int:
-    """Parts each row's filled slots are split into: about ``TARGET_PROGRAMS`` programs
-    in all, at least one part, at most one per block of the capacity."""
-    most = -(-capacity // block_slots(head_dim))
-    return max(1, min(TARGET_PROGRAMS // (batch * kv_heads), most))
+# Rows of at least LONG_ROWS slots (head_dim <= 128) read 128-slot blocks through three
+# pipeline stages, with twice the programs. On an H200 (one layer of Llama-3.1-8B, batch 8
+# at 16k and 32k filled) that read a bf16 cache 9% faster, a paged one 23% and 20%,
+# int8 codes 22% and 26%; at batch 32 and 2k filled it was 18% slower over bf16, but 16%
+# (int8) and 6% (fp8) faster over codes, so int8/fp8 caches take it at every length (at
+# batch 1 and 2k both settings were within the noise of a 20-30 us kernel).
+# benchmarks/results/kernel_sweep_h200.json, docs/benchmarks.md.
+LONG_ROWS = 8192
+DEEP_TUNING = Tuning(block_slots=128, num_warps=4, num_stages=3, target_programs=512)
 
 
-def _kernel(positions_ref, queries_ref, *refs, scale: float, parts: int, group: int,
-            slots: int, quantized: bool):
+def default_tuning(quantized: bool, capacity: int, head_dim: int) -> Tuning:
+    """The measured settings (``DEEP_TUNING`` or ``Tuning()``) for a float or an
+    int8/fp8 cache of ``capacity`` slots a row. Three stages of 128-slot blocks at
+    head_dim 256 would take more shared memory than GPUs before Hopper have: those keep
+    the defaults."""
+    deep = head_dim <= 128 and (quantized or capacity >= LONG_ROWS)
+    return DEEP_TUNING if deep else Tuning()
+
+
+def block_slots(head_dim: int, tuning: Tuning | None = None) -> int:
+    """Cache slots a program reads per loop iteration: ``tuning.block_slots``, half as
+    many for head_dim 256 (shared memory; see ``BLOCK_SLOTS``)."""
+    slots = (tuning or Tuning()).block_slots
+    return slots if head_dim <= 128 else slots // 2
+
+
+def part_count(batch: int, kv_heads: int, capacity: int, head_dim: int,
+               tuning: Tuning | None = None) -> int:
+    """Parts each row's filled slots are split into: about ``tuning.target_programs``
+    programs in all, at least one part, at most one per block of the capacity."""
+    tuning = tuning or Tuning()
+    most = -(-capacity // block_slots(head_dim, tuning))
+    return max(1, min(tuning.target_programs // (batch * kv_heads), most))
+
+
+def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: int,
+            quantized: bool, block_size: int | None):
     """One (row, KV head, part) program; refs as laid out by ``_attend_and_write``. After
-    the positions and queries come the new token's entries, then the cache's buffers,
-    then the outputs: a part's flash partials ``(out, max, sum)`` or, with a single part,
-    ``(out,)``: the attention output itself, and the cache's buffers again (aliased).
+    the positions come a paged cache's block tables (``block_size`` not None), the
+    queries, the new token's entries, then the cache's buffers, then the outputs: a
+    part's flash partials ``(out, max, sum)`` or, with a single part, ``(out,)``: the
+    attention output itself, and the cache's buffers again (aliased).
     The new entries and buffers are ``(key, value)``, and for a ``quantized`` cache
     ``(key codes, value codes, key scale, value scale)``: codes are converted to the
     queries' dtype in registers (exact for int8 and e4m3 in bf16/f16) and the float32
     scales multiply the scores and the probabilities, so no dequantized block is ever
-    stored. ``slots``: cache slots per loop iteration (``block_slots``)."""
+    stored. ``slots``: cache slots per loop iteration (``block_slots``). A contiguous
+    cache's buffers are ``[batch, kv_heads, capacity(, head_dim)]``; a paged one's
+    ``[kv_heads, num_blocks, block_size(, head_dim)]``, position ``p`` of a row in its
+    table's block ``p // block_size``, slot ``p % block_size``."""
+    tables_ref = refs[0] if block_size else None
+    queries_ref, *refs = refs[1:] if block_size else refs
     count = len(CACHE_BUFFERS[quantized])
     new_refs, cache_refs, out_refs = refs[:count], refs[count:2 * count], refs[2 * count:]
     partial_refs, written_refs = out_refs[:-count], out_refs[-count:]
@@ -183,17 +224,29 @@ def _kernel(positions_ref, queries_ref, *refs, scale: float, parts: int, group: 
     end = jnp.minimum(first + per_part, position)  # this part's slots before the new one
     slot = jnp.arange(slots)
 
+    def where(start, filled):  # the buffers' index of slots start ... start + slots
+        if block_size is None:
+            return row, head, pl.ds(start, slots)
+        held = start + slot  # [slots] positions
+        blocks = plgpu.load(tables_ref.at[row, held // block_size], mask=filled, other=0)
+        return head, blocks, held % block_size
+
     def block(i, carry):
         out, top, total = carry
         start = first + i * slots
         filled = (start + slot) < end  # [slots]
-        window = (row, head, pl.ds(start, slots))
+        index = where(start, filled)
 
         def load(ref):  # the block of a buffer: [slots(, head_dim)], 0 past the fill
-            trailing = (slice(None),) * (ref.ndim - 3)
             zero = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.
-            return plgpu.load(ref.at[window + trailing], mask=filled[:, None] if trailing
-                              else filled, other=zero)
+            if ref.ndim == 3:  # scales
+                return plgpu.load(ref.at[index], mask=filled, other=zero)
+            if block_size is None:
+                at = index + (slice(None),)
+            else:  # gathered slots: every index an array, [slots, head_dim] together
+                at = (index[0], index[1][:, None], index[2][:, None],
+                      jnp.arange(head_dim)[None, :])
+            return plgpu.load(ref.at[at], mask=filled[:, None], other=zero)
 
         keys = load(keys_ref).astype(operands)  # [slots, head_dim]
         scores = plgpu.dot(queries, keys.T)  # [padded_group, slots] float32
@@ -245,21 +298,24 @@ def _kernel(positions_ref, queries_ref, *refs, scale: float, parts: int, group: 
 
     @pl.when(owner)
     def _write():
+        if block_size is None:
+            at = (row, head, pl.ds(position, 1))
+        else:
+            at = (head, tables_ref[row, position // block_size], pl.ds(position % block_size, 1))
         for new_ref, written_ref in zip(new_refs, written_refs):
-            _write_slot(written_ref, new_ref[...], row, head, position)
+            _write_slot(written_ref, new_ref[...], at)
 
 
-def _write_slot(buffer_ref, entry: jax.Array, row, head, position) -> None:
+def _write_slot(buffer_ref, entry: jax.Array, at: tuple) -> None:
     """Stores one token's ``entry`` (a key/value ``[head_dim]`` or a scale ``[]``) in
-    its slot of a cache buffer (``[batch, kv_heads, capacity(, head_dim)]``)."""
-    at = (row, head, pl.ds(position, 1)) + (slice(None),) * entry.ndim
-    buffer_ref[at] = entry[None].astype(buffer_ref.dtype)
+    its slot of a cache buffer, ``at`` the slot's index (a one-slot ``pl.ds`` last)."""
+    buffer_ref[at + (slice(None),) * entry.ndim] = entry[None].astype(buffer_ref.dtype)
 
 
 def attend_and_write(queries: jax.Array, keys: jax.Array, values: jax.Array,
                      cache_keys: jax.Array, cache_values: jax.Array, positions: jax.Array,
                      scale: float | None = None, interpret: bool = False,
-                     split: MeshSplit | None = None
+                     split: MeshSplit | None = None, tuning: Tuning | None = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A decode step of one layer: writes each row's new key/value at its position and
     attends its queries over the row's slots up to and including it.
@@ -273,21 +329,22 @@ def attend_and_write(queries: jax.Array, keys: jax.Array, values: jax.Array,
       scale: multiplies the scores (default ``head_dim ** -0.5``).
       interpret: run the kernel in Pallas interpret mode (any backend; for tests).
       split: the operands' split over a mesh: each device runs the kernel on its shard.
+      tuning: launch settings (default: ``default_tuning``'s for the cache).
 
     Returns:
       ``(out [batch, 1, heads, head_dim], cache_keys, cache_values)``, as
       ``kvjax.attention.attend_cache`` after ``KVCache.update`` would give them.
     """
-    return _run(queries, keys, values, positions, (cache_keys, cache_values), scale,
-                interpret, split)
+    return _run(queries, keys, values, positions, (cache_keys, cache_values), None, scale,
+                interpret, split, tuning)
 
 
 def attend_and_write_quantized(queries: jax.Array, keys: jax.Array, values: jax.Array,
                                cache_keys: jax.Array, cache_values: jax.Array,
                                key_scales: jax.Array, value_scales: jax.Array,
                                positions: jax.Array, scale: float | None = None,
-                               interpret: bool = False, split: MeshSplit | None = None
-                               ) -> tuple[jax.Array, ...]:
+                               interpret: bool = False, split: MeshSplit | None = None,
+                               tuning: Tuning | None = None) -> tuple[jax.Array, ...]:
     """``attend_and_write`` over a quantized cache (``kvjax.cache.QuantizedKVCache``; the
     cache arguments in the order of its ``layer``): the new key/value is quantized
     (``kvjax.cache.quantize``) and its codes and scales written; the kernel reads the
@@ -305,44 +362,93 @@ def attend_and_write_quantized(queries: jax.Array, keys: jax.Array, values: jax.
       give them (zeros out for a row at position ``-1``).
     """
     return _run(queries, keys, values, positions,
-                (cache_keys, cache_values, key_scales, value_scales), scale, interpret, split)
+                (cache_keys, cache_values, key_scales, value_scales), None, scale, interpret,
+                split, tuning)
 
 
-def _run(queries, keys, values, positions, buffers: tuple, scale: float | None,
-         interpret: bool, split: MeshSplit | None) -> tuple:
-    """The kernel over the cache's ``buffers`` (``CACHE_BUFFERS``), on each device's
-    shard under a ``split``; returns ``(out, *buffers)``."""
+def attend_and_write_paged(queries: jax.Array, keys: jax.Array, values: jax.Array,
+                           pools: tuple, block_tables: jax.Array, positions: jax.Array,
+                           scale: float | None = None, interpret: bool = False,
+                           split: MeshSplit | None = None, tuning: Tuning | None = None
+                           ) -> tuple[jax.Array, ...]:
+    """``attend_and_write`` over a paged layer (``kvjax.cache.PagedKVCache``): each row
+    reads its blocks through its table and writes its new key/value (codes and scales
+    for an int8/fp8 pool) into slot ``p % block_size`` of its block ``p // block_size``.
+
+    Args:
+      pools: the layer's ``(keys, values)`` pools ``[kv_heads, num_blocks, block_size,
+        head_dim]``, and ``(key_scales, value_scales)`` ``float32[kv_heads, num_blocks,
+        block_size]`` after them for codes (consumed).
+      block_tables: ``int32[batch, blocks_per_row]``; entries past a row's position are
+        never read.
+      split: over a mesh, rows whole on every device (a pool is every row's): only the
+        heads split.
+      Others as in ``attend_and_write``.
+
+    Returns:
+      ``(out, *pools)``, as ``kvjax.attention.paged.attend_cache`` after
+      ``kvjax.attention.paged.write`` would give them.
+    """
+    return _run(queries, keys, values, positions, tuple(pools), block_tables, scale,
+                interpret, split, tuning)
+
+
+def _run(queries, keys, values, positions, buffers: tuple, tables: jax.Array | None,
+         scale: float | None, interpret: bool, split: MeshSplit | None,
+         tuning: Tuning | None) -> tuple:
+    """The kernel over the cache's ``buffers`` (``CACHE_BUFFERS``; paged pools when
+    ``tables`` are given), on each device's shard under a ``split``; returns
+    ``(out, *buffers)``."""
     if not available():
         raise RuntimeError("kvjax's decode kernel needs JAX's Pallas Triton backend, which this "
                            "JAX lacks; run the XLA path (kvjax.attention.choose(..., "
                            "decode_kernel=False))")
-    step = functools.partial(_attend_and_write, scale=scale, interpret=interpret)
+    step = functools.partial(_attend_and_write, scale=scale, interpret=interpret, tuning=tuning)
     if split is None:
-        return step(queries, keys, values, positions, *buffers)
+        return step(queries, keys, values, positions, *buffers, tables=tables)
     token = PartitionSpec(split.rows, None, split.heads, None)  # [batch, 1, heads, head_dim]
     new = PartitionSpec(split.rows, None, split.kv_heads, None)
-    codes = PartitionSpec(split.rows, split.kv_heads, None, None)  # and float buffers
-    scales = PartitionSpec(split.rows, split.kv_heads, None)  # split like their KV heads
+    if tables is None:  # codes (and float buffers) and scales, split like their KV heads
+        codes = PartitionSpec(split.rows, split.kv_heads, None, None)
+        scales = PartitionSpec(split.rows, split.kv_heads, None)
+        operands, table_specs = (), ()
+        run = functools.partial(step, tables=None)
+    else:
+        if split.rows is not None:
+            raise ValueError("a paged pool holds every row's blocks: its decode kernel splits "
+                             "heads over a mesh, not rows; keep the batch on one device")
+        codes = PartitionSpec(split.kv_heads, None, None, None)
+        scales = PartitionSpec(split.kv_heads, None, None)
+        operands, table_specs = (tables,), (PartitionSpec(),)
+        run = lambda q, k, v, p, t, *rest: step(q, k, v, p, *rest, tables=t)
     specs = (codes, codes, scales, scales)[:len(buffers)]
-    return jax.shard_map(step, mesh=split.mesh,
-                         in_specs=(token, new, new, PartitionSpec(split.rows), *specs),
+    return jax.shard_map(run, mesh=split.mesh,
+                         in_specs=(token, new, new, PartitionSpec(split.rows), *table_specs,
+                                   *specs),
                          out_specs=(token, *specs), check_vma=False,
-                         )(queries, keys, values, positions, *buffers)
+                         )(queries, keys, values, positions, *operands, *buffers)
 
 
-def _attend_and_write(queries, keys, values, positions, *buffers, scale: float | None,
-                      interpret: bool):
-    """The kernel on one device's operands: ``buffers`` as ``CACHE_BUFFERS`` names them;
-    returns ``(out, *buffers)``."""
+def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Array | None,
+                      scale: float | None, interpret: bool, tuning: Tuning | None):
+    """The kernel on one device's operands: ``buffers`` as ``CACHE_BUFFERS`` names them
+    (a contiguous cache's, or a paged layer's pools read through ``tables``); returns
+    ``(out, *buffers)``."""
     batch, _, heads, head_dim = queries.shape
-    _, kv_heads, capacity, _ = buffers[0].shape
     quantized = len(buffers) == len(CACHE_BUFFERS[True])
+    if tables is None:
+        block_size, (_, kv_heads, capacity, _) = None, buffers[0].shape
+    else:
+        kv_heads, _, block_size, _ = buffers[0].shape
+        capacity = tables.shape[1] * block_size
+    tuning = tuning or default_tuning(quantized, capacity, head_dim)
     group = heads // kv_heads
     padded_group = max(16, 1 << (group - 1).bit_length())  # Triton's dot needs 16 rows
-    parts = part_count(batch, kv_heads, capacity, head_dim)
+    parts = part_count(batch, kv_heads, capacity, head_dim, tuning)
     scale = default_scale(head_dim) if scale is None else scale
     kernel = functools.partial(_kernel, scale=scale, parts=parts, group=group,
-                               slots=block_slots(head_dim), quantized=quantized)
+                               slots=block_slots(head_dim, tuning), quantized=quantized,
+                               block_size=block_size)
     new = keys[:, 0], values[:, 0]  # [batch, kv_heads, head_dim]
     if quantized:  # codes [batch, kv_heads, head_dim], scales [batch, kv_heads]
         new = quantize_block(*new, layer_kv_dtype(buffers))
@@ -361,20 +467,24 @@ def _attend_and_write(queries, keys, values, positions, *buffers, scale: float |
         out_specs = [each_part(padded_group, head_dim), each_part(padded_group),
                      each_part(padded_group)]
         out_shape = [partial_shape(group, head_dim), partial_shape(group), partial_shape(group)]
-    first_buffer = 2 + len(new)  # inputs: positions, queries, new entries, buffers
+    table_inputs = () if tables is None else (tables,)
+    # inputs: positions, the tables, queries, new entries, buffers
+    first_buffer = 2 + len(table_inputs) + len(new)
     outputs = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, parts),
-        in_specs=[whole,
+        in_specs=[whole, *(whole for _ in table_inputs),
                   pl.BlockSpec((None, None, padded_group, head_dim), lambda b, h, s: (b, h, 0, 0)),
                   *(per_head(*entry.shape[2:]) for entry in new), *(whole for _ in buffers)],
         out_specs=out_specs + [whole for _ in buffers],
         out_shape=out_shape + [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in buffers],
         input_output_aliases={first_buffer + i: len(out_shape) + i for i in range(len(buffers))},
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps,
+                                             num_stages=tuning.num_stages),
         interpret=interpret,
         name="kvjax_decode_attention",
-    )(positions[:, 0], queries.reshape(batch, kv_heads, group, head_dim), *new, *buffers)
+    )(positions[:, 0], *table_inputs, queries.reshape(batch, kv_heads, group, head_dim), *new,
+      *buffers)
     partials, buffers = outputs[:len(out_shape)], outputs[len(out_shape):]
     if parts == 1:
         return partials[0].reshape(batch, 1, heads, head_dim), *buffers
