@@ -82,13 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           "StreamingLLM's choice) besides the --window")
     run.add_argument("--no-cache", action="store_true",
                      help="recompute the whole sequence every step (the baseline)")
-    run.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default=None,
-                     help="JAX backend (default: the best present)")
-    run.add_argument("--compile-cache", default=None, metavar="DIR",
-                     help="keep compiled programs in DIR and load them in later runs instead of "
-                          "compiling (default: $KVJAX_CACHE_DIR or ~/.cache/kvjax/compiled)")
-    run.add_argument("--no-compile-cache", action="store_true",
-                     help="compile every run anew (the stats then time prefill and decode apart)")
+    add_runtime_flags(run)
     run.add_argument("--mesh", type=_mesh_flag, default=None, metavar="data=D,model=M",
                      help="spread one generation over D x M devices: batch rows over data, "
                           "weights and KV heads over model (e.g. data=2,model=4; docs/sharding.md)")
@@ -171,8 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (args.window is not None or args.sink_tokens is not None) and args.no_cache:
         parser.error("--window and --sink-tokens say what the KV cache keeps; --no-cache keeps "
                      "none")
-    if args.compile_cache is not None and args.no_compile_cache:
-        parser.error("--compile-cache and --no-compile-cache exclude each other")
+    check_runtime_flags(parser, args)
     if args.rules is not None and args.mesh is None and args.coordinator is None:
         parser.error("--rules says how --mesh splits the model: pass --mesh too")
     if len({args.coordinator is None, args.num_processes is None, args.process_id is None}) > 1:
@@ -273,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
     """The whole command after parsing its flags; returns the exit code."""
     if args.dry_run:
         return _dry_run(args)
-    model = _load(args)
+    model = load_model(args)
     if args.chat:
         return _chat(model, args)
     prompts, defaulted = _prompts(args)
@@ -293,7 +286,27 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
+def add_runtime_flags(group) -> None:
+    """Adds the flags that set up JAX, shared by ``kvjax-generate`` and ``kvjax-serve``
+    (``_setup`` reads them): ``--platform``, ``--compile-cache``, ``--no-compile-cache``."""
+    group.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default=None,
+                       help="JAX backend (default: the best present)")
+    group.add_argument("--compile-cache", default=None, metavar="DIR",
+                       help="keep compiled programs in DIR and load them in later runs "
+                            "instead of compiling (default: $KVJAX_CACHE_DIR or "
+                            "~/.cache/kvjax/compiled)")
+    group.add_argument("--no-compile-cache", action="store_true",
+                       help="compile every run anew (generate's stats then time prefill and "
+                            "decode apart)")
+
+
+def check_runtime_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exits through ``parser.error`` for runtime flags that exclude each other."""
+    if args.compile_cache is not None and args.no_compile_cache:
+        parser.error("--compile-cache and --no-compile-cache exclude each other")
+
+
+def load_model(args: argparse.Namespace):
     """Sets up JAX (compile cache, processes, platform, mesh) and loads the model."""
     mesh, rules = _setup(args)
     return kvjax.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules)

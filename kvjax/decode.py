@@ -72,9 +72,11 @@ def prompt_positions(prompt_lengths: jax.Array, seq: int, start: jax.Array) -> j
     return jnp.where(i < prompt_lengths[:, None], start[:, None] + i, -1)
 
 
-def _row_keys(seed: jax.Array, batch: int, step: jax.Array) -> jax.Array:
-    # Row r at step s always draws from fold_in(fold_in(key(seed), r), s): a row's
-    # randomness does not depend on the other rows.
+def row_keys(seed: jax.Array, batch: int, step: jax.Array) -> jax.Array:
+    """The PRNG keys of rows ``0 ... batch - 1`` at decode step ``step``: row ``r``
+    always draws from ``fold_in(fold_in(key(seed), r), step)``, so a row's randomness does
+    not depend on the other rows (and the serving engine gives a request the key of row
+    0 of a lone prompt)."""
     base = jax.random.key(seed)
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(
         jnp.arange(batch))
@@ -116,7 +118,7 @@ def prefill(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
         last = _last_real_logits(logits, positions)
     else:
         last, cache = _chunked_prefill(step_fn, params, cache, prompt_tokens, positions, chunk)
-    first = sample(last, _row_keys(seed, batch, jnp.int32(0)), sampling, greedy)  # [batch]
+    first = sample(last, row_keys(seed, batch, jnp.int32(0)), sampling, greedy)  # [batch]
     one = jnp.ones((batch,), jnp.int32)
     state = DecodeState(cache=cache, tokens=first, positions=start + prompt_lengths,
                         done=_is_stop(first, stop_tokens) | (one >= max_new_tokens),
@@ -213,7 +215,7 @@ def decode_steps(step_fn: StepFn, params: Any, state: DecodeState, *, num_steps:
         logits, cache = step_fn(params, state.tokens[:, None], positions, state.cache)
         logits = logits[:, 0]  # [batch, vocab]
         index = state.steps_run + 1
-        new = sample(logits, _row_keys(seed, batch, index), sampling, greedy)
+        new = sample(logits, row_keys(seed, batch, index), sampling, greedy)
         new = jnp.where(active, new, PAD_TOKEN)
         num_generated = state.num_generated + active.astype(jnp.int32)
         finished = _is_stop(new, stop_tokens) | (num_generated >= max_new_tokens)

@@ -2,10 +2,11 @@
 
 ``generation_program`` is what ``kvjax.generate`` compiles (prefill and every decode
 step, one program); ``stream_programs`` the prefill and the decode chunk that
-``generate_stream`` and ``ChatSession`` run; ``step_functions`` the model steps both
-drive, with the attention chosen once (``kvjax.attention.choose``) for the model's
-dtype, mesh and rules. Benchmarks and your own loops use the same functions, so they
-measure and run exactly what ``generate`` runs.
+``generate_stream`` and ``ChatSession`` run; ``serve_prefill_program`` and
+``serve_decode_program`` the prefill chunk and the decode step of ``kvjax.serve.Engine``;
+``step_functions`` the model steps they all drive, with the attention chosen once
+(``kvjax.attention.choose``) for the model's dtype, mesh and rules. Benchmarks and your
+own loops use the same functions, so they measure and run exactly what ``generate`` runs.
 
 Compiled executables are kept in ``ProgramCache``s (bounded, thread-safe); the prefill
 clock that times a generation's prefill inside its program tells runs apart by a run id
@@ -29,9 +30,10 @@ from kvjax.attention import AttentionPlan, choose
 from kvjax import cache as caches
 from kvjax.cache import TokenHistory
 from kvjax.config import ModelConfig
-from kvjax.decode import DecodeState, decode_steps, jit_decode, prefill
+from kvjax.decode import PAD_TOKEN, DecodeState, row_keys, decode_steps, jit_decode, prefill
 from kvjax.loading import Model
 from kvjax.model import compiler_options, recompute_step_fn, step_fn
+from kvjax.sampling import sample
 
 # Prompt blocks longer than this are prefilled in pieces of this many tokens (one after
 # another, each attending to the cache so far): a long prompt's attention scores and
@@ -43,8 +45,8 @@ PREFILL_CHUNK = 2048
 SYNC_EVERY = 8
 
 __all__ = ["PREFILL_CHUNK", "SYNC_EVERY", "PrefillClock", "ProgramCache", "attention_plan",
-           "clear", "compiler_options", "generation_program", "new_cache", "step_functions",
-           "stream_programs"]
+           "clear", "compiler_options", "generation_program", "new_cache", "serve_decode_program",
+           "serve_prefill_program", "step_functions", "stream_programs"]
 
 
 def new_cache(model: Model, batch: int, capacity: int, use_cache: bool = True,
@@ -217,6 +219,65 @@ def _stream_programs(config, dtype, mesh, rules, use_cache, greedy, chunk_size, 
             jax.jit(chunk, out_shardings=(shardings, rows, scalar), **options))
 
 
+def serve_prefill_program(model: Model, *, kv_dtype: str | None = None):
+    """The prefill chunk of ``kvjax.serve.Engine``: one row's next prompt tokens written
+    to its blocks of a paged pool (attending to what the row already holds), jitted with
+    the pool donated.
+
+    Called as ``program(params, cache, tokens, length, start, sampling, seed)``:
+    ``cache`` a ``PagedKVCache`` holding the row's table (``[1, blocks_per_row]``),
+    ``tokens`` ``int32[1, bucket]`` right-padded, ``length`` and ``start`` ``int32[1]``
+    (real tokens of the chunk, position of its first), ``sampling`` the row's values,
+    ``seed`` ``uint32[]``. Returns ``(cache, first)``: ``first`` ``int32[1]`` sampled
+    from the chunk's last logits with the row's key of step 0 (the request's first
+    token when the chunk ends its prompt, as ``kvjax.generate`` samples it; discarded
+    otherwise). Greedy rows take the argmax (``sample``'s temperature-0 rows), so one
+    program serves both.
+    """
+    return _serve_prefill_program(*_model_key(model), kv_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _serve_prefill_program(config, dtype, mesh, rules, kv_dtype):
+    step, _ = _step_functions(config, dtype, mesh, rules, True, False, None, None, kv_dtype)
+
+    def prefill_chunk(params, cache, tokens, length, start, sampling, seed):
+        state, _ = prefill(step, params, cache, tokens, length, start=start,
+                           max_new_tokens=jnp.ones((1,), jnp.int32), sampling=sampling,
+                           seed=seed, stop_tokens=jnp.full((1,), PAD_TOKEN, jnp.int32),
+                           greedy=False)
+        return state.cache, state.tokens
+
+    return jax.jit(prefill_chunk, donate_argnums=1, compiler_options=compiler_options())
+
+
+def serve_decode_program(model: Model, *, greedy: bool, kv_dtype: str | None = None):
+    """The decode step of ``kvjax.serve.Engine``: one token for every row of a paged
+    pool, jitted with the pool donated.
+
+    Called as ``program(params, cache, tokens, positions, sampling, seeds, steps)``, all
+    per row (``[rows]``): the last token and the position it is written at (``-1``: an
+    idle or prefilling row, which writes nothing), sampling values, ``uint32`` seeds and
+    ``int32`` step indices. Row ``r`` draws from its own seed and step only (the key
+    ``kvjax.generate`` gives row 0 of a lone prompt), so its tokens do not depend on the
+    other rows. Returns ``(cache, tokens int32[rows])``. ``greedy``: static; argmax for
+    every row.
+    """
+    return _serve_decode_program(*_model_key(model), greedy, kv_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _serve_decode_program(config, dtype, mesh, rules, greedy, kv_dtype):
+    step, _ = _step_functions(config, dtype, mesh, rules, True, False, None, None, kv_dtype)
+
+    def decode_step(params, cache, tokens, positions, sampling, seeds, steps):
+        logits, cache = step(params, tokens[:, None], positions[:, None], cache)
+        keys = jax.vmap(lambda seed, index: row_keys(seed, 1, index)[0])(seeds, steps)
+        return cache, sample(logits[:, 0], keys, sampling, greedy)
+
+    return jax.jit(decode_step, donate_argnums=1, compiler_options=compiler_options())
+
+
 def state_shardings(model: Model, cache) -> DecodeState | None:
     """Where the decode loop's state lives on ``model.mesh`` (None without a mesh): the
     cache where it was created, per-row values with the cache's rows, the step count
@@ -274,5 +335,6 @@ def clear() -> None:
     attention and compiles anew (after a change of what ``kvjax.attention.choose``
     sees, e.g. in tests)."""
     PROGRAMS.clear()
-    for built in (_step_functions, _generation_program, _stream_programs):
+    for built in (_step_functions, _generation_program, _stream_programs, _serve_prefill_program,
+                  _serve_decode_program):
         built.cache_clear()

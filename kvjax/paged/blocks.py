@@ -14,7 +14,9 @@ way, the parent's hash chained with the block's tokens). Only full blocks are na
 row's last partial block is private, so a shared block is never written. The cached
 blocks form a tree (a block's parent is the block before it in its prefix), as in
 sglang's radix cache; a lookup walks a prompt's keys until the first miss, and the row
-takes a reference on each block found.
+takes a reference on each block found. A running row may cache the full blocks it has
+written before it ends (``publish``): rows allocated while it still runs then share them,
+as the serving engine's requests do.
 
 Eviction. When no block is free, a fresh block is taken from an unreferenced cached one
 (vLLM: freed blocks stay cached until their slot is needed, least recently used first),
@@ -200,6 +202,7 @@ class BlockManager:
         self._clock = 0
         self._in_use = 0  # device blocks running rows hold (shared or their own)
         self._running: dict[int, tuple[Allocation, int]] = {}  # id -> (allocation, reserved)
+        self._published: dict[int, int] = {}  # id -> the row's own blocks it cached (publish)
         self._counts = dict.fromkeys(("prompt_tokens", "cached_tokens", "block_hits",
                                       "block_misses", "restored_blocks", "offloaded_blocks",
                                       "device_evictions", "host_evictions"), 0)
@@ -273,7 +276,8 @@ class BlockManager:
         """Ends a row: registers each of its full blocks under its chained key (a key
         already cached keeps its block and the row's duplicate is freed; one found on the
         host moves back to the row's device copy), drops the row's references and frees
-        its blocks that hold no full block.
+        its blocks that hold no full block. Blocks the row published (``publish``) are
+        cached already: the row only drops its references to them.
 
         Args:
           allocation: what ``allocate`` returned for the row.
@@ -296,7 +300,7 @@ class BlockManager:
                              f"tokens the row wrote, between {allocation.cached_tokens} (a row "
                              f"that never ran) and {capacity}")
         keys = list(chain_keys(tokens, size))
-        shared = allocation.cached_tokens // size
+        shared = allocation.cached_tokens // size + self._published.get(id(allocation), 0)
         held = [self._at["device"][block] for block in allocation.blocks[:shared]]
         held += [self._at["device"][src] for src, _ in allocation.copies]
         if [block.key for block in held][:len(keys)] != keys[:len(held)]:
@@ -305,6 +309,7 @@ class BlockManager:
                              "row wrote")
 
         del self._running[id(allocation)]
+        self._published.pop(id(allocation), None)
         for block in held:
             block.refs -= 1
             if block.refs == 0:
@@ -329,6 +334,46 @@ class BlockManager:
                 self._access(block)
                 self._offer(block)
             parent = block
+
+    def publish(self, allocation: Allocation, tokens: Sequence[int]) -> int:
+        """Caches the full blocks a running row has written so far, so that rows allocated
+        from now on share them while it still runs (``release`` alone caches them when it
+        ends). Its blocks are registered in table order from the first one not cached yet,
+        up to the first whose key another row cached first (or a copy-on-write row's
+        first own block, whose key its source holds); the row holds them (a reference
+        each) until its release.
+
+        Args:
+          allocation: a running row's, from ``allocate``.
+          tokens: the row's prompt and then the tokens whose K/V it wrote so far (as
+            ``release`` takes them); fewer than it published before publish nothing.
+
+        Returns:
+          How many of the row's own blocks are published now.
+
+        Raises:
+          ValueError: an allocation that is not running, or ``tokens`` that do not
+            continue what the row holds.
+        """
+        entry = self._running.get(id(allocation))
+        if entry is None or entry[0] is not allocation:
+            raise ValueError("publish got an allocation that is not running (released already, "
+                             "or from another BlockManager)")
+        size = self.block_size
+        first = allocation.cached_tokens // size
+        index = first + self._published.get(id(allocation), 0)  # the next block to publish
+        keys = list(chain_keys(tokens, size))
+        parent = self._at["device"][allocation.blocks[index - 1]] if index else None
+        if parent is not None and len(keys) >= index and keys[index - 1] != parent.key:
+            raise ValueError("publish got tokens that differ from what the row holds: pass its "
+                             "prompt, then the tokens it wrote")
+        while index < len(keys) and keys[index] not in self._cached:
+            parent = self._register(keys[index], parent, allocation.blocks[index])
+            parent.refs = 1  # the row's own block: counted in use already
+            self._access(parent)
+            index += 1
+        self._published[id(allocation)] = index - first
+        return index - first
 
     def stats(self) -> dict:
         """Counters since the manager was made, and its state now.

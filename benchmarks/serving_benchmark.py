@@ -1,0 +1,318 @@
+"""Load generator for an OpenAI-compatible server (``kvjax-serve``; vLLM's too).
+
+Sends ``--requests`` streamed ``/v1/completions`` requests, arriving as a Poisson process
+at ``--rate`` requests/s or all at once, ``--concurrency`` of them in flight at most, and
+reports requests/s, output tokens/s, time to first token, inter-token latency, time per
+output token, end-to-end latency (p50/p99) and the prefix cache's hit rate (from the
+server's ``/metrics``). Writes the run as JSON (settings, device, versions, date, one
+record per request) and, when matplotlib is installed, a plot beside it.
+
+    python benchmarks/serving_benchmark.py --url http://127.0.0.1:8000 --rate 4
+    python benchmarks/serving_benchmark.py --model ./my-llama --server-args "--max-rows 16"
+    python benchmarks/serving_benchmark.py            # the bundled model, in this process
+
+Workload (docs/serving.md, "Load generator"): prompt and output lengths are drawn from
+log-normal distributions with means ``--prompt-len`` and ``--output-len`` and shape
+``--len-sigma`` (the standard deviation of the length's logarithm), rounded and clipped to
+[1, 4 x the mean]; prompts are random token ids in ``TOKEN_RANGE`` (ordinary tokens in
+every common vocabulary), after a ``--shared-prefix`` of the same tokens for every
+request (a system prompt); outputs run to their drawn length (``ignore_eos``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+import bench_lib
+
+TOKEN_RANGE = (100, 1000)
+
+
+@dataclasses.dataclass
+class Record:
+    """One request as the client saw it (seconds from the start of the run)."""
+    prompt_len: int
+    max_tokens: int
+    sent: float = 0.0
+    first_token: float | None = None
+    done: float | None = None
+    chunk_times: list[float] = dataclasses.field(default_factory=list)
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--url", help="the server (e.g. http://127.0.0.1:8000)")
+    target.add_argument("--model", default=None,
+                        help="start kvjax-serve for this model in this process (default "
+                             "without --url: the bundled model)")
+    parser.add_argument("--server-args", default="",
+                        help="kvjax-serve flags of the in-process server, one string "
+                             "(e.g. \"--max-rows 16 --pool-blocks 512\")")
+    parser.add_argument("--api-key", default=os.environ.get("KVJAX_API_KEY"))
+    parser.add_argument("--model-name", default=None,
+                        help="the request's \"model\" (default: the server's first)")
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=None,
+                        help="Poisson arrivals, requests/s (default: all at once)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="requests in flight at most (default: no limit)")
+    parser.add_argument("--prompt-len", type=int, default=256, help="mean prompt tokens")
+    parser.add_argument("--output-len", type=int, default=64, help="mean output tokens")
+    parser.add_argument("--len-sigma", type=float, default=0.5,
+                        help="log-normal shape of both lengths (0: every length the mean)")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
+                        help="tokens every prompt starts with, before its own")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="where to write the run (default: "
+                             "benchmarks/results/serving_<date>.json)")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    for flag in ("requests", "prompt_len", "output_len"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if (args.rate is not None and args.rate <= 0) or args.len_sigma < 0 or args.shared_prefix < 0:
+        parser.error("--rate must be > 0; --len-sigma and --shared-prefix >= 0")
+    if args.concurrency is not None and args.concurrency < 1:
+        parser.error("--concurrency must be >= 1")
+    return args
+
+
+def lengths(rng: np.random.Generator, mean: int, sigma: float, n: int) -> list[int]:
+    """``n`` log-normal lengths of mean ``mean`` (before clipping), in [1, 4 x mean]."""
+    mu = math.log(mean) - sigma ** 2 / 2  # E[exp(N(mu, sigma))] = mean
+    drawn = np.rint(rng.lognormal(mu, sigma, n))
+    return np.clip(drawn, 1, 4 * mean).astype(int).tolist()
+
+
+def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
+    """Each request's prompt token ids and output length."""
+    rng = np.random.default_rng(args.seed)
+    prefix = rng.integers(*TOKEN_RANGE, args.shared_prefix).tolist()
+    prompts = lengths(rng, args.prompt_len, args.len_sigma, args.requests)
+    outputs = lengths(rng, args.output_len, args.len_sigma, args.requests)
+    return [(prefix + rng.integers(*TOKEN_RANGE, p).tolist(), o)
+            for p, o in zip(prompts, outputs)]
+
+
+async def send(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
+               start: float) -> Record:
+    """One streamed completion, timed."""
+    record = Record(len(prompt), max_tokens, sent=time.perf_counter() - start)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                record.error = f"{response.status_code}: {response.text[:200]}"
+                return record
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter() - start
+                if "error" in chunk:
+                    record.error = chunk["error"]["message"]
+                elif chunk.get("usage"):
+                    record.completion_tokens = chunk["usage"]["completion_tokens"]
+                    record.cached_tokens = (chunk["usage"].get("prompt_tokens_details")
+                                            or {}).get("cached_tokens", 0)
+                elif chunk["choices"] and chunk["choices"][0]["text"]:
+                    record.first_token = record.first_token or now
+                    record.chunk_times.append(now)
+        record.done = time.perf_counter() - start
+    except httpx.HTTPError as e:
+        record.error = f"{type(e).__name__}: {e}"
+    return record
+
+
+async def run(url: str, api_key: str | None, model: str | None,
+              requests: list[tuple[list[int], int]], rate: float | None,
+              concurrency: int | None, seed: int) -> tuple[list[Record], float, dict, dict]:
+    """Sends the requests; returns their records, the run's seconds and the server's
+    metrics before and after."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency or len(requests))
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=None,
+                                 limits=limits) as client:
+        model = model or (await client.get("/v1/models")).json()["data"][0]["id"]
+        before = await scrape(client)
+        gate = asyncio.Semaphore(concurrency or len(requests))
+        rng = np.random.default_rng(seed + 1)
+        start = time.perf_counter()
+
+        async def one(prompt, max_tokens):
+            async with gate:
+                return await send(client, model, prompt, max_tokens, start)
+
+        tasks = []
+        for prompt, max_tokens in requests:
+            tasks.append(asyncio.create_task(one(prompt, max_tokens)))
+            if rate is not None:
+                await asyncio.sleep(rng.exponential(1 / rate))
+        records = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        after = await scrape(client)
+    return list(records), duration, before, after
+
+
+async def scrape(client: httpx.AsyncClient) -> dict:
+    """The server's metrics: ``{sample name: value}`` (labels joined into the name) and
+    the ``kvjax_engine_info`` labels under ``"info"``; empty when it has no /metrics."""
+    response = await client.get("/metrics")
+    if response.status_code != 200:
+        return {}
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "kvjax_engine_info":
+                samples["info"] = sample.labels
+            else:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def percentiles(values: list[float]) -> dict:
+    """p50, p99 and the mean, in milliseconds (None without values)."""
+    if not values:
+        return {"p50_ms": None, "p99_ms": None, "mean_ms": None}
+    p50, p99 = np.percentile(values, [50, 99]) * 1e3
+    return {"p50_ms": float(p50), "p99_ms": float(p99), "mean_ms": float(np.mean(values)) * 1e3}
+
+
+def summary(records: list[Record], duration: float, before: dict, after: dict) -> dict:
+    ok = [r for r in records if r.error is None]
+    output = sum(r.completion_tokens for r in ok)
+    gaps = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    per_token = [(r.chunk_times[-1] - r.first_token) / (r.completion_tokens - 1)
+                 for r in ok if r.completion_tokens > 1 and r.chunk_times]
+    delta = lambda name: after.get(name, 0) - before.get(name, 0)
+    prompt_tokens = delta("kvjax_prompt_tokens_total")
+    return {
+        "requests": len(records), "failed": len(records) - len(ok),
+        "errors": sorted({r.error for r in records if r.error})[:10],
+        "duration_s": duration, "requests_per_s": len(ok) / duration,
+        "output_tokens": output, "output_tokens_per_s": output / duration,
+        "prompt_tokens": sum(r.prompt_len for r in ok),
+        "ttft": percentiles([r.first_token - r.sent for r in ok if r.first_token is not None]),
+        "itl": percentiles(gaps), "tpot": percentiles(per_token),
+        "e2e": percentiles([r.done - r.sent for r in ok]),
+        # over this run, from the server's counters (None without kvjax's /metrics)
+        "prefix_hit_rate": (delta("kvjax_cached_prompt_tokens_total") / prompt_tokens
+                            if prompt_tokens else None),
+        "client_cached_tokens": sum(r.cached_tokens for r in ok),
+    }
+
+
+def report(result: dict) -> str:
+    s = result["summary"]
+    line = lambda name, p: (f"  {name:<28}" + ("n/a" if p["p50_ms"] is None else
+                                               f"p50 {p['p50_ms']:9.1f} ms   p99 "
+                                               f"{p['p99_ms']:9.1f} ms"))
+    hit = "n/a" if s["prefix_hit_rate"] is None else f"{s['prefix_hit_rate']:.1%}"
+    return "\n".join([
+        f"{s['requests'] - s['failed']}/{s['requests']} requests in {s['duration_s']:.2f} s "
+        f"on {result['device']}",
+        f"  requests/s                  {s['requests_per_s']:.2f}",
+        f"  output tokens/s             {s['output_tokens_per_s']:.1f}",
+        line("time to first token", s["ttft"]), line("inter-token latency", s["itl"]),
+        line("time per output token", s["tpot"]), line("end-to-end latency", s["e2e"]),
+        f"  prefix cache hit rate       {hit}",
+        *(f"  error: {e}" for e in s["errors"])])
+
+
+def write_plot(records: list[Record], path: str) -> None:
+    """Each request's time to first token and end-to-end latency against when it was sent,
+    and the distributions of TTFT, inter-token gaps and end-to-end latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    ok = [r for r in records if r.error is None and r.first_token is not None]
+    fig, (timeline, cdf) = plt.subplots(1, 2, figsize=(11, 4))
+    timeline.scatter([r.sent for r in ok], [r.first_token - r.sent for r in ok], s=6,
+                     label="time to first token")
+    timeline.scatter([r.sent for r in ok], [r.done - r.sent for r in ok], s=6,
+                     label="end-to-end")
+    timeline.set(xlabel="sent at (s)", ylabel="latency (s)")
+    timeline.legend()
+    series = {"time to first token": [r.first_token - r.sent for r in ok],
+              "inter-token gap": [b - a for r in ok for a, b in zip(r.chunk_times,
+                                                                     r.chunk_times[1:])],
+              "end-to-end": [r.done - r.sent for r in ok]}
+    for name, values in series.items():
+        if values:
+            cdf.plot(np.sort(values), np.linspace(0, 1, len(values)), label=name)
+    cdf.set(xscale="log", xlabel="seconds", ylabel="fraction of requests (gaps)")
+    cdf.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    requests = workload(args)
+    server = None
+    if args.url is None:  # kvjax-serve in this process, on a free loopback port
+        from kvjax.serve import cli
+        from kvjax.serve.server import BackgroundServer, create_app
+
+        serve_args = cli.parse_args(shlex.split(args.server_args)
+                                    + (["--model", args.model] if args.model else []))
+        engine = cli.build_engine(serve_args)
+        engine.warmup()
+        server = BackgroundServer(create_app(engine, model_name=cli.model_name(serve_args),
+                                             api_key=args.api_key)).start()
+        args.url = server.url
+    try:
+        records, duration, before, after = asyncio.run(run(
+            args.url, args.api_key, args.model_name, requests, args.rate, args.concurrency,
+            args.seed))
+    finally:
+        if server is not None:
+            server.stop()
+    info = after.get("info", {})
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    settings = {k: v for k, v in vars(args).items() if k != "api_key"}  # no secret in files
+    result = {"settings": settings, "device": info.get("device", "unknown"), "server": info,
+              "versions": bench_lib.versions() | {"httpx": httpx.__version__}, "date": date,
+              "summary": summary(records, duration, before, after),
+              "records": [dataclasses.asdict(r) for r in records]}
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"serving_{date[:19].replace(':', '-')}.json")
+    bench_lib.save_json(result, path)
+    print(report(result))
+    print(f"wrote {path}")
+    if not args.no_plot:
+        try:
+            write_plot(records, os.path.splitext(path)[0] + ".png")
+            print(f"wrote {os.path.splitext(path)[0]}.png")
+        except ImportError:
+            pass
+    return 1 if result["summary"]["failed"] == len(records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

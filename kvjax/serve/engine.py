@@ -1,0 +1,595 @@
+"""``Engine``: requests served at once from one paged KV pool, in a background thread.
+
+Final API (the FastAPI server builds on exactly this)::
+
+    engine = kvjax.serve.Engine(model, *, max_rows=8, max_len=None, block_size=None,
+                                pool_blocks=None, prefix_cache=None, max_prefill_tokens=256,
+                                max_waiting=256, kv_dtype=None)  # block_size None: 16
+    engine.warmup() -> int            # compiles every program now (else on first use)
+    engine.start() -> Engine          # the loop in a daemon thread; also `with Engine(...) as e`
+    engine.step() -> bool             # one step, synchronously (tests); True if it did work
+    engine.shutdown(drain=True, timeout=None) -> None
+    engine.stats() -> dict
+    engine.max_len, engine.max_rows, engine.prefix_cache
+
+    handle = engine.submit(prompt, *, max_tokens=16, temperature=0.0, top_p=None, top_k=None,
+                           min_p=None, seed=None, stop_tokens=None, stop=None)
+        # prompt: str | list[int] | list[{"role", "content"}] (chat template)
+        # raises ValueError (bad values, too long: names the limit), EngineOverloaded
+        # (queue full), RuntimeError (engine shut down or failed)
+    handle.id: int; handle.prompt_tokens: int; handle.cached_tokens: int | None (None until
+    admitted); handle.completion_tokens: int; handle.done: bool
+    handle.finish_reason: "stop" | "length" | "cancelled" | None
+    handle.submitted_at / admitted_at / first_token_at / finished_at: float | None
+        # time.perf_counter()
+    handle.cancel() -> None
+    for delta in handle: ...                  # Delta(token_ids: list[int], text: str)
+    async for delta in handle.stream(): ...   # same, for asyncio
+    handle.result(timeout=None) -> Completion(text, token_ids, finish_reason, prompt_tokens,
+                                              completion_tokens, cached_tokens)
+    EngineOverloaded(RuntimeError)
+
+How it runs. The engine holds ``max_rows`` rows (the static batch of its decode step)
+and one paged KV pool, owned by a ``kvjax.PrefixCache`` (automatic prefix caching is
+always on). A request waits in a FIFO queue (at most ``max_waiting``) until a row is
+free and the pool can hold its prompt and ``max_tokens``: its blocks are all allocated
+on admission (the longest cached prefix shared, host-tier blocks restored), so a running
+request never runs out of memory, and a request the pool cannot hold yet waits at the
+head of the queue, never dropped. Each step then
+
+1. retires cancelled requests and admits waiting ones;
+2. prefills up to ``max_prefill_tokens`` prompt tokens, the rows in admission order, a
+   row's chunk one call of the prefill program (``kvjax.programs.serve_prefill_program``,
+   compiled per power-of-two chunk width) from the first position its cached prefix
+   does not hold; a long prompt is spread over steps. The full blocks a chunk completes
+   are cached at once, so a request admitted later shares them even while this one
+   runs. A row whose prompt is done samples its first token from the chunk's last
+   logits;
+3. runs one decode step (``kvjax.programs.serve_decode_program``) over all rows: the
+   decoding ones at their positions, the others at position -1 (they write nothing and
+   their tokens are discarded), each row sampled with its own values and its own key
+   (its seed and token index, the key ``kvjax.generate`` gives a lone prompt, so a
+   request's tokens do not depend on its neighbours);
+4. hands each new token to its request (text decoded incrementally, stop tokens and
+   strings checked on the host) and retires the finished ones at once: their blocks are
+   released, their full blocks cached for later requests.
+
+So no request waits for another to finish, and decoding rows get a token every step
+while long prompts prefill. The programs are a fixed set (``warmup()`` compiles them:
+greedy and sampling decode steps, one prefill program per chunk width); the pool is
+donated to each, and every argument has a static shape (tables ``[rows,
+ceil(max_len / block_size)]``), so requests of any length compile nothing new.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from kvjax import programs
+from kvjax.config import ModelConfig, is_count
+from kvjax.decode import PAD_TOKEN
+from kvjax.loading import Model
+from kvjax.paged.blocks import PoolExhausted, check_block_size
+from kvjax.paged.prefix import PrefixCache
+from kvjax.requests import MIN_PROMPT_BUCKET, bucket, encode_prompts, pad_block, stop_array
+from kvjax.sampling import SamplingParams
+from kvjax.serve.handles import Completion, Delta, RequestHandle, TextDeltas
+from kvjax.serve.scheduler import EngineOverloaded, Job, Scheduler
+
+__all__ = ["Completion", "Delta", "Engine", "EngineOverloaded", "RequestHandle", "TextDeltas"]
+
+DEFAULT_MAX_LEN = 4096  # max_len's default, where the model allows it
+
+
+def pool_sizes(config: ModelConfig, max_rows: int, max_len: int | None, block_size: int,
+               pool_blocks: int | None) -> tuple[int, int]:
+    """``(max_len, pool_blocks)`` of an engine, defaults resolved and sizes checked.
+
+    ``max_len`` defaults to the model's max positions (at most ``DEFAULT_MAX_LEN``) or,
+    given ``pool_blocks``, what they hold; ``pool_blocks`` to ``max_rows`` rows of
+    ``max_len``. The pool holds one block more than a row of ``max_len``: a request whose
+    whole prompt is cached holds the cached last block and its copy (copy-on-write), so
+    any request an engine accepts fits once the others are done.
+    """
+    limit = config.max_position_embeddings
+    if max_len is not None:
+        if not is_count(max_len):
+            raise ValueError(f"max_len must be an integer >= 1 (prompt + generated tokens a "
+                             f"request may hold), got {max_len!r}")
+        if max_len > limit:
+            raise ValueError(f"max_len ({max_len}) exceeds the model's max_position_embeddings "
+                             f"({limit}); pass max_len <= {limit}")
+    if pool_blocks is not None and not is_count(pool_blocks, 2):
+        raise ValueError(f"pool_blocks must be an integer >= 2 (blocks of the KV pool), got "
+                         f"{pool_blocks!r}")
+    if max_len is None:
+        max_len = min(limit, DEFAULT_MAX_LEN)
+        if pool_blocks is not None:
+            max_len = min(max_len, (pool_blocks - 1) * block_size)
+    check_block_size(block_size, max_len)
+    per_row = -(-max_len // block_size)
+    if pool_blocks is None:
+        return max_len, max_rows * per_row + 1
+    if per_row + 1 > pool_blocks:
+        raise ValueError(f"a pool of {pool_blocks} blocks of {block_size} slots cannot hold a "
+                         f"request of max_len ({max_len}) tokens: it needs {per_row + 1} blocks "
+                         f"({per_row} and a copy-on-write block); pass pool_blocks >= "
+                         f"{per_row + 1} or a smaller max_len")
+    return max_len, pool_blocks
+
+
+def prefill_buckets(max_prefill_tokens: int, max_len: int) -> list[int]:
+    """The chunk widths the prefill program is compiled for: powers of two from
+    ``MIN_PROMPT_BUCKET`` to the bucket of the longest chunk."""
+    top = bucket(min(max_prefill_tokens, max_len), MIN_PROMPT_BUCKET)
+    return [MIN_PROMPT_BUCKET << i for i in range((top // MIN_PROMPT_BUCKET).bit_length())]
+
+
+class Engine:
+    """Serves many requests at once from one paged KV pool: continuous batching over a
+    fixed number of rows, chunked prefill interleaved with decoding, automatic prefix
+    caching. The module docstring lists the API and describes a step.
+
+    Args:
+      model: a ``kvjax.Model`` on one device (a model on a mesh is refused).
+      max_rows: requests running at once (rows of the compiled decode step).
+      max_len: most tokens (prompt + generated) a request may hold; default the model's
+        max positions, at most 4096 (or what ``pool_blocks`` hold).
+      block_size: slots a block of the pool (default 16, or the prefix cache's).
+      pool_blocks: blocks of the pool; default ``max_rows`` rows of ``max_len`` and one
+        more (``pool_sizes``).
+      prefix_cache: a ``kvjax.PrefixCache`` for ``model`` to serve from (its pool and
+        budget); default one of ``pool_blocks`` blocks. Give it to this engine alone
+        while the engine runs.
+      max_prefill_tokens: prompt tokens prefilled per step, over all rows: a longer
+        prompt is prefilled over several steps, each also running a decode step.
+      max_waiting: requests the queue holds; ``submit`` raises ``EngineOverloaded``
+        beyond.
+      kv_dtype: what the pool stores (as in ``kvjax.generate``; None: the model's dtype).
+
+    Raises:
+      ValueError: bad sizes (naming the fix), a model on a mesh, a prefix cache built
+        for another model, block size or ``kv_dtype``; before anything compiles.
+    """
+
+    def __init__(self, model: Model, *, max_rows: int = 8, max_len: int | None = None,
+                 block_size: int | None = None, pool_blocks: int | None = None,
+                 prefix_cache: PrefixCache | None = None, max_prefill_tokens: int = 256,
+                 max_waiting: int = 256, kv_dtype: str | None = None):
+        if model.mesh is not None:
+            raise ValueError("the serving engine keeps its KV pool on one device (a "
+                             "kvjax.PrefixCache); this model is on a mesh: load it without "
+                             "mesh= to serve it")
+        for name, value in (("max_rows", max_rows), ("max_prefill_tokens", max_prefill_tokens),
+                            ("max_waiting", max_waiting)):
+            if not is_count(value):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if prefix_cache is not None:
+            block_size, pool_blocks = _prefix_cache_sizes(model, prefix_cache, block_size,
+                                                          pool_blocks, kv_dtype)
+        block_size = 16 if block_size is None else block_size
+        check_block_size(block_size)
+        max_len, pool_blocks = pool_sizes(model.config, max_rows, max_len, block_size,
+                                          pool_blocks)
+        self.model = model
+        self.max_rows, self.max_len = max_rows, max_len
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefix_cache = prefix_cache or PrefixCache(
+            model, block_size=block_size, budget_blocks=pool_blocks, kv_dtype=kv_dtype)
+        self._blocks_per_row = -(-max_len // block_size)
+        self._buckets = prefill_buckets(max_prefill_tokens, max_len)
+        self._scheduler = Scheduler(max_rows, max_waiting)
+        self._cond = threading.Condition()  # guards the scheduler, the counts, the blocks
+        self._compiled: dict[tuple, object] = {}  # ("prefill", width) | ("decode", greedy)
+        self._ids = itertools.count()
+        self._idle_sampling = SamplingParams.create(1)
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._error: BaseException | None = None
+        self._counts = dict.fromkeys(("requests_refused", "requests_finished",
+                                      "requests_cancelled", "prompt_tokens",
+                                      "generation_tokens", "cached_prompt_tokens"), 0)
+
+    # ----- requests -----
+
+    def submit(self, prompt: str | Sequence[int] | Sequence[dict], *, max_tokens: int = 16,
+               temperature: float | None = 0.0, top_p: float | None = None,
+               top_k: int | None = None, min_p: float | None = None, seed: int | None = None,
+               stop_tokens: Sequence[int] | None = None,
+               stop: str | Sequence[str] | None = None) -> RequestHandle:
+        """Queues a request; returns its ``RequestHandle`` at once.
+
+        Args:
+          prompt: text, token ids, or chat messages (``[{"role": ..., "content": ...}]``,
+            rendered with the checkpoint's chat template, the assistant's turn opened).
+          max_tokens: new tokens at most (stop token included).
+          temperature, top_p, top_k, min_p: as in ``kvjax.generate`` (None: the model's
+            default).
+          seed: the request's randomness (its tokens do not depend on what else runs);
+            None: a random one.
+          stop_tokens: ids that end it (included in ``token_ids``, not in the text);
+            default the model's.
+          stop: strings that end it; the text is cut before the first (as OpenAI's).
+
+        Raises:
+          ValueError: a bad value (the message names it), or a prompt + ``max_tokens``
+            longer than ``max_len``; checked before the request is queued.
+          EngineOverloaded: ``max_waiting`` requests are waiting.
+          RuntimeError: the engine is shut down or failed.
+        """
+        self._check_open()
+        ids = self._encode(prompt)
+        if not is_count(max_tokens):
+            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if len(ids) + max_tokens > self.max_len:
+            raise ValueError(self._too_long(len(ids), max_tokens))
+        sampling = SamplingParams.create(
+            1, **self.model.sampling_values(temperature, top_k, top_p, min_p))
+        if seed is None:
+            seed = secrets.randbits(32)
+        elif not (is_count(seed, 0) and seed < 2 ** 32):
+            raise ValueError(f"seed must be an integer in [0, 2**32) (None: a random one), "
+                             f"got {seed!r}")
+        stops = frozenset(stop_array(self.model, stop_tokens).tolist()) - {PAD_TOKEN}
+        text = TextDeltas(self.model.tokenizer, self._stop_strings(stop))
+        handle = RequestHandle(next(self._ids), len(ids), lambda: self._cancel(job))
+        job = Job(handle=handle, prompt=ids, max_tokens=max_tokens, sampling=sampling,
+                  seed=int(seed), stops=stops, text=text)
+        with self._cond:
+            self._check_open()
+            try:
+                self._scheduler.enqueue(job)
+            except EngineOverloaded:
+                self._counts["requests_refused"] += 1
+                raise
+            self._cond.notify_all()
+        return handle
+
+    def _encode(self, prompt) -> list[int]:
+        """The prompt's token ids, checked (``kvjax.requests.encode_prompts``)."""
+        if (isinstance(prompt, Sequence) and not isinstance(prompt, str) and len(prompt)
+                and isinstance(prompt[0], dict)):
+            tokenizer = self.model.tokenizer
+            if tokenizer is None:
+                raise ValueError("chat messages need a tokenizer with a chat template "
+                                 "(tokenizer.json in the checkpoint); pass token ids instead")
+            rendered = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            prompt = tokenizer.encode(rendered, add_special_tokens=False)
+        return encode_prompts(self.model, [prompt])[0]
+
+    def _too_long(self, prompt_tokens: int, max_tokens: int) -> str:
+        limit = self.model.config.max_position_embeddings
+        fix = ("" if self.max_len == limit else
+               f", or build the Engine with a larger max_len (at most {limit})")
+        return (f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+                f"{prompt_tokens + max_tokens} exceeds the engine's max_len ({self.max_len}); "
+                f"shorten the prompt or lower max_tokens{fix}")
+
+    def _stop_strings(self, stop) -> tuple[str, ...]:
+        stops = () if stop is None else (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stops, Sequence) or any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        if stops and self.model.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (tokenizer.json in the checkpoint); "
+                             "pass stop_tokens instead")
+        return tuple(stops)
+
+    def _cancel(self, job: Job) -> None:
+        with self._cond:
+            job.cancelled = True
+            self._cond.notify_all()
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the engine stopped after an error: {self._error!r}") \
+                from self._error
+        if self._closing:
+            raise RuntimeError("the engine is shut down: build a new Engine")
+
+    # ----- running -----
+
+    def start(self) -> "Engine":
+        """Runs the loop in a daemon thread (it sleeps while there is no request);
+        returns the engine. Calling it again does nothing."""
+        with self._cond:
+            self._check_open()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="kvjax-engine",
+                                                daemon=True)
+                self._thread.start()
+        return self
+
+    def step(self) -> bool:
+        """Runs one step now, in this thread (for an engine not ``start``ed): retires
+        cancelled requests, admits waiting ones, prefills up to ``max_prefill_tokens``
+        prompt tokens and runs one decode step. Returns whether it did anything.
+
+        Raises:
+          RuntimeError: the engine runs in its thread, or failed before.
+        """
+        if self._thread is not None:
+            raise RuntimeError("the engine runs in its own thread (start()); step() is for an "
+                               "engine that was not started")
+        if self._error is not None:
+            self._check_open()
+        return self._guarded_step()
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stops taking requests and ends the loop: ``drain`` lets the queued and running
+        requests finish (at most ``timeout`` seconds, then the rest is cancelled), else
+        every one is cancelled (its handle ends with ``"cancelled"``)."""
+        with self._cond:
+            self._closing = True
+            if not drain:
+                self._cancel_all()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                with self._cond:
+                    self._cancel_all()
+                    self._cond.notify_all()
+                self._thread.join()
+            return
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while not self._scheduler.idle and self._error is None:
+            if deadline is not None and time.perf_counter() > deadline:
+                with self._cond:
+                    self._cancel_all()
+            self._guarded_step()
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.shutdown(drain=exc_type is None)
+
+    def _cancel_all(self) -> None:
+        for job in (*self._scheduler.running(), *self._scheduler.waiting):
+            job.cancelled = True
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closing or not self._scheduler.idle)
+                if self._scheduler.idle:  # closing, nothing left
+                    return
+            try:
+                self._guarded_step()
+            except BaseException:  # the handles have it (_fail)
+                return
+
+    def _guarded_step(self) -> bool:
+        try:
+            return self._step()
+        except BaseException as error:
+            self._fail(error)
+            raise
+
+    def _fail(self, error: BaseException) -> None:
+        """Ends every request with ``error`` (raised from their handles) and stops the
+        engine: a failed program may have consumed the pool it was donated. Blocks are
+        released with only what they held before (nothing new is cached)."""
+        with self._cond:
+            self._error = error
+            for job in (*self._scheduler.running(), *self._scheduler.waiting):
+                if job.allocation is not None:
+                    self.prefix_cache.manager.release(
+                        job.allocation, job.prompt[:job.allocation.cached_tokens])
+                self._scheduler.vacate(job)
+                job.handle._fail(error)
+            self._cond.notify_all()
+
+    def _step(self) -> bool:
+        with self._cond:
+            cancelled = self._scheduler.cancelled()
+            for job in cancelled:
+                self._retire(job, "cancelled")
+        admitted = self._admit()
+        prefilled = self._prefill()
+        decoded = self._decode()
+        return bool(cancelled or admitted or prefilled or decoded)
+
+    def _admit(self) -> int:
+        """Seats waiting requests, first come first served, while a row is free and the
+        pool holds the next one's prompt and ``max_tokens`` (else it waits, first)."""
+        admitted = 0
+        with self._cond:
+            while (taken := self._scheduler.next_admission()) is not None:
+                job, row = taken
+                try:
+                    # the last token is never fed back: max_tokens - 1 positions after the prompt
+                    job.allocation = self.prefix_cache.allocate([job.prompt], job.max_tokens - 1)[0]
+                except PoolExhausted as error:
+                    if self._scheduler.running():  # blocks come back as rows finish
+                        self._scheduler.requeue(job)
+                        break
+                    job.handle._fail(error)  # only when the prefix cache serves others too
+                    continue
+                job.written = job.allocation.cached_tokens
+                self._scheduler.seat(job, row)
+                self._counts["prompt_tokens"] += len(job.prompt)
+                self._counts["cached_prompt_tokens"] += job.written
+                job.handle._admitted(job.written)
+                admitted += 1
+        return admitted
+
+    def _prefill(self) -> bool:
+        """Prefills this step's chunks (``Scheduler.prefill_plan``) and caches the full
+        blocks they complete at once (``BlockManager.publish``: requests admitted from
+        now on share them); a row whose prompt is done takes its first token."""
+        with self._cond:
+            plan = self._scheduler.prefill_plan(self.max_prefill_tokens)
+        finished = []
+        for job, count in plan:
+            args = self._prefill_args(job.prompt[job.written:job.written + count], job.written,
+                                      job.allocation.blocks, job.sampling, job.seed)
+            pool, first = self._program(("prefill", args[2].shape[1]), args)(*args)
+            self.prefix_cache.pool = pool
+            job.written += count
+            with self._cond:  # later programs read the pool this one returns: written by then
+                self.prefix_cache.manager.publish(job.allocation, job.written_tokens())
+            if job.prompt_left == 0:
+                finished.append((job, first))
+        for job, first in finished:
+            self._take_token(job, int(np.asarray(first)[0]))
+        return bool(plan)
+
+    def _decode(self) -> bool:
+        """One decode step over every row (idle and prefilling rows at position -1)."""
+        with self._cond:
+            jobs = self._scheduler.decoding()
+        if not jobs:
+            return False
+        greedy = all(job.sampling.is_greedy for job in jobs)
+        args = self._decode_args(jobs)
+        pool, tokens = self._program(("decode", greedy), args)(*args)
+        self.prefix_cache.pool = pool
+        tokens = np.asarray(tokens)  # [rows]
+        for job in jobs:
+            job.written += 1
+            self._take_token(job, int(tokens[job.row]))
+        return True
+
+    def _take_token(self, job: Job, token: int) -> None:
+        """Hands a new token to the request; retires it at a stop token or string or at
+        ``max_tokens``."""
+        job.generated.append(token)
+        is_stop = token in job.stops
+        text = job.text.add([] if is_stop else [token])
+        reason = ("stop" if is_stop or job.text.stopped else
+                  "length" if len(job.generated) >= job.max_tokens else None)
+        if reason is not None:
+            text += job.text.flush()
+        job.handle._push(Delta([token], text))
+        with self._cond:
+            self._counts["generation_tokens"] += 1
+            if reason is not None:
+                self._retire(job, reason)
+
+    def _retire(self, job: Job, reason: str) -> None:
+        """Ends a request (under the lock): its blocks released (their full blocks stay
+        cached) and its row or queue place freed."""
+        if job.allocation is not None:
+            self.prefix_cache.manager.release(job.allocation, job.written_tokens())
+        self._scheduler.vacate(job)
+        self._counts["requests_cancelled" if reason == "cancelled" else "requests_finished"] += 1
+        job.handle._finish(reason)
+
+    # ----- programs -----
+
+    def warmup(self) -> int:
+        """Compiles every program the engine runs (the decode step, greedy and sampling,
+        and the prefill chunk of each width), so that no request waits for a compile;
+        returns how many programs the engine holds. Without it each compiles on first use."""
+        for greedy in (True, False):
+            self._program(("decode", greedy), self._decode_args([]))
+        for width in self._buckets:
+            self._program(("prefill", width), self._prefill_args([0] * width, 0, (),
+                                                                 self._idle_sampling, 0))
+        return len(self._compiled)
+
+    def _program(self, key: tuple, args: tuple):
+        """The compiled program ``key`` names, compiled for ``args`` on first use."""
+        program = self._compiled.get(key)
+        if program is None:
+            kind, variant = key
+            kv_dtype = self.prefix_cache.kv_dtype
+            jitted = (programs.serve_prefill_program(self.model, kv_dtype=kv_dtype)
+                      if kind == "prefill" else
+                      programs.serve_decode_program(self.model, greedy=variant, kv_dtype=kv_dtype))
+            program = self._compiled[key] = programs.PROGRAMS.compiled(jitted, args)
+        return program
+
+    def _pool(self, blocks: Sequence[Sequence[int]], lengths: np.ndarray):
+        """The prefix cache's pool with these rows' tables (``int32[rows,
+        blocks_per_row]``, zeros past a row's blocks: never read) and lengths."""
+        tables = np.zeros((len(blocks), self._blocks_per_row), np.int32)  # [rows, blocks_per_row]
+        for row, ids in enumerate(blocks):
+            tables[row, :len(ids)] = ids
+        return self.prefix_cache.pool.with_tables(tables, lengths)
+
+    def _prefill_args(self, chunk: list[int], start: int, blocks: Sequence[int],
+                      sampling: SamplingParams, seed: int) -> tuple:
+        """``serve_prefill_program``'s arguments for a row's chunk of prompt tokens
+        starting at position ``start``, padded to its bucket."""
+        tokens, length = pad_block([chunk], bucket(len(chunk), MIN_PROMPT_BUCKET))  # [1, width]
+        starts = np.array([start], np.int32)  # [1]
+        return (self.model.params, self._pool([blocks], starts), tokens, length, starts,
+                sampling, np.uint32(seed))
+
+    def _decode_args(self, jobs: Sequence[Job]) -> tuple:
+        """``serve_decode_program``'s arguments: each job's last token at its row,
+        position -1 for the other rows (they write nothing)."""
+        rows = self.max_rows  # every array [rows]
+        tokens = np.zeros((rows,), np.int32)
+        positions = np.full((rows,), -1, np.int32)
+        seeds = np.zeros((rows,), np.uint32)
+        steps = np.zeros((rows,), np.int32)
+        blocks: list[Sequence[int]] = [()] * rows
+        sampling = [self._idle_sampling] * rows
+        for job in jobs:
+            row = job.row
+            tokens[row], positions[row] = job.generated[-1], job.written
+            seeds[row], steps[row] = job.seed, len(job.generated)
+            blocks[row], sampling[row] = job.allocation.blocks, job.sampling
+        sampling = jax.tree.map(lambda *values: np.concatenate(values), *sampling)
+        return (self.model.params, self._pool(blocks, np.maximum(positions, 0)), tokens,
+                positions, sampling, seeds, steps)
+
+    # ----- statistics -----
+
+    def stats(self) -> dict:
+        """The engine's state and counters, and its prefix cache's.
+
+        * ``rows_running``, ``rows_prefilling`` (of those, still in their prompt),
+          ``rows_total``, ``requests_waiting``;
+        * since the start: ``requests_refused`` (queue full), ``requests_finished``
+          (stop or length), ``requests_cancelled``, ``prompt_tokens`` and
+          ``cached_prompt_tokens`` (of admitted requests), ``generation_tokens``;
+        * the pool: ``pool_blocks_used`` (held by running requests),
+          ``pool_blocks_cached`` (cached prefixes no request holds), ``pool_blocks_free``,
+          ``pool_blocks_total``, ``pool_bytes_used``, ``pool_bytes_total``;
+        * ``max_len``, ``block_size``, ``programs_compiled``;
+        * ``prefix_cache``: ``PrefixCache.stats()`` (hit rate, evictions by tier, ...).
+        """
+        with self._cond:
+            cache = self.prefix_cache.stats()
+            running = self._scheduler.running()
+            waiting = len(self._scheduler.waiting)
+            counts = dict(self._counts)
+        device, size = cache["blocks"]["device"], cache["block_bytes"]
+        return {"rows_running": len(running),
+                "rows_prefilling": sum(not job.decoding for job in running),
+                "rows_total": self.max_rows, "requests_waiting": waiting, **counts,
+                "pool_blocks_used": device["in_use"], "pool_blocks_cached": device["cached"],
+                "pool_blocks_free": device["free"], "pool_blocks_total": device["total"],
+                "pool_bytes_used": device["in_use"] * size,
+                "pool_bytes_total": device["total"] * size,
+                "max_len": self.max_len, "block_size": cache["block_size"],
+                "programs_compiled": len(self._compiled), "prefix_cache": cache}
+
+
+def _prefix_cache_sizes(model: Model, prefix_cache: PrefixCache, block_size: int | None,
+                        pool_blocks: int | None, kv_dtype: str | None) -> tuple[int, int]:
+    """``(block_size, pool_blocks)`` of a given prefix cache, checked against the
+    engine's other arguments and ``model``."""
+    prefix_cache.check_model(model)
+    if pool_blocks is not None:
+        raise ValueError("pass pool_blocks or prefix_cache, not both: the prefix cache's "
+                         "budget is the pool")
+    if block_size is not None and block_size != prefix_cache.block_size:
+        raise ValueError(f"block_size={block_size}, but the prefix cache has blocks of "
+                         f"{prefix_cache.block_size}: pass block_size=None")
+    if kv_dtype is not None and kv_dtype != prefix_cache.kv_dtype:
+        raise ValueError(f"kv_dtype={kv_dtype!r}, but the prefix cache stores "
+                         f"{prefix_cache.kv_dtype}: pass kv_dtype=None or build the "
+                         f"PrefixCache with kv_dtype={kv_dtype!r}")
+    return prefix_cache.block_size, prefix_cache.manager.num_blocks
