@@ -254,6 +254,11 @@ def test_errors_in_openai_shape(served):
     assert "max_len" in check_error(
         httpx.post(url, json=body | {"max_tokens": 500}, headers=AUTH), 400)
     check_error(httpx.post(url, content=b"{not json", headers=AUTH), 400)
+    check_error(httpx.post(url, json=body | {"prompt": "x" * (5 << 20)}, headers=AUTH), 413,
+                "request_too_large")
+    check_error(httpx.post(url, json=body | {"max_tokens": 0}, headers=AUTH), 400)
+    check_error(httpx.post(server.url + "/v1/chat/completions", headers=AUTH,
+                           json={"model": NAME}), 400, param="messages")
     check_error(httpx.post(server.url + "/v1/chat/completions", headers=AUTH,
                            json={"model": NAME, "messages": [{"role": "robot", "content": "x"}]}),
                 400)

@@ -39,6 +39,11 @@ from kvjax.serve.engine import EngineOverloaded
 from kvjax.serve.metrics import ServerMetrics
 
 
+# Request bodies beyond this get 413: 4 MiB holds a prompt of about a million tokens of
+# text, more than any context kvjax serves.
+MAX_BODY_BYTES = 4 << 20
+
+
 class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param",
     "code"}}`` with HTTP ``status``."""
@@ -338,15 +343,28 @@ def _submit(engine, call: Call):
         raise ApiError(503, str(e), type="server_error", code="unavailable") from e
 
 
-async def _json(request: Request) -> Any:
+async def _json(request: Request, limit: int) -> Any:
+    """The request's JSON body; 413 past ``limit`` bytes (read no further), 400 if not JSON."""
+    too_large = ApiError(413, f"the request body exceeds {limit:,} bytes; send a shorter prompt "
+                              f"(or start the server with a larger max_body_bytes)",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except ValueError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from e
 
 
 def create_app(engine, *, model_name: str, api_key: str | None = None,
-               shutdown_timeout: float | None = None) -> FastAPI:
+               shutdown_timeout: float | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible app serving ``engine`` as the model ``model_name``.
 
     The app starts the engine when the server starts and shuts it down when the server
@@ -359,6 +377,7 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
       api_key: when set, every route but ``/health`` needs ``Authorization: Bearer KEY``
         (else 401).
       shutdown_timeout: seconds the engine's drain may take at shutdown (None: no limit).
+      max_body_bytes: larger request bodies get 413 before they are read whole.
     """
     metrics = ServerMetrics(engine, model_name)
     created = int(time.time())
@@ -378,7 +397,7 @@ def create_app(engine, *, model_name: str, api_key: str | None = None,
     guarded = [Depends(_bearer(api_key))] if api_key else []
 
     async def serve(request: Request, endpoint: Endpoint) -> Response:
-        call = parse_call(await _json(request), endpoint, model_name)
+        call = parse_call(await _json(request, max_body_bytes), endpoint, model_name)
         handle = _submit(engine, call)
         reply = _Reply(endpoint, f"{endpoint.id_prefix}-{uuid.uuid4().hex}", int(time.time()),
                        model_name, call.include_usage)
