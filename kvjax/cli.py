@@ -83,13 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--no-cache", action="store_true",
                      help="recompute the whole sequence every step (the baseline)")
     add_runtime_flags(run)
-    run.add_argument("--mesh", type=_mesh_flag, default=None, metavar="data=D,model=M",
-                     help="spread one generation over D x M devices: batch rows over data, "
-                          "weights and KV heads over model (e.g. data=2,model=4; docs/sharding.md)")
-    run.add_argument("--rules", default=None, metavar="FIELD=VALUE,...",
-                     help="how --mesh splits the model (kvjax.sharding.ShardingRules fields, "
-                          "none = replicated); heads=none,kv_heads=none keeps attention whole "
-                          "on every model device: one all-reduce a layer, faster at batch 1")
+    add_mesh_flags(run)
     paged = parser.add_argument_group(
         "prefix cache", "--paged runs rows in a pool of KV blocks that keeps the prefixes they "
         "computed, for later requests and chat turns (docs/paged.md)")
@@ -157,17 +151,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"{paged_flags[0]} sets up the prefix cache: pass --paged too")
     conflicts = [flag for flag, value in (
         ("--no-cache", args.no_cache), ("--window", args.window is not None),
-        ("--sink-tokens", args.sink_tokens is not None), ("--mesh", args.mesh is not None),
-        ("--dry-run", args.dry_run)) if value]
+        ("--sink-tokens", args.sink_tokens is not None), ("--dry-run", args.dry_run)) if value]
     if args.paged and conflicts:
-        parser.error(f"--paged runs rows in one pool of blocks on one device: it takes no "
-                     f"{conflicts[0]}")
+        parser.error(f"--paged runs rows in one pool of blocks that keeps whole prefixes: it "
+                     f"takes no {conflicts[0]}")
     if (args.window is not None or args.sink_tokens is not None) and args.no_cache:
         parser.error("--window and --sink-tokens say what the KV cache keeps; --no-cache keeps "
                      "none")
     check_runtime_flags(parser, args)
-    if args.rules is not None and args.mesh is None and args.coordinator is None:
-        parser.error("--rules says how --mesh splits the model: pass --mesh too")
     if len({args.coordinator is None, args.num_processes is None, args.process_id is None}) > 1:
         parser.error("--coordinator, --num-processes and --process-id go together")
     return args
@@ -300,10 +291,25 @@ def add_runtime_flags(group) -> None:
                             "decode apart)")
 
 
+def add_mesh_flags(group) -> None:
+    """Adds ``--mesh`` and ``--rules`` (``load_model`` reads them), shared by
+    ``kvjax-generate`` and ``kvjax-serve``."""
+    group.add_argument("--mesh", type=_mesh_flag, default=None, metavar="data=D,model=M",
+                       help="spread the model over D x M devices: batch rows over data, "
+                            "weights and KV heads over model (e.g. data=2,model=4; "
+                            "docs/sharding.md)")
+    group.add_argument("--rules", default=None, metavar="FIELD=VALUE,...",
+                       help="how --mesh splits the model (kvjax.sharding.ShardingRules fields, "
+                            "none = replicated); heads=none,kv_heads=none keeps attention whole "
+                            "on every model device: one all-reduce a layer, faster at batch 1")
+
+
 def check_runtime_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Exits through ``parser.error`` for runtime flags that exclude each other."""
+    """Exits through ``parser.error`` for runtime and mesh flags that do not go together."""
     if args.compile_cache is not None and args.no_compile_cache:
         parser.error("--compile-cache and --no-compile-cache exclude each other")
+    if args.rules is not None and args.mesh is None and args.coordinator is None:
+        parser.error("--rules says how --mesh splits the model: pass --mesh too")
 
 
 def load_model(args: argparse.Namespace):

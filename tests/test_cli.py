@@ -349,8 +349,8 @@ def test_memory_budget_units(budget, expected):
     (["--kv-dtype", "int4"], "argument --kv-dtype: invalid choice: 'int4'"),
     (["--window", "8", "--no-cache"], "--window and --sink-tokens say what the KV cache keeps"),
     (["--block-size", "8"], "--block-size sets up the prefix cache: pass --paged too"),
-    (["--paged", "--no-cache"], "--paged runs rows in one pool of blocks on one device: it "
-                                "takes no --no-cache"),
+    (["--paged", "--no-cache"], "--paged runs rows in one pool of blocks that keeps whole "
+                                "prefixes: it takes no --no-cache"),
 ])
 def test_planning_flag_errors_exit_2(flags, message):
     proc = run_cli("--prompt", "x", *flags)

@@ -131,8 +131,8 @@ def test_bad_requests(model, prompts):
     other = make_model(make_config(num_layers=3, max_position_embeddings=256))
     with pytest.raises(ValueError) as error:
         plain(other, prompts, prefix_cache=pc)
-    assert str(error.value) == ("this prefix cache was built for another model (config or "
-                                "dtype differ); build a PrefixCache for each model")
+    assert str(error.value) == ("this prefix cache was built for another model (config, dtype "
+                                "or mesh differ); build a PrefixCache for each model")
     with pytest.raises(ValueError) as error:
         plain(model, prompts, prefix_cache=pc, kv_dtype="int8")
     assert str(error.value) == ("kv_dtype='int8', but the prefix cache stores float32: pass "

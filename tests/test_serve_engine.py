@@ -417,3 +417,64 @@ def test_context_manager_drains(model, words):
         handles = [engine.submit(words[:n], max_tokens=5, stop_tokens=[]) for n in (3, 8)]
     assert [h.finish_reason for h in handles] == ["length", "length"]
     assert not engine._thread.is_alive()
+
+
+# ----- on a mesh ------------------------------------------------------------------------
+
+def _mesh_worker() -> dict:
+    """Run on 4 CPU devices (``run_on_cpu_devices``): the bundled model on a (data=1,
+    model=2) mesh, its prefix cache's pool and an engine over it, against ``generate`` on
+    one device; and a mesh that splits rows, refused."""
+    import jax
+
+    from kvjax import sharding
+
+    single = kvjax.load(kvjax.BUNDLED_MODEL, dtype="float32")
+    mesh = sharding.make_mesh(data=1, model=2, devices=jax.devices()[:2])
+    model = kvjax.load(kvjax.BUNDLED_MODEL, dtype="float32", mesh=mesh)
+    ids = single.tokenizer.encode(TEXT)
+    prompts = [ids[:40], ids[:37] + [5, 6, 7], ids[100:130]]
+    want = [kvjax.generate(single, [p], max_new_tokens=8, temperature=0).tokens[0] for p in prompts]
+    # a pool of 4 blocks of 16 slots (a request takes 3) and a host tier: later prompts
+    # evict earlier blocks to the host, and the repeated first prompt restores them
+    pc = kvjax.PrefixCache(model, block_size=16, budget_blocks=4, host_budget_blocks=8)
+    runs = [kvjax.generate(model, [p], max_new_tokens=8, temperature=0, prefix_cache=pc)
+            .tokens[0] for p in prompts + prompts[:1]]
+    with Engine(model, max_rows=2, max_len=128, max_prefill_tokens=32) as engine:
+        handles = [engine.submit(p, max_tokens=8, temperature=0) for p in prompts]
+        served = [h.result().token_ids for h in handles]
+    try:
+        kvjax.PrefixCache(kvjax.load(kvjax.BUNDLED_MODEL, dtype="float32",
+                                     mesh=sharding.make_mesh(data=2, model=2)), budget_blocks=8)
+        refused = None
+    except ValueError as error:
+        refused = str(error)
+    return {"want": [list(map(int, w)) for w in want], "runs": [list(map(int, r)) for r in runs],
+            "served": [list(map(int, s)) for s in served],
+            "pool_spec": list(pc.pool.keys[0].sharding.spec),
+            "restored": pc.stats()["restored_blocks"], "hits": pc.stats()["block_hits"],
+            "refused": refused}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(_mesh_worker()))
+
+
+def test_on_a_mesh_the_heads_split_and_the_rows_stay_whole():
+    """On a (data=1, model=2) mesh of CPU devices (a subprocess): ``generate`` over a
+    prefix cache (blocks evicted to the host tier and restored) and the engine give one
+    device's tokens; the pool's KV heads are split over ``model``; a mesh that splits
+    rows is refused with a message naming the fix."""
+    from tests.conftest import run_on_cpu_devices
+
+    out = run_on_cpu_devices("tests.test_serve_engine", 4)
+    assert out["runs"] == out["want"] + out["want"][:1]
+    assert out["served"] == out["want"]
+    assert out["pool_spec"] == ["model", None, None, None]
+    assert out["restored"] > 0 and out["hits"] > 0
+    assert out["refused"] == (
+        "a paged pool holds every row's blocks, so its rows cannot split over devices, but "
+        "this mesh splits the batch 2 ways ({'data': 2, 'model': 2}); use a mesh whose batch "
+        "axes have size 1 (e.g. data=1,model=4): the heads split instead")

@@ -73,9 +73,9 @@ def gpu_kernel_takes(queries: jax.Array, layer_cache: tuple, kernel: str | None,
     (``kvjax.kernels.decode_attention.attend_and_write_paged``): the layer's
     ``LayerAttention.kernel`` is set (``choose`` sets it where the kernel runs, and for
     no sliding window), one query a row, not a step that JAX's TPU kernel takes
-    (``tpu_kernel_mode``), and rows whole on each device (``split.rows`` None: every
-    device holds every row's blocks)."""
-    if not kernel or queries.shape[1] != 1 or (split is not None and split.rows is not None):
+    (``tpu_kernel_mode``), and rows whole on each device (every device holds every row's
+    blocks)."""
+    if not kernel or queries.shape[1] != 1 or (split is not None and split.splits_rows()):
         return False
     return not (tpu_kernel_mode(kernel) and tpu_kernel_fits(queries, list(layer_cache[:-1]), None))
 

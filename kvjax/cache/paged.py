@@ -22,6 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kvjax.cache.base import advanced_lengths, check_cache_sizes, replace_at, tree_nbytes
 from kvjax.cache.quantized import QUANTIZED
@@ -136,9 +137,14 @@ class PagedKVCache:
 
     def with_tables(self, block_tables, lengths) -> "PagedKVCache":
         """The same pool with other rows: ``block_tables`` ``int32[rows, blocks_per_row]``
-        and their ``lengths`` ``int32[rows]``."""
-        return self.replace(block_tables=jnp.asarray(block_tables, jnp.int32),
-                            lengths=jnp.asarray(lengths, jnp.int32))
+        and their ``lengths`` ``int32[rows]`` (host code; for a pool on a mesh they are
+        placed whole on every device, as its rows are: ``check_mesh_rows``)."""
+        tables, lengths = jnp.asarray(block_tables, jnp.int32), jnp.asarray(lengths, jnp.int32)
+        placed = self.block_tables.sharding
+        if isinstance(placed, NamedSharding):
+            tables, lengths = jax.device_put((tables, lengths),
+                                             NamedSharding(placed.mesh, PartitionSpec()))
+        return self.replace(block_tables=tables, lengths=lengths)
 
     def advance(self, positions: jax.Array) -> "PagedKVCache":
         return self.replace(lengths=advanced_lengths(self.lengths, positions))
@@ -151,6 +157,24 @@ class PagedKVCache:
         return PagedKVCache(keys=(POOL_AXES,) * count, values=(POOL_AXES,) * count,
                             key_scales=scales, value_scales=scales,
                             block_tables=("batch", "cache_blocks"), lengths=("batch",))
+
+
+def check_mesh_rows(mesh: Mesh | None, rules) -> None:
+    """Raises ``ValueError`` unless ``mesh`` keeps a pool's rows whole on every device:
+    a pool holds every row's blocks, so splitting rows over devices would give each
+    device a diverging copy. Heads may split (``rules.kv_heads``); the batch's axes
+    (``rules.batch``) must have size 1."""
+    if mesh is None:
+        return
+    axes = rules.batch if isinstance(rules.batch, tuple) else (rules.batch,)
+    size = 1
+    for axis in axes:
+        size *= mesh.shape.get(axis, 1) if axis is not None else 1
+    if size > 1:
+        raise ValueError(f"a paged pool holds every row's blocks, so its rows cannot split over "
+                         f"devices, but this mesh splits the batch {size} ways "
+                         f"({dict(mesh.shape)}); use a mesh whose batch axes have size 1 "
+                         f"(e.g. data=1,model={mesh.devices.size}): the heads split instead")
 
 
 def slot_addresses(block_tables: jax.Array, positions: jax.Array, block_size: int,

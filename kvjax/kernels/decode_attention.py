@@ -143,6 +143,11 @@ class MeshSplit:
     heads: str | tuple[str, ...] | None
     kv_heads: str | tuple[str, ...] | None
 
+    def splits_rows(self) -> bool:
+        """Whether the rows are split over more than one device."""
+        axes = self.rows if isinstance(self.rows, tuple) else (self.rows,)
+        return int(np.prod([self.mesh.shape[a] for a in axes if a is not None])) > 1
+
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
@@ -414,7 +419,7 @@ def _run(queries, keys, values, positions, buffers: tuple, tables: jax.Array | N
         operands, table_specs = (), ()
         run = functools.partial(step, tables=None)
     else:
-        if split.rows is not None:
+        if split.splits_rows():
             raise ValueError("a paged pool holds every row's blocks: its decode kernel splits "
                              "heads over a mesh, not rows; keep the batch on one device")
         codes = PartitionSpec(split.kv_heads, None, None, None)

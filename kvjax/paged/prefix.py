@@ -12,6 +12,10 @@ The pool lives between requests in this object: each run takes it (donated), wri
 rows' blocks and hands it back. The host tier holds blocks evicted from the device, in
 pinned host memory where the backend offers it (``jax.sharding`` memory kinds), and a
 later hit copies them back instead of recomputing them.
+
+For a model on a mesh the pool is created sharded as the model's rules place a cache
+(KV heads over the model axis), and the rows stay whole on every device
+(``kvjax.cache.paged.check_mesh_rows``): tensor parallelism within a pool.
 """
 
 from __future__ import annotations
@@ -22,10 +26,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import SingleDeviceSharding
-
+from kvjax import sharding
 from kvjax.cache.base import tree_nbytes
-from kvjax.cache.paged import PagedKVCache
+from kvjax.cache.paged import PagedKVCache, check_mesh_rows
 from kvjax.cache.quantized import check_storable
 from kvjax.cache import check_kv_dtype
 from kvjax.config import is_count
@@ -48,16 +51,14 @@ class PrefixCache:
       kv_dtype: what the pool stores (as in ``kvjax.generate``; None: the model's dtype).
 
     Raises:
-      ValueError: bad sizes (each message names the fix), a model on a mesh.
+      ValueError: bad sizes (each message names the fix), a mesh that splits rows.
     """
 
     def __init__(self, model, *, block_size: int = 16, budget_blocks: int | None = None,
                  budget_bytes: int | None = None, policy: str = "lru", lru_k: int = 2,
                  host_budget_blocks: int = 0, host_budget_bytes: int | None = None,
                  host_policy: str = "lru", kv_dtype: str | None = None):
-        if model.mesh is not None:
-            raise ValueError("a prefix cache keeps one pool on one device; this model is on a "
-                             "mesh: generate without prefix_cache there")
+        check_mesh_rows(model.mesh, model.rules)
         check_block_size(block_size)
         check_kv_dtype(kv_dtype)
         check_storable(kv_dtype)
@@ -84,17 +85,20 @@ class PrefixCache:
                                     host_blocks=host_budget_blocks, host_policy=host_policy,
                                     block_bytes=self.block_bytes)
         self.block_size = block_size
-        self.pool = PagedKVCache.create(model.config, 1, block_size, self.kv_dtype,
-                                        block_size=block_size, num_blocks=budget_blocks)
+        create = functools.partial(PagedKVCache.create, block_size=block_size,
+                                   num_blocks=budget_blocks)
+        args = (model.config, 1, block_size, self.kv_dtype)
+        self.pool = (create(*args) if model.mesh is None else
+                     sharding.create_sharded(model.config, model.mesh, model.rules, create, *args))
         self.host: dict[int, tuple] = {}  # host slot -> the block's buffers, [kv_heads, 1, ...]
-        self._host_memory = _host_memory(self.pool)
+        self._host_kind = _host_memory_kind(self.pool)
 
     def check_model(self, model) -> None:
-        """Raises ``ValueError`` unless this cache was built for ``model``'s config and
-        dtype (a block's K/V mean nothing to another model)."""
+        """Raises ``ValueError`` unless this cache was built for ``model``'s config, dtype
+        and mesh (a block's K/V mean nothing to another model)."""
         if _model_key(model) != self.model_key:
-            raise ValueError("this prefix cache was built for another model (config or dtype "
-                             "differ); build a PrefixCache for each model")
+            raise ValueError("this prefix cache was built for another model (config, dtype or "
+                             "mesh differ); build a PrefixCache for each model")
 
     def allocate(self, rows: Sequence[Sequence[int]], reserve: int) -> list[Allocation]:
         """Blocks for each row (its prompt's token ids, then up to ``reserve`` more
@@ -143,13 +147,15 @@ class PrefixCache:
         """An allocation's offloads (device -> host), then restores (host -> device) and
         copy-on-write copies (device -> device)."""
         buffers = _buffers(self.pool)
+        to_host = lambda block: jax.device_put(block, block.sharding.with_memory_kind(
+            self._host_kind))
         for block, slot in allocation.offloads:  # copies only: no work on host memory
-            self.host[slot] = jax.device_put(_take(buffers, np.array([block])),
-                                             self._host_memory)
+            taken = _take(buffers, np.array([block]))
+            self.host[slot] = jax.tree.map(to_host, taken) if self._host_kind else taken
         if allocation.restores:
             slots, blocks = map(np.asarray, zip(*allocation.restores))
-            moved = [jax.device_put(self.host.pop(int(slot)), self.pool.lengths.sharding)
-                     for slot in slots]
+            moved = [jax.tree.map(lambda block, buffer: jax.device_put(block, buffer.sharding),
+                                  self.host.pop(int(slot)), buffers) for slot in slots]
             buffers = _put(buffers, jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1),
                                                  *moved), blocks)
         if allocation.copies:
@@ -166,7 +172,7 @@ def block_bytes(config, block_size: int, kv_dtype: str) -> int:
 
 
 def _model_key(model) -> tuple:
-    return model.config, jnp.dtype(model.dtype).name
+    return model.config, jnp.dtype(model.dtype).name, model.mesh, model.rules
 
 
 def _buffers(pool: PagedKVCache) -> tuple:
@@ -193,11 +199,10 @@ def _put(buffers, blocks, index):
     return jax.tree.map(lambda buffer, block: buffer.at[:, index].set(block), buffers, blocks)
 
 
-def _host_memory(pool: PagedKVCache) -> SingleDeviceSharding:
-    """Where the host tier keeps blocks: the pool's device's pinned host memory where it
-    offers one (copies to and from the device then need no staging), else its default
-    memory."""
-    device = pool.lengths.devices().pop()
-    kinds = {memory.kind for memory in device.addressable_memories()}
-    return SingleDeviceSharding(device, memory_kind="pinned_host" if "pinned_host" in kinds
-                                else None)
+def _host_memory_kind(pool: PagedKVCache) -> str | None:
+    """Where the host tier keeps blocks: ``"pinned_host"`` where the pool's devices offer
+    it (copies to and from the device then need no staging; a block keeps its sharding
+    over the devices), else None: a copy in the pool's own memory."""
+    kinds = {memory.kind for device in pool.keys[0].devices()
+             for memory in device.addressable_memories()}
+    return "pinned_host" if "pinned_host" in kinds else None

@@ -79,9 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="default: bfloat16 on GPU/TPU, float32 on CPU")
     cli.add_runtime_flags(run)
+    cli.add_mesh_flags(run)
     run.add_argument("--debug", action="store_true", help="show tracebacks")
-    # kvjax.cli's setup reads these: one process, one device (the engine's pool is on one)
-    parser.set_defaults(coordinator=None, mesh=None, rules=None)
+    # kvjax.cli's setup reads these: one process
+    parser.set_defaults(coordinator=None)
     args = parser.parse_args(argv)
     for flag in ("port", "max_rows", "max_len", "block_size", "pool_mb", "pool_blocks",
                  "max_prefill_tokens", "max_waiting"):

@@ -138,7 +138,8 @@ class Engine:
     caching. The module docstring lists the API and describes a step.
 
     Args:
-      model: a ``kvjax.Model`` on one device (a model on a mesh is refused).
+      model: a ``kvjax.Model``, on one device or on a mesh that keeps rows whole
+        (``kvjax.cache.paged.check_mesh_rows``: the heads split, tensor parallelism).
       max_rows: requests running at once (rows of the compiled decode step).
       max_len: most tokens (prompt + generated) a request may hold; default the model's
         max positions, at most 4096 (or what ``pool_blocks`` hold).
@@ -155,7 +156,7 @@ class Engine:
       kv_dtype: what the pool stores (as in ``kvjax.generate``; None: the model's dtype).
 
     Raises:
-      ValueError: bad sizes (naming the fix), a model on a mesh, a prefix cache built
+      ValueError: bad sizes (naming the fix), a mesh that splits rows, a prefix cache built
         for another model, block size or ``kv_dtype``; before anything compiles.
     """
 
@@ -163,10 +164,6 @@ class Engine:
                  block_size: int | None = None, pool_blocks: int | None = None,
                  prefix_cache: PrefixCache | None = None, max_prefill_tokens: int = 256,
                  max_waiting: int = 256, kv_dtype: str | None = None):
-        if model.mesh is not None:
-            raise ValueError("the serving engine keeps its KV pool on one device (a "
-                             "kvjax.PrefixCache); this model is on a mesh: load it without "
-                             "mesh= to serve it")
         for name, value in (("max_rows", max_rows), ("max_prefill_tokens", max_prefill_tokens),
                             ("max_waiting", max_waiting)):
             if not is_count(value):
