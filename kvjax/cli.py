@@ -46,9 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="kvjax-generate", description="Generate text with a KV-cached JAX decoder.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=kvjax.BUNDLED_MODEL,
-                        help="Hugging Face checkpoint directory or Hub id (org/name); "
-                             "default: the bundled kvjax-tiny model")
+    add_model_flag(parser)
     parser.add_argument("--prompt", action="append", default=[],
                         help="prompt text; repeat for a batch (one row each)")
     parser.add_argument("--prompt-file", action="append", default=[],
@@ -275,6 +273,14 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         _print_stats(out.stats)
     return 0
+
+
+def add_model_flag(parser) -> None:
+    """Adds ``--model`` (``load_model`` reads it), shared by ``kvjax-generate`` and
+    ``kvjax-serve``."""
+    parser.add_argument("--model", default=kvjax.BUNDLED_MODEL,
+                        help="Hugging Face checkpoint directory or Hub id (org/name); "
+                             "default: the bundled kvjax-tiny model")
 
 
 def add_runtime_flags(group) -> None:

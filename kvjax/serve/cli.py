@@ -29,9 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="kvjax-serve", description="Serve a model over an OpenAI-compatible HTTP API.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=kvjax.BUNDLED_MODEL,
-                        help="Hugging Face checkpoint directory or Hub id (org/name); "
-                             "default: the bundled kvjax-tiny model")
+    cli.add_model_flag(parser)
     parser.add_argument("--model-name", default=None,
                         help="the name requests give as \"model\" (default: the directory's "
                              "name, or the Hub id)")
