@@ -321,6 +321,18 @@ def test_bad_calls():
 
 # ----- random workloads against a model of the blocks' contents -----
 
+def apply_transfers(allocation, device: dict, host: dict) -> None:
+    """Replays an allocation's offloads, restores and copies on a model of the pool
+    (``device``: block -> what it holds; ``host``: slot -> the same), in the order the
+    prefix cache performs them."""
+    for block, slot in allocation.offloads:
+        host[slot] = device[block]
+    for slot, block in allocation.restores:
+        device[block] = host[slot]
+    for src, dst in allocation.copies:
+        device[dst] = device[src]
+
+
 def check_invariants(manager, running):
     """The pool's blocks split exactly into free, cached and the rows' own; references
     count the running rows; the tree has no hole and the device part no host parent."""
@@ -403,12 +415,7 @@ def test_random_workloads_keep_every_block_right(seed):
             assert allocation.cached_tokens <= expected
             if manager.stats()["evictions"]["device"] == 0:
                 assert allocation.cached_tokens == expected
-            for block, slot in allocation.offloads:
-                host[slot] = device[block]
-            for slot, block in allocation.restores:
-                device[block] = host[slot]
-            for src, dst in allocation.copies:
-                device[dst] = device[src]
+            apply_transfers(allocation, device, host)
             cached = allocation.cached_tokens
             for index in range(-(-cached // size)):  # what the row reads
                 end = min((index + 1) * size, cached)

@@ -17,7 +17,7 @@ import pytest
 import kvjax
 from kvjax.paged import BlockManager, PoolExhausted
 from kvjax.serve import Engine, EngineOverloaded
-from tests.test_paged_blocks import check_invariants
+from tests.test_paged_blocks import apply_transfers, check_invariants
 
 ROWS, MAX_LEN, PREFILL = 4, 256, 64
 TEXT = ("Return a list of the words in the string, using sep as the delimiter string. If "
@@ -213,12 +213,7 @@ def test_publishing_keeps_every_block_right(seed):
                 allocation = manager.allocate(prompt, rng.randint(0, 6))
             except PoolExhausted:
                 continue
-            for block, slot in allocation.offloads:
-                host[slot] = device[block]
-            for slot, block in allocation.restores:
-                device[block] = host[slot]
-            for src, dst in allocation.copies:
-                device[dst] = device[src]
+            apply_transfers(allocation, device, host)
             for index in range(-(-allocation.cached_tokens // size)):  # what the row reads
                 end = min((index + 1) * size, allocation.cached_tokens)
                 assert device[allocation.blocks[index]][:end] == tuple(prompt[:end])
