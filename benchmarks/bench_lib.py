@@ -39,6 +39,7 @@ import kvjax
 import kvjax.params
 import kvjax.programs
 import kvjax.requests
+import kvjax.tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs")
@@ -168,6 +169,18 @@ def random_kvjax_model(name: str, dtype=jnp.bfloat16) -> kvjax.Model:
     config = model_config(name)
     params = jax.block_until_ready(kvjax.params.init_params(config, jax.random.key(0), dtype))
     return kvjax.Model(config=config, params=params)
+
+
+def numbered_tokenizer(vocab_size: int) -> kvjax.tokenizer.Tokenizer:
+    """A word-level tokenizer whose token ``i`` is the word ``t<i>``: text for every id of
+    a random-weight model (which has no tokenizer of its own), so that a server streams
+    one non-empty text delta per token as it does for a real checkpoint."""
+    import tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    words.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return kvjax.tokenizer.Tokenizer(words)
 
 
 class OneModel:

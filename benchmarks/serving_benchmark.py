@@ -9,7 +9,14 @@ record per request) and, when matplotlib is installed, a plot beside it.
 
     python benchmarks/serving_benchmark.py --url http://127.0.0.1:8000 --rate 4
     python benchmarks/serving_benchmark.py --model ./my-llama --server-args "--max-rows 16"
-    python benchmarks/serving_benchmark.py            # the bundled model, in this process
+    python benchmarks/serving_benchmark.py --random-shape llama-8b --server-args "--max-rows 64"
+    python benchmarks/serving_benchmark.py            # the bundled model
+
+Without ``--url`` it starts ``kvjax-serve`` in a child process (its own Python, so the
+client's work does not slow the server) on a free loopback port, for ``--model`` (default
+the bundled one) or for a model shape of ``configs/`` with random weights
+(``--random-shape``; its text is ``bench_lib.numbered_tokenizer``'s), and stops it after
+the run.
 
 Workload (docs/serving.md, "Load generator"): prompt and output lengths are drawn from
 log-normal distributions with means ``--prompt-len`` and ``--output-len`` and shape
@@ -29,6 +36,7 @@ import json
 import math
 import os
 import shlex
+import subprocess
 import sys
 import time
 
@@ -60,11 +68,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--url", help="the server (e.g. http://127.0.0.1:8000)")
     target.add_argument("--model", default=None,
-                        help="start kvjax-serve for this model in this process (default "
+                        help="start kvjax-serve for this model in a child process (default "
                              "without --url: the bundled model)")
+    target.add_argument("--random-shape", default=None, metavar="CONFIG",
+                        help="start kvjax-serve for this model shape (a configs/ name, "
+                             "llama-1b, llama-8b or bundled) with random weights, in a child process")
     parser.add_argument("--server-args", default="",
-                        help="kvjax-serve flags of the in-process server, one string "
+                        help="kvjax-serve flags of the started server, one string "
                              "(e.g. \"--max-rows 16 --pool-blocks 512\")")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child
     parser.add_argument("--api-key", default=os.environ.get("KVJAX_API_KEY"))
     parser.add_argument("--model-name", default=None,
                         help="the request's \"model\" (default: the server's first)")
@@ -271,20 +283,74 @@ def write_plot(records: list[Record], path: str) -> None:
     plt.close(fig)
 
 
+def serve(args: argparse.Namespace) -> int:
+    """The child process: builds the server (``--model`` or ``--random-shape``), compiles
+    its programs, prints ``serving URL WARMUP_S`` and serves until its stdin closes."""
+    from kvjax.serve import cli
+    from kvjax.serve.server import BackgroundServer, create_app
+
+    serve_args = cli.parse_args(shlex.split(args.server_args)
+                                + (["--model", args.model] if args.model else []))
+    model, name = None, cli.model_name(serve_args)
+    if args.random_shape is not None:
+        if not serve_args.no_compile_cache:
+            import kvjax.compilation_cache
+            kvjax.compilation_cache.enable(serve_args.compile_cache)
+        model = bench_lib.random_kvjax_model(args.random_shape, serve_args.dtype or "bfloat16")
+        model = dataclasses.replace(model, tokenizer=bench_lib.numbered_tokenizer(
+            model.config.vocab_size))
+        name = f"{args.random_shape}-random"
+    engine = cli.build_engine(serve_args, model)
+    start = time.perf_counter()
+    engine.warmup()
+    warmup_s = time.perf_counter() - start
+    app = create_app(engine, model_name=name, api_key=args.api_key)
+    with BackgroundServer(app) as server:
+        print(f"serving {server.url} {warmup_s:.2f}", flush=True)
+        sys.stdin.read()  # until the parent closes it
+    return 0
+
+
+class ServerProcess:
+    """``serve`` in a child process: ``url`` and ``warmup_s`` once ``start`` returns."""
+
+    def __init__(self, args: argparse.Namespace):
+        command = [sys.executable, os.path.abspath(__file__), "--serve",
+                   "--server-args", args.server_args]
+        for flag in ("model", "random_shape"):
+            if getattr(args, flag) is not None:
+                command += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+        env = os.environ | ({"KVJAX_API_KEY": args.api_key} if args.api_key else {})
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, env=env)
+        self.url: str | None = None
+        self.warmup_s: float | None = None
+
+    def start(self) -> "ServerProcess":
+        for line in self.process.stdout:  # its log goes to stderr, this process's
+            if line.startswith("serving "):
+                _, self.url, warmup = line.split()
+                self.warmup_s = float(warmup)
+                return self
+        raise RuntimeError(f"the server process ended with code {self.process.wait()} "
+                           "before serving (its error is above)")
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.serve:
+        return serve(args)
     requests = workload(args)
     server = None
-    if args.url is None:  # kvjax-serve in this process, on a free loopback port
-        from kvjax.serve import cli
-        from kvjax.serve.server import BackgroundServer, create_app
-
-        serve_args = cli.parse_args(shlex.split(args.server_args)
-                                    + (["--model", args.model] if args.model else []))
-        engine = cli.build_engine(serve_args)
-        engine.warmup()
-        server = BackgroundServer(create_app(engine, model_name=cli.model_name(serve_args),
-                                             api_key=args.api_key)).start()
+    if args.url is None:  # kvjax-serve in a child process, on a free loopback port
+        server = ServerProcess(args).start()
         args.url = server.url
     try:
         records, duration, before, after = asyncio.run(run(
@@ -295,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     info = after.get("info", {})
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    settings = {k: v for k, v in vars(args).items() if k != "api_key"}  # no secret in files
+    settings = {k: v for k, v in vars(args).items() if k not in ("api_key", "serve")}
     result = {"settings": settings, "device": info.get("device", "unknown"), "server": info,
+              "warmup_s": server.warmup_s if server else None,
               "versions": bench_lib.versions() | {"httpx": httpx.__version__}, "date": date,
               "summary": summary(records, duration, before, after),
               "records": [dataclasses.asdict(r) for r in records]}

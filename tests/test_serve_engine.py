@@ -164,6 +164,42 @@ def test_a_running_requests_prompt_is_shared(model, words):
     assert engine.stats()["pool_blocks_used"] == 0
 
 
+def test_without_prefix_caching_nothing_is_shared(model, words):
+    """``prefix_caching=False``: the same prompt twice, one after the other, is prefilled
+    whole both times, gives generate's tokens, and leaves no block cached."""
+    engine = new_engine(model, prefix_caching=False)
+    prompt = words[30:130]
+    expected = alone(model, prompt, 6, stop_tokens=[])
+    for _ in range(2):
+        handle = engine.submit(prompt, max_tokens=6, stop_tokens=[])
+        while not handle.done:
+            engine.step()
+        assert handle.result().cached_tokens == 0
+        assert handle.result().token_ids == expected
+    stats = engine.stats()
+    assert stats["cached_prompt_tokens"] == 0
+    assert stats["pool_blocks_cached"] == 0 and stats["pool_blocks_used"] == 0
+
+
+def test_requests_arriving_together_prefill_a_shared_prefix_once(model, words):
+    """Three requests submitted at once, two sharing a 100-token prefix: the second waits
+    while the first prefills the prefix (the unrelated third goes ahead of it), then
+    shares its 6 full blocks; all give generate's tokens. Without prefix caching all three
+    start at once and nothing is shared."""
+    prefix = words[40:140]  # no other test's prompt starts so
+    prompts = [prefix + words[140:150], prefix + words[150:158], words[0:20]]
+    for caching in (True, False):
+        engine = new_engine(model, prefix_caching=caching)
+        handles = [engine.submit(p, max_tokens=5, stop_tokens=[]) for p in prompts]
+        engine.step()  # admits, prefills 64 tokens of the first prompt
+        admitted = [h.cached_tokens is not None for h in handles]
+        assert admitted == ([True, False, True] if caching else [True, True, True])
+        engine.shutdown()
+        assert [h.cached_tokens for h in handles] == ([0, 96, 0] if caching else [0, 0, 0])
+        for handle, prompt in zip(handles, prompts):
+            assert handle.result().token_ids == alone(model, prompt, 5, stop_tokens=[])
+
+
 def test_block_manager_publish():
     """``BlockManager.publish``: a running row's full blocks, cached as it writes them,
     are shared by rows allocated after; a row that finds its keys cached publishes none;

@@ -375,6 +375,11 @@ class BlockManager:
         self._published[id(allocation)] = index - first
         return index - first
 
+    def is_cached(self, key: bytes) -> bool:
+        """Whether the block of chained key ``key`` (``chain_keys``) is cached, in either
+        tier: a row allocated now would share it."""
+        return key in self._cached
+
     def stats(self) -> dict:
         """Counters since the manager was made, and its state now.
 

@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default 0: dropped)")
     engine.add_argument("--eviction", choices=["lru", "lfu", "lru-k"], default="lru",
                         help="which unused cached block gives way first (default lru)")
+    engine.add_argument("--no-prefix-caching", action="store_true",
+                        help="cache no prompt blocks for later requests (each prompt is "
+                             "prefilled whole): the baseline that measures what caching saves")
     engine.add_argument("--max-prefill-tokens", type=int, default=256, metavar="N",
                         help="prompt tokens prefilled per engine step, across requests "
                              "(default 256)")
@@ -104,13 +107,14 @@ def model_name(args: argparse.Namespace) -> str:
     return args.model
 
 
-def build_engine(args: argparse.Namespace):
-    """Loads the model (as ``kvjax-generate`` does) and builds its engine over a prefix
-    cache of the flags' pool, host tier and eviction policy."""
+def build_engine(args: argparse.Namespace, model=None):
+    """Builds the engine of the flags over a prefix cache of their pool, host tier and
+    eviction policy, for ``model`` or (None) the model the flags name, loaded as
+    ``kvjax-generate`` does."""
     from kvjax.serve import Engine
     from kvjax.serve.engine import pool_sizes
 
-    model = cli.load_model(args)
+    model = model or cli.load_model(args)
     if args.pool_mb is not None:
         budget = {"budget_bytes": args.pool_mb * 2 ** 20}
     else:  # --pool-blocks, else the engine's default: --max-rows requests of --max-len
@@ -121,7 +125,7 @@ def build_engine(args: argparse.Namespace):
                                      kv_dtype=args.kv_dtype, **budget)
     return Engine(model, max_rows=args.max_rows, max_len=args.max_len,
                   prefix_cache=prefix_cache, max_prefill_tokens=args.max_prefill_tokens,
-                  max_waiting=args.max_waiting)
+                  max_waiting=args.max_waiting, prefix_caching=not args.no_prefix_caching)
 
 
 def main(argv: list[str] | None = None) -> int:

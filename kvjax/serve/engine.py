@@ -4,7 +4,8 @@ Final API (the FastAPI server builds on exactly this)::
 
     engine = kvjax.serve.Engine(model, *, max_rows=8, max_len=None, block_size=None,
                                 pool_blocks=None, prefix_cache=None, max_prefill_tokens=256,
-                                max_waiting=256, kv_dtype=None)  # block_size None: 16
+                                max_waiting=256, kv_dtype=None, prefix_caching=True)
+                                # block_size None: 16
     engine.warmup() -> int            # compiles every program now (else on first use)
     engine.start() -> Engine          # the loop in a daemon thread; also `with Engine(...) as e`
     engine.step() -> bool             # one step, synchronously (tests); True if it did work
@@ -33,11 +34,15 @@ How it runs. The engine holds ``max_rows`` rows (the static batch of its decode 
 and one paged KV pool, owned by a ``kvjax.PrefixCache`` (automatic prefix caching is
 always on). A request waits in a FIFO queue (at most ``max_waiting``) until a row is
 free and the pool can hold its prompt and ``max_tokens``: its blocks are all allocated
-on admission (the longest cached prefix shared, host-tier blocks restored), so a running
+on admission (the longest cached prefix shared, host-tier blocks restored; with
+``prefix_caching=False`` nothing is cached, so nothing is shared), so a running
 request never runs out of memory, and a request the pool cannot hold yet waits at the
 head of the queue, never dropped. Each step then
 
-1. retires cancelled requests and admits waiting ones;
+1. retires cancelled requests and admits waiting ones (a request whose prompt continues
+   with blocks a row still prefilling is about to cache waits for them, letting those
+   behind it go first: requests arriving together with one system prompt prefill it
+   once);
 2. prefills up to ``max_prefill_tokens`` prompt tokens, the rows in admission order, a
    row's chunk one call of the prefill program (``kvjax.programs.serve_prefill_program``,
    compiled per power-of-two chunk width) from the first position its cached prefix
@@ -76,7 +81,7 @@ from kvjax import programs
 from kvjax.config import ModelConfig, is_count
 from kvjax.decode import PAD_TOKEN
 from kvjax.loading import Model
-from kvjax.paged.blocks import PoolExhausted, check_block_size
+from kvjax.paged.blocks import PoolExhausted, chain_keys, check_block_size
 from kvjax.paged.prefix import PrefixCache
 from kvjax.requests import MIN_PROMPT_BUCKET, bucket, encode_prompts, pad_block, stop_array
 from kvjax.sampling import SamplingParams
@@ -154,6 +159,10 @@ class Engine:
       max_waiting: requests the queue holds; ``submit`` raises ``EngineOverloaded``
         beyond.
       kv_dtype: what the pool stores (as in ``kvjax.generate``; None: the model's dtype).
+      prefix_caching: cache the full blocks requests write, for later requests to share
+        (default). False caches nothing (every prompt is prefilled whole, as vLLM's
+        ``--no-enable-prefix-caching``): the baseline that measures what caching saves.
+        Blocks a given ``prefix_cache`` held before still serve.
 
     Raises:
       ValueError: bad sizes (naming the fix), a mesh that splits rows, a prefix cache built
@@ -163,7 +172,8 @@ class Engine:
     def __init__(self, model: Model, *, max_rows: int = 8, max_len: int | None = None,
                  block_size: int | None = None, pool_blocks: int | None = None,
                  prefix_cache: PrefixCache | None = None, max_prefill_tokens: int = 256,
-                 max_waiting: int = 256, kv_dtype: str | None = None):
+                 max_waiting: int = 256, kv_dtype: str | None = None,
+                 prefix_caching: bool = True):
         for name, value in (("max_rows", max_rows), ("max_prefill_tokens", max_prefill_tokens),
                             ("max_waiting", max_waiting)):
             if not is_count(value):
@@ -178,6 +188,7 @@ class Engine:
         self.model = model
         self.max_rows, self.max_len = max_rows, max_len
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefix_caching = bool(prefix_caching)
         self.prefix_cache = prefix_cache or PrefixCache(
             model, block_size=block_size, budget_blocks=pool_blocks, kv_dtype=kv_dtype)
         self._blocks_per_row = -(-max_len // block_size)
@@ -396,27 +407,59 @@ class Engine:
 
     def _admit(self) -> int:
         """Seats waiting requests, first come first served, while a row is free and the
-        pool holds the next one's prompt and ``max_tokens`` (else it waits, first)."""
+        pool holds the next one's prompt and ``max_tokens`` (else it waits, first).
+        A request whose prompt continues, past what is cached, with a block a row still
+        prefilling will cache waits for it (``_waits_for_a_prefill``), and those behind it go
+        first: requests that arrive together with one system prompt prefill it once."""
         admitted = 0
         with self._cond:
-            while (taken := self._scheduler.next_admission()) is not None:
+            pending = self._prefilling_keys()
+            deferred = lambda job: self._waits_for_a_prefill(job, pending)
+            while (taken := self._scheduler.next_admission(deferred)) is not None:
                 job, row = taken
                 try:
                     # the last token is never fed back: max_tokens - 1 positions after the prompt
                     job.allocation = self.prefix_cache.allocate([job.prompt], job.max_tokens - 1)[0]
                 except PoolExhausted as error:
                     if self._scheduler.running():  # blocks come back as rows finish
-                        self._scheduler.requeue(job)
                         break
-                    job.handle._fail(error)  # only when the prefix cache serves others too
+                    self._scheduler.vacate(job)  # only when the prefix cache serves others too
+                    job.handle._fail(error)
                     continue
                 job.written = job.allocation.cached_tokens
                 self._scheduler.seat(job, row)
                 self._counts["prompt_tokens"] += len(job.prompt)
                 self._counts["cached_prompt_tokens"] += job.written
                 job.handle._admitted(job.written)
+                if self.prefix_caching:
+                    pending.update(self._prompt_keys(job))
                 admitted += 1
         return admitted
+
+    def _prefilling_keys(self) -> set[bytes]:
+        """The keys of the prompt blocks of the rows still prefilling (none with
+        ``prefix_caching`` off: nothing is shared)."""
+        pending = set()
+        for job in self._scheduler.running():
+            if job.prompt_left and self.prefix_caching:
+                pending.update(self._prompt_keys(job))
+        return pending
+
+    def _waits_for_a_prefill(self, job: Job, pending: set[bytes]) -> bool:
+        """Whether ``_admit`` defers ``job``: its prompt's first block that is not cached
+        is in ``pending``, a block a prefilling row has not written yet (its chunks publish
+        their full blocks, so ``job`` shares it once that row is past it)."""
+        if pending:
+            manager = self.prefix_cache.manager
+            for key in self._prompt_keys(job):
+                if not manager.is_cached(key):
+                    return key in pending
+        return False
+
+    def _prompt_keys(self, job: Job) -> list[bytes]:
+        if job.prompt_keys is None:
+            job.prompt_keys = list(chain_keys(job.prompt, self.prefix_cache.block_size))
+        return job.prompt_keys
 
     def _prefill(self) -> bool:
         """Prefills this step's chunks (``Scheduler.prefill_plan``) and caches the full
@@ -431,8 +474,9 @@ class Engine:
             pool, first = self._program(("prefill", args[2].shape[1]), args)(*args)
             self.prefix_cache.pool = pool
             job.written += count
-            with self._cond:  # later programs read the pool this one returns: written by then
-                self.prefix_cache.manager.publish(job.allocation, job.written_tokens())
+            if self.prefix_caching:
+                with self._cond:  # later programs read the pool this returns: written by then
+                    self.prefix_cache.manager.publish(job.allocation, job.written_tokens())
             if job.prompt_left == 0:
                 finished.append((job, first))
         for job, first in finished:
@@ -475,10 +519,16 @@ class Engine:
         """Ends a request (under the lock): its blocks released (their full blocks stay
         cached) and its row or queue place freed."""
         if job.allocation is not None:
-            self.prefix_cache.manager.release(job.allocation, job.written_tokens())
+            self.prefix_cache.manager.release(job.allocation, self._cached_tokens(job))
         self._scheduler.vacate(job)
         self._counts["requests_cancelled" if reason == "cancelled" else "requests_finished"] += 1
         job.handle._finish(reason)
+
+    def _cached_tokens(self, job: Job) -> list[int]:
+        """What a retiring row's blocks hold for the cache to keep: its written tokens, or
+        with ``prefix_caching`` off the prefix it shared (its own blocks are freed)."""
+        tokens = job.written_tokens()
+        return tokens if self.prefix_caching else tokens[:job.allocation.cached_tokens]
 
     # ----- programs -----
 

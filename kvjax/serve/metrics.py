@@ -121,7 +121,8 @@ class _EngineCollector:
         self.info = {"model": model_name, "device": jax.devices()[0].device_kind,
                      "kvjax_version": _version(), "max_rows": str(engine.max_rows),
                      "max_len": str(engine.max_len), "block_size": str(cache.block_size),
-                     "kv_dtype": cache.kv_dtype}
+                     "kv_dtype": cache.kv_dtype,
+                     "prefix_caching": str(engine.prefix_caching).lower()}
 
     def collect(self) -> Iterator:
         stats = self.engine.stats()

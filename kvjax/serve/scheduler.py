@@ -3,8 +3,9 @@ prompt tokens each step prefills (the host-side bookkeeping of ``kvjax.serve.Eng
 no JAX here).
 
 A request (a ``Job``) waits in the queue until a row is free and the pool can hold its
-prompt and ``max_tokens`` (the engine allocates its blocks on admission), then takes the
-row: first prefilling its prompt a chunk per step, then decoding a token per step, until
+prompt and ``max_tokens`` (the engine allocates its blocks on admission), and, while the
+engine defers it (its prompt continues with blocks a row still prefilling is about to
+cache), lets the requests behind it go first; then it takes the row: first prefilling its prompt a chunk per step, then decoding a token per step, until
 it stops, reaches ``max_tokens`` or is cancelled and gives the row back.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 
 class EngineOverloaded(RuntimeError):
@@ -38,6 +39,8 @@ class Job:
       written: positions of its sequence whose K/V its blocks hold.
       generated: its new tokens so far.
       cancelled: the caller cancelled it; the engine retires it at its next step.
+      prompt_keys: the chained keys of its prompt's full blocks (``kvjax.paged.chain_keys``),
+        computed by the engine once, None until then.
     """
 
     handle: Any
@@ -53,6 +56,7 @@ class Job:
     written: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
     cancelled: bool = False
+    prompt_keys: list[bytes] | None = None
 
     @property
     def prompt_left(self) -> int:
@@ -95,19 +99,18 @@ class Scheduler:
                 "or build the Engine with a larger max_waiting")
         self.waiting.append(job)
 
-    def next_admission(self) -> tuple[Job, int] | None:
-        """Takes the first waiting job and a free row for it, None if either is missing
-        (``requeue`` gives the job back when the pool cannot hold it yet)."""
-        if not self.waiting or None not in self.rows:
+    def next_admission(self, deferred: Callable[[Job], bool] = lambda job: False
+                       ) -> tuple[Job, int] | None:
+        """The first waiting job that is not ``deferred`` and a free row for it, None if
+        either is missing; the job stays in the queue until ``seat``."""
+        if None not in self.rows:
             return None
-        return self.waiting.popleft(), self.rows.index(None)
-
-    def requeue(self, job: Job) -> None:
-        """Puts a job taken by ``next_admission`` back at the head of the queue."""
-        self.waiting.appendleft(job)
+        job = next((job for job in self.waiting if not deferred(job)), None)
+        return None if job is None else (job, self.rows.index(None))
 
     def seat(self, job: Job, row: int) -> None:
-        """Gives ``row`` to an admitted job (its allocation set)."""
+        """Gives ``row`` to an admitted job (its allocation set), out of the queue."""
+        self.waiting.remove(job)
         job.row, job.order = row, self._admitted
         self._admitted += 1
         self.rows[row] = job
