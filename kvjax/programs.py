@@ -255,13 +255,15 @@ def serve_decode_program(model: Model, *, greedy: bool, kv_dtype: str | None = N
     """The decode step of ``kvjax.serve.Engine``: one token for every row of a paged
     pool, jitted with the pool donated.
 
-    Called as ``program(params, cache, tokens, positions, sampling, seeds, steps)``, all
-    per row (``[rows]``): the last token and the position it is written at (``-1``: an
-    idle or prefilling row, which writes nothing), sampling values, ``uint32`` seeds and
-    ``int32`` step indices. Row ``r`` draws from its own seed and step only (the key
-    ``kvjax.generate`` gives row 0 of a lone prompt), so its tokens do not depend on the
-    other rows. Returns ``(cache, tokens int32[rows])``. ``greedy``: static; argmax for
-    every row.
+    Called as ``program(params, cache, tokens, previous, use_previous, positions,
+    sampling, seeds, steps)``, all per row (``[rows]``): the last token, or where
+    ``use_previous`` (bool) ``previous[row]`` (the tokens an earlier call returned, still
+    on the device: the engine runs a step before it reads the last one's tokens); the
+    position it is written at (``-1``: an idle or prefilling row, which writes nothing),
+    sampling values, ``uint32`` seeds and ``int32`` step indices. Row ``r`` draws from
+    its own seed and step only (the key ``kvjax.generate`` gives row 0 of a lone prompt),
+    so its tokens do not depend on the other rows. Returns ``(cache, tokens int32[rows])``.
+    ``greedy``: static; argmax for every row.
     """
     return _serve_decode_program(*_model_key(model), greedy, kv_dtype)
 
@@ -270,7 +272,9 @@ def serve_decode_program(model: Model, *, greedy: bool, kv_dtype: str | None = N
 def _serve_decode_program(config, dtype, mesh, rules, greedy, kv_dtype):
     step, _ = _step_functions(config, dtype, mesh, rules, True, False, None, None, kv_dtype)
 
-    def decode_step(params, cache, tokens, positions, sampling, seeds, steps):
+    def decode_step(params, cache, tokens, previous, use_previous, positions, sampling, seeds,
+                    steps):
+        tokens = jnp.where(use_previous, previous, tokens)  # [rows]
         logits, cache = step(params, tokens[:, None], positions[:, None], cache)
         keys = jax.vmap(lambda seed, index: row_keys(seed, 1, index)[0])(seeds, steps)
         return cache, sample(logits[:, 0], keys, sampling, greedy)

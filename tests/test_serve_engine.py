@@ -108,17 +108,18 @@ def test_seeded_sample_does_not_depend_on_its_neighbours(model, engine, words):
 def test_chunked_prefill_interleaves_with_decoding(model, words):
     """A 150-token prompt with 32 prefill tokens a step takes 5 steps to prefill; the
     decoding request beside it gets a token at every one of them; both give generate's
-    tokens."""
+    tokens. A step starts its decode step before it reads the last one's tokens, so the
+    short request's tokens arrive one step after its decode steps start."""
     engine = new_engine(model, max_prefill_tokens=32)
     short = engine.submit(words[:7], max_tokens=14, stop_tokens=[])
-    engine.step()  # prefilled, first token, one decode step
-    assert short.completion_tokens == 2
+    engine.step()  # prefilled: its first token
+    assert short.completion_tokens == 1
     long = engine.submit(words[:150], max_tokens=6, stop_tokens=[])
     counts = []
     while long.first_token_at is None:
         engine.step()
         counts.append(short.completion_tokens)
-    assert counts == [3, 4, 5, 6, 7]  # ceil(150 / 32) steps, a short token each
+    assert counts == [1, 2, 3, 4, 5]  # ceil(150 / 32) steps, a short token each but the first
     while engine.step():
         pass
     assert short.result().token_ids == alone(model, words[:7], 14, stop_tokens=[])

@@ -196,6 +196,9 @@ class Engine:
         self._scheduler = Scheduler(max_rows, max_waiting)
         self._cond = threading.Condition()  # guards the scheduler, the counts, the blocks
         self._compiled: dict[tuple, object] = {}  # ("prefill", width) | ("decode", greedy)
+        self._in_flight: tuple[list[Job], jax.Array] | None = None  # the decode step not read yet
+        self._seated: tuple | None = None  # the rows' jobs _row_values was built for
+        self._seated_values: tuple = ()
         self._ids = itertools.count()
         self._idle_sampling = SamplingParams.create(1)
         self._thread: threading.Thread | None = None
@@ -249,7 +252,7 @@ class Engine:
         text = TextDeltas(self.model.tokenizer, self._stop_strings(stop))
         handle = RequestHandle(next(self._ids), len(ids), lambda: self._cancel(job))
         job = Job(handle=handle, prompt=ids, max_tokens=max_tokens, sampling=sampling,
-                  seed=int(seed), stops=stops, text=text)
+                  seed=int(seed), stops=stops, text=text, greedy=sampling.is_greedy)
         with self._cond:
             self._check_open()
             try:
@@ -401,9 +404,15 @@ class Engine:
             for job in cancelled:
                 self._retire(job, "cancelled")
         admitted = self._admit()
-        prefilled = self._prefill()
-        decoded = self._decode()
-        return bool(cancelled or admitted or prefilled or decoded)
+        prefilled, firsts = self._prefill()
+        # this step's decode runs on the device while the host hands out the last one's
+        # tokens and the first tokens of the prompts just prefilled
+        previous, self._in_flight = self._in_flight, self._decode()
+        if previous is not None:
+            self._take_tokens(*previous)
+        for job, first in firsts:
+            self._take_token(job, int(np.asarray(first)[0]))
+        return bool(cancelled or admitted or prefilled or previous or self._in_flight)
 
     def _admit(self) -> int:
         """Seats waiting requests, first come first served, while a row is free and the
@@ -461,10 +470,11 @@ class Engine:
             job.prompt_keys = list(chain_keys(job.prompt, self.prefix_cache.block_size))
         return job.prompt_keys
 
-    def _prefill(self) -> bool:
+    def _prefill(self) -> tuple[bool, list]:
         """Prefills this step's chunks (``Scheduler.prefill_plan``) and caches the full
         blocks they complete at once (``BlockManager.publish``: requests admitted from
-        now on share them); a row whose prompt is done takes its first token."""
+        now on share them). Returns whether it ran any, and ``(job, first token)`` of the
+        rows whose prompt is done (the token still on the device)."""
         with self._cond:
             plan = self._scheduler.prefill_plan(self.max_prefill_tokens)
         finished = []
@@ -479,25 +489,37 @@ class Engine:
                     self.prefix_cache.manager.publish(job.allocation, job.written_tokens())
             if job.prompt_left == 0:
                 finished.append((job, first))
-        for job, first in finished:
-            self._take_token(job, int(np.asarray(first)[0]))
-        return bool(plan)
+        return bool(plan), finished
 
-    def _decode(self) -> bool:
-        """One decode step over every row (idle and prefilling rows at position -1)."""
+    def _decode(self) -> tuple[list[Job], jax.Array] | None:
+        """Starts one decode step over the rows that have a token to feed and may take
+        another (idle, prefilling and finished rows at position -1); returns its jobs and
+        tokens (``int32[rows]``, on the device: not waited for), None if no row decodes.
+        A row still waiting for the last step's token (``in_flight``) is fed it on the
+        device; a row that stops at that token has written one position more, which its
+        blocks hold (its release passes the tokens whose K/V they hold)."""
         with self._cond:
-            jobs = self._scheduler.decoding()
+            jobs = [job for job in self._scheduler.decoding()
+                    if len(job.generated) + job.in_flight < job.max_tokens]
         if not jobs:
-            return False
-        greedy = all(job.sampling.is_greedy for job in jobs)
+            return None
         args = self._decode_args(jobs)
+        greedy = all(job.greedy for job in jobs)
         pool, tokens = self._program(("decode", greedy), args)(*args)
         self.prefix_cache.pool = pool
-        tokens = np.asarray(tokens)  # [rows]
         for job in jobs:
             job.written += 1
-            self._take_token(job, int(tokens[job.row]))
-        return True
+            job.in_flight += 1
+        return jobs, tokens
+
+    def _take_tokens(self, jobs: list[Job], tokens: jax.Array) -> None:
+        """Hands a decode step's tokens to its jobs (waiting for the step), but to those
+        retired since (cancelled, or stopped at the step before)."""
+        tokens = np.asarray(tokens)  # [rows]
+        for job in jobs:
+            job.in_flight -= 1
+            if self._scheduler.rows[job.row] is job:
+                self._take_token(job, int(tokens[job.row]))
 
     def _take_token(self, job: Job, token: int) -> None:
         """Hands a new token to the request; retires it at a stop token or string or at
@@ -573,23 +595,39 @@ class Engine:
                 sampling, np.uint32(seed))
 
     def _decode_args(self, jobs: Sequence[Job]) -> tuple:
-        """``serve_decode_program``'s arguments: each job's last token at its row,
-        position -1 for the other rows (they write nothing)."""
+        """``serve_decode_program``'s arguments: each job's last token at its row (on the
+        device, from the step in flight, for a job that waits for it), position -1 for the
+        other rows (they write nothing)."""
         rows = self.max_rows  # every array [rows]
         tokens = np.zeros((rows,), np.int32)
+        use_previous = np.zeros((rows,), bool)
         positions = np.full((rows,), -1, np.int32)
         seeds = np.zeros((rows,), np.uint32)
         steps = np.zeros((rows,), np.int32)
-        blocks: list[Sequence[int]] = [()] * rows
-        sampling = [self._idle_sampling] * rows
         for job in jobs:
             row = job.row
-            tokens[row], positions[row] = job.generated[-1], job.written
-            seeds[row], steps[row] = job.seed, len(job.generated)
-            blocks[row], sampling[row] = job.allocation.blocks, job.sampling
-        sampling = jax.tree.map(lambda *values: np.concatenate(values), *sampling)
+            if job.in_flight:
+                use_previous[row] = True
+            else:
+                tokens[row] = job.generated[-1]
+            positions[row] = job.written
+            seeds[row], steps[row] = job.seed, len(job.generated) + job.in_flight
+        previous = tokens if self._in_flight is None else self._in_flight[1]
+        blocks, sampling = self._row_values()
         return (self.model.params, self._pool(blocks, np.maximum(positions, 0)), tokens,
-                positions, sampling, seeds, steps)
+                previous, use_previous, positions, sampling, seeds, steps)
+
+    def _row_values(self) -> tuple[list, SamplingParams]:
+        """The rows' block lists and sampling values (idle rows: none, greedy), rebuilt only
+        when a row changes hands. A seated row that does not decode this step runs at
+        position -1: its table is read, nothing written."""
+        seated = tuple(self._scheduler.rows)
+        if seated != self._seated:
+            blocks = [() if job is None else job.allocation.blocks for job in seated]
+            sampling = [self._idle_sampling if job is None else job.sampling for job in seated]
+            sampling = jax.tree.map(lambda *values: np.concatenate(values), *sampling)
+            self._seated, self._seated_values = seated, (blocks, sampling)
+        return self._seated_values
 
     # ----- statistics -----
 

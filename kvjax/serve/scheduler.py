@@ -39,6 +39,9 @@ class Job:
       written: positions of its sequence whose K/V its blocks hold.
       generated: its new tokens so far.
       cancelled: the caller cancelled it; the engine retires it at its next step.
+      in_flight: decode steps started for it whose token it has not taken yet (the
+        engine starts a step before it reads the last one's tokens).
+      greedy: whether it samples greedily (temperature 0).
       prompt_keys: the chained keys of its prompt's full blocks (``kvjax.paged.chain_keys``),
         computed by the engine once, None until then.
     """
@@ -56,6 +59,8 @@ class Job:
     written: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
     cancelled: bool = False
+    in_flight: int = 0
+    greedy: bool = False
     prompt_keys: list[bytes] | None = None
 
     @property
