@@ -31,7 +31,10 @@ class ChatSession:
     the text the new turn adds after what is already cached, prefills just those tokens at
     the end of the cache and decodes the reply. Greedy replies equal what ``generate``
     gives for the whole token history from scratch (``history`` is exactly what the cache
-    holds, plus the last reply token, which the next turn feeds first).
+    holds, plus the last reply token, which the next turn feeds first). A reply that ends
+    in a stop token the template writes otherwise (an EOS where it writes its end-of-turn
+    text) leaves that token out of the history once the next turn is rendered, so that
+    turn still prefills only its own tokens.
 
     Args:
       model: a model whose tokenizer has a chat template.
@@ -102,6 +105,7 @@ class ChatSession:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.history: list[int] = []  # the cache holds history[:-1]
         self._rendered = ""  # the text that `history` encodes
+        self._rendered_before_stop = None  # the same without the last reply's stop token
         self._turn = 0
         self._cache = None if self.prefix_cache is not None else programs.new_cache(
             self.model, self._rows, self.capacity, kv_dtype=self.kv_dtype, window=self.window,
@@ -121,6 +125,13 @@ class ChatSession:
         tokenizer = self.model.tokenizer
         messages = self.messages + [{"role": "user", "content": message}]
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if (not rendered.startswith(self._rendered) and self._rendered_before_stop is not None
+                and rendered.startswith(self._rendered_before_stop)):
+            # The last reply ended in a stop token the template writes otherwise (e.g. EOS
+            # where it writes its end-of-turn text): drop it. The cache holds all of the
+            # history now, so the block below re-feeds its last token at the position it
+            # holds already (the same K/V written again), then the turn.
+            self.history, self._rendered = self.history[:-1], self._rendered_before_stop
         if not rendered.startswith(self._rendered):
             # The template rewrites earlier turns (some drop old reasoning text): the cache
             # no longer matches the conversation, so start it again from the top.
@@ -174,6 +185,9 @@ class ChatSession:
             self._cache = chunks.state.cache
         self.history = self.history + new_tokens + reply
         self._rendered = rendered + tokenizer.decode(reply, skip_special_tokens=False)
+        self._rendered_before_stop = (
+            rendered + tokenizer.decode(reply[:-1], skip_special_tokens=False)
+            if reply and reply[-1] in stops else None)
         self.messages = messages + [{"role": "assistant", "content": tokenizer.decode(reply)}]
         self._turn += 1
         self.last_stats = {

@@ -220,19 +220,20 @@ def _stream_programs(config, dtype, mesh, rules, use_cache, greedy, chunk_size, 
 
 
 def serve_prefill_program(model: Model, *, kv_dtype: str | None = None):
-    """The prefill chunk of ``kvjax.serve.Engine``: one row's next prompt tokens written
-    to its blocks of a paged pool (attending to what the row already holds), jitted with
-    the pool donated.
+    """The prefill chunks of ``kvjax.serve.Engine``: some rows' next prompt tokens
+    written to their blocks of a paged pool (each attending to what its row already
+    holds), jitted with the pool donated.
 
-    Called as ``program(params, cache, tokens, length, start, sampling, seed)``:
-    ``cache`` a ``PagedKVCache`` holding the row's table (``[1, blocks_per_row]``),
-    ``tokens`` ``int32[1, bucket]`` right-padded, ``length`` and ``start`` ``int32[1]``
-    (real tokens of the chunk, position of its first), ``sampling`` the row's values,
-    ``seed`` ``uint32[]``. Returns ``(cache, first)``: ``first`` ``int32[1]`` sampled
-    from the chunk's last logits with the row's key of step 0 (the request's first
-    token when the chunk ends its prompt, as ``kvjax.generate`` samples it; discarded
-    otherwise). Greedy rows take the argmax (``sample``'s temperature-0 rows), so one
-    program serves both.
+    Called as ``program(params, cache, tokens, lengths, starts, sampling, seeds)``:
+    ``cache`` a ``PagedKVCache`` holding the rows' tables (``[rows, blocks_per_row]``),
+    ``tokens`` ``int32[rows, bucket]`` right-padded, ``lengths`` and ``starts``
+    ``int32[rows]`` (real tokens of each row's chunk, position of its first; a row of
+    length 0 writes nothing), ``sampling`` the rows' values, ``seeds`` ``uint32[rows]``.
+    Returns ``(cache, first)``: ``first`` ``int32[rows]``, each sampled from its chunk's
+    last logits with its request's key of step 0 (row 0's of its seed: the request's first
+    token when the chunk ends its prompt, as ``kvjax.generate`` samples a lone prompt's;
+    discarded otherwise). Greedy rows take the argmax (``sample``'s temperature-0 rows),
+    so one program serves both.
     """
     return _serve_prefill_program(*_model_key(model), kv_dtype)
 
@@ -241,14 +242,16 @@ def serve_prefill_program(model: Model, *, kv_dtype: str | None = None):
 def _serve_prefill_program(config, dtype, mesh, rules, kv_dtype):
     step, _ = _step_functions(config, dtype, mesh, rules, True, False, None, None, kv_dtype)
 
-    def prefill_chunk(params, cache, tokens, length, start, sampling, seed):
-        state, _ = prefill(step, params, cache, tokens, length, start=start,
-                           max_new_tokens=jnp.ones((1,), jnp.int32), sampling=sampling,
-                           seed=seed, stop_tokens=jnp.full((1,), PAD_TOKEN, jnp.int32),
-                           greedy=False)
-        return state.cache, state.tokens
+    def prefill_chunks(params, cache, tokens, lengths, starts, sampling, seeds):
+        rows = tokens.shape[0]
+        state, last = prefill(step, params, cache, tokens, lengths, start=starts,
+                              max_new_tokens=jnp.ones((rows,), jnp.int32), sampling=sampling,
+                              seed=seeds[0], stop_tokens=jnp.full((1,), PAD_TOKEN, jnp.int32),
+                              greedy=False)  # its tokens are unused (row keys of one seed)
+        keys = jax.vmap(lambda seed: row_keys(seed, 1, jnp.int32(0))[0])(seeds)
+        return state.cache, sample(last, keys, sampling, False)
 
-    return jax.jit(prefill_chunk, donate_argnums=1, compiler_options=compiler_options())
+    return jax.jit(prefill_chunks, donate_argnums=1, compiler_options=compiler_options())
 
 
 def serve_decode_program(model: Model, *, greedy: bool, kv_dtype: str | None = None):

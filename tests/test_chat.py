@@ -1,5 +1,7 @@
 """Streaming and multi-turn chat: same tokens as one-shot generation, history never recomputed."""
 
+import dataclasses
+
 import pytest
 import transformers
 
@@ -142,6 +144,28 @@ def test_three_turns_equal_generation_from_scratch(chat_model):
             assert session.last_stats["prefill_tokens"] < len(before) / 2
     assert [m["role"] for m in session.messages] == ["user", "assistant"] * 3
     assert session.cache_fill == len(session.history) - 1
+
+
+def test_a_reply_ending_in_another_stop_token_is_not_prefilled_again(chat_model):
+    """With its LM head zeroed every logit is equal, so the model replies ``<eos>`` (id 0,
+    the first argmax): a stop token the ChatML template does not write (it ends a turn
+    with ``<|im_end|>``). The next turn drops it from the history and prefills only its
+    own tokens, and its reply is what generate gives for the rendered conversation."""
+    params = dict(chat_model.params, lm_head=chat_model.params["lm_head"] * 0)
+    model = dataclasses.replace(chat_model, params=params)
+    session = ChatSession(model, capacity=256, max_new_tokens=4, stop_tokens=STOPS)
+    assert session.send("the cat sat") == ""
+    assert session.history[-1] == 0
+    before = len(session.history)
+    session.send("a dog ran")
+    messages = [{"role": "user", "content": "the cat sat"}, {"role": "assistant", "content": ""},
+                {"role": "user", "content": "a dog ran"}]
+    prompt = model.tokenizer.encode(model.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True), add_special_tokens=False)
+    assert session.history == prompt + [0]
+    # the previous history but its <eos>, re-fed, then the turn's own tokens
+    assert session.last_stats["prefill_tokens"] == len(prompt) - (before - 1) + 1
+    assert kvjax.generate(model, [prompt], max_new_tokens=4, stop_tokens=STOPS).tokens[0] == [0]
 
 
 def test_chat_reports_capacity(chat_model):

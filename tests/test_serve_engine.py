@@ -17,6 +17,7 @@ import pytest
 import kvjax
 from kvjax.paged import BlockManager, PoolExhausted
 from kvjax.serve import Engine, EngineOverloaded
+from kvjax.serve.engine import pack_chunks, prefill_shapes
 from tests.test_paged_blocks import apply_transfers, check_invariants
 
 ROWS, MAX_LEN, PREFILL = 4, 256, 64
@@ -55,7 +56,8 @@ def new_engine(model, **kwargs):
 def engine(model):
     """One started engine, its programs compiled up front."""
     engine = new_engine(model)
-    assert engine.warmup() == 5  # decode greedy and sampled, prefill chunks of 16, 32, 64
+    # decode greedy and sampled; prefill [1, 16], [4, 16], [1, 32], [2, 32], [1, 64]
+    assert engine.warmup() == 7
     with engine.start():
         yield engine
 
@@ -103,6 +105,37 @@ def test_seeded_sample_does_not_depend_on_its_neighbours(model, engine, words):
     for handle in others:
         handle.result(timeout=60)
     wait_idle(engine)
+
+
+def test_short_prompts_arriving_together_prefill_in_one_call(model, words):
+    """Four prompts of 5 to 14 tokens submitted together prefill in one call of the
+    [4, 16] program, greedy and seeded sampled rows side by side; each gives generate's
+    tokens for its prompt alone."""
+    engine = new_engine(model)
+    prompts = [words[0:5], words[20:29], words[40:54], words[60:72]]
+    values = [dict(temperature=0.0), dict(temperature=1.0, top_k=40, seed=7),
+              dict(temperature=0.0), dict(temperature=0.8, seed=3)]
+    handles = [engine.submit(p, max_tokens=6, stop_tokens=[], **v)
+               for p, v in zip(prompts, values)]
+    engine.step()
+    assert all(handle.first_token_at is not None for handle in handles)
+    assert list(engine._compiled) == [("prefill", (4, 16))]  # one call, no decode yet
+    engine.shutdown()
+    for handle, prompt, v in zip(handles, prompts, values):
+        assert handle.result().token_ids == alone(model, prompt, 6, stop_tokens=[], **v)
+
+
+def test_pack_chunks():
+    """Chunks of one width bucket share calls of that width's most rows; a lone chunk
+    takes a one-row call."""
+    shapes = prefill_shapes(512, 4096, 8)
+    assert shapes == [(1, 16), (8, 16), (1, 32), (8, 32), (1, 64), (4, 64), (1, 128),
+                      (2, 128), (1, 256), (1, 512)]
+    assert prefill_shapes(64, 4096, 2) == [(1, 16), (2, 16), (1, 32), (2, 32), (1, 64)]
+    widths = [16] * 10 + [64, 256, 256, 32]
+    assert pack_chunks(widths, shapes) == [
+        ((8, 16), list(range(8))), ((8, 16), [8, 9]), ((1, 64), [10]), ((1, 256), [11]),
+        ((1, 256), [12]), ((1, 32), [13])]
 
 
 def test_chunked_prefill_interleaves_with_decoding(model, words):
@@ -371,7 +404,7 @@ def test_compilations_stay_fixed_after_warmup(engine, words, compile_counter):
         for handle in handles:
             assert handle.result(timeout=60).finish_reason == "length"
     assert compile_counter.count == 0
-    assert engine.stats()["programs_compiled"] == 5
+    assert engine.stats()["programs_compiled"] == 7
 
 
 def test_queue_full_and_bad_requests(model, words):

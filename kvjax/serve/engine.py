@@ -43,27 +43,34 @@ head of the queue, never dropped. Each step then
    with blocks a row still prefilling is about to cache waits for them, letting those
    behind it go first: requests arriving together with one system prompt prefill it
    once);
-2. prefills up to ``max_prefill_tokens`` prompt tokens, the rows in admission order, a
-   row's chunk one call of the prefill program (``kvjax.programs.serve_prefill_program``,
-   compiled per power-of-two chunk width) from the first position its cached prefix
-   does not hold; a long prompt is spread over steps. The full blocks a chunk completes
+2. prefills up to ``max_prefill_tokens`` prompt tokens, the rows in admission order,
+   each row's chunk from the first position its cached prefix does not hold, through the
+   prefill program (``kvjax.programs.serve_prefill_program``, compiled per power-of-two
+   chunk width; chunks narrower than ``PACK_TOKENS`` run several to a call, so short
+   prompts do not each read all the weights, and wider ones are cut to a power of two,
+   so none computes much padding); a long prompt is spread over steps. The full blocks a chunk completes
    are cached at once, so a request admitted later shares them even while this one
    runs. A row whose prompt is done samples its first token from the chunk's last
    logits;
-3. runs one decode step (``kvjax.programs.serve_decode_program``) over all rows: the
+3. starts one decode step (``kvjax.programs.serve_decode_program``) over all rows: the
    decoding ones at their positions, the others at position -1 (they write nothing and
    their tokens are discarded), each row sampled with its own values and its own key
    (its seed and token index, the key ``kvjax.generate`` gives a lone prompt, so a
-   request's tokens do not depend on its neighbours);
-4. hands each new token to its request (text decoded incrementally, stop tokens and
-   strings checked on the host) and retires the finished ones at once: their blocks are
-   released, their full blocks cached for later requests.
+   request's tokens do not depend on its neighbours). It does not wait for it: a row
+   still owed the last step's token is fed it on the device;
+4. while that step runs, hands the last decode step's tokens and the first tokens of
+   the prompts just prefilled to their requests (text decoded incrementally, stop
+   tokens and strings checked on the host) and retires the finished ones at once:
+   their blocks are released, their full blocks cached for later requests. A row that
+   stopped at the last step's token has taken part in the step running (its token is
+   discarded; the position it wrote was its own).
 
-So no request waits for another to finish, and decoding rows get a token every step
-while long prompts prefill. The programs are a fixed set (``warmup()`` compiles them:
-greedy and sampling decode steps, one prefill program per chunk width); the pool is
-donated to each, and every argument has a static shape (tables ``[rows,
-ceil(max_len / block_size)]``), so requests of any length compile nothing new.
+So no request waits for another to finish, decoding rows get a token every step while
+long prompts prefill, and the host's work of a step overlaps the device's. The programs
+are a fixed set (``warmup()`` compiles them: greedy and sampling decode steps, the
+prefill program per chunk shape); the pool is donated to each, and every argument has a
+static shape (tables ``[rows, ceil(max_len / block_size)]``), so requests of any length
+compile nothing new.
 """
 
 from __future__ import annotations
@@ -130,11 +137,47 @@ def pool_sizes(config: ModelConfig, max_rows: int, max_len: int | None, block_si
     return max_len, pool_blocks
 
 
-def prefill_buckets(max_prefill_tokens: int, max_len: int) -> list[int]:
-    """The chunk widths the prefill program is compiled for: powers of two from
-    ``MIN_PROMPT_BUCKET`` to the bucket of the longest chunk."""
+# A prefill chunk narrower than this many tokens reads every weight for little work, so
+# the chunks of one step that share a width bucket run together, in one call of
+# PACK_TOKENS // width rows; a wider one is cut to a power of two (the rest prefilled at
+# the next step), so no chunk computes PACK_TOKENS padding tokens or more. About where a
+# chunk's matmuls take as long as reading the weights: 2 FLOPs per weight per token
+# against 2 bytes per bf16 weight, i.e. peak FLOP/s over HBM bytes/s, 206 tokens on an
+# H200 (989 TFLOP/s, 4.8 TB/s), 240 on a TPU v5e (197 TFLOP/s, 819 GB/s).
+PACK_TOKENS = 256
+
+
+def prefill_shapes(max_prefill_tokens: int, max_len: int, max_rows: int
+                   ) -> list[tuple[int, int]]:
+    """The ``(rows, width)`` shapes the prefill program is compiled for: widths the powers
+    of two from ``MIN_PROMPT_BUCKET`` to the bucket of the longest chunk, each for one
+    row and, below ``PACK_TOKENS`` (or the budget's bucket, if smaller), for
+    ``pack // width`` rows (at most ``max_rows``) as well."""
     top = bucket(min(max_prefill_tokens, max_len), MIN_PROMPT_BUCKET)
-    return [MIN_PROMPT_BUCKET << i for i in range((top // MIN_PROMPT_BUCKET).bit_length())]
+    pack = min(PACK_TOKENS, top)
+    shapes = []
+    for width in (MIN_PROMPT_BUCKET << i for i in range((top // MIN_PROMPT_BUCKET).bit_length())):
+        shapes.append((1, width))
+        if min(pack // width, max_rows) > 1:
+            shapes.append((min(pack // width, max_rows), width))
+    return shapes
+
+
+def pack_chunks(widths: Sequence[int], shapes: Sequence[tuple[int, int]]
+                ) -> list[tuple[tuple[int, int], list[int]]]:
+    """The calls that prefill chunks of bucket ``widths`` (in order): ``(shape, the
+    chunks' indices)``, chunks of one width together in calls of that width's most rows
+    (the last call a one-row one when it would hold a single chunk)."""
+    most = {}
+    for rows, width in shapes:
+        most[width] = max(most.get(width, 1), rows)
+    calls = []
+    for width in dict.fromkeys(widths):
+        chunks = [i for i, w in enumerate(widths) if w == width]
+        for at in range(0, len(chunks), most[width]):
+            group = chunks[at:at + most[width]]
+            calls.append(((most[width] if len(group) > 1 else 1, width), group))
+    return calls
 
 
 class Engine:
@@ -192,10 +235,10 @@ class Engine:
         self.prefix_cache = prefix_cache or PrefixCache(
             model, block_size=block_size, budget_blocks=pool_blocks, kv_dtype=kv_dtype)
         self._blocks_per_row = -(-max_len // block_size)
-        self._buckets = prefill_buckets(max_prefill_tokens, max_len)
+        self._prefill_shapes = prefill_shapes(max_prefill_tokens, max_len, max_rows)
         self._scheduler = Scheduler(max_rows, max_waiting)
         self._cond = threading.Condition()  # guards the scheduler, the counts, the blocks
-        self._compiled: dict[tuple, object] = {}  # ("prefill", width) | ("decode", greedy)
+        self._compiled: dict[tuple, object] = {}  # ("prefill", (rows, width)) | ("decode", greedy)
         self._in_flight: tuple[list[Job], jax.Array] | None = None  # the decode step not read yet
         self._seated: tuple | None = None  # the rows' jobs _row_values was built for
         self._seated_values: tuple = ()
@@ -410,8 +453,8 @@ class Engine:
         previous, self._in_flight = self._in_flight, self._decode()
         if previous is not None:
             self._take_tokens(*previous)
-        for job, first in firsts:
-            self._take_token(job, int(np.asarray(first)[0]))
+        for job, first, row in firsts:
+            self._take_token(job, int(np.asarray(first)[row]))
         return bool(cancelled or admitted or prefilled or previous or self._in_flight)
 
     def _admit(self) -> int:
@@ -471,24 +514,27 @@ class Engine:
         return job.prompt_keys
 
     def _prefill(self) -> tuple[bool, list]:
-        """Prefills this step's chunks (``Scheduler.prefill_plan``) and caches the full
-        blocks they complete at once (``BlockManager.publish``: requests admitted from
-        now on share them). Returns whether it ran any, and ``(job, first token)`` of the
-        rows whose prompt is done (the token still on the device)."""
+        """Prefills this step's chunks (``Scheduler.prefill_plan``), those of one width
+        bucket together (``pack_chunks``), and caches the full blocks they complete at
+        once (``BlockManager.publish``: requests admitted from now on share them). Returns
+        whether it ran any, and ``(job, first tokens, row)`` of the rows whose prompt is
+        done (``first tokens[row]`` is the job's, still on the device)."""
         with self._cond:
-            plan = self._scheduler.prefill_plan(self.max_prefill_tokens)
+            plan = self._scheduler.prefill_plan(self.max_prefill_tokens, PACK_TOKENS)
+        widths = [bucket(count, MIN_PROMPT_BUCKET) for _, count in plan]
         finished = []
-        for job, count in plan:
-            args = self._prefill_args(job.prompt[job.written:job.written + count], job.written,
-                                      job.allocation.blocks, job.sampling, job.seed)
-            pool, first = self._program(("prefill", args[2].shape[1]), args)(*args)
+        for shape, group in pack_chunks(widths, self._prefill_shapes):
+            chunks = [plan[i] for i in group]
+            args = self._prefill_args(chunks, *shape)
+            pool, first = self._program(("prefill", shape), args)(*args)
             self.prefix_cache.pool = pool
-            job.written += count
-            if self.prefix_caching:
-                with self._cond:  # later programs read the pool this returns: written by then
-                    self.prefix_cache.manager.publish(job.allocation, job.written_tokens())
-            if job.prompt_left == 0:
-                finished.append((job, first))
+            for row, (job, count) in enumerate(chunks):
+                job.written += count
+                if self.prefix_caching:
+                    with self._cond:  # later programs read the pool this returns: written by then
+                        self.prefix_cache.manager.publish(job.allocation, job.written_tokens())
+                if job.prompt_left == 0:
+                    finished.append((job, first, row))
         return bool(plan), finished
 
     def _decode(self) -> tuple[list[Job], jax.Array] | None:
@@ -556,13 +602,12 @@ class Engine:
 
     def warmup(self) -> int:
         """Compiles every program the engine runs (the decode step, greedy and sampling,
-        and the prefill chunk of each width), so that no request waits for a compile;
+        and the prefill chunks of each shape, ``prefill_shapes``), so that no request waits for a compile;
         returns how many programs the engine holds. Without it each compiles on first use."""
         for greedy in (True, False):
             self._program(("decode", greedy), self._decode_args([]))
-        for width in self._buckets:
-            self._program(("prefill", width), self._prefill_args([0] * width, 0, (),
-                                                                 self._idle_sampling, 0))
+        for shape in self._prefill_shapes:
+            self._program(("prefill", shape), self._prefill_args([], *shape))
         return len(self._compiled)
 
     def _program(self, key: tuple, args: tuple):
@@ -585,14 +630,22 @@ class Engine:
             tables[row, :len(ids)] = ids
         return self.prefix_cache.pool.with_tables(tables, lengths)
 
-    def _prefill_args(self, chunk: list[int], start: int, blocks: Sequence[int],
-                      sampling: SamplingParams, seed: int) -> tuple:
-        """``serve_prefill_program``'s arguments for a row's chunk of prompt tokens
-        starting at position ``start``, padded to its bucket."""
-        tokens, length = pad_block([chunk], bucket(len(chunk), MIN_PROMPT_BUCKET))  # [1, width]
-        starts = np.array([start], np.int32)  # [1]
-        return (self.model.params, self._pool([blocks], starts), tokens, length, starts,
-                sampling, np.uint32(seed))
+    def _prefill_args(self, chunks: Sequence[tuple[Job, int]], rows: int, width: int) -> tuple:
+        """``serve_prefill_program``'s arguments for ``(job, tokens)`` chunks, each the
+        job's next prompt tokens from the first position its blocks do not hold, in a
+        ``[rows, width]`` block (rows past the chunks: length 0, writing nothing)."""
+        pieces = [job.prompt[job.written:job.written + count] for job, count in chunks]
+        tokens, lengths = pad_block(pieces + [[]] * (rows - len(chunks)), width)  # [rows, width]
+        starts = np.zeros((rows,), np.int32)
+        seeds = np.zeros((rows,), np.uint32)
+        blocks: list[Sequence[int]] = [()] * rows
+        sampling = [self._idle_sampling] * rows
+        for row, (job, _) in enumerate(chunks):
+            starts[row], seeds[row] = job.written, job.seed
+            blocks[row], sampling[row] = job.allocation.blocks, job.sampling
+        sampling = jax.tree.map(lambda *values: np.concatenate(values), *sampling)
+        return (self.model.params, self._pool(blocks, starts), tokens, lengths, starts,
+                sampling, seeds)
 
     def _decode_args(self, jobs: Sequence[Job]) -> tuple:
         """``serve_decode_program``'s arguments: each job's last token at its row (on the

@@ -135,15 +135,20 @@ class Scheduler:
         """Jobs, running or waiting, their callers cancelled."""
         return [job for job in (*self.running(), *self.waiting) if job.cancelled]
 
-    def prefill_plan(self, budget: int) -> list[tuple[Job, int]]:
+    def prefill_plan(self, budget: int, whole_from: int | None = None) -> list[tuple[Job, int]]:
         """``(job, tokens)`` to prefill this step: rows with prompt left, in admission
         order, each taking what it has left until ``budget`` tokens are spent (the last
-        one taken may get a part: a long prompt spreads over steps)."""
+        one taken may get a part: a long prompt spreads over steps). A chunk of
+        ``whole_from`` tokens or more is cut to a power of two, the rest left for the next
+        step, so that no chunk padded to its power-of-two width computes ``whole_from``
+        padding tokens or more."""
         plan = []
         for job in self.running():
             if budget == 0:
                 break
             take = min(job.prompt_left, budget)
+            if whole_from is not None and take >= whole_from:
+                take = 1 << (take.bit_length() - 1)
             if take:
                 plan.append((job, take))
                 budget -= take
