@@ -92,6 +92,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
                         help="tokens every prompt starts with, before its own")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--static-baseline", action="store_true",
+                        help="first time kvjax.generate over one static batch of the same "
+                             "shapes (min(--requests, the server's --max-rows) prompts of "
+                             "--shared-prefix + --prompt-len tokens, --output-len new), in the "
+                             "server's process, and report the run's output tokens/s against it")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="where to write the run (default: "
                              "benchmarks/results/serving_<date>.json)")
@@ -249,6 +254,9 @@ def report(result: dict) -> str:
         line("time to first token", s["ttft"]), line("inter-token latency", s["itl"]),
         line("time per output token", s["tpot"]), line("end-to-end latency", s["e2e"]),
         f"  prefix cache hit rate       {hit}",
+        *([f"  static generate, batch {b['batch']:<4}  {b['output_tokens_per_s']:.1f} output "
+           f"tokens/s: this run {s['output_tokens_per_s'] / b['output_tokens_per_s']:.1%} of it"]
+          if (b := result.get("static_baseline")) else []),
         *(f"  error: {e}" for e in s["errors"])])
 
 
@@ -304,11 +312,32 @@ def serve(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     engine.warmup()
     warmup_s = time.perf_counter() - start
+    baseline = static_baseline(engine.model, args, engine.max_rows) if args.static_baseline else {}
     app = create_app(engine, model_name=name, api_key=args.api_key)
     with BackgroundServer(app) as server:
-        print(f"serving {server.url} {warmup_s:.2f}", flush=True)
+        print(f"serving {server.url} {warmup_s:.2f} {json.dumps(baseline)}", flush=True)
         sys.stdin.read()  # until the parent closes it
     return 0
+
+
+def static_baseline(model, args: argparse.Namespace, max_rows: int) -> dict:
+    """``kvjax.generate``'s output tokens/s over one static batch of the run's mean
+    shapes (its second call: the first compiles), greedy, no stop token."""
+    import kvjax
+
+    rng = np.random.default_rng(args.seed)
+    batch = min(args.requests, max_rows)
+    prefix = rng.integers(*TOKEN_RANGE, args.shared_prefix).tolist()
+    prompts = [prefix + rng.integers(*TOKEN_RANGE, args.prompt_len).tolist()
+               for _ in range(batch)]
+    run = lambda: kvjax.generate(model, prompts, max_new_tokens=args.output_len, stop_tokens=[])
+    run()
+    start = time.perf_counter()
+    out = run()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(t) for t in out.tokens)
+    return {"batch": batch, "prompt_tokens": len(prompts[0]), "new_tokens": args.output_len,
+            "seconds": seconds, "output_tokens_per_s": tokens / seconds}
 
 
 class ServerProcess:
@@ -320,17 +349,22 @@ class ServerProcess:
         for flag in ("model", "random_shape"):
             if getattr(args, flag) is not None:
                 command += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+        if args.static_baseline:
+            command += ["--static-baseline", "--seed", str(args.seed), "--requests",
+                        str(args.requests), "--shared-prefix", str(args.shared_prefix),
+                        "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len)]
         env = os.environ | ({"KVJAX_API_KEY": args.api_key} if args.api_key else {})
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, env=env)
         self.url: str | None = None
         self.warmup_s: float | None = None
+        self.baseline: dict = {}
 
     def start(self) -> "ServerProcess":
         for line in self.process.stdout:  # its log goes to stderr, this process's
             if line.startswith("serving "):
-                _, self.url, warmup = line.split()
-                self.warmup_s = float(warmup)
+                _, self.url, warmup, baseline = line.split(maxsplit=3)
+                self.warmup_s, self.baseline = float(warmup), json.loads(baseline)
                 return self
         raise RuntimeError(f"the server process ended with code {self.process.wait()} "
                            "before serving (its error is above)")
@@ -348,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         return serve(args)
     requests = workload(args)
+    if args.static_baseline and args.url is not None:
+        raise SystemExit("--static-baseline runs in the server's process: leave out --url")
     server = None
     if args.url is None:  # kvjax-serve in a child process, on a free loopback port
         server = ServerProcess(args).start()
@@ -364,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("api_key", "serve")}
     result = {"settings": settings, "device": info.get("device", "unknown"), "server": info,
               "warmup_s": server.warmup_s if server else None,
+              "static_baseline": server.baseline if server else {},
               "versions": bench_lib.versions() | {"httpx": httpx.__version__}, "date": date,
               "summary": summary(records, duration, before, after),
               "records": [dataclasses.asdict(r) for r in records]}

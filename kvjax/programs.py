@@ -297,10 +297,18 @@ def state_shardings(model: Model, cache) -> DecodeState | None:
                        steps_run=NamedSharding(rows.mesh, PartitionSpec()))
 
 
+# JAX settings that change what a traced program computes: a program compiled under
+# other values is another program (as jit's own cache keys them).
+TRACE_SETTINGS = ("jax_default_matmul_precision", "jax_enable_x64", "jax_default_prng_impl",
+                  "jax_numpy_rank_promotion", "jax_numpy_dtype_promotion",
+                  "jax_threefry_partitionable")
+
+
 class ProgramCache:
     """Compiled executables by (jitted function, shapes, dtypes and shardings of the
-    arguments), at most ``maxsize``, the least recently used dropped first; safe to use
-    from several threads (a program two threads ask for at once may compile twice)."""
+    arguments, ``TRACE_SETTINGS``' values), at most ``maxsize``, the least recently used
+    dropped first; safe to use from several threads (a program two threads ask for at
+    once may compile twice)."""
 
     def __init__(self, maxsize: int = 64):
         self.maxsize = maxsize
@@ -312,7 +320,8 @@ class ProgramCache:
         compile anew); later calls with such arguments only look it up."""
         leaves, treedef = jax.tree.flatten(args)
         key = (jitted, treedef, tuple((np.shape(x), getattr(x, "dtype", None) or np.result_type(x),
-                                       getattr(x, "sharding", None)) for x in leaves))
+                                       getattr(x, "sharding", None)) for x in leaves),
+               tuple(getattr(jax.config, name) for name in TRACE_SETTINGS))
         with self._lock:
             if key in self._programs:
                 self._programs.move_to_end(key)

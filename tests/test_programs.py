@@ -46,6 +46,21 @@ def test_program_cache_keeps_the_most_recent():
     assert run(2) is not first[2] and len(cache) == 2
 
 
+def test_program_cache_keys_jax_settings():
+    """A program compiled under another matmul precision is another program: the cache
+    compiles anew instead of serving the one traced under the old setting (the suite
+    runs at "highest", conftest.py)."""
+    cache = programs.ProgramCache()
+    product = jax.jit(lambda a, b: a @ b)
+    args = (np.ones((4, 4), np.float32), np.ones((4, 4), np.float32))
+    highest = cache.compiled(product, args)
+    with jax.default_matmul_precision("bfloat16"):
+        fast = cache.compiled(product, args)
+        assert cache.compiled(product, args) is fast
+    assert fast is not highest and cache.compiled(product, args) is highest
+    assert len(cache) == 2
+
+
 def test_generate_with_a_program_cache_of_two(gqa_model, monkeypatch):
     """generate with a process cache of two programs: three batch shapes (three
     programs), at most two kept, each generation's tokens those of the default cache;

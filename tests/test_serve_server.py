@@ -432,15 +432,20 @@ def test_cli_builds_the_engine_its_flags_describe(model):
         cli.parse_args(["--pool-mb", "1", "--pool-blocks", "2"])
 
 
-def test_load_generator(served, tmp_path):
-    server, _ = served
+def load_generator():
+    """``benchmarks/serving_benchmark.py`` as a module."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import serving_benchmark
     finally:
         sys.path.pop(0)
+    return serving_benchmark
+
+
+def test_load_generator(served, tmp_path):
+    server, _ = served
     out = tmp_path / "run.json"
-    assert serving_benchmark.main([
+    assert load_generator().main([
         "--url", server.url, "--api-key", KEY, "--requests", "8", "--concurrency", "2",
         "--prompt-len", "16", "--output-len", "8", "--shared-prefix", "32",
         "--json", str(out), "--no-plot"]) == 0
@@ -452,3 +457,19 @@ def test_load_generator(served, tmp_path):
     for name in ("ttft", "itl", "tpot", "e2e"):
         assert 0 < summary[name]["p50_ms"] <= summary[name]["p99_ms"]
     assert run["device"] and run["versions"]["python"] and run["date"]
+
+
+def test_load_generator_starts_its_server(tmp_path):
+    """Without --url the load generator serves a random-weight shape from a child process
+    (text from the numbered tokenizer) and times a static generate baseline there."""
+    out = tmp_path / "run.json"
+    assert load_generator().main([
+        "--random-shape", "bundled", "--server-args", "--max-rows 2 --max-len 64 --dtype float32",
+        "--requests", "3", "--prompt-len", "8", "--output-len", "4", "--len-sigma", "0",
+        "--static-baseline", "--json", str(out), "--no-plot"]) == 0
+    run = json.loads(out.read_text())
+    assert run["summary"]["failed"] == 0 and run["summary"]["output_tokens"] == 12
+    assert run["server"]["model"] == "bundled-random"
+    baseline = run["static_baseline"]
+    assert (baseline["batch"], baseline["prompt_tokens"], baseline["new_tokens"]) == (2, 8, 4)
+    assert baseline["output_tokens_per_s"] > 0 and run["warmup_s"] > 0
