@@ -101,6 +101,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where to write the run (default: "
                              "benchmarks/results/serving_<date>.json)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--compare", nargs="+", metavar="JSON", default=None,
+                        help="no run: plot the time to first token and inter-token gaps of "
+                             "these earlier runs side by side, to --json's stem + .png")
     args = parser.parse_args(argv)
     for flag in ("requests", "prompt_len", "output_len"):
         if getattr(args, flag) < 1:
@@ -377,10 +380,47 @@ class ServerProcess:
             self.process.kill()
 
 
+def compare_plot(paths: list[str], path: str) -> None:
+    """The distributions of time to first token and of inter-token gaps of several runs
+    (their JSON files), one line per run, labelled by file name."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run_path in paths:
+        with open(run_path) as f:
+            records = [r for r in json.load(f)["records"] if r["error"] is None
+                       and r["first_token"] is not None]
+        label = os.path.splitext(os.path.basename(run_path))[0]
+        series = ([r["first_token"] - r["sent"] for r in records],
+                  [b - a for r in records for a, b in zip(r["chunk_times"], r["chunk_times"][1:])])
+        for ax, values in zip(axes, series):
+            if values:
+                ax.plot(np.sort(values), np.linspace(0, 1, len(values)), label=label)
+    for ax, name in zip(axes, ("time to first token", "inter-token gap")):
+        ax.set(xscale="log", xlabel=f"{name} (s)", ylabel="fraction")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve:
         return serve(args)
+    if args.compare:
+        if args.json is None:
+            raise SystemExit("--compare writes to --json's stem + .png: pass --json")
+        path = os.path.splitext(args.json)[0] + ".png"
+        compare_plot(args.compare, path)
+        print(f"wrote {path}")
+        return 0
     requests = workload(args)
     if args.static_baseline and args.url is not None:
         raise SystemExit("--static-baseline runs in the server's process: leave out --url")
