@@ -16,12 +16,16 @@ give by the HBM bound measured in the same run (``bench_lib.measure_hbm_bandwidt
 ``--sweep`` times every tuning of ``--block-slots`` x ``--warps`` x ``--stages`` x
 ``--programs`` for int8 at the first point, then the best ``--keep`` of them at every
 point and kind beside the default (``default_tuning``); without it each point and kind
-runs at its default tuning.
+runs at its default tuning. ``--codes-as-float16`` times each tuning of an int8/fp8 kind
+a second time with ``codes_as_float16`` (the dots in float16).
+
+    python benchmarks/decode_kernel_sweep.py --codes-as-float16 --kinds int8 fp8 paged-int8
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -134,6 +138,8 @@ def main(argv=None) -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--programs", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--keep", type=int, default=3)
+    parser.add_argument("--codes-as-float16", action="store_true",
+                        help="int8/fp8 kinds: each tuning also with codes_as_float16")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=22)
     parser.add_argument("--hbm-gib", type=float, default=4.0)
@@ -182,7 +188,10 @@ def main(argv=None) -> None:
         tunings = {kind: best for kind in args.kinds}
     for point in points:
         for kind in args.kinds:
-            for tuning in dict.fromkeys([defaults(kind, point[2]), *tunings[kind]]):
+            chosen = [defaults(kind, point[2]), *tunings[kind]]
+            if args.codes_as_float16 and not kind.endswith("bfloat16"):
+                chosen += [dataclasses.replace(t, codes_as_float16=True) for t in chosen]
+            for tuning in dict.fromkeys(chosen):
                 if args.sweep and kind == "int8" and point == points[0] and tuning in best:
                     continue  # timed in the sweep
                 measure(point, kind, tuning)

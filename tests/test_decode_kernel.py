@@ -326,6 +326,46 @@ def float32_plain_step(q, k, v, positions, *buffers):
     return plain_step(*map(to_f32, (q, k, v)), positions, *map(to_f32, buffers))
 
 
+def test_int8_as_float16_is_exact():
+    """Every int8 code, turned into float16 by integer arithmetic, is its value."""
+    codes = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8)
+    got = decode_attention._int8_as_float16(codes)
+    assert got.dtype == jnp.float16
+    np.testing.assert_array_equal(f32(got), np.arange(-128, 128, dtype=np.float32))
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_codes_as_float16(kind):
+    """``Tuning(codes_as_float16=True)``, interpreted: bfloat16 queries over int8/fp8
+    codes, the dots in float16; the output within bfloat16 rounding (atol 0.03, rtol
+    0.05) of the float32 plain path, the cache exactly."""
+    rows = [700, 3]
+    q, k, v, *buffers = random_step(2, 8, 2, 64, 768, jnp.bfloat16, seed=1, kind=kind)
+    positions = jnp.array(rows, jnp.int32)[:, None]
+    to_f32 = lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
+    want = plain_step(*map(to_f32, (q, k, v)), positions, *map(to_f32, buffers))
+    tuning = decode_attention.Tuning(codes_as_float16=True)
+    got = kernel_step(q, k, v, positions, *buffers, interpret=True, tuning=tuning)
+    assert got[0].dtype == jnp.bfloat16
+    np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
+    assert_same_buffers(got[1:], want[1:])
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_compiled_codes_as_float16(kind):
+    """The compiled kernel with ``Tuning(codes_as_float16=True)`` at Llama-3's heads
+    against the float32 plain path (atol 0.03, rtol 0.05), its writes exact."""
+    skip_unless_compiled(128, kind)
+    rows = [2047, 5, 1000]
+    q, k, v, *buffers = random_step(len(rows), 32, 8, 128, 2112, jnp.bfloat16, kind=kind)
+    positions = jnp.array(rows, jnp.int32)[:, None]
+    want = float32_plain_step(q, k, v, positions, *buffers)
+    tuning = decode_attention.Tuning(codes_as_float16=True)
+    got = jax.jit(lambda *a: kernel_step(*a, tuning=tuning))(q, k, v, positions, *buffers)
+    np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
+    assert_same_buffers(got[1:], want[1:])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 8, 128), (8, 1, 256), (16, 16, 256)])
 @pytest.mark.parametrize("rows", [[0, 511, -1], [2047, 5, 1000]])

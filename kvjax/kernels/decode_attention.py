@@ -153,12 +153,20 @@ class MeshSplit:
 class Tuning:
     """The kernel's launch settings: cache slots a program reads per loop iteration
     (halved for head_dim 256: ``block_slots``), Triton's warps and pipeline stages per
-    program, and the programs the grid aims at (``part_count``)."""
+    program, the programs the grid aims at (``part_count``), and, for int8/fp8 codes,
+    ``codes_as_float16``: run the two dots in float16 (queries converted once), int8
+    codes turned into float16 by integer arithmetic (``_int8_as_float16``) and e4m3
+    codes by the GPU's fp8-to-f16 conversion, instead of converting every code to the
+    queries' dtype (bf16: through float32, an int-to-float conversion per code, which
+    runs at a fraction of the rate of ordinary arithmetic). float16 holds every int8
+    and e4m3 code exactly; queries beyond its range (65504) would overflow.
+    """
 
     block_slots: int = BLOCK_SLOTS
     num_warps: int = NUM_WARPS
     num_stages: int = NUM_STAGES
     target_programs: int = TARGET_PROGRAMS
+    codes_as_float16: bool = False
 
 
 # Rows of at least LONG_ROWS slots (head_dim <= 128) read 128-slot blocks through three
@@ -197,8 +205,16 @@ def part_count(batch: int, kv_heads: int, capacity: int, head_dim: int,
     return max(1, min(tuning.target_programs // (batch * kv_heads), most))
 
 
+def _int8_as_float16(codes: jax.Array) -> jax.Array:
+    """int8 codes as float16, exactly, without int-to-float conversions: ``x + 128`` in
+    [0, 255] ORed into the bits of 1024.0 (``0x6400``, whose last mantissa bit is worth 1)
+    is the float16 ``1024 + x + 128``; subtracting 1152 leaves ``x``."""
+    bits = (codes.astype(jnp.int16) + 128) | 0x6400
+    return jax.lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(1152)
+
+
 def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: int,
-            quantized: bool, block_size: int | None):
+            quantized: bool, block_size: int | None, codes_as_float16: bool):
     """One (row, KV head, part) program; refs as laid out by ``_attend_and_write``. After
     the positions come a paged cache's block tables (``block_size`` not None), the
     queries, the new token's entries, then the cache's buffers, then the outputs: a
@@ -208,7 +224,8 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     ``(key codes, value codes, key scale, value scale)``: codes are converted to the
     queries' dtype in registers (exact for int8 and e4m3 in bf16/f16) and the float32
     scales multiply the scores and the probabilities, so no dequantized block is ever
-    stored. ``slots``: cache slots per loop iteration (``block_slots``). A contiguous
+    stored (with ``codes_as_float16`` the dots run in float16: ``Tuning``). ``slots``:
+    cache slots per loop iteration (``block_slots``). A contiguous
     cache's buffers are ``[batch, kv_heads, capacity(, head_dim)]``; a paged one's
     ``[kv_heads, num_blocks, block_size(, head_dim)]``, position ``p`` of a row in its
     table's block ``p // block_size``, slot ``p % block_size``."""
@@ -223,7 +240,17 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     position = positions_ref[row]
     real = jnp.arange(padded_group) < group  # the group's heads; the rest is padding
     queries = plgpu.load(queries_ref, mask=real[:, None], other=0.)  # [padded_group, head_dim]
-    operands = queries.dtype if quantized else keys_ref.dtype  # of the two dots
+    if not quantized:  # the dtype of the two dots
+        operands = keys_ref.dtype
+    else:
+        operands = jnp.float16 if codes_as_float16 else queries.dtype
+    dot_queries = queries.astype(operands)
+
+    def as_operands(codes):  # a block of the cache, [slots, head_dim]
+        if codes.dtype == jnp.int8 and operands == jnp.float16:
+            return _int8_as_float16(codes)
+        return codes.astype(operands)
+
     per_part = pl.cdiv(pl.cdiv(position, parts), slots) * slots
     first = part * per_part
     end = jnp.minimum(first + per_part, position)  # this part's slots before the new one
@@ -253,8 +280,8 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
                       jnp.arange(head_dim)[None, :])
             return plgpu.load(ref.at[at], mask=filled[:, None], other=zero)
 
-        keys = load(keys_ref).astype(operands)  # [slots, head_dim]
-        scores = plgpu.dot(queries, keys.T)  # [padded_group, slots] float32
+        keys = as_operands(load(keys_ref))  # [slots, head_dim]
+        scores = plgpu.dot(dot_queries, keys.T)  # [padded_group, slots] float32
         if quantized:  # a key's scale factors out of its dot product
             scores = scores * (load(cache_refs[2]) * scale)[None, :]
         else:
@@ -263,7 +290,7 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
         new_top = jnp.maximum(top, scores.max(axis=-1))
         rescale = jnp.exp(top - new_top)
         weights = jnp.exp(scores - new_top[:, None])
-        values = load(values_ref).astype(operands)
+        values = as_operands(load(values_ref))
         # so does a value's: weighted by p * scale, its codes enter the dot as stored
         weighted = weights * load(cache_refs[3])[None, :] if quantized else weights
         out = out * rescale[:, None] + plgpu.dot(weighted.astype(operands), values)
@@ -453,7 +480,7 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
     scale = default_scale(head_dim) if scale is None else scale
     kernel = functools.partial(_kernel, scale=scale, parts=parts, group=group,
                                slots=block_slots(head_dim, tuning), quantized=quantized,
-                               block_size=block_size)
+                               block_size=block_size, codes_as_float16=tuning.codes_as_float16)
     new = keys[:, 0], values[:, 0]  # [batch, kv_heads, head_dim]
     if quantized:  # codes [batch, kv_heads, head_dim], scales [batch, kv_heads]
         new = quantize_block(*new, layer_kv_dtype(buffers))
