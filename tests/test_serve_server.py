@@ -464,7 +464,8 @@ def test_load_generator_starts_its_server(tmp_path):
     (text from the numbered tokenizer) and times a static generate baseline there."""
     out = tmp_path / "run.json"
     assert load_generator().main([
-        "--random-shape", "bundled", "--server-args", "--max-rows 2 --max-len 64 --dtype float32",
+        "--random-shape", "bundled", "--server-args",
+        "--max-rows 2 --max-len 64 --max-prefill-tokens 16 --dtype float32",
         "--requests", "3", "--prompt-len", "8", "--output-len", "4", "--len-sigma", "0",
         "--static-baseline", "--json", str(out), "--no-plot"]) == 0
     run = json.loads(out.read_text())
