@@ -239,6 +239,13 @@ def summary(records: list[Record], duration: float, before: dict, after: dict) -
         # over this run, from the server's counters (None without kvjax's /metrics)
         "prefix_hit_rate": (delta("kvjax_cached_prompt_tokens_total") / prompt_tokens
                             if prompt_tokens else None),
+        "engine": {"steps": delta("kvjax_engine_steps_total"),
+                   "mean_step_ms": (delta("kvjax_engine_step_seconds_total") * 1e3
+                                    / delta("kvjax_engine_steps_total")
+                                    if delta("kvjax_engine_steps_total") else None),
+                   "decode_steps": delta("kvjax_engine_decode_steps_total"),
+                   "prefill_calls": delta("kvjax_engine_prefill_calls_total"),
+                   "prefill_tokens": delta("kvjax_engine_prefill_tokens_total")},
         "client_cached_tokens": sum(r.cached_tokens for r in ok),
     }
 
@@ -257,6 +264,9 @@ def report(result: dict) -> str:
         line("time to first token", s["ttft"]), line("inter-token latency", s["itl"]),
         line("time per output token", s["tpot"]), line("end-to-end latency", s["e2e"]),
         f"  prefix cache hit rate       {hit}",
+        *([f"  engine                      {e['steps']:.0f} steps of {e['mean_step_ms']:.2f} ms "
+           f"on average, {e['prefill_calls']:.0f} prefill calls"]
+          if (e := s["engine"])["mean_step_ms"] is not None else []),
         *([f"  static generate, batch {b['batch']:<4}  {b['output_tokens_per_s']:.1f} output "
            f"tokens/s: this run {s['output_tokens_per_s'] / b['output_tokens_per_s']:.1%} of it"]
           if (b := result.get("static_baseline")) else []),

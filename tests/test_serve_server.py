@@ -292,6 +292,12 @@ def test_metrics_parse_and_count(served):
     assert cached >= 32 and usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
     assert delta("kvjax_cached_prompt_tokens_total") == cached
     assert delta("kvjax_requests_finished_total") == 2
+    # one after the other: each prefills what is not cached, then 5 decode steps
+    assert delta("kvjax_engine_prefill_tokens_total") == sum(
+        u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+    assert delta("kvjax_engine_decode_steps_total") == 10
+    assert delta("kvjax_engine_steps_total") >= 10
+    assert delta("kvjax_engine_step_seconds_total") > 0
     for histogram in ("kvjax_time_to_first_token_seconds", "kvjax_e2e_request_latency_seconds",
                       "kvjax_time_per_output_token_seconds", "kvjax_request_queue_time_seconds"):
         assert delta(f"{histogram}_count") == 2, histogram

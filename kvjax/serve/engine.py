@@ -249,7 +249,9 @@ class Engine:
         self._error: BaseException | None = None
         self._counts = dict.fromkeys(("requests_refused", "requests_finished",
                                       "requests_cancelled", "prompt_tokens",
-                                      "generation_tokens", "cached_prompt_tokens"), 0)
+                                      "generation_tokens", "cached_prompt_tokens", "steps",
+                                      "decode_steps", "prefill_calls", "prefill_tokens"), 0)
+        self._counts["step_seconds"] = 0.0
 
     # ----- requests -----
 
@@ -442,6 +444,7 @@ class Engine:
             self._cond.notify_all()
 
     def _step(self) -> bool:
+        start = time.perf_counter()
         with self._cond:
             cancelled = self._scheduler.cancelled()
             for job in cancelled:
@@ -455,7 +458,13 @@ class Engine:
             self._take_tokens(*previous)
         for job, first, row in firsts:
             self._take_token(job, int(np.asarray(first)[row]))
-        return bool(cancelled or admitted or prefilled or previous or self._in_flight)
+        worked = bool(cancelled or admitted or prefilled or previous or self._in_flight)
+        if worked:
+            with self._cond:
+                self._counts["steps"] += 1
+                self._counts["decode_steps"] += self._in_flight is not None
+                self._counts["step_seconds"] += time.perf_counter() - start
+        return worked
 
     def _admit(self) -> int:
         """Seats waiting requests, first come first served, while a row is free and the
@@ -528,6 +537,9 @@ class Engine:
             args = self._prefill_args(chunks, *shape)
             pool, first = self._program(("prefill", shape), args)(*args)
             self.prefix_cache.pool = pool
+            with self._cond:
+                self._counts["prefill_calls"] += 1
+                self._counts["prefill_tokens"] += sum(count for _, count in chunks)
             for row, (job, count) in enumerate(chunks):
                 job.written += count
                 if self.prefix_caching:
@@ -692,6 +704,9 @@ class Engine:
         * since the start: ``requests_refused`` (queue full), ``requests_finished``
           (stop or length), ``requests_cancelled``, ``prompt_tokens`` and
           ``cached_prompt_tokens`` (of admitted requests), ``generation_tokens``;
+          ``steps`` (that did work) and ``step_seconds`` (their wall time: its rate over
+          ``steps``' is the mean step), ``decode_steps``, ``prefill_calls`` and
+          ``prefill_tokens`` (prompt tokens they computed);
         * the pool: ``pool_blocks_used`` (held by running requests),
           ``pool_blocks_cached`` (cached prefixes no request holds), ``pool_blocks_free``,
           ``pool_blocks_total``, ``pool_bytes_used``, ``pool_bytes_total``;

@@ -52,6 +52,15 @@ ENGINE_METRICS = (
      "prompt tokens served from the prefix cache instead of computed",
      ("cached_prompt_tokens",)),
     ("kvjax_generation_tokens", "counter", "tokens generated", ("generation_tokens",)),
+    ("kvjax_engine_steps", "counter", "engine steps that did work", ("steps",)),
+    ("kvjax_engine_step_seconds", "counter", "wall time of those steps (over steps: the mean "
+     "step)", ("step_seconds",)),
+    ("kvjax_engine_decode_steps", "counter", "decode steps run over the rows",
+     ("decode_steps",)),
+    ("kvjax_engine_prefill_calls", "counter", "calls of the prefill program",
+     ("prefill_calls",)),
+    ("kvjax_engine_prefill_tokens", "counter", "prompt tokens those calls computed",
+     ("prefill_tokens",)),
     ("kvjax_kv_blocks_used", "gauge", "KV pool blocks held by running requests",
      ("pool_blocks_used",)),
     ("kvjax_kv_blocks_cached", "gauge", "KV pool blocks holding cached prefixes no request "
