@@ -38,6 +38,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -373,12 +374,19 @@ class ServerProcess:
         self.warmup_s: float | None = None
         self.baseline: dict = {}
 
-    def start(self) -> "ServerProcess":
-        for line in self.process.stdout:  # its log goes to stderr, this process's
-            if line.startswith("serving "):
-                _, self.url, warmup, baseline = line.split(maxsplit=3)
-                self.warmup_s, self.baseline = float(warmup), json.loads(baseline)
-                return self
+    def start(self, timeout: float = 1800.0) -> "ServerProcess":
+        """Waits for the child to serve; a child still compiling after ``timeout`` seconds
+        is killed (``RuntimeError``)."""
+        watchdog = threading.Timer(timeout, self.process.kill)
+        watchdog.start()
+        try:
+            for line in self.process.stdout:  # its log goes to stderr, this process's
+                if line.startswith("serving "):
+                    _, self.url, warmup, baseline = line.split(maxsplit=3)
+                    self.warmup_s, self.baseline = float(warmup), json.loads(baseline)
+                    return self
+        finally:
+            watchdog.cancel()
         raise RuntimeError(f"the server process ended with code {self.process.wait()} "
                            "before serving (its error is above)")
 
