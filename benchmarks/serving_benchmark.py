@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "without --url: the bundled model)")
     target.add_argument("--random-shape", default=None, metavar="CONFIG",
                         help="start kvjax-serve for this model shape (a configs/ name, "
-                             "llama-1b, llama-8b or bundled) with random weights, in a child process")
+                             "llama-1b, llama-8b or bundled) with random weights, in a "
+                             "child process")
     parser.add_argument("--server-args", default="",
                         help="kvjax-serve flags of the started server, one string "
                              "(e.g. \"--max-rows 16 --pool-blocks 512\")")

@@ -48,10 +48,10 @@ head of the queue, never dropped. Each step then
    prefill program (``kvjax.programs.serve_prefill_program``, compiled per power-of-two
    chunk width; chunks narrower than ``PACK_TOKENS`` run several to a call, so short
    prompts do not each read all the weights, and wider ones are cut to a power of two,
-   so none computes much padding); a long prompt is spread over steps. The full blocks a chunk completes
-   are cached at once, so a request admitted later shares them even while this one
-   runs. A row whose prompt is done samples its first token from the chunk's last
-   logits;
+   so none computes much padding); a long prompt is spread over steps. The full blocks
+   a chunk completes are cached at once, so a request admitted later shares them even
+   while this one runs. A row whose prompt is done samples its first token from the
+   chunk's last logits;
 3. starts one decode step (``kvjax.programs.serve_decode_program``) over all rows: the
    decoding ones at their positions, the others at position -1 (they write nothing and
    their tokens are discarded), each row sampled with its own values and its own key
@@ -470,8 +470,8 @@ class Engine:
         """Seats waiting requests, first come first served, while a row is free and the
         pool holds the next one's prompt and ``max_tokens`` (else it waits, first).
         A request whose prompt continues, past what is cached, with a block a row still
-        prefilling will cache waits for it (``_waits_for_a_prefill``), and those behind it go
-        first: requests that arrive together with one system prompt prefill it once."""
+        prefilling will cache waits for it (``_waits_for_a_prefill``), and those behind it
+        go first: requests that arrive together with one system prompt prefill it once."""
         admitted = 0
         with self._cond:
             pending = self._prefilling_keys()
@@ -614,8 +614,9 @@ class Engine:
 
     def warmup(self) -> int:
         """Compiles every program the engine runs (the decode step, greedy and sampling,
-        and the prefill chunks of each shape, ``prefill_shapes``), so that no request waits for a compile;
-        returns how many programs the engine holds. Without it each compiles on first use."""
+        and the prefill chunks of each shape, ``prefill_shapes``), so that no request waits
+        for a compile; returns how many programs the engine holds. Without it each compiles
+        on first use."""
         for greedy in (True, False):
             self._program(("decode", greedy), self._decode_args([]))
         for shape in self._prefill_shapes:

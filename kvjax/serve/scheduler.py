@@ -5,8 +5,9 @@ no JAX here).
 A request (a ``Job``) waits in the queue until a row is free and the pool can hold its
 prompt and ``max_tokens`` (the engine allocates its blocks on admission), and, while the
 engine defers it (its prompt continues with blocks a row still prefilling is about to
-cache), lets the requests behind it go first; then it takes the row: first prefilling its prompt a chunk per step, then decoding a token per step, until
-it stops, reaches ``max_tokens`` or is cancelled and gives the row back.
+cache), lets the requests behind it go first; then it takes the row: first prefilling
+its prompt a chunk per step, then decoding a token per step, until it stops, reaches
+``max_tokens`` or is cancelled and gives the row back.
 """
 
 from __future__ import annotations
