@@ -240,7 +240,7 @@ class Engine:
         self._cond = threading.Condition()  # guards the scheduler, the counts, the blocks
         self._compiled: dict[tuple, object] = {}  # ("prefill", (rows, width)) | ("decode", greedy)
         self._in_flight: tuple[list[Job], jax.Array] | None = None  # the decode step not read yet
-        self._seated: tuple | None = None  # the rows' jobs _row_values was built for
+        self._seated: tuple | None = None  # the rows' jobs _seated_values were built for
         self._seated_values: tuple = ()
         self._ids = itertools.count()
         self._idle_sampling = SamplingParams.create(1)
@@ -501,9 +501,10 @@ class Engine:
         """The keys of the prompt blocks of the rows still prefilling (none with
         ``prefix_caching`` off: nothing is shared)."""
         pending = set()
-        for job in self._scheduler.running():
-            if job.prompt_left and self.prefix_caching:
-                pending.update(self._prompt_keys(job))
+        if self.prefix_caching:
+            for job in self._scheduler.running():
+                if job.prompt_left:
+                    pending.update(self._prompt_keys(job))
         return pending
 
     def _waits_for_a_prefill(self, job: Job, pending: set[bytes]) -> bool:
@@ -651,12 +652,10 @@ class Engine:
         tokens, lengths = pad_block(pieces + [[]] * (rows - len(chunks)), width)  # [rows, width]
         starts = np.zeros((rows,), np.int32)
         seeds = np.zeros((rows,), np.uint32)
-        blocks: list[Sequence[int]] = [()] * rows
-        sampling = [self._idle_sampling] * rows
         for row, (job, _) in enumerate(chunks):
             starts[row], seeds[row] = job.written, job.seed
-            blocks[row], sampling[row] = job.allocation.blocks, job.sampling
-        sampling = jax.tree.map(lambda *values: np.concatenate(values), *sampling)
+        blocks, sampling = self._row_values([job for job, _ in chunks]
+                                            + [None] * (rows - len(chunks)))
         return (self.model.params, self._pool(blocks, starts), tokens, lengths, starts,
                 sampling, seeds)
 
@@ -679,21 +678,20 @@ class Engine:
             positions[row] = job.written
             seeds[row], steps[row] = job.seed, len(job.generated) + job.in_flight
         previous = tokens if self._in_flight is None else self._in_flight[1]
-        blocks, sampling = self._row_values()
+        seated = tuple(self._scheduler.rows)
+        if seated != self._seated:  # rebuilt only when a row changes hands
+            self._seated, self._seated_values = seated, self._row_values(seated)
+        blocks, sampling = self._seated_values
         return (self.model.params, self._pool(blocks, np.maximum(positions, 0)), tokens,
                 previous, use_previous, positions, sampling, seeds, steps)
 
-    def _row_values(self) -> tuple[list, SamplingParams]:
-        """The rows' block lists and sampling values (idle rows: none, greedy), rebuilt only
-        when a row changes hands. A seated row that does not decode this step runs at
+    def _row_values(self, jobs: Sequence[Job | None]) -> tuple[list, SamplingParams]:
+        """Each row's block list and sampling values, ``jobs[row]``'s (None: an idle row,
+        no blocks, greedy). In a decode step a seated row that does not decode runs at
         position -1: its table is read, nothing written."""
-        seated = tuple(self._scheduler.rows)
-        if seated != self._seated:
-            blocks = [() if job is None else job.allocation.blocks for job in seated]
-            sampling = [self._idle_sampling if job is None else job.sampling for job in seated]
-            sampling = jax.tree.map(lambda *values: np.concatenate(values), *sampling)
-            self._seated, self._seated_values = seated, (blocks, sampling)
-        return self._seated_values
+        blocks = [() if job is None else job.allocation.blocks for job in jobs]
+        sampling = [self._idle_sampling if job is None else job.sampling for job in jobs]
+        return blocks, jax.tree.map(lambda *values: np.concatenate(values), *sampling)
 
     # ----- statistics -----
 
