@@ -221,10 +221,14 @@ def percentiles(values: list[float]) -> dict:
     return {"p50_ms": float(p50), "p99_ms": float(p99), "mean_ms": float(np.mean(values)) * 1e3}
 
 
+def gaps(records: list[Record]) -> list[float]:
+    """The inter-token gaps of the records: seconds between a request's successive chunks."""
+    return [b - a for r in records for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+
+
 def summary(records: list[Record], duration: float, before: dict, after: dict) -> dict:
     ok = [r for r in records if r.error is None]
     output = sum(r.completion_tokens for r in ok)
-    gaps = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
     per_token = [(r.chunk_times[-1] - r.first_token) / (r.completion_tokens - 1)
                  for r in ok if r.completion_tokens > 1 and r.chunk_times]
     delta = lambda name: after.get(name, 0) - before.get(name, 0)
@@ -236,7 +240,7 @@ def summary(records: list[Record], duration: float, before: dict, after: dict) -
         "output_tokens": output, "output_tokens_per_s": output / duration,
         "prompt_tokens": sum(r.prompt_len for r in ok),
         "ttft": percentiles([r.first_token - r.sent for r in ok if r.first_token is not None]),
-        "itl": percentiles(gaps), "tpot": percentiles(per_token),
+        "itl": percentiles(gaps(ok)), "tpot": percentiles(per_token),
         "e2e": percentiles([r.done - r.sent for r in ok]),
         # over this run, from the server's counters (None without kvjax's /metrics)
         "prefix_hit_rate": (delta("kvjax_cached_prompt_tokens_total") / prompt_tokens
@@ -275,35 +279,46 @@ def report(result: dict) -> str:
         *(f"  error: {e}" for e in s["errors"])])
 
 
-def write_plot(records: list[Record], path: str) -> None:
-    """Each request's time to first token and end-to-end latency against when it was sent,
-    and the distributions of TTFT, inter-token gaps and end-to-end latency."""
+def pyplot():
+    """matplotlib's pyplot, drawing to files."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    return plt
 
+
+def plot_cdf(ax, values: list[float], label: str) -> None:
+    """The fraction of ``values`` at or below each value (nothing without values)."""
+    if values:
+        ax.plot(np.sort(values), np.linspace(0, 1, len(values)), label=label)
+
+
+def save_figure(fig, path: str) -> None:
+    """``fig`` as a PNG at ``path`` (through a temporary file), then closed."""
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+    pyplot().close(fig)
+
+
+def write_plot(records: list[Record], path: str) -> None:
+    """Each request's time to first token and end-to-end latency against when it was sent,
+    and the distributions of TTFT, inter-token gaps and end-to-end latency."""
     ok = [r for r in records if r.error is None and r.first_token is not None]
-    fig, (timeline, cdf) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (timeline, cdf) = pyplot().subplots(1, 2, figsize=(11, 4))
     timeline.scatter([r.sent for r in ok], [r.first_token - r.sent for r in ok], s=6,
                      label="time to first token")
     timeline.scatter([r.sent for r in ok], [r.done - r.sent for r in ok], s=6,
                      label="end-to-end")
     timeline.set(xlabel="sent at (s)", ylabel="latency (s)")
     timeline.legend()
-    series = {"time to first token": [r.first_token - r.sent for r in ok],
-              "inter-token gap": [b - a for r in ok for a, b in zip(r.chunk_times,
-                                                                     r.chunk_times[1:])],
-              "end-to-end": [r.done - r.sent for r in ok]}
-    for name, values in series.items():
-        if values:
-            cdf.plot(np.sort(values), np.linspace(0, 1, len(values)), label=name)
+    plot_cdf(cdf, [r.first_token - r.sent for r in ok], "time to first token")
+    plot_cdf(cdf, gaps(ok), "inter-token gap")
+    plot_cdf(cdf, [r.done - r.sent for r in ok], "end-to-end")
     cdf.set(xscale="log", xlabel="seconds", ylabel="fraction of requests (gaps)")
     cdf.legend()
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -402,31 +417,21 @@ class ServerProcess:
 def compare_plot(paths: list[str], path: str) -> None:
     """The distributions of time to first token and of inter-token gaps of several runs
     (their JSON files), one line per run, labelled by file name."""
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ttft, itl) = pyplot().subplots(1, 2, figsize=(11, 4))
     for run_path in paths:
         with open(run_path) as f:
-            records = [r for r in json.load(f)["records"] if r["error"] is None
-                       and r["first_token"] is not None]
+            records = [Record(**r) for r in json.load(f)["records"]]
+        ok = [r for r in records if r.error is None and r.first_token is not None]
         label = os.path.splitext(os.path.basename(run_path))[0]
-        series = ([r["first_token"] - r["sent"] for r in records],
-                  [b - a for r in records for a, b in zip(r["chunk_times"], r["chunk_times"][1:])])
-        for ax, values in zip(axes, series):
-            if values:
-                ax.plot(np.sort(values), np.linspace(0, 1, len(values)), label=label)
-    for ax, name in zip(axes, ("time to first token", "inter-token gap")):
+        plot_cdf(ttft, [r.first_token - r.sent for r in ok], label)
+        plot_cdf(itl, gaps(ok), label)
+    for ax, name in ((ttft, "time to first token"), (itl, "inter-token gap")):
         ax.set(xscale="log", xlabel=f"{name} (s)", ylabel="fraction")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
