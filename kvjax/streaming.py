@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from kvjax import programs, sharding
@@ -15,6 +16,7 @@ from kvjax.decode import PAD_TOKEN
 from kvjax.generation import Generation, generation_stats, texts
 from kvjax.loading import Model
 from kvjax.requests import MIN_PROMPT_BUCKET, Prompts, Request, bucket, make_request, pad_block
+from kvjax.sampling import SamplingParams
 
 
 def tokens_of_chunk(block: np.ndarray, stops: set[int], finished: bool,
@@ -75,7 +77,7 @@ class DecodeChunks:
         state = self.state = self._prefill(*self._prefill_args)
         first = sharding.to_host(state.tokens)[:, None]  # [batch, 1]
         finished = bool(np.all(sharding.to_host(state.done)))
-        self.prefill_s = time.perf_counter() - t0
+        self.prefill_s += time.perf_counter() - t0
         t1 = time.perf_counter()
         steps_left = int(np.max(self._controls["max_new_tokens"])) - 1  # steps a row may need
         pending = None
@@ -183,19 +185,50 @@ def prefix_cached_chunks(model: Model, prefix_cache, rows: list[list[int]], cont
     """``(chunks, on_end, cache_bytes)``: ``DecodeChunks`` of ``rows`` (prompts' token
     ids) in ``prefix_cache``'s pool, each prefilling from its cached prefix on, and
     ``on_end(state, new_tokens)`` that hands the pool back and keeps the rows' blocks."""
-    allocations = prefix_cache.allocate(rows, int(np.max(controls["max_new_tokens"])))
-    starts = np.array([allocation.cached_tokens for allocation in allocations], np.int32)
+    shared = SharedPrefill(model, prefix_cache.kv_dtype, controls["stop_tokens"])
+    allocations, starts = prefix_cache.allocate_sharing(
+        rows, int(np.max(controls["max_new_tokens"])), shared)
     rests = [ids[start:] for ids, start in zip(rows, starts)]
     block, lengths = pad_block(rests, bucket(max(map(len, rests)), MIN_PROMPT_BUCKET))
-    cache = prefix_cache.cache_for(allocations)
-    chunks = DecodeChunks(model, True, chunk_size, cache, block, lengths, starts, controls,
-                          kv_dtype=prefix_cache.kv_dtype)
+    cache = prefix_cache.cache_for(allocations, starts)
+    chunks = DecodeChunks(model, True, chunk_size, cache, block, lengths,
+                          np.array(starts, np.int32), controls, kv_dtype=prefix_cache.kv_dtype)
+    chunks.compile_s += shared.compile_s
+    chunks.prefill_s += shared.prefill_s
 
     def on_end(state, new_tokens):
         prefix_cache.release(allocations, state.cache if state is not None else cache,
                              [ids + new for ids, new in zip(rows, new_tokens)])
 
     return chunks, on_end, cache.nbytes
+
+
+class SharedPrefill:
+    """The ``prefill`` of ``PrefixCache.allocate_sharing``: rows' prompt segments written
+    to their blocks of the pool by ``generate_stream``'s prefill program (greedy, one new
+    token, discarded), blocking until done; ``compile_s`` and ``prefill_s`` add up the
+    seconds spent."""
+
+    def __init__(self, model: Model, kv_dtype: str, stop_tokens: np.ndarray):
+        self._model, self._kv_dtype, self._stop_tokens = model, kv_dtype, stop_tokens
+        self.compile_s = self.prefill_s = 0.0
+
+    def __call__(self, cache, segments: list[list[int]], starts: list[int]):
+        rows = len(segments)
+        block, lengths = pad_block(segments, bucket(max(map(len, segments)), MIN_PROMPT_BUCKET))
+        program, _ = programs.stream_programs(
+            self._model, greedy=True, chunk_size=1, fresh=False, kv_dtype=self._kv_dtype,
+            state_shardings=programs.state_shardings(self._model, cache))
+        args = (self._model.params, cache, block, lengths, np.array(starts, np.int32),
+                np.ones((rows,), np.int32), SamplingParams.create(rows), np.uint32(0),
+                self._stop_tokens)
+        t0 = time.perf_counter()
+        compiled = programs.PROGRAMS.compiled(program, args)
+        t1 = time.perf_counter()
+        pool = jax.block_until_ready(compiled(*args).cache)
+        self.compile_s += t1 - t0
+        self.prefill_s += time.perf_counter() - t1
+        return pool
 
 
 def check_prefix_cache_request(model: Model, req: Request, prefix_cache) -> None:

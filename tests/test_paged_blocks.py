@@ -10,6 +10,7 @@ import pytest
 
 from kvjax.paged import BlockManager, PoolExhausted
 from kvjax.paged.blocks import chain_keys
+from kvjax.paged.prefix import leading_rows
 
 
 def serve(manager, prompt, reserve=0, written=()):
@@ -99,6 +100,23 @@ def test_a_row_that_never_ran_releases_with_its_cached_prefix():
         allocation = manager.allocate(prompt, 4)
         manager.release(allocation, prompt[:allocation.cached_tokens])
         assert manager.stats()["blocks"]["device"] == before  # nothing held, nothing new
+
+
+def test_leading_rows_one_per_group_of_rows_sharing_uncached_blocks():
+    """Blocks of 4; A = [1..4] and B = [5..8] cached. Over each row's tokens before its
+    last: rows 0 and 2 hold A B C D, row 1 A B C, row 3 E, row 4 E F, row 5 A (cached),
+    row 6 no full block. C is in 3 rows, D and E in 2, F in 1. Group C: rows 0 and 2
+    share C D (row 1 only C): row 0 leads, the first on the tie, through 4 blocks (16
+    tokens). Group E: rows 3 and 4 share E (F is row 4's alone): row 3 leads through 1
+    block. Rows 5 and 6 have nothing uncached to share."""
+    manager = BlockManager(32, 4)
+    serve(manager, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    ab, c, d = [1, 2, 3, 4, 5, 6, 7, 8], [10, 11, 12, 13], [14, 15, 16, 17]
+    rows = [ab + c + d + [0], ab + c + [20], ab + c + d + [30, 31], [50, 51, 52, 53, 60],
+            [50, 51, 52, 53, 54, 55, 56, 57, 1], [1, 2, 3, 4, 5], [70, 71, 72]]
+    assert leading_rows(manager, rows) == {0: 16, 3: 4}
+    assert leading_rows(manager, [c + d + [9]] * 3) == {0: 8}  # equal rows: all but the last
+    assert leading_rows(manager, [ab + c + [9], ab + d + [9]]) == {}  # A B cached; C, D differ
 
 
 # ----- policies -----

@@ -43,11 +43,52 @@ def test_tokens_equal_without_the_prefix_cache(model, prompts, kv_dtype):
     for _ in range(3):
         assert plain(model, prompts, prefix_cache=pc) == want
         rates.append(pc.stats()["hit_rate"])
-    # run 2: rows of 42, 46 and 40 tokens find all 5 full blocks of their prompts (each
-    # cached by its own row in run 1); the 40-token row recomputes its last token: 40 +
-    # 40 + 39 of the 2 x 128 prompt tokens so far
-    assert rates[0] == 0 and rates[1] == pytest.approx(119 / 256)
+    # run 1: row 0 prefills the 4 full blocks all three rows share (32 tokens) before
+    # the others start, which find them: 64 of 128 prompt tokens. Run 2: rows of 42, 46
+    # and 40 tokens find all 5 full blocks of their prompts; the 40-token row recomputes
+    # its last token: 64 + 40 + 40 + 39 of the 2 x 128 prompt tokens so far
+    assert rates[0] == 0.5 and rates[1] == pytest.approx(183 / 256)
     assert pc.stats()["blocks"]["device"]["in_use"] == 0  # every row released
+
+
+@pytest.fixture(scope="module")
+def nested_prompts(model):
+    """Blocks of 8. ``base`` (50 tokens) and ``fork`` (its first 20, then 30 others)."""
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, model.config.vocab_size, 50).tolist()
+    fork = base[:20] + rng.integers(0, model.config.vocab_size, 30).tolist()
+    return [base, base, base[:33], fork, fork + [5], base + [1, 2, 3]]
+
+
+def test_rows_of_one_call_compute_a_shared_prefix_once(model, nested_prompts):
+    """Six rows into an empty pool (full blocks before each row's last token: base's
+    k0..k5, base[:33]'s k0..k3, fork's k0 k1 m2..m5). Row 0 prefills k0..k5 first (the
+    longest run the others share), then row 3 m2..m5 (shared with row 4 only); the
+    others start after them and find: row 1 6 blocks, row 2 4, row 4 6, row 5 6, and
+    row 3 had found k0 k1: 24 block hits, 192 of 287 prompt tokens served, 10 misses.
+    Tokens equal those of a run without a prefix cache."""
+    pc = PrefixCache(model, block_size=8, budget_blocks=128)
+    assert plain(model, nested_prompts, prefix_cache=pc) == plain(model, nested_prompts)
+    stats = pc.stats()
+    assert (stats["block_hits"], stats["block_misses"], stats["cached_tokens"],
+            stats["prompt_tokens"]) == (24, 10, 192, 287)
+    assert stats["blocks"]["device"]["in_use"] == 0
+
+
+def test_rows_that_do_not_fit_after_their_leader_release_it(model, nested_prompts):
+    """A pool of 12 blocks: row 0 (50 + 12 tokens: 8 blocks) is allocated and prefills
+    its 6 shared blocks; row 3 then needs 6 fresh blocks (k0 k1 are held by row 0) and
+    4 are left. Everything is released and row 0's 6 prefilled blocks stay cached."""
+    pc = PrefixCache(model, block_size=8, budget_blocks=12)
+    with pytest.raises(PoolExhausted) as error:
+        plain(model, nested_prompts, prefix_cache=pc)
+    assert str(error.value) == ("the pool has 12 blocks of 8 slots, 8 in use by running rows; "
+                                "this row needs 6: raise budget_blocks (prefix_cache_mb) or run "
+                                "fewer rows at once")
+    blocks = pc.stats()["blocks"]["device"]
+    assert (blocks["in_use"], blocks["cached"]) == (0, 6)
+    assert plain(model, nested_prompts[:1], prefix_cache=pc) == plain(model, nested_prompts[:1])
+    assert pc.stats()["cached_tokens"] == 48
 
 
 def test_whole_prompt_cached_is_copied_not_shared(model):

@@ -21,7 +21,8 @@ For a model on a mesh the pool is created sharded as the model's rules place a c
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections import Counter
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from kvjax.cache.paged import PagedKVCache, check_mesh_rows
 from kvjax.cache.quantized import check_storable
 from kvjax.cache import check_kv_dtype
 from kvjax.config import is_count
-from kvjax.paged.blocks import Allocation, BlockManager, check_block_size
+from kvjax.paged.blocks import Allocation, BlockManager, chain_keys, check_block_size
 
 
 class PrefixCache:
@@ -117,14 +118,63 @@ class PrefixCache:
             raise
         return allocations
 
-    def cache_for(self, allocations: Sequence[Allocation]) -> PagedKVCache:
+    def allocate_sharing(self, rows: Sequence[Sequence[int]], reserve: int,
+                         prefill: Callable[[PagedKVCache, list, list], PagedKVCache]
+                         ) -> tuple[list[Allocation], list[int]]:
+        """``allocate`` for rows that run together, where rows sharing a prefix that no
+        cached block holds yet compute it once: one row of each such group (``leading_rows``)
+        is allocated and prefilled first through the blocks it shares, which are then
+        cached (``BlockManager.publish``), and the others are allocated after it, sharing
+        them as any later request would.
+
+        Args:
+          rows: each row's prompt token ids.
+          reserve: tokens each row writes after its prompt.
+          prefill: ``prefill(cache, segments, starts)`` writes the K/V of each row's
+            ``segments[row]`` (token ids) from position ``starts[row]`` into ``cache``
+            (the pool with those rows' tables, from ``cache_for``) and returns the pool.
+
+        Returns:
+          ``(allocations, starts)``: each row's blocks, and the position its prefill
+          starts at (its cached tokens; for a leading row, the end of what it prefilled).
+          All or nothing, as ``allocate``: on an error every row is released.
+        """
+        allocations: dict[int, Allocation] = {}
+        starts: dict[int, int] = {}
+        pending = list(range(len(rows)))
+        try:
+            while leaders := leading_rows(self.manager, [rows[i] for i in pending]):
+                chosen = [pending[i] for i in leaders]
+                taken = self.allocate([rows[i] for i in chosen], reserve)
+                allocations.update(zip(chosen, taken))
+                begin = [allocation.cached_tokens for allocation in taken]
+                ends = list(leaders.values())
+                self.pool = prefill(self.cache_for(taken), [
+                    list(rows[i][start:end]) for i, start, end in zip(chosen, begin, ends)], begin)
+                for i, allocation, end in zip(chosen, taken, ends):
+                    self.manager.publish(allocation, list(rows[i][:end]))
+                    starts[i] = end
+                pending = [i for i in pending if i not in allocations]
+            allocations.update(zip(pending, self.allocate([rows[i] for i in pending], reserve)))
+        except Exception:
+            for i, allocation in allocations.items():
+                self.manager.release(allocation, list(rows[i])[:starts.get(
+                    i, allocation.cached_tokens)])
+            raise
+        ordered = [allocations[i] for i in range(len(rows))]
+        return ordered, [starts.get(i, a.cached_tokens) for i, a in enumerate(ordered)]
+
+    def cache_for(self, allocations: Sequence[Allocation],
+                  starts: Sequence[int] | None = None) -> PagedKVCache:
         """The pool with the rows' block tables (``int32[rows, width]``, the width a power
-        of two so that nearby sizes share a program) and lengths (their cached tokens)."""
+        of two so that nearby sizes share a program) and lengths: ``starts``, the tokens
+        their blocks hold (default: their cached tokens)."""
         width = 1 << (max(len(a.blocks) for a in allocations) - 1).bit_length()
         tables = np.zeros((len(allocations), width), np.int32)
         for row, allocation in enumerate(allocations):
             tables[row, :len(allocation.blocks)] = allocation.blocks
-        starts = [allocation.cached_tokens for allocation in allocations]
+        if starts is None:
+            starts = [allocation.cached_tokens for allocation in allocations]
         return self.pool.with_tables(tables, starts)
 
     def release(self, allocations: Sequence[Allocation], cache: PagedKVCache,
@@ -162,6 +212,37 @@ class PrefixCache:
             sources, targets = map(np.asarray, zip(*allocation.copies))
             buffers = _put(buffers, _take(buffers, sources), targets)
         self.pool = _with_buffers(self.pool, buffers)
+
+
+def leading_rows(manager: BlockManager, rows: Sequence[Sequence[int]]) -> dict[int, int]:
+    """Which of ``rows`` (prompts about to be allocated together) to prefill first so that
+    a prefix several of them share, and no cached block holds yet, is computed once:
+    ``{row index: end}``, the row then prefilled through token ``end`` (a multiple of the
+    block size) and its blocks cached before the others are allocated.
+
+    Rows are grouped by their first full block that is not cached (only blocks wholly
+    before a row's last token count: a row always computes its last token). A group of two
+    rows or more has one leader, the row sharing the most blocks with the others (the
+    first such row on a tie), which prefills them all; the others of its group share its
+    blocks, and those whose prompts continue together past them form a group of their own
+    in the next call. Leaders of different groups hold different blocks (equal chained keys
+    mean equal prefixes), so they prefill together.
+    """
+    chains = []
+    for tokens in rows:
+        keys = list(chain_keys(list(tokens)[:-1], manager.block_size))
+        first = next((i for i, key in enumerate(keys) if not manager.is_cached(key)), len(keys))
+        chains.append((first, keys))
+    counts = Counter(key for first, keys in chains for key in keys[first:])
+    best: dict[bytes, tuple[int, int]] = {}  # first uncached key -> (blocks shared, row)
+    for row, (first, keys) in enumerate(chains):
+        shared = first
+        while shared < len(keys) and counts[keys[shared]] > 1:
+            shared += 1
+        if shared > first and shared > best.get(keys[first], (0, 0))[0]:
+            best[keys[first]] = (shared, row)
+    return {row: shared * manager.block_size for shared, row in sorted(
+        best.values(), key=lambda leader: leader[1])}
 
 
 def block_bytes(config, block_size: int, kv_dtype: str) -> int:
