@@ -47,6 +47,9 @@ Issue-5 cases, on ``--shape`` (bundled tokenizer's vocabulary), unchanged:
 * ``chat``: a ``ChatSession`` whose history grows turn by turn; the prefill of each
   turn's new tokens at the end of the cache (what the session runs) against a
   from-scratch prefill of the whole history, both timed as the prefill program alone.
+* ``sharedprefix``: ``--shared-batch`` prompts beginning with one ``--shared-prefix``-token
+  prefix, one new token each: ``generate`` with a fresh ``PrefixCache`` (the rows compute
+  the prefix once) against ``generate`` without one.
 
 Decode over several devices (issue 12's meshes) is ``benchmarks/sharding_benchmark.py``'s
 (docs/sharding.md; a summary in docs/benchmarks.md).
@@ -238,7 +241,31 @@ def case_nocache(model, args):
     return rows
 
 
-SHAPE_CASES = {"stream": case_stream, "chat": case_chat, "nocache": case_nocache}
+def case_sharedprefix(model, args):
+    """``--shared-batch`` prompts of a ``--shared-prefix``-token prefix and 16 tokens of
+    their own, one new token each (the time to the first tokens): ``generate`` with a
+    fresh ``PrefixCache`` per call (its rows compute the shared prefix once) against
+    ``generate`` without one (each row computes it)."""
+    prefix = prompt_ids(model, args.shared_prefix)
+    prompts = [prefix + prompt_ids(model, 16, seed=row + 1) for row in range(args.shared_batch)]
+    run = lambda **kwargs: kvjax.generate(model, prompts, max_new_tokens=1, stop_tokens=[],
+                                          **kwargs)
+    blocks = args.shared_batch * -(-(args.shared_prefix + 17) // 16)
+    fresh = lambda: kvjax.PrefixCache(model, block_size=16, budget_blocks=blocks)
+    plain = timed(lambda: run(), args.reps)
+    shared = timed(lambda pc: run(prefix_cache=pc), args.reps, setup=fresh)
+    pc = fresh()
+    run(prefix_cache=pc)
+    stats = pc.stats()
+    return [dict(case="sharedprefix", rows=args.shared_batch, prefix_tokens=args.shared_prefix,
+                 own_tokens=16, plain_ms=plain * 1e3, prefix_cache_ms=shared * 1e3,
+                 speedup=plain / shared, hit_rate=stats["hit_rate"],
+                 prompt_over_computed=stats["prompt_tokens"] / (stats["prompt_tokens"]
+                                                                - stats["cached_tokens"]))]
+
+
+SHAPE_CASES = {"stream": case_stream, "chat": case_chat, "nocache": case_nocache,
+               "sharedprefix": case_sharedprefix}
 
 
 # ----- suite cases: each yields its points (dicts of record fields) for one model -------
@@ -280,7 +307,7 @@ def hf_points(args, model):
 
 SUITE_CASES = {"decode": decode_points, "longctx": longctx_points,
                "prefill32k": prefill32k_points, "hf": hf_points}
-CASES = [*SUITE_CASES, "nocache", "stream", "chat"]
+CASES = [*SUITE_CASES, *SHAPE_CASES]
 
 
 class Run:
@@ -425,7 +452,7 @@ def parse_args(argv):
                        help="decode steps on kvjax's decode kernel wherever it runs, "
                             "interpreted where it does not compile (kvjax's default on GPUs)")
     suite.add_argument("--gemm-size", type=int)
-    old = parser.add_argument_group("issue-5 cases (stream, chat, nocache) on --shape")
+    old = parser.add_argument_group("cases on --shape (stream, chat, nocache, sharedprefix)")
     old.add_argument("--shape", choices=SHAPES, default="tiny")
     old.add_argument("--dtype", default="bfloat16")
     old.add_argument("--batch", type=int, default=1)
@@ -438,6 +465,10 @@ def parse_args(argv):
     old.add_argument("--nocache-new", type=int, default=None,
                      help="new tokens per nocache run; 0: half the total (the gpu preset's "
                           "default; cpu: 16)")
+    old.add_argument("--shared-batch", type=int, default=16,
+                     help="sharedprefix: prompts that begin with one prefix")
+    old.add_argument("--shared-prefix", type=int, default=512,
+                     help="sharedprefix: tokens of their prefix")
     return parser.parse_args(argv)
 
 

@@ -49,7 +49,8 @@ def smoke_run(tmp_path_factory):
         filter(None, [os.environ.get("PYTHONPATH"), ROOT]))}
     proc = subprocess.run(
         [sys.executable, os.path.join(BENCHMARKS, "benchmark.py"),
-         "--cases", "decode", "longctx", "hf", "nocache",
+         "--cases", "decode", "longctx", "hf", "nocache", "sharedprefix", "--shape", "tiny",
+         "--shared-batch", "3", "--shared-prefix", "32",
          "--models", "bundled", "no-such-model", "--batches", "1", "512", "4096",
          "--decode-shapes", f"{PROMPT}+{NEW}", "--longctx-capacity", "128",
          "--longctx-fills", "32", "96", "--longctx-new", "4", "--longctx-prefill", "16",
@@ -74,6 +75,11 @@ def test_suite_records_are_complete_and_documented(smoke_run):
     nocache = [r for r in records if r.get("case") == "nocache"]
     assert [r["total_tokens"] for r in nocache] == [32] and nocache[0]["speedup"] > 0
     assert nocache[0]["prompt_len"] + nocache[0]["new_tokens"] == 32
+    # 3 rows of 32 shared + 16 own tokens, blocks of 16: the first computes all 48, the
+    # others find the 2 shared blocks: 64 of 144 prompt tokens served, 80 computed
+    (shared,) = [r for r in records if r.get("case") == "sharedprefix"]
+    assert (shared["hit_rate"], shared["prompt_over_computed"]) == (64 / 144, 144 / 80)
+    assert shared["speedup"] > 0
 
     suite = [r for r in records if r.get("case") in ("decode", "longctx", "hf")]
     assert all(FIELDS <= set(r) for r in suite)
