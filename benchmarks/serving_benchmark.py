@@ -23,7 +23,8 @@ log-normal distributions with means ``--prompt-len`` and ``--output-len`` and sh
 ``--len-sigma`` (the standard deviation of the length's logarithm), rounded and clipped to
 [1, 4 x the mean]; prompts are random token ids in ``TOKEN_RANGE`` (ordinary tokens in
 every common vocabulary), after a ``--shared-prefix`` of the same tokens for every
-request (a system prompt); outputs run to their drawn length (``ignore_eos``).
+request (a system prompt); outputs run to their drawn length (``ignore_eos``), greedy,
+or sampled at ``--temperature`` with request ``i`` seeded ``i``.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
                         help="tokens every prompt starts with, before its own")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature of every request (default 0: greedy)")
     parser.add_argument("--static-baseline", action="store_true",
                         help="first time kvjax.generate over one static batch of the same "
                              "shapes (min(--requests, the server's --max-rows) prompts of "
@@ -135,10 +138,10 @@ def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
 
 
 async def send(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
-               start: float) -> Record:
-    """One streamed completion, timed."""
+               sampling: dict, start: float) -> Record:
+    """One streamed completion, timed; ``sampling``: its temperature (and seed)."""
     record = Record(len(prompt), max_tokens, sent=time.perf_counter() - start)
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, **sampling,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -168,7 +171,8 @@ async def send(client: httpx.AsyncClient, model: str, prompt: list[int], max_tok
 
 async def run(url: str, api_key: str | None, model: str | None,
               requests: list[tuple[list[int], int]], rate: float | None,
-              concurrency: int | None, seed: int) -> tuple[list[Record], float, dict, dict]:
+              concurrency: int | None, seed: int, temperature: float = 0.0
+              ) -> tuple[list[Record], float, dict, dict]:
     """Sends the requests; returns their records, the run's seconds and the server's
     metrics before and after."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -181,13 +185,15 @@ async def run(url: str, api_key: str | None, model: str | None,
         rng = np.random.default_rng(seed + 1)
         start = time.perf_counter()
 
-        async def one(prompt, max_tokens):
+        async def one(prompt, max_tokens, sampling):
             async with gate:
-                return await send(client, model, prompt, max_tokens, start)
+                return await send(client, model, prompt, max_tokens, sampling, start)
 
         tasks = []
-        for prompt, max_tokens in requests:
-            tasks.append(asyncio.create_task(one(prompt, max_tokens)))
+        for index, (prompt, max_tokens) in enumerate(requests):
+            sampling = ({"temperature": temperature, "seed": index} if temperature > 0 else
+                        {"temperature": 0})
+            tasks.append(asyncio.create_task(one(prompt, max_tokens, sampling)))
             if rate is not None:
                 await asyncio.sleep(rng.exponential(1 / rate))
         records = await asyncio.gather(*tasks)
@@ -455,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records, duration, before, after = asyncio.run(run(
             args.url, args.api_key, args.model_name, requests, args.rate, args.concurrency,
-            args.seed))
+            args.seed, args.temperature))
     finally:
         if server is not None:
             server.stop()

@@ -14,12 +14,17 @@ once, in ``kvjax.params``. Which attention each layer runs is chosen once per pr
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kvjax.attention import AttentionPlan, LayerAttention, attend_layer, choose, soft_cap
+from kvjax.attention import (AttentionPlan, LayerAttention, attend_layer, attend_pool_blocks,
+                             choose, soft_cap)
 from kvjax.cache import KVCache, LayerSlots, TokenHistory
+from kvjax.cache.base import advanced_lengths
+from kvjax.cache.paged import PagedKVCache
 from kvjax.cache.quantized import layer_kv_dtype
 from kvjax.config import ModelConfig
 from kvjax.kernels.decode_attention import MeshSplit
@@ -263,18 +268,81 @@ def _sink_rope_tables(config: ModelConfig, slots: list, positions: jax.Array,
     return [table if sinks else (None, None) for table, sinks in zip(tables, has_sinks)]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def forward_parts(config: ModelConfig, params: dict, parts: Sequence[tuple[jax.Array, jax.Array]],
+                  cache: PagedKVCache, *, attention: AttentionPlan
+                  ) -> tuple[list[jax.Array], PagedKVCache]:
+    """Several blocks of rows of one paged pool in one pass over the weights: e.g. a
+    decode step of some rows (``[rows, 1]``) and prompt chunks of others (``[rows,
+    width]``), whose tokens then share every product with a weight (the weights are
+    read once, not once per block). Each block writes and attends as ``forward`` would
+    run it alone: the blocks hold different rows, and a row reads only its own table's
+    blocks (``kvjax.attention.attend_pool_blocks``).
+
+    Args:
+      parts: ``(tokens, positions)`` per block, each ``int32[rows_i, width_i]``
+        (positions ``-1``: padding, which writes nothing).
+      cache: the pool, its tables and lengths holding the blocks' rows in order
+        (``sum(rows_i)`` rows).
+      attention: static; ``choose``'s plan for a cache that is not fresh.
+
+    Returns:
+      ``(logits, cache)``: per block ``float32[rows_i, vocab]``, each row's logits at
+      its last real token; the cache with the blocks written and its lengths advanced.
+    """
+    shapes = tuple(tokens.shape for tokens, _ in parts)
+    flat = lambda arrays: jnp.concatenate([a.reshape(1, -1) for a in arrays], axis=1)
+    tokens, positions = flat([t for t, _ in parts]), flat([p for _, p in parts])  # [1, all]
+    block_positions = tuple(p for _, p in parts)
+    x = embed(config, params, tokens, positions)  # [1, all, hidden]
+    tables = layer_rope_tables(config, positions, cache.capacity)
+    for index, layer in enumerate(params["layers"]):
+        if index:  # as in forward: each layer reads its weights when it runs
+            x, layer = jax.lax.optimization_barrier((x, layer))
+        x, layer_cache = _layer(config, attention.layers[index], cache.layer_slots(index), False,
+                                layer, x, *tables[index], None, None, cache.layer(index),
+                                block_positions, shapes)
+        cache = cache.with_layer(index, layer_cache)
+    lengths, last, at, row = [], [], 0, 0
+    for (rows, width), block in zip(shapes, block_positions):
+        lengths.append(advanced_lengths(cache.lengths[row:row + rows], block))
+        picked = jnp.argmax(block, axis=1)  # each row's last real token (padding is -1)
+        last.append(x[0, at + picked + width * jnp.arange(rows)])  # [rows, hidden]
+        at, row = at + rows * width, row + rows
+    logits = final_logits(config, params, jnp.concatenate(last)[:, None])[:, 0]  # [all rows, vocab]
+    ends = np.cumsum([rows for rows, _ in shapes])[:-1]
+    return jnp.split(logits, ends), cache.replace(lengths=jnp.concatenate(lengths))
+
+
+def _attend_parts(config: ModelConfig, attention: LayerAttention, q: jax.Array, k: jax.Array,
+                  v: jax.Array, layer_cache: tuple, positions: tuple[jax.Array, ...],
+                  shapes: tuple[tuple[int, int], ...]) -> tuple[jax.Array, tuple]:
+    """The blocks of ``forward_parts`` attending over their pool
+    (``kvjax.attention.attend_pool_blocks``): ``q``, ``k``, ``v`` (``[1, all, heads,
+    head_dim]``) cut into the blocks' ``[rows, width, ...]``, the outputs joined again."""
+    ends = np.cumsum([rows * width for rows, width in shapes])
+    cut = lambda a: [part.reshape(rows, width, *a.shape[2:]) for part, (rows, width)
+                     in zip(jnp.split(a[0], ends[:-1]), shapes)]
+    outs, layer_cache = attend_pool_blocks(config, attention,
+                                           list(zip(cut(q), cut(k), cut(v), positions)),
+                                           layer_cache)
+    return jnp.concatenate([out.reshape(1, -1, *out.shape[2:]) for out in outs], axis=1), layer_cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 12))
 def _layer(config: ModelConfig, attention: LayerAttention, slots: LayerSlots | None,
            spare_row: bool, layer: dict, x: jax.Array, cos: jax.Array | None,
            sin: jax.Array | None, sink_cos: jax.Array | None, sink_sin: jax.Array | None,
-           layer_cache: tuple | None, positions: jax.Array) -> tuple[jax.Array, tuple | None]:
+           layer_cache: tuple | None, positions: jax.Array,
+           shapes: tuple[tuple[int, int], ...] | None = None) -> tuple[jax.Array, tuple | None]:
     """One decoder layer on ``x`` (``[batch, seq, hidden]``; with ``spare_row``, a
     batch-1 step's real row and ``forward``'s spare row): attention as ``attention``
     says, written to and read from this layer's part of the cache (``Cache.layer``:
     ``(keys, values)`` buffers ``[batch, kv_heads, capacity, head_dim]``, with scales
     for a quantized cache; None without a cache; ``slots``: its ring buffer, and
     ``sink_cos``/``sink_sin`` the rope tables of its sinks' queries), then the MLP.
-    Returns ``(x, layer_cache)``.
+    With ``shapes``, ``x`` is ``[1, all, hidden]``, the blocks of ``forward_parts``
+    (``(rows, width)`` each, ``positions`` theirs) one after another. Returns ``(x,
+    layer_cache)``.
 
     A program of its own (a nested ``jit``, which XLA inlines): layers with the same
     attention and shapes are traced and lowered once, not once each. A whole
@@ -287,8 +355,12 @@ def _layer(config: ModelConfig, attention: LayerAttention, slots: LayerSlots | N
     if spare_row:
         q, k, v = q[:1], k[:1], v[:1]
         sink_queries = None if sink_queries is None else sink_queries[:1]
-    attn, layer_cache = attend_layer(config, attention, q, k, v, layer_cache, positions, slots,
-                                     sink_queries)
+    if shapes is not None:
+        attn, layer_cache = _attend_parts(config, attention, q, k, v, layer_cache, positions,
+                                          shapes)
+    else:
+        attn, layer_cache = attend_layer(config, attention, q, k, v, layer_cache, positions,
+                                         slots, sink_queries)
     x = finish_layer(config, layer, x, _add_spare_row(attn) if spare_row else attn)
     return x, layer_cache
 

@@ -3,7 +3,8 @@
 ``generation_program`` is what ``kvjax.generate`` compiles (prefill and every decode
 step, one program); ``stream_programs`` the prefill and the decode chunk that
 ``generate_stream`` and ``ChatSession`` run; ``serve_prefill_program`` and
-``serve_decode_program`` the prefill chunk and the decode step of ``kvjax.serve.Engine``;
+``serve_decode_program`` the prefill chunk and the decode step of ``kvjax.serve.Engine``
+(``serve_mixed_program`` both in one);
 ``step_functions`` the model steps they all drive, with the attention chosen once
 (``kvjax.attention.choose``) for the model's dtype, mesh and rules. Benchmarks and your
 own loops use the same functions, so they measure and run exactly what ``generate`` runs.
@@ -30,9 +31,10 @@ from kvjax.attention import AttentionPlan, choose
 from kvjax import cache as caches
 from kvjax.cache import TokenHistory
 from kvjax.config import ModelConfig
-from kvjax.decode import PAD_TOKEN, DecodeState, row_keys, decode_steps, jit_decode, prefill
+from kvjax.decode import (PAD_TOKEN, DecodeState, decode_steps, jit_decode, prefill,
+                          prompt_positions, row_keys)
 from kvjax.loading import Model
-from kvjax.model import compiler_options, recompute_step_fn, step_fn
+from kvjax.model import compiler_options, forward_parts, recompute_step_fn, step_fn
 from kvjax.sampling import sample
 
 # Prompt blocks longer than this are prefilled in pieces of this many tokens (one after
@@ -46,7 +48,7 @@ SYNC_EVERY = 8
 
 __all__ = ["PREFILL_CHUNK", "SYNC_EVERY", "PrefillClock", "ProgramCache", "attention_plan",
            "clear", "compiler_options", "generation_program", "new_cache", "serve_decode_program",
-           "serve_prefill_program", "step_functions", "stream_programs"]
+           "serve_mixed_program", "serve_prefill_program", "step_functions", "stream_programs"]
 
 
 def new_cache(model: Model, batch: int, capacity: int, use_cache: bool = True,
@@ -248,8 +250,8 @@ def _serve_prefill_program(config, dtype, mesh, rules, kv_dtype):
                               max_new_tokens=jnp.ones((rows,), jnp.int32), sampling=sampling,
                               seed=seeds[0], stop_tokens=jnp.full((1,), PAD_TOKEN, jnp.int32),
                               greedy=False)  # its tokens are unused (row keys of one seed)
-        keys = jax.vmap(lambda seed: row_keys(seed, 1, jnp.int32(0))[0])(seeds)
-        return state.cache, sample(last, keys, sampling, False)
+        return state.cache, sample(last, _own_keys(seeds, jnp.zeros_like(lengths)), sampling,
+                                   False)
 
     return jax.jit(prefill_chunks, donate_argnums=1, compiler_options=compiler_options())
 
@@ -279,10 +281,51 @@ def _serve_decode_program(config, dtype, mesh, rules, greedy, kv_dtype):
                     steps):
         tokens = jnp.where(use_previous, previous, tokens)  # [rows]
         logits, cache = step(params, tokens[:, None], positions[:, None], cache)
-        keys = jax.vmap(lambda seed, index: row_keys(seed, 1, index)[0])(seeds, steps)
-        return cache, sample(logits[:, 0], keys, sampling, greedy)
+        return cache, sample(logits[:, 0], _own_keys(seeds, steps), sampling, greedy)
 
     return jax.jit(decode_step, donate_argnums=1, compiler_options=compiler_options())
+
+
+def serve_mixed_program(model: Model, *, greedy: bool, kv_dtype: str | None = None):
+    """``serve_decode_program`` and ``serve_prefill_program`` in one program, one pass
+    over the weights (``kvjax.model.forward_parts``): the decode step of every row, then
+    some rows' prompt chunks, jitted with the pool donated.
+
+    Called as ``program(params, cache, tokens, previous, use_previous, positions,
+    sampling, seeds, steps, chunk_tokens, chunk_lengths, chunk_starts, chunk_sampling,
+    chunk_seeds)``: the decode step's arguments, then the prefill's (``cache``'s tables
+    and lengths hold the decode step's rows, then the chunks'). Returns ``(cache, tokens
+    int32[rows], first int32[chunk_rows])``, each as the two programs return them (every
+    row sampled as ``sample`` does, greedy rows by argmax). ``greedy``: static; argmax for
+    every row of both (sampling's top-k and top-p sort the vocabulary: a greedy step
+    skips that).
+    """
+    return _serve_mixed_program(*_model_key(model), greedy, kv_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _serve_mixed_program(config, dtype, mesh, rules, greedy, kv_dtype):
+    plan = choose(config, dtype, mesh=mesh, rules=rules, kv_dtype=kv_dtype)
+
+    def mixed_step(params, cache, tokens, previous, use_previous, positions, sampling, seeds,
+                   steps, chunk_tokens, chunk_lengths, chunk_starts, chunk_sampling, chunk_seeds):
+        tokens = jnp.where(use_previous, previous, tokens)  # [rows]
+        chunk_positions = prompt_positions(chunk_lengths, chunk_tokens.shape[1], chunk_starts)
+        (logits, last), cache = forward_parts(
+            config, params, [(tokens[:, None], positions[:, None]),
+                             (chunk_tokens, chunk_positions)], cache, attention=plan)
+        first_keys = _own_keys(chunk_seeds, jnp.zeros_like(chunk_lengths))
+        return (cache, sample(logits, _own_keys(seeds, steps), sampling, greedy),
+                sample(last, first_keys, chunk_sampling, greedy))
+
+    return jax.jit(mixed_step, donate_argnums=1, compiler_options=compiler_options())
+
+
+def _own_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
+    """Each serving row's key for its token ``steps[row]`` from its own ``seeds[row]``:
+    the key ``kvjax.generate`` gives row 0 of a lone prompt, so a request's tokens do not
+    depend on the rows beside it."""
+    return jax.vmap(lambda seed, index: row_keys(seed, 1, index)[0])(seeds, steps)
 
 
 def state_shardings(model: Model, cache) -> DecodeState | None:

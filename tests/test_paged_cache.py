@@ -109,6 +109,47 @@ def test_rows_sharing_blocks_read_the_same_prefix(model):
         np.testing.assert_allclose(logits[row, -1], full[0, -1], atol=ATOL)
 
 
+@pytest.mark.parametrize("kv_dtype,decode_kernel", [("float32", None), ("int8", None),
+                                                    ("float32", True)])
+def test_blocks_in_one_pass_equal_blocks_one_after_another(model, kv_dtype, decode_kernel):
+    """``forward_parts`` (the serving engine's mixed step): a decode step of two rows (one
+    idle, at position -1) and prompt chunks of three others (one of padding) in one pass
+    give the logits, pool and lengths of ``forward`` over the decode step, then the
+    chunks (their rows' tables in the same pool); also with the decode step in kvjax's
+    decode kernel (interpreted), which writes and attends before the chunks are written."""
+    if decode_kernel and not kvjax.kernels.decode_attention.available():
+        pytest.skip("this JAX has no Pallas Triton")
+    config, params = model.config, model.params
+    rng = np.random.default_rng(3)
+    plan = kvjax.attention.choose(config, jnp.float32, kv_dtype=kv_dtype,
+                                  decode_kernel=decode_kernel)
+    tables = rng.permutation(48)[:40].reshape(5, 8).astype(np.int32)
+    pool = PagedKVCache.create(config, 1, 32, kv_dtype, block_size=4, num_blocks=48)
+    history = rng.integers(0, config.vocab_size, (2, 13))
+    _, pool = forward(config, params, jnp.asarray(history),
+                      jnp.broadcast_to(jnp.arange(13, dtype=jnp.int32), (2, 13)),
+                      pool.with_tables(tables[:2], np.zeros(2)), attention=plan)
+    step = (jnp.asarray(rng.integers(0, config.vocab_size, (2, 1))), jnp.array([[13], [-1]]))
+    chunk_positions = np.full((3, 8), -1, np.int32)
+    chunk_positions[0, :7], chunk_positions[2, :5] = np.arange(7), np.arange(3, 8)
+    chunk = (jnp.asarray(rng.integers(0, config.vocab_size, (3, 8))), jnp.asarray(chunk_positions))
+    lengths = np.array([13, 13, 0, 0, 3])
+
+    (step_logits, chunk_logits), mixed = kvjax.model.forward_parts(
+        config, params, [step, chunk], pool.with_tables(tables, lengths), attention=plan)
+    want_step, alone = forward(config, params, *step, pool.with_tables(tables[:2], lengths[:2]),
+                               attention=plan)
+    want_chunk, alone = forward(config, params, *chunk,
+                                alone.with_tables(tables[2:], lengths[2:]), attention=plan)
+    np.testing.assert_allclose(step_logits[0], want_step[0, 0], atol=ATOL)  # row 1 is idle
+    np.testing.assert_allclose(chunk_logits[np.array([0, 2])], want_chunk[np.array([0, 2]), 0],
+                               atol=ATOL)
+    np.testing.assert_array_equal(mixed.lengths, [14, 13, 7, 0, 8])
+    for got, want in zip(mixed.keys + mixed.values, alone.keys + alone.values):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   atol=ATOL if kv_dtype == "float32" else 1)
+
+
 def test_block_size_must_be_a_power_of_two_within_the_capacity(model):
     config = model.config
     with pytest.raises(ValueError) as error:

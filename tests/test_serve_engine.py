@@ -57,7 +57,8 @@ def engine(model):
     """One started engine, its programs compiled up front."""
     engine = new_engine(model)
     # decode greedy and sampled; prefill [1, 16], [4, 16], [1, 32], [2, 32], [1, 64]
-    assert engine.warmup() == 7
+    # alone, and mixed with a decode step, greedy and sampled
+    assert engine.warmup() == 17
     with engine.start():
         yield engine
 
@@ -138,12 +139,14 @@ def test_pack_chunks():
         ((1, 256), [12]), ((1, 32), [13])]
 
 
-def test_chunked_prefill_interleaves_with_decoding(model, words):
+@pytest.mark.parametrize("mixed_steps", [True, False])
+def test_chunked_prefill_interleaves_with_decoding(model, words, mixed_steps):
     """A 150-token prompt with 32 prefill tokens a step takes 5 steps to prefill; the
     decoding request beside it gets a token at every one of them; both give generate's
     tokens. A step starts its decode step before it reads the last one's tokens, so the
-    short request's tokens arrive one step after its decode steps start."""
-    engine = new_engine(model, max_prefill_tokens=32)
+    short request's tokens arrive one step after its decode steps start. The long
+    prompt's chunks run in the decode step's program (``mixed_steps``) or in their own."""
+    engine = new_engine(model, max_prefill_tokens=32, mixed_steps=mixed_steps)
     short = engine.submit(words[:7], max_tokens=14, stop_tokens=[])
     engine.step()  # prefilled: its first token
     assert short.completion_tokens == 1
@@ -157,7 +160,11 @@ def test_chunked_prefill_interleaves_with_decoding(model, words):
         pass
     assert short.result().token_ids == alone(model, words[:7], 14, stop_tokens=[])
     assert long.result().token_ids == alone(model, words[:150], 6, stop_tokens=[])
-    assert engine.stats()["programs_compiled"] == 3  # greedy decode, prefill chunks of 16, 32
+    # the short prompt's chunk of 16 ran alone; the long one's of 32 beside decode steps
+    assert set(engine._compiled) == {("prefill", (1, 16)), ("decode", True),
+                                     ("mixed", ((1, 32), True)) if mixed_steps else
+                                     ("prefill", (1, 32))}
+    assert engine.stats()["prefill_calls"] == 6
 
 
 def test_shared_prefix_is_served_from_the_cache(model, engine, words):
@@ -404,7 +411,7 @@ def test_compilations_stay_fixed_after_warmup(engine, words, compile_counter):
         for handle in handles:
             assert handle.result(timeout=60).finish_reason == "length"
     assert compile_counter.count == 0
-    assert engine.stats()["programs_compiled"] == 7
+    assert engine.stats()["programs_compiled"] == 17
 
 
 def test_queue_full_and_bad_requests(model, words):

@@ -19,7 +19,7 @@ import jax
 
 from kvjax.attention import flash, plain
 from kvjax.attention.choice import (AttentionPlan, LayerAttention, attend_layer,
-                                    block_implementation, choose)
+                                    attend_pool_blocks, block_implementation, choose)
 from kvjax.attention.plain import attend, attention_mask, default_scale, soft_cap
 
 flash_supported = flash.supported  # the name before kvjax.attention became a package
@@ -91,5 +91,5 @@ def attend_cache(queries: jax.Array, block_keys: jax.Array, block_values: jax.Ar
 
 
 __all__ = ["AttentionPlan", "LayerAttention", "attend", "attend_block", "attend_cache",
-           "attend_layer", "attention_mask", "block_implementation", "choose",
+           "attend_layer", "attend_pool_blocks", "attention_mask", "block_implementation", "choose",
            "default_scale", "flash_supported", "soft_cap"]

@@ -10,6 +10,7 @@ kernel; a new path (quantized or paged caches) is a new value here.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -162,17 +163,10 @@ def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k
     ``sink_queries``: ``q`` rotated for the sinks of streaming (``kvjax.attention.ring``)."""
     scale, softcap, window = config.query_scale, config.attn_logit_softcap, attention.window
     if layer_cache is not None and isinstance(slots, PagedSlots):
-        if paged.gpu_kernel_takes(q, layer_cache, attention.kernel, attention.split):
-            *pools, tables = layer_cache
-            out, *pools = kernel.attend_and_write_paged(
-                q, k, v, pools, tables, positions, scale,
-                interpret=attention.kernel == "interpret", split=attention.split)
-            return out, (*pools, tables)
-        layer_cache = paged.write(layer_cache, k, v, positions, attention.quantized)
-        if not attention.fresh:
-            return paged.attend_cache(q, layer_cache, positions, window, scale, softcap,
-                                      attention.key_limit, attention.kernel), layer_cache
-    elif layer_cache is not None and slots is not None:
+        (out,), layer_cache = attend_pool_blocks(config, attention, [(q, k, v, positions)],
+                                                 layer_cache)
+        return out, layer_cache
+    if layer_cache is not None and slots is not None:
         window = slots.window  # streaming may narrow a layer's window
         if not attention.fresh or slots.sinks:
             return ring.attend(scale, softcap, slots, attention.fresh, attention.quantized, q, k,
@@ -194,9 +188,7 @@ def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k
         else:
             layer_cache = write_block(*layer_cache, block_keys, block_values, positions)
     if layer_cache is None or attention.fresh:  # attend within the given tokens
-        if attention.implementation == "cudnn":
-            return flash.attend_block(q, k, v, positions, window, scale), layer_cache
-        return plain.attend_block(q, k, v, positions, window, scale, softcap), layer_cache
+        return _attend_within(config, attention, q, k, v, positions, window), layer_cache
     if attention.quantized:
         return quantized.attend_cache(q, *layer_cache, positions, window, scale, softcap,
                                       attention.key_limit), layer_cache
@@ -205,3 +197,48 @@ def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k
         return flash.attend_cache(q, k, v, keys, values, positions, scale), layer_cache
     return plain.attend_cache(q, keys, values, positions, window, scale, softcap,
                               attention.key_limit), layer_cache
+
+
+def attend_pool_blocks(config: ModelConfig, attention: LayerAttention,
+                       blocks: Sequence[tuple[jax.Array, ...]], layer_cache: tuple
+                       ) -> tuple[list[jax.Array], tuple]:
+    """``attend_layer`` over a paged layer (``PagedKVCache.layer``) for blocks of
+    different rows: ``(q, k, v, positions)`` each (``[rows_i, seq_i, ...]``), their rows'
+    tables in ``layer_cache``'s, in order. Returns each block's attention and the layer.
+
+    Blocks the decode kernel takes write and attend in one kernel call; then the other
+    blocks are all written, and only then attend. No attention reads a version of the
+    pool that a later write replaces, which would make XLA copy the whole pool to write
+    it; and blocks of different rows never read each other's slots (a row writes only
+    its own blocks), so the order does not change what any block sees.
+    """
+    scale, softcap, window = config.query_scale, config.attn_logit_softcap, attention.window
+    *pools, tables = layer_cache
+    starts = np.cumsum([0] + [q.shape[0] for q, *_ in blocks])
+    table = lambda i: tables[starts[i]:starts[i + 1]]
+    outs: list = [None] * len(blocks)
+    for i, (q, k, v, positions) in enumerate(blocks):
+        if paged.gpu_kernel_takes(q, (*pools, table(i)), attention.kernel, attention.split):
+            outs[i], *pools = kernel.attend_and_write_paged(
+                q, k, v, pools, table(i), positions, scale,
+                interpret=attention.kernel == "interpret", split=attention.split)
+    rest = [i for i, out in enumerate(outs) if out is None]
+    for i in rest:
+        _, k, v, positions = blocks[i]
+        *pools, _ = paged.write((*pools, table(i)), k, v, positions, attention.quantized)
+    for i in rest:
+        q, k, v, positions = blocks[i]
+        outs[i] = (_attend_within(config, attention, q, k, v, positions, window)
+                   if attention.fresh else
+                   paged.attend_cache(q, (*pools, table(i)), positions, window, scale, softcap,
+                                      attention.key_limit, attention.kernel))
+    return outs, (*pools, tables)
+
+
+def _attend_within(config: ModelConfig, attention: LayerAttention, q: jax.Array, k: jax.Array,
+                   v: jax.Array, positions: jax.Array, window: int | None) -> jax.Array:
+    """A block attending within itself (an empty cache, or none), cuDNN's or XLA's."""
+    if attention.implementation == "cudnn":
+        return flash.attend_block(q, k, v, positions, window, config.query_scale)
+    return plain.attend_block(q, k, v, positions, window, config.query_scale,
+                              config.attn_logit_softcap)

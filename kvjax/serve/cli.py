@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     engine.add_argument("--no-prefix-caching", action="store_true",
                         help="cache no prompt blocks for later requests (each prompt is "
                              "prefilled whole): the baseline that measures what caching saves")
+    engine.add_argument("--no-mixed-steps", action="store_true",
+                        help="run a step's prefill in programs of its own, not in its decode "
+                             "step's: the baseline that measures what mixing saves")
     engine.add_argument("--max-prefill-tokens", type=int, default=256, metavar="N",
                         help="prompt tokens prefilled per engine step, across requests "
                              "(default 256)")
@@ -125,7 +128,8 @@ def build_engine(args: argparse.Namespace, model=None):
                                      kv_dtype=args.kv_dtype, **budget)
     return Engine(model, max_rows=args.max_rows, max_len=args.max_len,
                   prefix_cache=prefix_cache, max_prefill_tokens=args.max_prefill_tokens,
-                  max_waiting=args.max_waiting, prefix_caching=not args.no_prefix_caching)
+                  max_waiting=args.max_waiting, prefix_caching=not args.no_prefix_caching,
+                  mixed_steps=not args.no_mixed_steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@ Final API (the FastAPI server builds on exactly this)::
 
     engine = kvjax.serve.Engine(model, *, max_rows=8, max_len=None, block_size=None,
                                 pool_blocks=None, prefix_cache=None, max_prefill_tokens=256,
-                                max_waiting=256, kv_dtype=None, prefix_caching=True)
+                                max_waiting=256, kv_dtype=None, prefix_caching=True,
+                                mixed_steps=True)
                                 # block_size None: 16
     engine.warmup() -> int            # compiles every program now (else on first use)
     engine.start() -> Engine          # the loop in a daemon thread; also `with Engine(...) as e`
@@ -57,7 +58,9 @@ head of the queue, never dropped. Each step then
    their tokens are discarded), each row sampled with its own values and its own key
    (its seed and token index, the key ``kvjax.generate`` gives a lone prompt, so a
    request's tokens do not depend on its neighbours). It does not wait for it: a row
-   still owed the last step's token is fed it on the device;
+   still owed the last step's token is fed it on the device. With ``mixed_steps`` the
+   step's first prefill call runs in the same program (``serve_mixed_program``), so
+   the decoding rows and the chunks read the weights once;
 4. while that step runs, hands the last decode step's tokens and the first tokens of
    the prompts just prefilled to their requests (text decoded incrementally, stop
    tokens and strings checked on the host) and retires the finished ones at once:
@@ -68,9 +71,9 @@ head of the queue, never dropped. Each step then
 So no request waits for another to finish, decoding rows get a token every step while
 long prompts prefill, and the host's work of a step overlaps the device's. The programs
 are a fixed set (``warmup()`` compiles them: greedy and sampling decode steps, the
-prefill program per chunk shape); the pool is donated to each, and every argument has a
-static shape (tables ``[rows, ceil(max_len / block_size)]``), so requests of any length
-compile nothing new.
+prefill program per chunk shape and, with ``mixed_steps``, the mixed ones); the pool is
+donated to each, and every argument has a static shape (tables ``[rows, ceil(max_len /
+block_size)]``), so requests of any length compile nothing new.
 """
 
 from __future__ import annotations
@@ -206,6 +209,10 @@ class Engine:
         (default). False caches nothing (every prompt is prefilled whole, as vLLM's
         ``--no-enable-prefix-caching``): the baseline that measures what caching saves.
         Blocks a given ``prefix_cache`` held before still serve.
+      mixed_steps: a step that decodes and prefills runs its decode step and its first
+        prefill call as one program (``kvjax.programs.serve_mixed_program``), one pass
+        over the weights for both (default). False: two programs, each reading the
+        weights (the baseline that measures what mixing saves).
 
     Raises:
       ValueError: bad sizes (naming the fix), a mesh that splits rows, a prefix cache built
@@ -216,7 +223,7 @@ class Engine:
                  block_size: int | None = None, pool_blocks: int | None = None,
                  prefix_cache: PrefixCache | None = None, max_prefill_tokens: int = 256,
                  max_waiting: int = 256, kv_dtype: str | None = None,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, mixed_steps: bool = True):
         for name, value in (("max_rows", max_rows), ("max_prefill_tokens", max_prefill_tokens),
                             ("max_waiting", max_waiting)):
             if not is_count(value):
@@ -232,13 +239,15 @@ class Engine:
         self.max_rows, self.max_len = max_rows, max_len
         self.max_prefill_tokens = max_prefill_tokens
         self.prefix_caching = bool(prefix_caching)
+        self.mixed_steps = bool(mixed_steps)
         self.prefix_cache = prefix_cache or PrefixCache(
             model, block_size=block_size, budget_blocks=pool_blocks, kv_dtype=kv_dtype)
         self._blocks_per_row = -(-max_len // block_size)
         self._prefill_shapes = prefill_shapes(max_prefill_tokens, max_len, max_rows)
         self._scheduler = Scheduler(max_rows, max_waiting)
         self._cond = threading.Condition()  # guards the scheduler, the counts, the blocks
-        self._compiled: dict[tuple, object] = {}  # ("prefill", (rows, width)) | ("decode", greedy)
+        # ("decode", greedy) | ("prefill", (rows, width)) | ("mixed", ((rows, width), greedy))
+        self._compiled: dict[tuple, object] = {}
         self._in_flight: tuple[list[Job], jax.Array] | None = None  # the decode step not read yet
         self._seated: tuple | None = None  # the rows' jobs _seated_values were built for
         self._seated_values: tuple = ()
@@ -450,15 +459,22 @@ class Engine:
             for job in cancelled:
                 self._retire(job, "cancelled")
         admitted = self._admit()
-        prefilled, firsts = self._prefill()
+        calls = self._prefill_calls()
+        with self._cond:
+            jobs = [job for job in self._scheduler.decoding()
+                    if len(job.generated) + job.in_flight < job.max_tokens]
+        mixed = calls[0] if self.mixed_steps and calls and jobs else None
+        firsts = self._prefill(calls[1:] if mixed else calls)
         # this step's decode runs on the device while the host hands out the last one's
         # tokens and the first tokens of the prompts just prefilled
-        previous, self._in_flight = self._in_flight, self._decode()
+        in_flight, mixed_firsts = self._decode(jobs, mixed)
+        previous, self._in_flight = self._in_flight, in_flight
+        firsts += mixed_firsts
         if previous is not None:
             self._take_tokens(*previous)
         for job, first, row in firsts:
             self._take_token(job, int(np.asarray(first)[row]))
-        worked = bool(cancelled or admitted or prefilled or previous or self._in_flight)
+        worked = bool(cancelled or admitted or calls or previous or self._in_flight)
         if worked:
             with self._cond:
                 self._counts["steps"] += 1
@@ -523,53 +539,70 @@ class Engine:
             job.prompt_keys = list(chain_keys(job.prompt, self.prefix_cache.block_size))
         return job.prompt_keys
 
-    def _prefill(self) -> tuple[bool, list]:
-        """Prefills this step's chunks (``Scheduler.prefill_plan``), those of one width
-        bucket together (``pack_chunks``), and caches the full blocks they complete at
-        once (``BlockManager.publish``: requests admitted from now on share them). Returns
-        whether it ran any, and ``(job, first tokens, row)`` of the rows whose prompt is
-        done (``first tokens[row]`` is the job's, still on the device)."""
+    def _prefill_calls(self) -> list[tuple[tuple[int, int], list[tuple[Job, int]]]]:
+        """This step's prefill calls: ``(shape, [(job, tokens), ...])``, the chunks of
+        ``Scheduler.prefill_plan`` of one width bucket together (``pack_chunks``)."""
         with self._cond:
             plan = self._scheduler.prefill_plan(self.max_prefill_tokens, PACK_TOKENS)
         widths = [bucket(count, MIN_PROMPT_BUCKET) for _, count in plan]
-        finished = []
-        for shape, group in pack_chunks(widths, self._prefill_shapes):
-            chunks = [plan[i] for i in group]
-            args = self._prefill_args(chunks, *shape)
-            pool, first = self._program(("prefill", shape), args)(*args)
-            self.prefix_cache.pool = pool
-            with self._cond:
-                self._counts["prefill_calls"] += 1
-                self._counts["prefill_tokens"] += sum(count for _, count in chunks)
-            for row, (job, count) in enumerate(chunks):
-                job.written += count
-                if self.prefix_caching:
-                    with self._cond:  # later programs read the pool this returns: written by then
-                        self.prefix_cache.manager.publish(job.allocation, job.written_tokens())
-                if job.prompt_left == 0:
-                    finished.append((job, first, row))
-        return bool(plan), finished
+        return [(shape, [plan[i] for i in group])
+                for shape, group in pack_chunks(widths, self._prefill_shapes)]
 
-    def _decode(self) -> tuple[list[Job], jax.Array] | None:
-        """Starts one decode step over the rows that have a token to feed and may take
-        another (idle, prefilling and finished rows at position -1); returns its jobs and
-        tokens (``int32[rows]``, on the device: not waited for), None if no row decodes.
-        A row still waiting for the last step's token (``in_flight``) is fed it on the
-        device; a row that stops at that token has written one position more, which its
-        blocks hold (its release passes the tokens whose K/V they hold)."""
-        with self._cond:
-            jobs = [job for job in self._scheduler.decoding()
-                    if len(job.generated) + job.in_flight < job.max_tokens]
-        if not jobs:
-            return None
-        args = self._decode_args(jobs)
-        greedy = all(job.greedy for job in jobs)
-        pool, tokens = self._program(("decode", greedy), args)(*args)
+    def _prefill(self, calls) -> list:
+        """Runs prefill calls (``_prefill_calls``); returns ``(job, first tokens, row)`` of
+        the rows whose prompt is done (``first tokens[row]`` is the job's, still on the
+        device)."""
+        finished = []
+        for shape, chunks in calls:
+            args = self._args(self._prefill_inputs(chunks, *shape))
+            pool, first = self._program(("prefill", shape), args)(*args)
+            finished += self._prefilled(pool, chunks, first)
+        return finished
+
+    def _prefilled(self, pool, chunks: Sequence[tuple[Job, int]], first: jax.Array) -> list:
+        """Takes the pool back from a call that prefilled ``chunks`` and caches the full
+        blocks they complete at once (``BlockManager.publish``: requests admitted from now
+        on share them); returns ``(job, first, row)`` of the rows whose prompt is done."""
         self.prefix_cache.pool = pool
+        with self._cond:
+            self._counts["prefill_calls"] += 1
+            self._counts["prefill_tokens"] += sum(count for _, count in chunks)
+        finished = []
+        for row, (job, count) in enumerate(chunks):
+            job.written += count
+            if self.prefix_caching:
+                with self._cond:  # later programs read the pool this returns: written by then
+                    self.prefix_cache.manager.publish(job.allocation, job.written_tokens())
+            if job.prompt_left == 0:
+                finished.append((job, first, row))
+        return finished
+
+    def _decode(self, jobs: list[Job], mixed) -> tuple[tuple[list[Job], jax.Array] | None, list]:
+        """Starts one decode step over ``jobs``, the rows that have a token to feed and
+        may take another (idle, prefilling and finished rows at position -1), and with
+        ``mixed`` (a prefill call: ``(shape, chunks)``) those chunks in the same program
+        (``serve_mixed_program``). Returns ``(jobs, tokens)`` (``int32[rows]``, on the
+        device: not waited for; None if no row decodes) and the prefill's finished rows
+        (as ``_prefill``). A row still waiting for the last step's token (``in_flight``)
+        is fed it on the device; a row that stops at that token has written one position
+        more, which its blocks hold (its release passes the tokens whose K/V they hold)."""
+        if not jobs:
+            return None, []
+        finished = []
+        if mixed is None:
+            args = self._args(self._decode_inputs(jobs))
+            pool, tokens = self._program(("decode", all(job.greedy for job in jobs)), args)(*args)
+            self.prefix_cache.pool = pool
+        else:
+            shape, chunks = mixed
+            args = self._args(self._decode_inputs(jobs), self._prefill_inputs(chunks, *shape))
+            greedy = all(job.greedy for job in jobs + [job for job, _ in chunks])
+            pool, tokens, first = self._program(("mixed", (shape, greedy)), args)(*args)
+            finished = self._prefilled(pool, chunks, first)
         for job in jobs:
             job.written += 1
             job.in_flight += 1
-        return jobs, tokens
+        return (jobs, tokens), finished
 
     def _take_tokens(self, jobs: list[Job], tokens: jax.Array) -> None:
         """Hands a decode step's tokens to its jobs (waiting for the step), but to those
@@ -619,9 +652,12 @@ class Engine:
         for a compile; returns how many programs the engine holds. Without it each compiles
         on first use."""
         for greedy in (True, False):
-            self._program(("decode", greedy), self._decode_args([]))
+            self._program(("decode", greedy), self._args(self._decode_inputs([])))
         for shape in self._prefill_shapes:
-            self._program(("prefill", shape), self._prefill_args([], *shape))
+            self._program(("prefill", shape), self._args(self._prefill_inputs([], *shape)))
+            for greedy in (True, False) if self.mixed_steps else ():
+                self._program(("mixed", (shape, greedy)), self._args(
+                    self._decode_inputs([]), self._prefill_inputs([], *shape)))
         return len(self._compiled)
 
     def _program(self, key: tuple, args: tuple):
@@ -632,22 +668,31 @@ class Engine:
             kv_dtype = self.prefix_cache.kv_dtype
             jitted = (programs.serve_prefill_program(self.model, kv_dtype=kv_dtype)
                       if kind == "prefill" else
+                      programs.serve_mixed_program(self.model, greedy=variant[1],
+                                                   kv_dtype=kv_dtype)
+                      if kind == "mixed" else
                       programs.serve_decode_program(self.model, greedy=variant, kv_dtype=kv_dtype))
             program = self._compiled[key] = programs.PROGRAMS.compiled(jitted, args)
         return program
 
-    def _pool(self, blocks: Sequence[Sequence[int]], lengths: np.ndarray):
-        """The prefix cache's pool with these rows' tables (``int32[rows,
-        blocks_per_row]``, zeros past a row's blocks: never read) and lengths."""
+    def _args(self, *parts: tuple) -> tuple:
+        """A program's arguments from its parts' inputs (``_decode_inputs``,
+        ``_prefill_inputs``: ``(blocks, lengths, inputs)``): the params, the prefix
+        cache's pool with the parts' rows in order (tables ``int32[rows,
+        blocks_per_row]``, zeros past a row's blocks: never read; lengths), then each
+        part's inputs."""
+        blocks = [ids for part in parts for ids in part[0]]
         tables = np.zeros((len(blocks), self._blocks_per_row), np.int32)  # [rows, blocks_per_row]
         for row, ids in enumerate(blocks):
             tables[row, :len(ids)] = ids
-        return self.prefix_cache.pool.with_tables(tables, lengths)
+        pool = self.prefix_cache.pool.with_tables(tables, np.concatenate([p[1] for p in parts]))
+        return (self.model.params, pool, *(value for part in parts for value in part[2]))
 
-    def _prefill_args(self, chunks: Sequence[tuple[Job, int]], rows: int, width: int) -> tuple:
-        """``serve_prefill_program``'s arguments for ``(job, tokens)`` chunks, each the
-        job's next prompt tokens from the first position its blocks do not hold, in a
-        ``[rows, width]`` block (rows past the chunks: length 0, writing nothing)."""
+    def _prefill_inputs(self, chunks: Sequence[tuple[Job, int]], rows: int, width: int) -> tuple:
+        """``serve_prefill_program``'s rows and inputs (as ``_args`` takes them) for ``(job,
+        tokens)`` chunks, each the job's next prompt tokens from the first position its
+        blocks do not hold, in a ``[rows, width]`` block (rows past the chunks: length 0,
+        writing nothing)."""
         pieces = [job.prompt[job.written:job.written + count] for job, count in chunks]
         tokens, lengths = pad_block(pieces + [[]] * (rows - len(chunks)), width)  # [rows, width]
         starts = np.zeros((rows,), np.int32)
@@ -656,13 +701,12 @@ class Engine:
             starts[row], seeds[row] = job.written, job.seed
         blocks, sampling = self._row_values([job for job, _ in chunks]
                                             + [None] * (rows - len(chunks)))
-        return (self.model.params, self._pool(blocks, starts), tokens, lengths, starts,
-                sampling, seeds)
+        return blocks, starts, (tokens, lengths, starts, sampling, seeds)
 
-    def _decode_args(self, jobs: Sequence[Job]) -> tuple:
-        """``serve_decode_program``'s arguments: each job's last token at its row (on the
-        device, from the step in flight, for a job that waits for it), position -1 for the
-        other rows (they write nothing)."""
+    def _decode_inputs(self, jobs: Sequence[Job]) -> tuple:
+        """``serve_decode_program``'s rows and inputs (as ``_args`` takes them): each
+        job's last token at its row (on the device, from the step in flight, for a job
+        that waits for it), position -1 for the other rows (they write nothing)."""
         rows = self.max_rows  # every array [rows]
         tokens = np.zeros((rows,), np.int32)
         use_previous = np.zeros((rows,), bool)
@@ -682,8 +726,8 @@ class Engine:
         if seated != self._seated:  # rebuilt only when a row changes hands
             self._seated, self._seated_values = seated, self._row_values(seated)
         blocks, sampling = self._seated_values
-        return (self.model.params, self._pool(blocks, np.maximum(positions, 0)), tokens,
-                previous, use_previous, positions, sampling, seeds, steps)
+        return blocks, np.maximum(positions, 0), (tokens, previous, use_previous, positions,
+                                                  sampling, seeds, steps)
 
     def _row_values(self, jobs: Sequence[Job | None]) -> tuple[list, SamplingParams]:
         """Each row's block list and sampling values, ``jobs[row]``'s (None: an idle row,

@@ -131,7 +131,8 @@ class _EngineCollector:
                      "kvjax_version": _version(), "max_rows": str(engine.max_rows),
                      "max_len": str(engine.max_len), "block_size": str(cache.block_size),
                      "kv_dtype": cache.kv_dtype,
-                     "prefix_caching": str(engine.prefix_caching).lower()}
+                     "prefix_caching": str(engine.prefix_caching).lower(),
+                     "mixed_steps": str(engine.mixed_steps).lower()}
 
     def collect(self) -> Iterator:
         stats = self.engine.stats()
