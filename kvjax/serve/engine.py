@@ -45,9 +45,8 @@ head of the queue, never dropped. Each step then
    behind it go first: requests arriving together with one system prompt prefill it
    once);
 2. prefills up to ``max_prefill_tokens`` prompt tokens, the rows in admission order,
-   each row's chunk from the first position its cached prefix does not hold, through the
-   prefill program (``kvjax.programs.serve_prefill_program``, compiled per power-of-two
-   chunk width; chunks narrower than ``PACK_TOKENS`` run several to a call, so short
+   each row's chunk from the first position its cached prefix does not hold, in calls
+   compiled per power-of-two chunk width (chunks narrower than ``PACK_TOKENS`` run several to a call, so short
    prompts do not each read all the weights, and wider ones are cut to a power of two,
    so none computes much padding); a long prompt is spread over steps. The full blocks
    a chunk completes are cached at once, so a request admitted later shares them even
@@ -58,9 +57,10 @@ head of the queue, never dropped. Each step then
    their tokens are discarded), each row sampled with its own values and its own key
    (its seed and token index, the key ``kvjax.generate`` gives a lone prompt, so a
    request's tokens do not depend on its neighbours). It does not wait for it: a row
-   still owed the last step's token is fed it on the device. With ``mixed_steps`` the
-   step's first prefill call runs in the same program (``serve_mixed_program``), so
-   the decoding rows and the chunks read the weights once;
+   still owed the last step's token is fed it on the device. With ``mixed_steps``
+   (default) the step's first prefill call runs in the same program
+   (``serve_mixed_program``), so the decoding rows and the chunks read the weights
+   once;
 4. while that step runs, hands the last decode step's tokens and the first tokens of
    the prompts just prefilled to their requests (text decoded incrementally, stop
    tokens and strings checked on the host) and retires the finished ones at once:
@@ -70,8 +70,9 @@ head of the queue, never dropped. Each step then
 
 So no request waits for another to finish, decoding rows get a token every step while
 long prompts prefill, and the host's work of a step overlaps the device's. The programs
-are a fixed set (``warmup()`` compiles them: greedy and sampling decode steps, the
-prefill program per chunk shape and, with ``mixed_steps``, the mixed ones); the pool is
+are a fixed set (``warmup()`` compiles them: greedy and sampling decode steps, and per
+chunk shape greedy and sampling mixed programs, or the prefill program without
+``mixed_steps``); the pool is
 donated to each, and every argument has a static shape (tables ``[rows, ceil(max_len /
 block_size)]``), so requests of any length compile nothing new.
 """
@@ -209,10 +210,11 @@ class Engine:
         (default). False caches nothing (every prompt is prefilled whole, as vLLM's
         ``--no-enable-prefix-caching``): the baseline that measures what caching saves.
         Blocks a given ``prefix_cache`` held before still serve.
-      mixed_steps: a step that decodes and prefills runs its decode step and its first
-        prefill call as one program (``kvjax.programs.serve_mixed_program``), one pass
-        over the weights for both (default). False: two programs, each reading the
-        weights (the baseline that measures what mixing saves).
+      mixed_steps: prefill calls run in ``kvjax.programs.serve_mixed_program``, a step's
+        first one with its decode step, one pass over the weights for both (default;
+        the others with every row idle). False: prefill calls in programs of their own
+        (``serve_prefill_program``), each reading the weights again (the baseline that
+        measures what mixing saves).
 
     Raises:
       ValueError: bad sizes (naming the fix), a mesh that splits rows, a prefix cache built
@@ -463,13 +465,16 @@ class Engine:
         with self._cond:
             jobs = [job for job in self._scheduler.decoding()
                     if len(job.generated) + job.in_flight < job.max_tokens]
-        mixed = calls[0] if self.mixed_steps and calls and jobs else None
-        firsts = self._prefill(calls[1:] if mixed else calls)
+        if self.mixed_steps:  # each call in a mixed program; the first one's decodes
+            firsts = [first for call in calls[1:] for first in self._run([], call)[1]]
+            in_flight, more = self._run(jobs, calls[0] if calls else None)
+        else:
+            firsts = [first for call in calls for first in self._prefill(*call)]
+            in_flight, more = self._run(jobs, None)
         # this step's decode runs on the device while the host hands out the last one's
         # tokens and the first tokens of the prompts just prefilled
-        in_flight, mixed_firsts = self._decode(jobs, mixed)
         previous, self._in_flight = self._in_flight, in_flight
-        firsts += mixed_firsts
+        firsts += more
         if previous is not None:
             self._take_tokens(*previous)
         for job, first, row in firsts:
@@ -548,16 +553,13 @@ class Engine:
         return [(shape, [plan[i] for i in group])
                 for shape, group in pack_chunks(widths, self._prefill_shapes)]
 
-    def _prefill(self, calls) -> list:
-        """Runs prefill calls (``_prefill_calls``); returns ``(job, first tokens, row)`` of
-        the rows whose prompt is done (``first tokens[row]`` is the job's, still on the
-        device)."""
-        finished = []
-        for shape, chunks in calls:
-            args = self._args(self._prefill_inputs(chunks, *shape))
-            pool, first = self._program(("prefill", shape), args)(*args)
-            finished += self._prefilled(pool, chunks, first)
-        return finished
+    def _prefill(self, shape: tuple[int, int], chunks: Sequence[tuple[Job, int]]) -> list:
+        """Runs one prefill call (``_prefill_calls``) in a program of its own; returns
+        ``(job, first tokens, row)`` of the rows whose prompt is done (``first
+        tokens[row]`` is the job's, still on the device)."""
+        args = self._args(self._prefill_inputs(chunks, *shape))
+        pool, first = self._program(("prefill", shape), args)(*args)
+        return self._prefilled(pool, chunks, first)
 
     def _prefilled(self, pool, chunks: Sequence[tuple[Job, int]], first: jax.Array) -> list:
         """Takes the pool back from a call that prefilled ``chunks`` and caches the full
@@ -577,24 +579,25 @@ class Engine:
                 finished.append((job, first, row))
         return finished
 
-    def _decode(self, jobs: list[Job], mixed) -> tuple[tuple[list[Job], jax.Array] | None, list]:
+    def _run(self, jobs: list[Job], call) -> tuple[tuple[list[Job], jax.Array] | None, list]:
         """Starts one decode step over ``jobs``, the rows that have a token to feed and
-        may take another (idle, prefilling and finished rows at position -1), and with
-        ``mixed`` (a prefill call: ``(shape, chunks)``) those chunks in the same program
-        (``serve_mixed_program``). Returns ``(jobs, tokens)`` (``int32[rows]``, on the
-        device: not waited for; None if no row decodes) and the prefill's finished rows
-        (as ``_prefill``). A row still waiting for the last step's token (``in_flight``)
-        is fed it on the device; a row that stops at that token has written one position
-        more, which its blocks hold (its release passes the tokens whose K/V they hold)."""
-        if not jobs:
-            return None, []
+        may take another (idle, prefilling and finished rows at position -1; none: every
+        row idle), and with ``call`` (a prefill call: ``(shape, chunks)``) those chunks in
+        the same program (``serve_mixed_program``). Returns ``(jobs, tokens)``
+        (``int32[rows]``, on the device: not waited for; None if no row decodes) and the
+        prefill's finished rows (as ``_prefill``). A row still waiting for the last step's
+        token (``in_flight``) is fed it on the device; a row that stops at that token has
+        written one position more, which its blocks hold (its release passes the tokens
+        whose K/V they hold)."""
         finished = []
-        if mixed is None:
+        if call is None:
+            if not jobs:
+                return None, []
             args = self._args(self._decode_inputs(jobs))
             pool, tokens = self._program(("decode", all(job.greedy for job in jobs)), args)(*args)
             self.prefix_cache.pool = pool
         else:
-            shape, chunks = mixed
+            shape, chunks = call
             args = self._args(self._decode_inputs(jobs), self._prefill_inputs(chunks, *shape))
             greedy = all(job.greedy for job in jobs + [job for job, _ in chunks])
             pool, tokens, first = self._program(("mixed", (shape, greedy)), args)(*args)
@@ -602,7 +605,7 @@ class Engine:
         for job in jobs:
             job.written += 1
             job.in_flight += 1
-        return (jobs, tokens), finished
+        return ((jobs, tokens) if jobs else None), finished
 
     def _take_tokens(self, jobs: list[Job], tokens: jax.Array) -> None:
         """Hands a decode step's tokens to its jobs (waiting for the step), but to those
@@ -648,16 +651,19 @@ class Engine:
 
     def warmup(self) -> int:
         """Compiles every program the engine runs (the decode step, greedy and sampling,
-        and the prefill chunks of each shape, ``prefill_shapes``), so that no request waits
-        for a compile; returns how many programs the engine holds. Without it each compiles
-        on first use."""
+        and for the prefill chunks of each shape, ``prefill_shapes``, the mixed programs,
+        greedy and sampling, or the prefill program without ``mixed_steps``), so that no
+        request waits for a compile; returns how many programs the engine holds. Without
+        it each compiles on first use."""
         for greedy in (True, False):
             self._program(("decode", greedy), self._args(self._decode_inputs([])))
         for shape in self._prefill_shapes:
-            self._program(("prefill", shape), self._args(self._prefill_inputs([], *shape)))
-            for greedy in (True, False) if self.mixed_steps else ():
-                self._program(("mixed", (shape, greedy)), self._args(
-                    self._decode_inputs([]), self._prefill_inputs([], *shape)))
+            if self.mixed_steps:
+                for greedy in (True, False):
+                    self._program(("mixed", (shape, greedy)), self._args(
+                        self._decode_inputs([]), self._prefill_inputs([], *shape)))
+            else:
+                self._program(("prefill", shape), self._args(self._prefill_inputs([], *shape)))
         return len(self._compiled)
 
     def _program(self, key: tuple, args: tuple):
