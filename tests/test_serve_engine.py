@@ -429,9 +429,13 @@ def test_queue_full_and_bad_requests(model, words):
     assert str(error.value) == ("prompt (200 tokens) + max_tokens (60) = 260 exceeds the engine's "
                                 "max_len (256); shorten the prompt or lower max_tokens, or build "
                                 "the Engine with a larger max_len (at most 1024)")
+    with pytest.raises(ValueError) as error:  # no room left for a token
+        engine.submit((words * 2)[:256], max_tokens=None)
+    assert str(error.value).startswith("prompt (256 tokens) + max_tokens (1) = 257 exceeds")
     bad = [({"temperature": -1.0}, "temperature must be >= 0 (0 = greedy), got -1.0"),
            ({"top_p": 0.0}, "top_p must be in (0, 1] (or None to disable), got 0.0"),
-           ({"max_tokens": 0}, "max_tokens must be an integer >= 1, got 0"),
+           ({"max_tokens": 0}, "max_tokens must be an integer >= 1 (None: to the end of the "
+                               "context), got 0"),
            ({"seed": -1}, "seed must be an integer in [0, 2**32) (None: a random one), got -1"),
            ({"stop": [""]}, "stop must be a non-empty string or a list of them, got ['']"),
            ({"stop_tokens": [5000]}, "stop token 5000 is outside the vocabulary [0, 4096)")]

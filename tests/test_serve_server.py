@@ -211,6 +211,23 @@ def test_server_sent_events_follow_openai(served):
         whole["choices"][0]["message"]["content"]
 
 
+def test_max_tokens_defaults(served, model):
+    """Left out, a chat runs to the end of the context (max_len 128 less its prompt, as
+    OpenAI's chat API) and a completion stops at 16 tokens (OpenAI's default there)."""
+    server, _ = served
+    messages = [{"role": "user", "content": "Tuples are"}]
+    chat = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json={
+        "model": NAME, "messages": messages, "temperature": 0, "ignore_eos": True}).json()
+    prompt = len(model.tokenizer.encode(model.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True), add_special_tokens=False))
+    assert chat["usage"]["prompt_tokens"] == prompt
+    assert chat["usage"]["completion_tokens"] == 128 - prompt
+    assert chat["choices"][0]["finish_reason"] == "length"
+    completion = httpx.post(server.url + "/v1/completions", headers=AUTH, json={
+        "model": NAME, "prompt": "The list type", "temperature": 0, "ignore_eos": True}).json()
+    assert completion["usage"]["completion_tokens"] == 16
+
+
 def test_stop_strings_and_token_prompts(served, model):
     server, _ = served
     url = server.url + "/v1/completions"

@@ -17,6 +17,7 @@ Final API (the FastAPI server builds on exactly this)::
     handle = engine.submit(prompt, *, max_tokens=16, temperature=0.0, top_p=None, top_k=None,
                            min_p=None, seed=None, stop_tokens=None, stop=None)
         # prompt: str | list[int] | list[{"role", "content"}] (chat template)
+        # max_tokens None: to the end of the context (max_len less the prompt)
         # raises ValueError (bad values, too long: names the limit), EngineOverloaded
         # (queue full), RuntimeError (engine shut down or failed)
     handle.id: int; handle.prompt_tokens: int; handle.cached_tokens: int | None (None until
@@ -266,7 +267,8 @@ class Engine:
 
     # ----- requests -----
 
-    def submit(self, prompt: str | Sequence[int] | Sequence[dict], *, max_tokens: int = 16,
+    def submit(self, prompt: str | Sequence[int] | Sequence[dict], *,
+               max_tokens: int | None = 16,
                temperature: float | None = 0.0, top_p: float | None = None,
                top_k: int | None = None, min_p: float | None = None, seed: int | None = None,
                stop_tokens: Sequence[int] | None = None,
@@ -276,7 +278,9 @@ class Engine:
         Args:
           prompt: text, token ids, or chat messages (``[{"role": ..., "content": ...}]``,
             rendered with the checkpoint's chat template, the assistant's turn opened).
-          max_tokens: new tokens at most (stop token included).
+          max_tokens: new tokens at most (stop token included); None: to the end of the
+            context, ``max_len`` less the prompt (OpenAI's chat default; the request then
+            holds blocks for all of it while it runs).
           temperature, top_p, top_k, min_p: as in ``kvjax.generate`` (None: the model's
             default).
           seed: the request's randomness (its tokens do not depend on what else runs);
@@ -293,8 +297,11 @@ class Engine:
         """
         self._check_open()
         ids = self._encode(prompt)
+        if max_tokens is None:  # a prompt that fills max_len is refused below
+            max_tokens = max(self.max_len - len(ids), 1)
         if not is_count(max_tokens):
-            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+            raise ValueError(f"max_tokens must be an integer >= 1 (None: to the end of the "
+                             f"context), got {max_tokens!r}")
         if len(ids) + max_tokens > self.max_len:
             raise ValueError(self._too_long(len(ids), max_tokens))
         sampling = SamplingParams.create(

@@ -134,8 +134,9 @@ def parse_call(body: Any, endpoint: Endpoint, model_name: str) -> Call:
 
 def _options(body: dict, endpoint: Endpoint) -> dict[str, Any]:
     """``engine.submit``'s keyword arguments. Sampling values left out are None: the
-    model's defaults (``generation_config.json``, as in ``kvjax.generate``); others left
-    out keep the engine's defaults (``max_tokens`` 16)."""
+    model's defaults (``generation_config.json``, as in ``kvjax.generate``). ``max_tokens``
+    left out: a chat runs to the end of the context (None, OpenAI's chat default), a
+    completion stops at 16 tokens (the engine's default, OpenAI's for completions)."""
     max_tokens = _typed(body, "max_tokens", int)
     if endpoint.chat and body.get("max_completion_tokens") is not None:
         if max_tokens is not None:
@@ -148,8 +149,8 @@ def _options(body: dict, endpoint: Endpoint) -> dict[str, Any]:
                "stop": _stop(body)}
     if _typed(body, "ignore_eos", bool, False):
         options["stop_tokens"] = []
-    return {name: value for name, value in options.items()
-            if value is not None or name == "temperature"}
+    kept = {"temperature", "max_tokens"} if endpoint.chat else {"temperature"}
+    return {name: value for name, value in options.items() if value is not None or name in kept}
 
 
 # JSON types of the parameters: a float parameter takes an integer too, no parameter a bool
