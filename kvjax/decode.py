@@ -111,19 +111,28 @@ def prefill(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
       ``(state, logits)``: the loop state holding the first tokens, and
       ``float32[batch, vocab]`` the logits they were chosen from.
     """
-    batch, seq = prompt_tokens.shape
-    positions = prompt_positions(prompt_lengths, seq, start)
-    if chunk is None or seq <= chunk:
-        logits, cache = (whole_block_fn or step_fn)(params, prompt_tokens, positions, cache)
-        last = _last_real_logits(logits, positions)
-    else:
-        last, cache = _chunked_prefill(step_fn, params, cache, prompt_tokens, positions, chunk)
+    batch = prompt_tokens.shape[0]
+    last, cache = prefill_logits(step_fn, params, cache, prompt_tokens, prompt_lengths,
+                                 start=start, chunk=chunk, whole_block_fn=whole_block_fn)
     first = sample(last, row_keys(seed, batch, jnp.int32(0)), sampling, greedy)  # [batch]
     one = jnp.ones((batch,), jnp.int32)
     state = DecodeState(cache=cache, tokens=first, positions=start + prompt_lengths,
                         done=_is_stop(first, stop_tokens) | (one >= max_new_tokens),
                         num_generated=one, steps_run=jnp.int32(0))
     return state, last
+
+
+def prefill_logits(step_fn: StepFn, params: Any, cache: Any, prompt_tokens: jax.Array,
+                   prompt_lengths: jax.Array, *, start: jax.Array, chunk: int | None = None,
+                   whole_block_fn: StepFn | None = None) -> tuple[jax.Array, Any]:
+    """``prefill`` without sampling: ``(logits, cache)``, each row's ``float32[batch,
+    vocab]`` logits at its last prompt token and the cache holding the prompts."""
+    seq = prompt_tokens.shape[1]
+    positions = prompt_positions(prompt_lengths, seq, start)
+    if chunk is None or seq <= chunk:
+        logits, cache = (whole_block_fn or step_fn)(params, prompt_tokens, positions, cache)
+        return _last_real_logits(logits, positions), cache
+    return _chunked_prefill(step_fn, params, cache, prompt_tokens, positions, chunk)
 
 
 def _last_real_logits(logits: jax.Array, positions: jax.Array) -> jax.Array:

@@ -31,8 +31,8 @@ from kvjax.attention import AttentionPlan, choose
 from kvjax import cache as caches
 from kvjax.cache import TokenHistory
 from kvjax.config import ModelConfig
-from kvjax.decode import (PAD_TOKEN, DecodeState, decode_steps, jit_decode, prefill,
-                          prompt_positions, row_keys)
+from kvjax.decode import (DecodeState, decode_steps, jit_decode, prefill,
+                          prefill_logits, prompt_positions, row_keys)
 from kvjax.loading import Model
 from kvjax.model import compiler_options, forward_parts, recompute_step_fn, step_fn
 from kvjax.sampling import sample
@@ -245,13 +245,8 @@ def _serve_prefill_program(config, dtype, mesh, rules, kv_dtype):
     step, _ = _step_functions(config, dtype, mesh, rules, True, False, None, None, kv_dtype)
 
     def prefill_chunks(params, cache, tokens, lengths, starts, sampling, seeds):
-        rows = tokens.shape[0]
-        state, last = prefill(step, params, cache, tokens, lengths, start=starts,
-                              max_new_tokens=jnp.ones((rows,), jnp.int32), sampling=sampling,
-                              seed=seeds[0], stop_tokens=jnp.full((1,), PAD_TOKEN, jnp.int32),
-                              greedy=False)  # its tokens are unused (row keys of one seed)
-        return state.cache, sample(last, _own_keys(seeds, jnp.zeros_like(lengths)), sampling,
-                                   False)
+        last, cache = prefill_logits(step, params, cache, tokens, lengths, start=starts)
+        return cache, sample(last, _own_keys(seeds, jnp.zeros_like(lengths)), sampling, False)
 
     return jax.jit(prefill_chunks, donate_argnums=1, compiler_options=compiler_options())
 
