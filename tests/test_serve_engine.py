@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import random
 
+import jax
 import numpy as np
 import pytest
 
@@ -414,6 +415,21 @@ def test_compilations_stay_fixed_after_warmup(engine, words, compile_counter):
             assert handle.result(timeout=60).finish_reason == "length"
     assert compile_counter.count == 0
     assert engine.stats()["programs_compiled"] == 12
+
+
+def test_warmup_runs_every_program_and_writes_nothing(model, engine):
+    """warmup() runs each program once over idle rows: the pool it leaves holds what it
+    held (a fresh pool: zeros), and it refuses a started engine (the loop owns the pool)."""
+    fresh = new_engine(model)
+    buffers = lambda pool: [np.asarray(x) for x in jax.tree.leaves((pool.keys, pool.values))]
+    before = [x.copy() for x in buffers(fresh.prefix_cache.pool)]
+    assert fresh.warmup() == 12
+    after = buffers(fresh.prefix_cache.pool)
+    assert len(after) == 2 * model.config.num_layers
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    with pytest.raises(RuntimeError, match=r"warmup\(\) runs the engine's programs: call it "
+                                           r"before start\(\)"):
+        engine.warmup()
 
 
 def test_queue_full_and_bad_requests(model, words):

@@ -7,7 +7,7 @@ Final API (the FastAPI server builds on exactly this)::
                                 max_waiting=256, kv_dtype=None, prefix_caching=True,
                                 mixed_steps=True)
                                 # block_size None: 16
-    engine.warmup() -> int            # compiles every program now (else on first use)
+    engine.warmup() -> int            # compiles and loads every program now (else on first use)
     engine.start() -> Engine          # the loop in a daemon thread; also `with Engine(...) as e`
     engine.step() -> bool             # one step, synchronously (tests); True if it did work
     engine.shutdown(drain=True, timeout=None) -> None
@@ -659,18 +659,26 @@ class Engine:
     def warmup(self) -> int:
         """Compiles every program the engine runs (the decode step, greedy and sampling,
         and for the prefill chunks of each shape, ``prefill_shapes``, the mixed programs,
-        greedy and sampling, or the prefill program without ``mixed_steps``), so that no
-        request waits for a compile; returns how many programs the engine holds. Without
-        it each compiles on first use."""
-        for greedy in (True, False):
-            self._program(("decode", greedy), self._args(self._decode_inputs([])))
+        greedy and sampling, or the prefill program without ``mixed_steps``) and runs each
+        once over idle rows, which write nothing, so that no request waits for a compile
+        or for a program's first run (on two CPU cores a first run took 70-100 ms more
+        than the next ones; a GPU loads the program's kernels then). Returns how many
+        programs the engine holds. Without it each compiles and loads on first use.
+        Call it before ``start``."""
+        if self._thread is not None:
+            raise RuntimeError("warmup() runs the engine's programs: call it before start()")
+        idle = [(("decode", greedy), (self._decode_inputs([]),)) for greedy in (True, False)]
         for shape in self._prefill_shapes:
             if self.mixed_steps:
-                for greedy in (True, False):
-                    self._program(("mixed", (shape, greedy)), self._args(
-                        self._decode_inputs([]), self._prefill_inputs([], *shape)))
+                idle += [(("mixed", (shape, greedy)),
+                          (self._decode_inputs([]), self._prefill_inputs([], *shape)))
+                         for greedy in (True, False)]
             else:
-                self._program(("prefill", shape), self._args(self._prefill_inputs([], *shape)))
+                idle.append((("prefill", shape), (self._prefill_inputs([], *shape),)))
+        for key, parts in idle:
+            args = self._args(*parts)
+            self.prefix_cache.pool = self._program(key, args)(*args)[0]
+        jax.block_until_ready(self.prefix_cache.pool)
         return len(self._compiled)
 
     def _program(self, key: tuple, args: tuple):
