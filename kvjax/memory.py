@@ -80,7 +80,7 @@ def scratch_bytes(config, dtype: str, request, kv_dtype, mesh, rules,
     and their product ``[rows, piece, mlp]``; four ``[rows, piece, hidden]``; q, k, v),
     its float32 attention scores and probabilities ``[rows, heads, piece, keys]`` where
     the layers attend on the XLA path (cuDNN flash attention keeps none), the float32
-    logits ``[rows, vocab]`` with sampling's sorted copy and order, and the token buffer.
+    logits ``[rows, vocab]`` with sampling's scaled and sorted copies, and the token buffer.
     XLA:CPU computes bfloat16 and float16 in float32: there the activations count 4
     bytes an element, plus a float32 copy of the weights. Against XLA's own figures
     (``memory_analysis()`` of the compiled generation, the bundled model on CPU), the

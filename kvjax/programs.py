@@ -292,8 +292,8 @@ def serve_mixed_program(model: Model, *, greedy: bool, kv_dtype: str | None = No
     and lengths hold the decode step's rows, then the chunks'). Returns ``(cache, tokens
     int32[rows], first int32[chunk_rows])``, each as the two programs return them (every
     row sampled as ``sample`` does, greedy rows by argmax). ``greedy``: static; argmax for
-    every row of both (sampling's top-k and top-p sort the vocabulary: a greedy step
-    skips that).
+    every row of both (a sampled step draws from every row's logits, and sorts
+    them where a row uses top-k, top-p or min-p: a greedy step skips both).
     """
     return _serve_mixed_program(*_model_key(model), greedy, kv_dtype)
 

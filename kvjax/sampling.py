@@ -68,21 +68,18 @@ def check_sampling_values(temperature: float, top_k: int | None, top_p: float | 
         raise ValueError(f"min_p must be in [0, 1) (or None to disable), got {min_p}")
 
 
-def filtered_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
-    """Applies temperature, top-k, top-p and min-p.
+def kept_tokens(scaled: jax.Array, params: SamplingParams) -> jax.Array:
+    """The tokens top-k, top-p and min-p keep, in that order.
 
     Args:
-      logits: ``float32[batch, vocab]``.
+      scaled: ``float32[batch, vocab]`` logits divided by the temperature.
 
     Returns:
-      ``(sorted_logits, order)``: ``float32[batch, vocab]`` logits in descending order
-      with filtered-out entries at ``-inf``, and ``int32[batch, vocab]`` the token id
-      of each sorted entry.
+      ``bool[batch, vocab]``: every token whose scaled logit reaches the smallest one a
+      row keeps (tokens tied with it are kept too). The most likely token always is.
     """
-    vocab = logits.shape[-1]
-    temperature = jnp.maximum(params.temperature, 1e-6)[:, None]
-    order = jnp.argsort(-logits, axis=-1).astype(jnp.int32)  # [batch, vocab]
-    ranked = jnp.take_along_axis(logits, order, axis=-1) / temperature
+    vocab = scaled.shape[-1]
+    ranked = -jnp.sort(-scaled, axis=-1)  # [batch, vocab] descending
     rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]
     top_k = jnp.where(params.top_k > 0, params.top_k, vocab)[:, None]
     ranked = jnp.where(rank < top_k, ranked, -jnp.inf)
@@ -91,13 +88,19 @@ def filtered_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Arra
     # The most likely token always stays (mass_before == 0 < top_p).
     ranked = jnp.where(mass_before < params.top_p[:, None], ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
-    ranked = jnp.where(probs >= params.min_p[:, None] * probs[:, :1], ranked, -jnp.inf)
-    return ranked, order
+    kept = (ranked > -jnp.inf) & (probs >= params.min_p[:, None] * probs[:, :1])  # a prefix
+    smallest = jnp.take_along_axis(ranked, kept.sum(axis=-1, keepdims=True) - 1, axis=-1)
+    return scaled >= smallest
 
 
 def sample(logits: jax.Array, keys: jax.Array, params: SamplingParams,
            greedy: bool) -> jax.Array:
     """Next token of each row.
+
+    A row draws from its logits over the temperature, the tokens its filters drop
+    masked out, in vocabulary order: the filters' sort of the vocabulary
+    (``kept_tokens``) runs only when some row filters, and a row's draw is the same
+    either way, so it never depends on the other rows' values.
 
     Args:
       logits: ``float32[batch, vocab]``.
@@ -111,7 +114,10 @@ def sample(logits: jax.Array, keys: jax.Array, params: SamplingParams,
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
         return argmax
-    ranked, order = filtered_logits(logits, params)
-    choice = jax.vmap(jax.random.categorical)(keys, ranked)  # [batch], index into `order`
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    scaled = logits / jnp.maximum(params.temperature, 1e-6)[:, None]  # [batch, vocab]
+    filters = (params.top_k > 0) | (params.top_p < 1) | (params.min_p > 0)  # [batch]
+    kept = jax.lax.cond(jnp.any(filters), kept_tokens,
+                        lambda scaled, _: jnp.ones(scaled.shape, bool), scaled, params)
+    masked = jnp.where(kept, scaled, -jnp.inf)
+    sampled = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     return jnp.where(params.temperature > 0, sampled, argmax)

@@ -71,6 +71,23 @@ def test_tiny_temperature_equals_greedy():
     np.testing.assert_array_equal(greedy, sampled)
 
 
+def test_a_rows_draw_does_not_depend_on_its_neighbours_filters():
+    """The sort that filters need runs only when some row filters (``kept_tokens``);
+    an unfiltered row draws the same token with and without a filtering neighbour."""
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.normal(size=(2, 500)) * 3, jnp.float32)
+    run = jax.jit(sample, static_argnums=3)
+    for key in range(50):
+        keys = jax.random.split(jax.random.key(key), 2)
+        alone = SamplingParams.create(2, temperature=0.9)
+        beside = SamplingParams(temperature=alone.temperature, top_k=jnp.array([0, 3], jnp.int32),
+                                top_p=jnp.array([1.0, 0.5], jnp.float32), min_p=alone.min_p)
+        plain, filtered = (np.asarray(run(logits, keys, params, False))
+                           for params in (alone, beside))
+        assert plain[0] == filtered[0]
+        assert filtered[1] in np.argsort(-np.asarray(logits[1]))[:3]
+
+
 def test_generate_seeds(gqa_model):
     prompts = [[1, 2, 3], [4, 5]]
     kwargs = dict(max_new_tokens=32, temperature=1.0, stop_tokens=[])
