@@ -155,7 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
     programs = engine.warmup()
     name = model_name(args)
     print(f"kvjax-serve: {name}, {args.max_rows} rows of up to {engine.max_len} tokens; "
-          f"{programs} programs compiled in {time.perf_counter() - start:.1f} s",
+          f"{programs} programs compiled and loaded in {time.perf_counter() - start:.1f} s",
           file=sys.stderr)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without --api-key: anyone who reaches "
