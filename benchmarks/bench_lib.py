@@ -83,7 +83,9 @@ def timed(fn, reps: int, setup=None, warmup: int = 1) -> float:
 # ----- bounds -----------------------------------------------------------------------
 
 def versions() -> dict:
-    """jax, jaxlib, kvjax and Python versions, and the checkout's commit."""
+    """jax, jaxlib, kvjax and Python versions, and the checkout's commit: ``$KVJAX_COMMIT``
+    where set (for a copy of the tree whose git metadata is not the tree's own, as on a
+    machine that receives a working tree), else git's."""
     def dist(name):
         try:
             return importlib.metadata.version(name)
@@ -92,6 +94,9 @@ def versions() -> dict:
 
     v = dict(jax=jax.__version__, jaxlib=dist("jaxlib"), kvjax=dist("kvjax"),
              python=platform.python_version())
+    if os.environ.get("KVJAX_COMMIT"):
+        v["kvjax_commit"] = os.environ["KVJAX_COMMIT"]
+        return v
     try:  # the checkout's commit, "+" when the tree has changes
         git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
                                         timeout=10, check=True).stdout.strip()
