@@ -417,19 +417,23 @@ def test_compilations_stay_fixed_after_warmup(engine, words, compile_counter):
     assert engine.stats()["programs_compiled"] == 12
 
 
-def test_warmup_runs_every_program_and_writes_nothing(model, engine):
-    """warmup() runs each program once over idle rows: the pool it leaves holds what it
-    held (a fresh pool: zeros), and it refuses a started engine (the loop owns the pool)."""
-    fresh = new_engine(model)
+def test_warmup_runs_every_program_and_writes_nothing(model, engine, words):
+    """warmup() runs each program once over idle rows, before start() or between the
+    steps of a started engine: the pool's keys and values stay as they were (a fresh
+    pool's zeros; the started engine's cached blocks), and requests after it still equal
+    generate."""
     buffers = lambda pool: [np.asarray(x) for x in jax.tree.leaves((pool.keys, pool.values))]
-    before = [x.copy() for x in buffers(fresh.prefix_cache.pool)]
-    assert fresh.warmup() == 12
-    after = buffers(fresh.prefix_cache.pool)
-    assert len(after) == 2 * model.config.num_layers
-    assert all(np.array_equal(a, b) for a, b in zip(before, after))
-    with pytest.raises(RuntimeError, match=r"warmup\(\) runs the engine's programs: call it "
-                                           r"before start\(\)"):
-        engine.warmup()
+    for target in (new_engine(model), engine):
+        wait_idle(target)
+        before = [x.copy() for x in buffers(target.prefix_cache.pool)]
+        assert target.warmup() == 12
+        after = buffers(target.prefix_cache.pool)
+        assert len(after) == 2 * model.config.num_layers
+        assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert any(x.any() for x in after)  # the started engine's pool holds blocks
+    prompt = words[:40]
+    handle = engine.submit(prompt, max_tokens=12, stop_tokens=[], temperature=0)
+    assert handle.result(timeout=60).token_ids == alone(model, prompt, 12, stop_tokens=[])
 
 
 def test_queue_full_and_bad_requests(model, words):

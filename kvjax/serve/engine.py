@@ -249,6 +249,7 @@ class Engine:
         self._prefill_shapes = prefill_shapes(max_prefill_tokens, max_len, max_rows)
         self._scheduler = Scheduler(max_rows, max_waiting)
         self._cond = threading.Condition()  # guards the scheduler, the counts, the blocks
+        self._running_programs = threading.Lock()  # a step's, or warmup's: one at a time
         # ("decode", greedy) | ("prefill", (rows, width)) | ("mixed", ((rows, width), greedy))
         self._compiled: dict[tuple, object] = {}
         self._in_flight: tuple[list[Job], jax.Array] | None = None  # the decode step not read yet
@@ -442,7 +443,8 @@ class Engine:
 
     def _guarded_step(self) -> bool:
         try:
-            return self._step()
+            with self._running_programs:
+                return self._step()
         except BaseException as error:
             self._fail(error)
             raise
@@ -663,22 +665,25 @@ class Engine:
         once over idle rows, which write nothing, so that no request waits for a compile
         or for a program's first run (on two CPU cores a first run took 70-100 ms more
         than the next ones; a GPU loads the program's kernels then). Returns how many
-        programs the engine holds. Without it each compiles and loads on first use.
-        Call it before ``start``."""
-        if self._thread is not None:
-            raise RuntimeError("warmup() runs the engine's programs: call it before start()")
-        idle = [(("decode", greedy), (self._decode_inputs([]),)) for greedy in (True, False)]
+        programs the engine holds. Without it each compiles and loads on first use. On a
+        started engine it runs between two steps (requests wait meanwhile).
+
+        Raises:
+          RuntimeError: the engine is shut down or failed.
+        """
+        self._check_open()
+        keys = [("decode", greedy) for greedy in (True, False)]
         for shape in self._prefill_shapes:
-            if self.mixed_steps:
-                idle += [(("mixed", (shape, greedy)),
-                          (self._decode_inputs([]), self._prefill_inputs([], *shape)))
-                         for greedy in (True, False)]
-            else:
-                idle.append((("prefill", shape), (self._prefill_inputs([], *shape),)))
-        for key, parts in idle:
-            args = self._args(*parts)
-            self.prefix_cache.pool = self._program(key, args)(*args)[0]
-        jax.block_until_ready(self.prefix_cache.pool)
+            keys += ([("mixed", (shape, greedy)) for greedy in (True, False)]
+                     if self.mixed_steps else [("prefill", shape)])
+        with self._running_programs:  # every row idle: position -1, chunks of length 0
+            for kind, variant in keys:
+                parts = ([self._decode_inputs([])] if kind != "prefill" else []) + (
+                    [self._prefill_inputs([], *(variant[0] if kind == "mixed" else variant))]
+                    if kind != "decode" else [])
+                args = self._args(*parts)
+                self.prefix_cache.pool = self._program((kind, variant), args)(*args)[0]
+            jax.block_until_ready(self.prefix_cache.pool)
         return len(self._compiled)
 
     def _program(self, key: tuple, args: tuple):
