@@ -116,8 +116,9 @@ def sample(logits: jax.Array, keys: jax.Array, params: SamplingParams,
         return argmax
     scaled = logits / jnp.maximum(params.temperature, 1e-6)[:, None]  # [batch, vocab]
     filters = (params.top_k > 0) | (params.top_p < 1) | (params.min_p > 0)  # [batch]
-    kept = jax.lax.cond(jnp.any(filters), kept_tokens,
-                        lambda scaled, _: jnp.ones(scaled.shape, bool), scaled, params)
-    masked = jnp.where(kept, scaled, -jnp.inf)
+    masked = jax.lax.cond(jnp.any(filters),
+                          lambda scaled, params: jnp.where(kept_tokens(scaled, params),
+                                                           scaled, -jnp.inf),
+                          lambda scaled, _: scaled, scaled, params)
     sampled = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
     return jnp.where(params.temperature > 0, sampled, argmax)

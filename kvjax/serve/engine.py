@@ -672,19 +672,23 @@ class Engine:
           RuntimeError: the engine is shut down or failed.
         """
         self._check_open()
-        keys = [("decode", greedy) for greedy in (True, False)]
-        for shape in self._prefill_shapes:
-            keys += ([("mixed", (shape, greedy)) for greedy in (True, False)]
-                     if self.mixed_steps else [("prefill", shape)])
         with self._running_programs:  # every row idle: position -1, chunks of length 0
-            for kind, variant in keys:
-                parts = ([self._decode_inputs([])] if kind != "prefill" else []) + (
-                    [self._prefill_inputs([], *(variant[0] if kind == "mixed" else variant))]
-                    if kind != "decode" else [])
-                args = self._args(*parts)
-                self.prefix_cache.pool = self._program((kind, variant), args)(*args)[0]
+            for greedy in (True, False):
+                self._run_idle(("decode", greedy), self._decode_inputs([]))
+            for shape in self._prefill_shapes:
+                if self.mixed_steps:
+                    for greedy in (True, False):
+                        self._run_idle(("mixed", (shape, greedy)), self._decode_inputs([]),
+                                       self._prefill_inputs([], *shape))
+                else:
+                    self._run_idle(("prefill", shape), self._prefill_inputs([], *shape))
             jax.block_until_ready(self.prefix_cache.pool)
         return len(self._compiled)
+
+    def _run_idle(self, key: tuple, *parts: tuple) -> None:
+        """Runs program ``key`` (compiled first if need be) on ``parts``' idle inputs."""
+        args = self._args(*parts)
+        self.prefix_cache.pool = self._program(key, args)(*args)[0]
 
     def _program(self, key: tuple, args: tuple):
         """The compiled program ``key`` names, compiled for ``args`` on first use."""
