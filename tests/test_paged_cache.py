@@ -5,6 +5,7 @@ Oracle: the contiguous cache fed the same blocks of tokens (itself checked again
 transformers), and one forward pass without a cache.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -212,3 +213,36 @@ def test_tpu_paged_attention_interpreted():
         np.broadcast_to(np.arange(width, dtype=np.int32), (2, width)), cache()).jaxpr,
         "pallas_call")
     assert (calls(1), calls(4)) == (config.num_layers, 0)
+
+
+@pytest.mark.skipif(not kvjax.attention.flash_supported(64, jnp.bfloat16),
+                    reason="needs cuDNN flash attention")
+def test_cudnn_prompt_chunks_over_the_pool_match_the_portable_path():
+    """On GPUs a bfloat16 pool's prompt chunks (several tokens a row, over blocks the
+    rows wrote before, ragged, with rows of padding) attend through cuDNN
+    (``kvjax.attention.paged.attend_cache_cudnn``): each block's logits equal the
+    portable path's within bfloat16's precision (2% of their spread), and a chunk's
+    program holds cuDNN's attention and no loop."""
+    config = make_config(num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256,
+                         vocab_size=512, num_layers=2, max_position_embeddings=128)
+    model = make_model(config, dtype=jnp.bfloat16, scale=2.0)
+    rows, capacity, block_size = 3, 64, 16
+    tokens = np.random.default_rng(7).integers(0, config.vocab_size, (rows, capacity))
+    order = np.random.default_rng(8).permutation(14)[:12].reshape(rows, 4)
+    cache = lambda: PagedKVCache.create(config, rows, capacity, "bfloat16", block_size=block_size,
+                                        num_blocks=14).with_tables(order, np.zeros(rows))
+    cudnn_plan = kvjax.attention.choose(config, jnp.bfloat16)
+    assert {layer.implementation for layer in cudnn_plan.layers} == {"cudnn"}
+    portable = kvjax.attention.AttentionPlan(tuple(
+        dataclasses.replace(layer, implementation="xla", kernel=None) for layer in cudnn_plan.layers))
+    step = lambda plan: jax.jit(functools.partial(forward, config, attention=plan))
+    want, _ = feed(model, cache(), tokens, SIZES, step=step(portable))
+    got, _ = feed(model, cache(), tokens, SIZES, step=step(cudnn_plan))
+    for a, b, sizes in zip(got, want, SIZES):
+        real = np.asarray(sizes) > 0
+        np.testing.assert_allclose(a[real], b[real], atol=0.02 * np.ptp(b[real]))
+    chunk = np.broadcast_to(np.arange(8, 16, dtype=np.int32), (rows, 8))
+    text = step(cudnn_plan).lower(model.params, np.zeros((rows, 8), np.int32), chunk,
+                                  cache()).compile().as_text()
+    assert text.count("__cudnn$fmha") >= 2 * config.num_layers  # before the chunk, within it
+    assert " while(" not in text

@@ -229,10 +229,14 @@ def attend_pool_blocks(config: ModelConfig, attention: LayerAttention,
         *pools, _ = paged.write((*pools, table(i)), k, v, positions, attention.quantized)
     for i in rest:
         q, k, v, positions = blocks[i]
-        outs[i] = (_attend_within(config, attention, q, k, v, positions, window)
-                   if attention.fresh else
-                   paged.attend_cache(q, (*pools, table(i)), positions, window, scale, softcap,
-                                      attention.key_limit, attention.kernel))
+        if attention.fresh:
+            outs[i] = _attend_within(config, attention, q, k, v, positions, window)
+        elif attention.implementation == "cudnn" and q.shape[1] > 1:  # a float pool, no window
+            outs[i] = paged.attend_cache_cudnn(q, k, v, (*pools, table(i)), positions, scale,
+                                               attention.key_limit)
+        else:
+            outs[i] = paged.attend_cache(q, (*pools, table(i)), positions, window, scale,
+                                         softcap, attention.key_limit, attention.kernel)
     return outs, (*pools, tables)
 
 
