@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -244,3 +245,27 @@ def test_profile_splits_runs_at_pauses():
     step = lib.per_step(a, b, 5)  # the 5-token run's 4 steps: a GEMM and an all-reduce each
     assert (step["matmul"], step["collective"], step["other"]) == pytest.approx((0.05, 0.006, 0.0))
     assert np.isclose(sum(step[k] for k, _ in lib.KINDS) + step["other"], step["busy"])
+
+
+def test_paged_prefill_benchmark_records_each_case(tmp_path):
+    """benchmarks/paged_prefill.py on the bundled shape, one layer: a record per case with
+    the portable path's time (the cuDNN one only where cuDNN runs), the settings and the
+    versions; a malformed case is refused naming the form."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import paged_prefill
+
+    out = tmp_path / "paged_prefill.json"
+    paged_prefill.main(["--shape", "bundled", "--layers", "1", "--reps", "2", "--max-len", "256",
+                        "--pool-rows", "4", "--cases", "2x32@64", "1x64@0", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert [(r["rows"], r["width"], r["start"]) for r in record["results"]] == [(2, 32, 64), (1, 64, 0)]
+    cudnn = paged_prefill.flash.supported(64, paged_prefill.jnp.bfloat16)  # the bundled shape's head_dim
+    for result in record["results"]:
+        assert set(result["ms"]) == ({"portable", "cudnn"} if cudnn else {"portable"})
+        assert min(result["ms"].values()) > 0
+        assert (result["portable_over_cudnn"] is None) != cudnn
+    assert record["settings"]["layers"] == 1
+    assert record["device"] == jax.devices()[0].device_kind
+    assert {"jax", "kvjax"} <= set(record["versions"])
+    with pytest.raises(SystemExit):
+        paged_prefill.main(["--cases", "4-64"])
