@@ -52,7 +52,8 @@ def parse_case(text: str) -> tuple[int, int, int]:
         rows, width = shape.split("x")
         return int(rows), int(width), int(start)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a case is ROWSxWIDTH@START, e.g. 4x64@1024; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"a case is ROWSxWIDTH@START, e.g. 4x64@1024; got {text!r}")
 
 
 def time_case(config, paths, rows: int, width: int, start: int, args, rng) -> dict:
@@ -104,7 +105,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=None, help="default: the model's")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=4096, help="slots a row's table covers")
-    parser.add_argument("--pool-rows", type=int, default=64, help="rows of --max-len the pool holds")
+    parser.add_argument("--pool-rows", type=int, default=64,
+                        help="rows of --max-len the pool holds")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)

@@ -258,8 +258,9 @@ def test_paged_prefill_benchmark_records_each_case(tmp_path):
     paged_prefill.main(["--shape", "bundled", "--layers", "1", "--reps", "2", "--max-len", "256",
                         "--pool-rows", "4", "--cases", "2x32@64", "1x64@0", "--json", str(out)])
     record = json.loads(out.read_text())
-    assert [(r["rows"], r["width"], r["start"]) for r in record["results"]] == [(2, 32, 64), (1, 64, 0)]
-    cudnn = paged_prefill.flash.supported(64, paged_prefill.jnp.bfloat16)  # the bundled shape's head_dim
+    cases = [(r["rows"], r["width"], r["start"]) for r in record["results"]]
+    assert cases == [(2, 32, 64), (1, 64, 0)]
+    cudnn = paged_prefill.flash.supported(64, paged_prefill.jnp.bfloat16)  # the bundled head_dim
     for result in record["results"]:
         assert set(result["ms"]) == ({"portable", "cudnn"} if cudnn else {"portable"})
         assert min(result["ms"].values()) > 0

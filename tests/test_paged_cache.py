@@ -234,7 +234,8 @@ def test_cudnn_prompt_chunks_over_the_pool_match_the_portable_path():
     cudnn_plan = kvjax.attention.choose(config, jnp.bfloat16)
     assert {layer.implementation for layer in cudnn_plan.layers} == {"cudnn"}
     portable = kvjax.attention.AttentionPlan(tuple(
-        dataclasses.replace(layer, implementation="xla", kernel=None) for layer in cudnn_plan.layers))
+        dataclasses.replace(layer, implementation="xla", kernel=None)
+        for layer in cudnn_plan.layers))
     step = lambda plan: jax.jit(functools.partial(forward, config, attention=plan))
     want, _ = feed(model, cache(), tokens, SIZES, step=step(portable))
     got, _ = feed(model, cache(), tokens, SIZES, step=step(cudnn_plan))

@@ -8,6 +8,7 @@ dropped and the rest rotated back one position); the plain cache while a row fit
 """
 
 import dataclasses
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -133,9 +134,12 @@ def hf_streaming_greedy(model, prompt: list[int], steps: int, sinks: int, window
     cos = torch.cat([torch.cos(-inv_freq)] * 2).float()  # a rotation by -1 position
     sin = torch.cat([torch.sin(-inv_freq)] * 2).float()
     cache = transformers.DynamicCache(config=model.config)
+    # transformers 5.x renamed forward's past_key_values to cache (the old name warns)
+    parameters = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in parameters else "past_key_values"
     sequence, tokens, logits = list(prompt), [], []
     for fed in range(len(prompt) + steps - 1):
-        out = model(torch.tensor([[sequence[fed]]]), past_key_values=cache, use_cache=True,
+        out = model(torch.tensor([[sequence[fed]]]), **{cache_arg: cache}, use_cache=True,
                     position_ids=torch.tensor([[cache.get_seq_length()]])).logits[0, -1]
         if fed >= len(prompt) - 1:
             tokens.append(int(torch.argmax(out)))
