@@ -109,6 +109,13 @@ def tpu_attend(queries: jax.Array, pools: list, tables: jax.Array, positions: ja
     return out[:, None]
 
 
+def readable_entries(tables: jax.Array, block_size: int, key_limit: int | None) -> int:
+    """Table entries a row's attention reads: all of them, or those before ``key_limit``
+    (static: no query sees a position at or past it)."""
+    width = tables.shape[1]
+    return width if key_limit is None else min(width, -(-key_limit // block_size))
+
+
 def gather_blocks(pool: jax.Array, ids: jax.Array) -> jax.Array:
     """The blocks ``ids`` (``int32[rows, n]``) of ``pool`` (``[kv_heads, num_blocks,
     block_size(, head_dim)]``), each row's in a row of its own: ``[rows, kv_heads,
@@ -133,10 +140,7 @@ def attend_cache_cudnn(queries: jax.Array, keys: jax.Array, values: jax.Array,
     make the copy cheap beside the attention (a decode step, whose attention only reads
     the cache, keeps the decode kernel: there a copy would triple the time)."""
     *pools, tables = layer_cache
-    block_size = pools[0].shape[2]
-    width = tables.shape[1] if key_limit is None else min(tables.shape[1],
-                                                         -(-key_limit // block_size))
-    ids = tables[:, :width]  # [rows, width]
+    ids = tables[:, :readable_entries(tables, pools[0].shape[2], key_limit)]  # [rows, width]
     cache_keys, cache_values = (gather_blocks(pool, ids) for pool in pools)
     return flash.attend_cache(queries, keys, values, cache_keys, cache_values, positions, scale)
 
@@ -157,9 +161,7 @@ def attend_cache(queries: jax.Array, layer_cache: tuple, positions: jax.Array,
         return tpu_attend(queries, pools, tables, positions,
                           head_dim ** -0.5 if scale is None else scale, logit_softcap, mode)
     block_size = pools[0].shape[2]
-    width = tables.shape[1]  # table entries a row has
-    if key_limit is not None:
-        width = min(width, -(-key_limit // block_size))
+    width = readable_entries(tables, block_size, key_limit)
     chunk_slots = blockwise.block_slots(queries, pools[0].shape[0], width * block_size)
     per_chunk = min(max(chunk_slots // block_size, 1), width)  # table entries an iteration
     batch = tables.shape[0]
