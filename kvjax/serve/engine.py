@@ -47,11 +47,11 @@ head of the queue, never dropped. Each step then
    once);
 2. prefills up to ``max_prefill_tokens`` prompt tokens, the rows in admission order,
    each row's chunk from the first position its cached prefix does not hold, in calls
-   compiled per power-of-two chunk width (chunks narrower than ``PACK_TOKENS`` run several to a call, so short
-   prompts do not each read all the weights, and wider ones are cut to a power of two,
-   so none computes much padding); a long prompt is spread over steps. The full blocks
-   a chunk completes are cached at once, so a request admitted later shares them even
-   while this one runs. A row whose prompt is done samples its first token from the
+   compiled per power-of-two chunk width (chunks of one width run several to a call
+   where that is faster, so short prompts do not each read all the weights, and chunks
+   of ``PACK_TOKENS`` or more are cut to a power of two, so none computes much padding);
+   a long prompt is spread over steps. The full blocks a chunk completes are cached at
+   once, so a request admitted later shares them even while this one runs. A row whose prompt is done samples its first token from the
    chunk's last logits;
 3. starts one decode step (``kvjax.programs.serve_decode_program``) over all rows: the
    decoding ones at their positions, the others at position -1 (they write nothing and
@@ -142,13 +142,17 @@ def pool_sizes(config: ModelConfig, max_rows: int, max_len: int | None, block_si
     return max_len, pool_blocks
 
 
-# A prefill chunk narrower than this many tokens reads every weight for little work, so
-# the chunks of one step that share a width bucket run together, in one call of
-# PACK_TOKENS // width rows; a wider one is cut to a power of two (the rest prefilled at
-# the next step), so no chunk computes PACK_TOKENS padding tokens or more. About where a
-# chunk's matmuls take as long as reading the weights: 2 FLOPs per weight per token
-# against 2 bytes per bf16 weight, i.e. peak FLOP/s over HBM bytes/s, 206 tokens on an
-# H200 (989 TFLOP/s, 4.8 TB/s), 240 on a TPU v5e (197 TFLOP/s, 819 GB/s).
+# A prefill call costs about as much as computing PACK_TOKENS tokens before it computes
+# any (it reads every weight, launches every kernel), so a call's time is modelled as
+# PACK_TOKENS + its rows * width tokens: chunks of one width bucket run together in calls
+# of several rows, of PACK_TOKENS or of the step's whole budget (whichever packing the
+# model finds cheaper, `cheapest_calls`), and a chunk of PACK_TOKENS or more is cut to
+# a power of two (the rest prefilled at the next step), so none computes PACK_TOKENS
+# padding tokens or more. 256 is about where a chunk's matmuls take as long as reading
+# the weights: 2 FLOPs per weight per token against 2 bytes per bf16 weight, i.e. peak
+# FLOP/s over HBM bytes/s, 206 tokens on an H200 (989 TFLOP/s, 4.8 TB/s), 240 on a TPU
+# v5e (197 TFLOP/s, 819 GB/s). On an H100 (Llama-3.1-8B shape, rows idle) a call of
+# 4 x 64 tokens took 11.5 ms and one of 1 x 1024 tokens 25.7 ms (docs/serving.md).
 PACK_TOKENS = 256
 
 
@@ -156,32 +160,45 @@ def prefill_shapes(max_prefill_tokens: int, max_len: int, max_rows: int
                    ) -> list[tuple[int, int]]:
     """The ``(rows, width)`` shapes the prefill program is compiled for: widths the powers
     of two from ``MIN_PROMPT_BUCKET`` to the bucket of the longest chunk, each for one
-    row and, below ``PACK_TOKENS`` (or the budget's bucket, if smaller), for
-    ``pack // width`` rows (at most ``max_rows``) as well."""
+    row and, where more fit, for as many rows (at most ``max_rows``) as ``PACK_TOKENS``
+    and as the budget's bucket hold."""
     top = bucket(min(max_prefill_tokens, max_len), MIN_PROMPT_BUCKET)
-    pack = min(PACK_TOKENS, top)
     shapes = []
     for width in (MIN_PROMPT_BUCKET << i for i in range((top // MIN_PROMPT_BUCKET).bit_length())):
         shapes.append((1, width))
-        if min(pack // width, max_rows) > 1:
-            shapes.append((min(pack // width, max_rows), width))
+        for pack in (min(PACK_TOKENS, top), top):
+            rows = min(pack // width, max_rows)
+            if rows > 1 and (rows, width) not in shapes:
+                shapes.append((rows, width))
     return shapes
+
+
+def cheapest_calls(count: int, width: int, row_counts: Sequence[int]) -> list[int]:
+    """The rows of the calls (largest first) that prefill ``count`` chunks of ``width``
+    at the least modelled time, ``PACK_TOKENS + rows * width`` tokens a call (padding
+    rows compute too), from calls of ``row_counts`` rows."""
+    best = [(0, ())]  # [chunks] -> (cost, rows of its calls)
+    for chunks in range(1, count + 1):
+        best.append(min((PACK_TOKENS + rows * width + best[max(chunks - rows, 0)][0],
+                         best[max(chunks - rows, 0)][1] + (rows,))
+                        for rows in sorted(row_counts)))
+    return sorted(best[count][1], reverse=True)
 
 
 def pack_chunks(widths: Sequence[int], shapes: Sequence[tuple[int, int]]
                 ) -> list[tuple[tuple[int, int], list[int]]]:
     """The calls that prefill chunks of bucket ``widths`` (in order): ``(shape, the
-    chunks' indices)``, chunks of one width together in calls of that width's most rows
-    (the last call a one-row one when it would hold a single chunk)."""
-    most = {}
+    chunks' indices)``, chunks of one width together in the calls of ``shapes`` that
+    ``cheapest_calls`` picks."""
+    row_counts = {}
     for rows, width in shapes:
-        most[width] = max(most.get(width, 1), rows)
+        row_counts.setdefault(width, []).append(rows)
     calls = []
     for width in dict.fromkeys(widths):
         chunks = [i for i, w in enumerate(widths) if w == width]
-        for at in range(0, len(chunks), most[width]):
-            group = chunks[at:at + most[width]]
-            calls.append(((most[width] if len(group) > 1 else 1, width), group))
+        for rows in cheapest_calls(len(chunks), width, row_counts[width]):
+            calls.append(((rows, width), chunks[:rows]))
+            chunks = chunks[rows:]
     return calls
 
 

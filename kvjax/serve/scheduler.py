@@ -139,20 +139,25 @@ class Scheduler:
     def prefill_plan(self, budget: int, whole_from: int | None = None) -> list[tuple[Job, int]]:
         """``(job, tokens)`` to prefill this step: rows with prompt left, in admission
         order, each taking what it has left until ``budget`` tokens are spent (the last
-        one taken may get a part: a long prompt spreads over steps). A chunk of
-        ``whole_from`` tokens or more is cut to a power of two, the rest left for the next
-        step, so that no chunk padded to its power-of-two width computes ``whole_from``
-        padding tokens or more."""
+        one taken may get a part: a long prompt spreads over steps). Chunks run padded to
+        a power of two, so a chunk is cut to one, the rest left for the next step, where
+        that saves much (it holds ``whole_from`` tokens or more: no chunk computes
+        ``whole_from`` padding tokens or more) or costs nothing (the budget cuts it: it
+        then ends where its padding would, and the step takes no more chunks, each a call
+        of its own width)."""
         plan = []
         for job in self.running():
             if budget == 0:
                 break
             take = min(job.prompt_left, budget)
-            if whole_from is not None and take >= whole_from:
+            out_of_budget = take < job.prompt_left
+            if out_of_budget or (whole_from is not None and take >= whole_from):
                 take = 1 << (take.bit_length() - 1)
             if take:
                 plan.append((job, take))
                 budget -= take
+            if out_of_budget:
+                break
         return plan
 
     def decoding(self) -> list[Job]:
