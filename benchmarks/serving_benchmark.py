@@ -16,7 +16,11 @@ Without ``--url`` it starts ``kvjax-serve`` in a child process (its own Python, 
 client's work does not slow the server) on a free loopback port, for ``--model`` (default
 the bundled one) or for a model shape of ``configs/`` with random weights
 (``--random-shape``; its text is ``bench_lib.numbered_tokenizer``'s), and stops it after
-the run.
+the run. With ``--in-process`` the same engine runs in this process instead and the
+requests go to ``Engine.submit`` with no HTTP between (the same workload, records and
+metrics): the difference between the two runs is the server's and the client's part.
+
+    python benchmarks/serving_benchmark.py --random-shape llama-8b --in-process --requests 64
 
 Workload (docs/serving.md, "Load generator"): prompt and output lengths are drawn from
 log-normal distributions with means ``--prompt-len`` and ``--output-len`` and shape
@@ -33,6 +37,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -79,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-args", default="",
                         help="kvjax-serve flags of the started server, one string "
                              "(e.g. \"--max-rows 16 --pool-blocks 512\")")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the engine in this process and submit to it directly, "
+                             "no HTTP (not with --url)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child
     parser.add_argument("--api-key", default=os.environ.get("KVJAX_API_KEY"))
     parser.add_argument("--model-name", default=None,
@@ -117,6 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--rate must be > 0; --len-sigma and --shared-prefix >= 0")
     if args.concurrency is not None and args.concurrency < 1:
         parser.error("--concurrency must be >= 1")
+    if args.in_process and args.url is not None:
+        parser.error("--in-process runs its own engine: leave out --url")
     return args
 
 
@@ -169,47 +179,94 @@ async def send(client: httpx.AsyncClient, model: str, prompt: list[int], max_tok
     return record
 
 
-async def run(url: str, api_key: str | None, model: str | None,
-              requests: list[tuple[list[int], int]], rate: float | None,
-              concurrency: int | None, seed: int, temperature: float = 0.0
-              ) -> tuple[list[Record], float, dict, dict]:
-    """Sends the requests; returns their records, the run's seconds and the server's
-    metrics before and after."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency or len(requests))
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=None,
-                                 limits=limits) as client:
-        model = model or (await client.get("/v1/models")).json()["data"][0]["id"]
-        before = await scrape(client)
-        gate = asyncio.Semaphore(concurrency or len(requests))
-        rng = np.random.default_rng(seed + 1)
-        start = time.perf_counter()
+async def run(send_one, scrape_now, requests: list[tuple[list[int], int]],
+              rate: float | None, concurrency: int | None, seed: int,
+              temperature: float = 0.0) -> tuple[list[Record], float, dict, dict]:
+    """Sends the requests, each through ``send_one(prompt, max_tokens, sampling,
+    start)``; returns their records, the run's seconds and the metrics ``scrape_now()``
+    read before and after."""
+    before = await scrape_now()
+    gate = asyncio.Semaphore(concurrency or len(requests))
+    rng = np.random.default_rng(seed + 1)
+    start = time.perf_counter()
 
-        async def one(prompt, max_tokens, sampling):
-            async with gate:
-                return await send(client, model, prompt, max_tokens, sampling, start)
+    async def one(prompt, max_tokens, sampling):
+        async with gate:
+            return await send_one(prompt, max_tokens, sampling, start)
 
-        tasks = []
-        for index, (prompt, max_tokens) in enumerate(requests):
-            sampling = ({"temperature": temperature, "seed": index} if temperature > 0 else
-                        {"temperature": 0})
-            tasks.append(asyncio.create_task(one(prompt, max_tokens, sampling)))
-            if rate is not None:
-                await asyncio.sleep(rng.exponential(1 / rate))
-        records = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-        after = await scrape(client)
+    tasks = []
+    for index, (prompt, max_tokens) in enumerate(requests):
+        sampling = ({"temperature": temperature, "seed": index} if temperature > 0 else
+                    {"temperature": 0})
+        tasks.append(asyncio.create_task(one(prompt, max_tokens, sampling)))
+        if rate is not None:
+            await asyncio.sleep(rng.exponential(1 / rate))
+    records = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    after = await scrape_now()
     return list(records), duration, before, after
 
 
+async def run_http(url: str, api_key: str | None, model: str | None, args: argparse.Namespace,
+                   requests: list[tuple[list[int], int]]) -> tuple[list[Record], float, dict, dict]:
+    """``run`` against the server at ``url``: streamed completions, its /metrics."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=args.concurrency or len(requests))
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=None,
+                                 limits=limits) as client:
+        model = model or (await client.get("/v1/models")).json()["data"][0]["id"]
+        return await run(functools.partial(send, client, model),
+                         functools.partial(scrape, client), requests, args.rate,
+                         args.concurrency, args.seed, args.temperature)
+
+
+async def send_in_process(engine, prompt: list[int], max_tokens: int, sampling: dict,
+                          start: float) -> Record:
+    """One request straight to ``engine`` (no HTTP), timed as ``send`` times a stream:
+    at each delta with text."""
+    record = Record(len(prompt), max_tokens, sent=time.perf_counter() - start)
+    try:
+        handle = engine.submit(prompt, max_tokens=max_tokens, stop_tokens=[], **sampling)
+        async for delta in handle.stream():
+            if delta.text:
+                now = time.perf_counter() - start
+                record.first_token = record.first_token or now
+                record.chunk_times.append(now)
+        record.completion_tokens = handle.completion_tokens
+        record.cached_tokens = handle.cached_tokens or 0
+        record.done = time.perf_counter() - start
+    except (RuntimeError, ValueError) as e:  # a full queue, a refused request, a failure
+        record.error = f"{type(e).__name__}: {e}"
+    return record
+
+
+async def run_in_process(engine, model_name: str, args: argparse.Namespace,
+                         requests: list[tuple[list[int], int]]
+                         ) -> tuple[list[Record], float, dict, dict]:
+    """``run`` against ``engine`` in this process; its metrics are those its server
+    would publish (``ServerMetrics``), read the way ``scrape`` reads them."""
+    from kvjax.serve.metrics import ServerMetrics
+
+    metrics = ServerMetrics(engine, model_name)
+
+    async def scrape_now() -> dict:
+        return metric_samples(metrics.render().decode())
+
+    return await run(functools.partial(send_in_process, engine), scrape_now, requests, args.rate,
+                     args.concurrency, args.seed, args.temperature)
+
+
 async def scrape(client: httpx.AsyncClient) -> dict:
-    """The server's metrics: ``{sample name: value}`` (labels joined into the name) and
-    the ``kvjax_engine_info`` labels under ``"info"``; empty when it has no /metrics."""
+    """The server's metrics (``metric_samples``); empty when it has no /metrics."""
     response = await client.get("/metrics")
-    if response.status_code != 200:
-        return {}
+    return metric_samples(response.text) if response.status_code == 200 else {}
+
+
+def metric_samples(text: str) -> dict:
+    """Prometheus text as ``{sample name: value}`` (labels joined into the name), the
+    ``kvjax_engine_info`` labels under ``"info"``."""
     samples = {}
-    for family in text_string_to_metric_families(response.text):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "kvjax_engine_info":
                 samples["info"] = sample.labels
@@ -330,8 +387,21 @@ def write_plot(records: list[Record], path: str) -> None:
 def serve(args: argparse.Namespace) -> int:
     """The child process: builds the server (``--model`` or ``--random-shape``), compiles
     its programs, prints ``serving URL WARMUP_S`` and serves until its stdin closes."""
-    from kvjax.serve import cli
     from kvjax.serve.server import BackgroundServer, create_app
+
+    engine, name, warmup_s, baseline = warm_engine(args)
+    app = create_app(engine, model_name=name, api_key=args.api_key)
+    with BackgroundServer(app) as server:
+        print(f"serving {server.url} {warmup_s:.2f} {json.dumps(baseline)}", flush=True)
+        sys.stdin.read()  # until the parent closes it
+    return 0
+
+
+def warm_engine(args: argparse.Namespace) -> tuple:
+    """The engine ``kvjax-serve`` would build from ``--server-args`` for ``--model`` or
+    ``--random-shape``, its programs compiled: ``(engine, model name, warmup seconds,
+    the static baseline or {})``."""
+    from kvjax.serve import cli
 
     serve_args = cli.parse_args(shlex.split(args.server_args)
                                 + (["--model", args.model] if args.model else []))
@@ -349,11 +419,7 @@ def serve(args: argparse.Namespace) -> int:
     engine.warmup()
     warmup_s = time.perf_counter() - start
     baseline = static_baseline(engine.model, args, engine.max_rows) if args.static_baseline else {}
-    app = create_app(engine, model_name=name, api_key=args.api_key)
-    with BackgroundServer(app) as server:
-        print(f"serving {server.url} {warmup_s:.2f} {json.dumps(baseline)}", flush=True)
-        sys.stdin.read()  # until the parent closes it
-    return 0
+    return engine, name, warmup_s, baseline
 
 
 def static_baseline(model, args: argparse.Namespace, max_rows: int) -> dict:
@@ -454,23 +520,31 @@ def main(argv: list[str] | None = None) -> int:
     requests = workload(args)
     if args.static_baseline and args.url is not None:
         raise SystemExit("--static-baseline runs in the server's process: leave out --url")
-    server = None
-    if args.url is None:  # kvjax-serve in a child process, on a free loopback port
-        server = ServerProcess(args).start()
-        args.url = server.url
-    try:
-        records, duration, before, after = asyncio.run(run(
-            args.url, args.api_key, args.model_name, requests, args.rate, args.concurrency,
-            args.seed, args.temperature))
-    finally:
-        if server is not None:
-            server.stop()
+    warmup_s, baseline = None, {}
+    if args.in_process:
+        engine, name, warmup_s, baseline = warm_engine(args)
+        try:
+            engine.start()
+            records, duration, before, after = asyncio.run(run_in_process(
+                engine, name, args, requests))
+        finally:
+            engine.shutdown()
+    else:
+        server = None
+        if args.url is None:  # kvjax-serve in a child process, on a free loopback port
+            server = ServerProcess(args).start()
+            args.url, warmup_s, baseline = server.url, server.warmup_s, server.baseline
+        try:
+            records, duration, before, after = asyncio.run(run_http(
+                args.url, args.api_key, args.model_name, args, requests))
+        finally:
+            if server is not None:
+                server.stop()
     info = after.get("info", {})
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     settings = {k: v for k, v in vars(args).items() if k not in ("api_key", "serve")}
     result = {"settings": settings, "device": info.get("device", "unknown"), "server": info,
-              "warmup_s": server.warmup_s if server else None,
-              "static_baseline": server.baseline if server else {},
+              "warmup_s": warmup_s, "static_baseline": baseline,
               "versions": bench_lib.versions() | {"httpx": httpx.__version__}, "date": date,
               "summary": summary(records, duration, before, after),
               "records": [dataclasses.asdict(r) for r in records]}

@@ -482,6 +482,28 @@ def test_load_generator(served, tmp_path):
     assert run["device"] and run["versions"]["python"] and run["date"]
 
 
+def test_load_generator_in_process(tmp_path):
+    """--in-process builds the engine in the load generator's process and submits to it
+    directly: the records and engine metrics a server run gives, with no HTTP."""
+    out = tmp_path / "run.json"
+    assert load_generator().main([
+        "--random-shape", "bundled", "--in-process", "--server-args",
+        "--max-rows 2 --max-len 64 --max-prefill-tokens 16 --dtype float32",
+        "--requests", "4", "--prompt-len", "8", "--output-len", "4", "--len-sigma", "0",
+        "--shared-prefix", "16", "--json", str(out), "--no-plot"]) == 0
+    run = json.loads(out.read_text())
+    summary = run["summary"]
+    assert summary["failed"] == 0 and summary["output_tokens"] == 16
+    assert [len(r["chunk_times"]) for r in run["records"]] == [4] * 4
+    # the 16 shared tokens are one block: computed once, then served from the pool
+    assert summary["prefix_hit_rate"] == 3 * 16 / (4 * 24)
+    assert summary["client_cached_tokens"] == 3 * 16
+    assert summary["engine"]["decode_steps"] > 0 and run["server"]["model"] == "bundled-random"
+    assert run["warmup_s"] > 0
+    with pytest.raises(SystemExit):
+        load_generator().main(["--in-process", "--url", "http://127.0.0.1:1"])
+
+
 def test_load_generator_starts_its_server(tmp_path):
     """Without --url the load generator serves a random-weight shape from a child process
     (text from the numbered tokenizer) and times a static generate baseline there."""
