@@ -484,11 +484,12 @@ def test_load_generator(served, tmp_path):
 
 def test_load_generator_in_process(tmp_path):
     """--in-process builds the engine in the load generator's process and submits to it
-    directly: the records and engine metrics a server run gives, with no HTTP."""
+    directly: the records and engine metrics a server run gives, with no HTTP. (It sets
+    up JAX in this process as kvjax-serve would: no compile cache, for the tests after.)"""
     out = tmp_path / "run.json"
     assert load_generator().main([
         "--random-shape", "bundled", "--in-process", "--server-args",
-        "--max-rows 2 --max-len 64 --max-prefill-tokens 16 --dtype float32",
+        "--max-rows 2 --max-len 64 --max-prefill-tokens 16 --dtype float32 --no-compile-cache",
         "--requests", "4", "--prompt-len", "8", "--output-len", "4", "--len-sigma", "0",
         "--shared-prefix", "16", "--json", str(out), "--no-plot"]) == 0
     run = json.loads(out.read_text())
@@ -500,6 +501,7 @@ def test_load_generator_in_process(tmp_path):
     assert summary["client_cached_tokens"] == 3 * 16
     assert summary["engine"]["decode_steps"] > 0 and run["server"]["model"] == "bundled-random"
     assert run["warmup_s"] > 0
+    assert not kvjax.compilation_cache.in_use()
     with pytest.raises(SystemExit):
         load_generator().main(["--in-process", "--url", "http://127.0.0.1:1"])
 
