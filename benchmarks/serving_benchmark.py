@@ -69,6 +69,12 @@ class Record:
     cached_tokens: int = 0
     error: str | None = None
 
+    def add_chunk(self, start: float) -> None:
+        """A chunk of text arrived now (``start``: the run's start)."""
+        now = time.perf_counter() - start
+        self.first_token = self.first_token or now
+        self.chunk_times.append(now)
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -163,7 +169,6 @@ async def send(client: httpx.AsyncClient, model: str, prompt: list[int], max_tok
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                now = time.perf_counter() - start
                 if "error" in chunk:
                     record.error = chunk["error"]["message"]
                 elif chunk.get("usage"):
@@ -171,8 +176,7 @@ async def send(client: httpx.AsyncClient, model: str, prompt: list[int], max_tok
                     record.cached_tokens = (chunk["usage"].get("prompt_tokens_details")
                                             or {}).get("cached_tokens", 0)
                 elif chunk["choices"] and chunk["choices"][0]["text"]:
-                    record.first_token = record.first_token or now
-                    record.chunk_times.append(now)
+                    record.add_chunk(start)
         record.done = time.perf_counter() - start
     except httpx.HTTPError as e:
         record.error = f"{type(e).__name__}: {e}"
@@ -207,14 +211,15 @@ async def run(send_one, scrape_now, requests: list[tuple[list[int], int]],
     return list(records), duration, before, after
 
 
-async def run_http(url: str, api_key: str | None, model: str | None, args: argparse.Namespace,
-                   requests: list[tuple[list[int], int]]) -> tuple[list[Record], float, dict, dict]:
-    """``run`` against the server at ``url``: streamed completions, its /metrics."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+async def run_http(args: argparse.Namespace, requests: list[tuple[list[int], int]]
+                   ) -> tuple[list[Record], float, dict, dict]:
+    """``run`` against the server at ``--url``: streamed completions, its /metrics."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency or len(requests))
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=None,
+    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=None,
                                  limits=limits) as client:
-        model = model or (await client.get("/v1/models")).json()["data"][0]["id"]
+        model = (args.model_name
+                 or (await client.get("/v1/models")).json()["data"][0]["id"])
         return await run(functools.partial(send, client, model),
                          functools.partial(scrape, client), requests, args.rate,
                          args.concurrency, args.seed, args.temperature)
@@ -229,9 +234,7 @@ async def send_in_process(engine, prompt: list[int], max_tokens: int, sampling: 
         handle = engine.submit(prompt, max_tokens=max_tokens, stop_tokens=[], **sampling)
         async for delta in handle.stream():
             if delta.text:
-                now = time.perf_counter() - start
-                record.first_token = record.first_token or now
-                record.chunk_times.append(now)
+                record.add_chunk(start)
         record.completion_tokens = handle.completion_tokens
         record.cached_tokens = handle.cached_tokens or 0
         record.done = time.perf_counter() - start
@@ -535,8 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             server = ServerProcess(args).start()
             args.url, warmup_s, baseline = server.url, server.warmup_s, server.baseline
         try:
-            records, duration, before, after = asyncio.run(run_http(
-                args.url, args.api_key, args.model_name, args, requests))
+            records, duration, before, after = asyncio.run(run_http(args, requests))
         finally:
             if server is not None:
                 server.stop()

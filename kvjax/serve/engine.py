@@ -51,8 +51,8 @@ head of the queue, never dropped. Each step then
    where that is faster, so short prompts do not each read all the weights, and chunks
    of ``PACK_TOKENS`` or more are cut to a power of two, so none computes much padding);
    a long prompt is spread over steps. The full blocks a chunk completes are cached at
-   once, so a request admitted later shares them even while this one runs. A row whose prompt is done samples its first token from the
-   chunk's last logits;
+   once, so a request admitted later shares them even while this one runs. A row whose
+   prompt is done samples its first token from the chunk's last logits;
 3. starts one decode step (``kvjax.programs.serve_decode_program``) over all rows: the
    decoding ones at their positions, the others at position -1 (they write nothing and
    their tokens are discarded), each row sampled with its own values and its own key
@@ -179,9 +179,9 @@ def cheapest_calls(count: int, width: int, row_counts: Sequence[int]) -> list[in
     rows compute too), from calls of ``row_counts`` rows."""
     best = [(0, ())]  # [chunks] -> (cost, rows of its calls)
     for chunks in range(1, count + 1):
-        best.append(min((PACK_TOKENS + rows * width + best[max(chunks - rows, 0)][0],
-                         best[max(chunks - rows, 0)][1] + (rows,))
-                        for rows in sorted(row_counts)))
+        best.append(min((PACK_TOKENS + rows * width + cost, calls + (rows,))
+                        for rows in sorted(row_counts)
+                        for cost, calls in [best[max(chunks - rows, 0)]]))
     return sorted(best[count][1], reverse=True)
 
 
