@@ -129,32 +129,38 @@ def test_short_prompts_arriving_together_prefill_in_one_call(model, words):
 
 
 def test_pack_chunks():
-    """Chunks of one width bucket share calls of that width's rows (as many as
-    PACK_TOKENS, 256, or the step's budget hold) at the least modelled time, 256 + rows *
+    """Chunks share calls of as many rows as PACK_TOKENS (256) or the step's budget hold,
+    a chunk in a call of its width or wider, at the least modelled time, 256 + rows *
     width tokens a call; a lone chunk takes a one-row call."""
     shapes = prefill_shapes(512, 4096, 8)
     assert shapes == [(1, 16), (8, 16), (1, 32), (8, 32), (1, 64), (4, 64), (8, 64), (1, 128),
                       (2, 128), (4, 128), (1, 256), (2, 256), (1, 512)]
     assert prefill_shapes(64, 4096, 2) == [(1, 16), (2, 16), (1, 32), (2, 32), (1, 64)]
     widths = [16] * 10 + [64, 256, 256, 32]
-    # ten 16-token chunks: two calls of 8 rows (2 * 384) beat 8 + 1 + 1 (384 + 2 * 272);
-    # two of 256: one call of 2 rows (768) beats two of one (2 * 512)
+    # the two 256s in one call (768, not 2 * 512); the 64, the 32 and two 16s in a call
+    # of 4 x 64 (512); eight 16s in one of 8 x 16 (384): 1664, against 2144 when each
+    # width ran in calls of its own (8 x 16 twice, 1 x 64, 2 x 256, 1 x 32)
     assert pack_chunks(widths, shapes) == [
-        ((8, 16), list(range(8))), ((8, 16), [8, 9]), ((1, 64), [10]), ((2, 256), [11, 12]),
-        ((1, 32), [13])]
+        ((2, 256), [11, 12]), ((4, 64), [10, 13, 0, 1]), ((8, 16), list(range(2, 10)))]
+    # a 256-token budget: a 64-token chunk rides with a 128 in one call of 2 x 128
+    # (512, not 320 + 384); a lone 256 runs alone
+    shapes = prefill_shapes(256, 4096, 64)
+    assert pack_chunks([64, 128], shapes) == [((2, 128), [1, 0])]
+    assert pack_chunks([256], shapes) == [((1, 256), [0])]
     # a 2048-token budget over 64 rows: 64-token chunks in calls of 4 or 32 rows
     shapes = prefill_shapes(2048, 4096, 64)
     assert [rows for rows, width in shapes if width == 64] == [1, 4, 32]
     assert pack_chunks([64] * 63, shapes) == [((32, 64), list(range(32))),
                                               ((32, 64), list(range(32, 63)))]
-    assert pack_chunks([64] * 5, shapes) == [((4, 64), [0, 1, 2, 3]), ((1, 64), [4])]
+    assert pack_chunks([64] * 5, shapes) == [((1, 64), [0]), ((4, 64), [1, 2, 3, 4])]
     assert pack_chunks([512] * 4, shapes) == [((4, 512), [0, 1, 2, 3])]
 
 
 def test_prefill_plan_cuts_chunks_to_powers_of_two():
-    """Rows in admission order take what is left of their prompts; a chunk of 256 tokens
-    or more is cut to a power of two; one the budget cuts is cut to a power of two too,
-    and ends the step's plan."""
+    """Rows in admission order take what is left of their prompts while the chunk, padded
+    to a power of two (at least 16), fits in the budget; a chunk of 256 tokens or more is
+    cut to a power of two; one the budget cuts is cut to a power of two too, and ends the
+    step's plan."""
     def seated(scheduler, prompt_len, written=0):
         job = Job(handle=None, prompt=[1] * prompt_len, max_tokens=1, sampling=None, seed=0,
                   stops=frozenset(), text=None, written=written)
@@ -164,14 +170,20 @@ def test_prefill_plan_cuts_chunks_to_powers_of_two():
 
     scheduler = Scheduler(rows=4, max_waiting=4)
     a, b, c = seated(scheduler, 100), seated(scheduler, 400), seated(scheduler, 50)
-    # a whole (100); b gets 156 of the budget, cut to 128; c waits for the next step
-    assert scheduler.prefill_plan(256, 256) == [(a, 100), (b, 128)]
-    # a 1088-token prompt takes 1024, b's 400 take 256, c its 50; 718 of 2048 unspent
+    # a whole (100, computed as 128); b gets the 128 left; c waits for the next step
+    assert scheduler.prefill_plan(256, 256, 16) == [(a, 100), (b, 128)]
+    # a's 60 are computed as 64: b gets 192, cut to 128
+    a.prompt = [1] * 60
+    assert scheduler.prefill_plan(256, 256, 16) == [(a, 60), (b, 128)]
+    # a 1088-token prompt takes 1024, b's 400 take 256, c its 50; 704 of 2048 unspent
     a.prompt, b.written = [1] * 1088, 0
-    assert scheduler.prefill_plan(2048, 256) == [(a, 1024), (b, 256), (c, 50)]
-    # a done, b's last 10 whole, c the 6 left of the budget, cut to 4
+    assert scheduler.prefill_plan(2048, 256, 16) == [(a, 1024), (b, 256), (c, 50)]
+    # a done; b's last 10 are computed as 16, the whole budget: c waits
     a.written, b.written = 1088, 390
-    assert scheduler.prefill_plan(16, 256) == [(b, 10), (c, 4)]
+    assert scheduler.prefill_plan(16, 256, 16) == [(b, 10)]
+    # b's last 40 would be computed as 64, more than the 48 left: cut to 32 (and c waits)
+    b.written = 360
+    assert scheduler.prefill_plan(48, 256, 16) == [(b, 32)]
 
 
 @pytest.mark.parametrize("mixed_steps", [True, False])

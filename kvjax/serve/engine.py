@@ -45,12 +45,12 @@ head of the queue, never dropped. Each step then
    with blocks a row still prefilling is about to cache waits for them, letting those
    behind it go first: requests arriving together with one system prompt prefill it
    once);
-2. prefills up to ``max_prefill_tokens`` prompt tokens, the rows in admission order,
-   each row's chunk from the first position its cached prefix does not hold, in calls
-   compiled per power-of-two chunk width (chunks of one width run several to a call
-   where that is faster, so short prompts do not each read all the weights, and chunks
-   of ``PACK_TOKENS`` or more are cut to a power of two, so none computes much padding);
-   a long prompt is spread over steps. The full blocks a chunk completes are cached at
+2. prefills up to ``max_prefill_tokens`` prompt tokens, padding included, the rows in
+   admission order, each row's chunk from the first position its cached prefix does not
+   hold, in calls compiled per power-of-two chunk width (chunks run several to a call,
+   a short one in a wider call, where that is faster, so short prompts do not each
+   read all the weights, and chunks of ``PACK_TOKENS`` or more are cut to a power of
+   two, so none computes much padding); a long prompt is spread over steps. The full blocks a chunk completes are cached at
    once, so a request admitted later shares them even while this one runs. A row whose
    prompt is done samples its first token from the chunk's last logits;
 3. starts one decode step (``kvjax.programs.serve_decode_program``) over all rows: the
@@ -144,11 +144,11 @@ def pool_sizes(config: ModelConfig, max_rows: int, max_len: int | None, block_si
 
 # A prefill call costs about as much as computing PACK_TOKENS tokens before it computes
 # any (it reads every weight, launches every kernel), so a call's time is modelled as
-# PACK_TOKENS + its rows * width tokens: chunks of one width bucket run together in calls
-# of several rows, of PACK_TOKENS or of the step's whole budget (whichever packing the
-# model finds cheaper, `cheapest_calls`), and a chunk of PACK_TOKENS or more is cut to
-# a power of two (the rest prefilled at the next step), so none computes PACK_TOKENS
-# padding tokens or more. 256 is about where a chunk's matmuls take as long as reading
+# PACK_TOKENS + its rows * width tokens: chunks run together in calls of several rows,
+# of PACK_TOKENS or of the step's whole budget, a chunk in a call of its width or wider
+# (whichever packing the model finds cheaper, `pack_chunks`), and a chunk of PACK_TOKENS
+# or more is cut to a power of two (the rest prefilled at the next step), so none
+# computes PACK_TOKENS padding tokens or more. 256 is about where a chunk's matmuls take as long as reading
 # the weights: 2 FLOPs per weight per token against 2 bytes per bf16 weight, i.e. peak
 # FLOP/s over HBM bytes/s, 206 tokens on an H200 (989 TFLOP/s, 4.8 TB/s), 240 on a TPU
 # v5e (197 TFLOP/s, 819 GB/s). On an H100 (Llama-3.1-8B shape, rows idle) a call of
@@ -173,32 +173,25 @@ def prefill_shapes(max_prefill_tokens: int, max_len: int, max_rows: int
     return shapes
 
 
-def cheapest_calls(count: int, width: int, row_counts: Sequence[int]) -> list[int]:
-    """The rows of the calls (largest first) that prefill ``count`` chunks of ``width``
-    at the least modelled time, ``PACK_TOKENS + rows * width`` tokens a call (padding
-    rows compute too), from calls of ``row_counts`` rows."""
-    best = [(0, ())]  # [chunks] -> (cost, rows of its calls)
-    for chunks in range(1, count + 1):
-        best.append(min((PACK_TOKENS + rows * width + cost, calls + (rows,))
-                        for rows in sorted(row_counts)
-                        for cost, calls in [best[max(chunks - rows, 0)]]))
-    return sorted(best[count][1], reverse=True)
-
-
 def pack_chunks(widths: Sequence[int], shapes: Sequence[tuple[int, int]]
                 ) -> list[tuple[tuple[int, int], list[int]]]:
-    """The calls that prefill chunks of bucket ``widths`` (in order): ``(shape, the
-    chunks' indices)``, chunks of one width together in the calls of ``shapes`` that
-    ``cheapest_calls`` picks."""
-    row_counts = {}
-    for rows, width in shapes:
-        row_counts.setdefault(width, []).append(rows)
-    calls = []
-    for width in dict.fromkeys(widths):
-        chunks = [i for i, w in enumerate(widths) if w == width]
-        for rows in cheapest_calls(len(chunks), width, row_counts[width]):
-            calls.append(((rows, width), chunks[:rows]))
-            chunks = chunks[rows:]
+    """The calls that prefill chunks of bucket ``widths`` at the least modelled time,
+    ``PACK_TOKENS + rows * width`` tokens a call of ``shapes`` (padding rows and columns
+    compute too): ``(shape, the chunks' indices)``, widest first. A call takes chunks of
+    its width or narrower, so a short chunk rides in a wider call rather than read the
+    weights in a call of its own. A small dynamic programme over the chunks, widest first
+    (admission order within a width): the cheapest calls for the last ``i`` of them."""
+    order = sorted(range(len(widths)), key=lambda i: -widths[i])
+    best = [(0, ())]  # best[i]: (cost, shapes) of the calls for the last i chunks of order
+    for count in range(1, len(order) + 1):
+        widest = widths[order[-count]]
+        best.append(min((PACK_TOKENS + rows * width + cost, ((rows, width),) + calls)
+                        for rows, width in shapes if width >= widest
+                        for cost, calls in [best[max(count - rows, 0)]]))
+    calls, taken = [], 0
+    for rows, width in best[-1][1]:
+        calls.append(((rows, width), order[taken:taken + rows]))
+        taken += rows
     return calls
 
 
@@ -572,9 +565,10 @@ class Engine:
 
     def _prefill_calls(self) -> list[tuple[tuple[int, int], list[tuple[Job, int]]]]:
         """This step's prefill calls: ``(shape, [(job, tokens), ...])``, the chunks of
-        ``Scheduler.prefill_plan`` of one width bucket together (``pack_chunks``)."""
+        ``Scheduler.prefill_plan`` packed by ``pack_chunks``."""
         with self._cond:
-            plan = self._scheduler.prefill_plan(self.max_prefill_tokens, PACK_TOKENS)
+            plan = self._scheduler.prefill_plan(self.max_prefill_tokens, PACK_TOKENS,
+                                                MIN_PROMPT_BUCKET)
         widths = [bucket(count, MIN_PROMPT_BUCKET) for _, count in plan]
         return [(shape, [plan[i] for i in group])
                 for shape, group in pack_chunks(widths, self._prefill_shapes)]

@@ -136,26 +136,29 @@ class Scheduler:
         """Jobs, running or waiting, their callers cancelled."""
         return [job for job in (*self.running(), *self.waiting) if job.cancelled]
 
-    def prefill_plan(self, budget: int, whole_from: int | None = None) -> list[tuple[Job, int]]:
+    def prefill_plan(self, budget: int, whole_from: int | None = None, min_width: int = 1
+                     ) -> list[tuple[Job, int]]:
         """``(job, tokens)`` to prefill this step: rows with prompt left, in admission
-        order, each taking what it has left until ``budget`` tokens are spent (the last
-        one taken may get a part: a long prompt spreads over steps). Chunks run padded to
-        a power of two, so a chunk is cut to one, the rest left for the next step, where
-        that saves much (it holds ``whole_from`` tokens or more: no chunk computes
-        ``whole_from`` padding tokens or more) or costs nothing (the budget cuts it: it
-        then ends where its padding would, and the step takes no more chunks, each a call
-        of its own width)."""
+        order, each taking what it has left while its chunk, padded as it runs (to a power
+        of two, at least ``min_width``), fits in what is left of ``budget``: the budget
+        bounds the tokens the step computes, padding included. A chunk is cut to a power
+        of two, the rest left for the next step, where that saves much (it holds
+        ``whole_from`` tokens or more: no chunk computes ``whole_from`` padding tokens or
+        more) or where the budget cuts it (it then ends the step's plan: a long prompt
+        spreads over steps)."""
+        padded = lambda tokens: max(min_width, 1 << (tokens - 1).bit_length())
         plan = []
         for job in self.running():
-            if budget == 0:
+            if budget < min_width:
                 break
             take = min(job.prompt_left, budget)
-            out_of_budget = take < job.prompt_left
+            if not take:
+                continue
+            out_of_budget = take < job.prompt_left or padded(take) > budget
             if out_of_budget or (whole_from is not None and take >= whole_from):
                 take = 1 << (take.bit_length() - 1)
-            if take:
-                plan.append((job, take))
-                budget -= take
+            plan.append((job, take))
+            budget -= padded(take)
             if out_of_budget:
                 break
         return plan
