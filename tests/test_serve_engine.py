@@ -535,6 +535,10 @@ def test_engine_sizes_are_checked(model):
     assert str(error.value) == ("block_size=16, but the prefix cache has blocks of 8: pass "
                                 "block_size=None")
     assert Engine(model, prefix_cache=pc).max_len == 312
+    with pytest.raises(ValueError) as error:
+        Engine(model, max_prefill_tokens=8)
+    assert str(error.value) == ("max_prefill_tokens must be >= 16 (a prefill call computes at "
+                                "least 16 tokens), got 8")
 
 
 def test_errors_in_the_loop_reach_the_handles(model, words, monkeypatch):

@@ -72,8 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run a step's prefill in programs of its own, not in its decode "
                              "step's: the baseline that measures what mixing saves")
     engine.add_argument("--max-prefill-tokens", type=int, default=256, metavar="N",
-                        help="prompt tokens prefilled per engine step, across requests "
-                             "(default 256)")
+                        help="prompt tokens prefilled per engine step, across requests, "
+                             "padding included (at least 16; default 256)")
     engine.add_argument("--max-waiting", type=int, default=256, metavar="N",
                         help="requests queued at most; more get 429 (default 256)")
     engine.add_argument("--kv-dtype", default=None, choices=list(kvjax.cache.KV_DTYPES),

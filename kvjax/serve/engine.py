@@ -212,8 +212,9 @@ class Engine:
       prefix_cache: a ``kvjax.PrefixCache`` for ``model`` to serve from (its pool and
         budget); default one of ``pool_blocks`` blocks. Give it to this engine alone
         while the engine runs.
-      max_prefill_tokens: prompt tokens prefilled per step, over all rows: a longer
-        prompt is prefilled over several steps, each also running a decode step.
+      max_prefill_tokens: prompt tokens prefilled per step, over all rows, counted as
+        computed (each chunk padded to a power of two, at least 16): a longer prompt is
+        prefilled over several steps, each also running a decode step.
       max_waiting: requests the queue holds; ``submit`` raises ``EngineOverloaded``
         beyond.
       kv_dtype: what the pool stores (as in ``kvjax.generate``; None: the model's dtype).
@@ -241,6 +242,10 @@ class Engine:
                             ("max_waiting", max_waiting)):
             if not is_count(value):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if max_prefill_tokens < MIN_PROMPT_BUCKET:
+            raise ValueError(f"max_prefill_tokens must be >= {MIN_PROMPT_BUCKET} (a prefill call "
+                             f"computes at least {MIN_PROMPT_BUCKET} tokens), got "
+                             f"{max_prefill_tokens}")
         if prefix_cache is not None:
             block_size, pool_blocks = _prefix_cache_sizes(model, prefix_cache, block_size,
                                                           pool_blocks, kv_dtype)
