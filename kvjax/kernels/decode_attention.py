@@ -574,7 +574,7 @@ def _written(keys: jax.Array, values: jax.Array, positions: jax.Array, buffers: 
     quantized = len(buffers) == len(CACHE_BUFFERS[True])
     if tables is not None:
         return paged.write((*buffers, tables), keys, values, positions, quantized)[:-1]
-    block = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [batch, kv_heads, 1, head_dim]
+    block = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [batch, kv_heads, 1, hd]
     if quantized:
         return write_quantized_block(buffers, *block, positions)
     return write_block(*buffers, *block, positions)

@@ -50,9 +50,10 @@ head of the queue, never dropped. Each step then
    hold, in calls compiled per power-of-two chunk width (chunks run several to a call,
    a short one in a wider call, where that is faster, so short prompts do not each
    read all the weights, and chunks of ``PACK_TOKENS`` or more are cut to a power of
-   two, so none computes much padding); a long prompt is spread over steps. The full blocks a chunk completes are cached at
-   once, so a request admitted later shares them even while this one runs. A row whose
-   prompt is done samples its first token from the chunk's last logits;
+   two, so none computes much padding); a long prompt is spread over steps. The full
+   blocks a chunk completes are cached at once, so a request admitted later shares them
+   even while this one runs. A row whose prompt is done samples its first token from
+   the chunk's last logits;
 3. starts one decode step (``kvjax.programs.serve_decode_program``) over all rows: the
    decoding ones at their positions, the others at position -1 (they write nothing and
    their tokens are discarded), each row sampled with its own values and its own key
@@ -148,10 +149,10 @@ def pool_sizes(config: ModelConfig, max_rows: int, max_len: int | None, block_si
 # of PACK_TOKENS or of the step's whole budget, a chunk in a call of its width or wider
 # (whichever packing the model finds cheaper, `pack_chunks`), and a chunk of PACK_TOKENS
 # or more is cut to a power of two (the rest prefilled at the next step), so none
-# computes PACK_TOKENS padding tokens or more. 256 is about where a chunk's matmuls take as long as reading
-# the weights: 2 FLOPs per weight per token against 2 bytes per bf16 weight, i.e. peak
-# FLOP/s over HBM bytes/s, 206 tokens on an H200 (989 TFLOP/s, 4.8 TB/s), 240 on a TPU
-# v5e (197 TFLOP/s, 819 GB/s). On an H100 (Llama-3.1-8B shape, rows idle) a call of
+# computes PACK_TOKENS padding tokens or more. 256 is about where a chunk's matmuls take
+# as long as reading the weights: 2 FLOPs per weight per token against 2 bytes per bf16
+# weight, i.e. peak FLOP/s over HBM bytes/s, 206 tokens on an H200 (989 TFLOP/s, 4.8
+# TB/s), 240 on a TPU v5e (197 TFLOP/s, 819 GB/s). On an H100 (Llama-3.1-8B shape, rows idle) a call of
 # 4 x 64 tokens took 11.5 ms and one of 1 x 1024 tokens 25.7 ms (docs/serving.md).
 PACK_TOKENS = 256
 
