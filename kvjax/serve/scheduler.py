@@ -16,6 +16,8 @@ import collections
 import dataclasses
 from typing import Any, Callable
 
+from kvjax.requests import bucket
+
 
 class EngineOverloaded(RuntimeError):
     """The engine's queue of waiting requests is full: retry later (an HTTP server
@@ -146,7 +148,7 @@ class Scheduler:
         ``whole_from`` tokens or more: no chunk computes ``whole_from`` padding tokens or
         more) or where the budget cuts it (it then ends the step's plan: a long prompt
         spreads over steps)."""
-        padded = lambda tokens: max(min_width, 1 << (tokens - 1).bit_length())
+        padded = lambda tokens: bucket(tokens, min_width)
         plan = []
         for job in self.running():
             if budget < min_width:
