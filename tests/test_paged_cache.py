@@ -88,6 +88,19 @@ def test_paged_equals_contiguous(model, kv_dtype, block_size):
             .transpose(1, 0, 2))
 
 
+def test_with_tables_under_tracing(model):
+    """``with_tables`` traces (``jax.eval_shape``, as ``benchmarks/bench_lib.py`` sizes a
+    pool before compiling, and ``jax.jit``): the pool with the new rows' tables. (JAX 0.11's
+    tracers have no ``sharding``; 0.10's do, so this fails only there without the fix.)"""
+    pool = PagedKVCache.create(model.config, 2, 16, "float32", block_size=4, num_blocks=8)
+    tables = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.int32)
+    shaped = jax.eval_shape(lambda: pool.with_tables(tables, np.zeros(2)))
+    assert shaped.block_tables.shape == (2, 4) and shaped.lengths.shape == (2,)
+    placed = jax.jit(lambda t, n: pool.with_tables(t, n))(tables, np.full(2, 3))
+    np.testing.assert_array_equal(placed.block_tables, tables)
+    np.testing.assert_array_equal(placed.lengths, [3, 3])
+
+
 def test_rows_sharing_blocks_read_the_same_prefix(model):
     """Two rows whose tables start with the same blocks (a shared prefix, written once by
     the first row) continue from it as a forward pass over their whole sequences."""

@@ -140,7 +140,8 @@ class PagedKVCache:
         and their ``lengths`` ``int32[rows]`` (host code; for a pool on a mesh they are
         placed whole on every device, as its rows are: ``check_mesh_rows``)."""
         tables, lengths = jnp.asarray(block_tables, jnp.int32), jnp.asarray(lengths, jnp.int32)
-        placed = self.block_tables.sharding
+        # A traced pool (jax.eval_shape, jit) has no placement to follow.
+        placed = getattr(self.block_tables, "sharding", None)
         if isinstance(placed, NamedSharding):
             tables, lengths = jax.device_put((tables, lengths),
                                              NamedSharding(placed.mesh, PartitionSpec()))
