@@ -17,12 +17,9 @@ give by the HBM bound measured in the same run (``bench_lib.measure_hbm_bandwidt
 ``--programs`` for int8 at the first point, then the best ``--keep`` of them at every
 point and kind beside the default (``default_tuning``); without it each point and kind
 runs at its default tuning. ``--codes-as-float16`` times each tuning of an int8/fp8 kind
-a second time with ``codes_as_float16`` (the dots in float16), ``--write-first`` each
-tuning of every kind a second time with ``write_first`` (the new token written by XLA
-first, the kernel's buffers read-only).
+a second time with ``codes_as_float16`` (the dots in float16).
 
     python benchmarks/decode_kernel_sweep.py --codes-as-float16 --kinds int8 fp8 paged-int8
-    python benchmarks/decode_kernel_sweep.py --write-first --sweep --warps 4 8 --stages 1 3
 """
 
 from __future__ import annotations
@@ -143,8 +140,6 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", type=int, default=3)
     parser.add_argument("--codes-as-float16", action="store_true",
                         help="int8/fp8 kinds: each tuning also with codes_as_float16")
-    parser.add_argument("--write-first", action="store_true",
-                        help="each tuning also with write_first")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=22)
     parser.add_argument("--hbm-gib", type=float, default=4.0)
@@ -196,8 +191,6 @@ def main(argv=None) -> None:
             chosen = [defaults(kind, point[2]), *tunings[kind]]
             if args.codes_as_float16 and not kind.endswith("bfloat16"):
                 chosen += [dataclasses.replace(t, codes_as_float16=True) for t in chosen]
-            if args.write_first:
-                chosen += [dataclasses.replace(t, write_first=True) for t in chosen]
             for tuning in dict.fromkeys(chosen):
                 if args.sweep and kind == "int8" and point == points[0] and tuning in best:
                     continue  # timed in the sweep

@@ -4,7 +4,6 @@ write_quantized_block + the portable quantized attend_cache). On CPU the kernel 
 Pallas interpret mode (on a mesh: a subprocess with 4 CPU devices); the compiled kernel
 is checked on GPUs."""
 
-import dataclasses
 import functools
 import json
 import warnings
@@ -90,26 +89,18 @@ CASES = {
 }
 
 
-# Tuning(write_first=True): the new token written by XLA, the kernel's buffers read-only.
-WRITE_FIRST = decode_attention.Tuning(write_first=True)
-
-
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("case, tuning", [
-    *((case, None) for case in CASES), ("gqa", WRITE_FIRST), ("long", WRITE_FIRST),
-    ("mqa", dataclasses.replace(WRITE_FIRST, target_programs=1))],  # one part a row
-    ids=[*CASES, "gqa-write_first", "long-write_first", "mqa-write_first-one_part"])
-def test_kernel_equals_the_plain_path(case, tuning, kind):
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_equals_the_plain_path(case, kind):
     """Interpreted, float32 queries over a float32 cache or int8/fp8 codes: the same
     attention output (float32 rounding: 2e-6) and exactly the same cache buffers (the
     new token's codes and scales too); idle rows give zeros and leave their cache
-    untouched. By default and with ``write_first``."""
+    untouched."""
     heads, kv_heads, head_dim, capacity, rows = CASES[case]
     q, k, v, *buffers = random_step(len(rows), heads, kv_heads, head_dim, capacity, kind=kind)
     positions = jnp.array(rows, jnp.int32)[:, None]
     want = plain_step(q, k, v, positions, *buffers)
-    got = jax.jit(lambda *a: kernel_step(*a, interpret=True, tuning=tuning))(
-        q, k, v, positions, *buffers)
+    got = jax.jit(lambda *a: kernel_step(*a, interpret=True))(q, k, v, positions, *buffers)
     np.testing.assert_allclose(got[0], want[0], atol=2e-6, rtol=2e-6)
     assert_same_buffers(got[1:], want[1:])
     idle = np.asarray(rows) < 0
@@ -575,61 +566,8 @@ def test_compiled_paged_kernel_equals_the_portable_path(head_dim, kind):
     assert_same_buffers(got[1:], want[1:])
 
 
-@pytest.mark.parametrize("tuning, aliased", [(None, 2), (WRITE_FIRST, 0)])
-def test_write_first_reads_the_buffers_as_inputs(tuning, aliased):
-    """The kernel's cache buffers are aliased outputs by default (it writes the new token
-    in place), inputs only with ``write_first``."""
-    q, k, v, *buffers = random_step(2, 8, 2, 16, 64)
-    positions = jnp.array([[5], [9]], jnp.int32)
-    jaxpr = jax.make_jaxpr(lambda *a: kernel_step(*a, interpret=True, tuning=tuning))(
-        q, k, v, positions, *buffers)
-    calls = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
-    assert len(calls) == 1 and len(calls[0].params["input_output_aliases"]) == aliased
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("case", ["16", "128"])
-def test_write_first_paged_equals_the_portable_path(case, kind):
-    """``write_first`` over a paged layer, interpreted: the portable paged path's output
-    (1e-5) and pools bit for bit."""
-    block_size, per_row, rows = PAGED_CASES[case]
-    q, k, v, pools, tables = random_paged_step(len(rows), 8, 2, 16, block_size, per_row, kind=kind)
-    positions = jnp.array(rows, jnp.int32)[:, None]
-    want = portable_paged_step(q, k, v, pools, tables, positions)
-    got = decode_attention.attend_and_write_paged(q, k, v, pools, tables, positions,
-                                                  interpret=True, tuning=WRITE_FIRST)
-    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
-    assert_same_buffers(got[1:], want[1:])
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_compiled_write_first(kind):
-    """The compiled kernel with ``write_first`` at Llama-3's heads, contiguous and paged,
-    against the float32 plain/portable paths (atol 0.03, rtol 0.05); writes exact."""
-    skip_unless_compiled(128, kind)
-    rows = [2047, 5, 1000, -1]
-    q, k, v, *buffers = random_step(len(rows), 32, 8, 128, 2112, jnp.bfloat16, kind=kind)
-    positions = jnp.array(rows, jnp.int32)[:, None]
-    want = float32_plain_step(q, k, v, positions, *buffers)
-    got = jax.jit(lambda *a: kernel_step(*a, tuning=WRITE_FIRST))(q, k, v, positions, *buffers)
-    np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
-    assert_same_buffers(got[1:], want[1:])
-    q, k, v, pools, tables = random_paged_step(4, 32, 8, 128, 16, 130, jnp.bfloat16, kind=kind)
-    positions = jnp.array([2079, 0, -1, 700], jnp.int32)[:, None]
-    to_f32 = lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
-    want = portable_paged_step(*map(to_f32, (q, k, v)), tuple(map(to_f32, pools)), tables,
-                               positions)
-    got = jax.jit(functools.partial(decode_attention.attend_and_write_paged,
-                                    tuning=WRITE_FIRST))(q, k, v, pools, tables, positions)
-    np.testing.assert_allclose(f32(got[0]), want[0], atol=0.03, rtol=0.05)
-    assert_same_buffers(got[1:], want[1:])
-
-
 @pytest.mark.skipif(not decode_attention.available(), reason="needs Pallas Triton")
-@pytest.mark.parametrize("tuning", [None, decode_attention.DEEP_TUNING,
-                                    dataclasses.replace(decode_attention.DEEP_TUNING,
-                                                        write_first=True, num_warps=8,
-                                                        num_stages=1)])
+@pytest.mark.parametrize("tuning", [None, decode_attention.DEEP_TUNING])
 @pytest.mark.parametrize("kind", KINDS)
 def test_kernel_lowers_to_triton_on_any_machine(kind, tuning):
     """The compiled kernel's Pallas program lowers to Triton for CUDA here too (no GPU

@@ -59,10 +59,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.sharding import Mesh, PartitionSpec
 
-from kvjax.attention import paged
 from kvjax.attention.plain import MASKED, default_scale
-from kvjax.cache.contiguous import write_block
-from kvjax.cache.quantized import QUANTIZED, layer_kv_dtype, quantize_block, write_quantized_block
+from kvjax.cache.quantized import QUANTIZED, layer_kv_dtype, quantize_block
 from kvjax import platform
 
 try:  # deprecated since JAX 0.11 and to be removed: kvjax must import without it
@@ -162,15 +160,6 @@ class Tuning:
     queries' dtype (bf16: through float32, an int-to-float conversion per code, which
     runs at a fraction of the rate of ordinary arithmetic). float16 holds every int8
     and e4m3 code exactly; queries beyond its range (65504) would overflow.
-
-    ``write_first``: XLA writes the new token's key and value (codes and scales) into
-    the cache before the kernel, as the plain path does (``KVCache.update``,
-    ``write_quantized_block``, ``kvjax.attention.paged.write``), and the kernel reads
-    each row's slots up to and including its position from buffers that are read-only
-    inputs, instead of adding the new token from registers and writing it into buffers
-    aliased as its outputs. The same results. Off: not timed on a GPU yet; a probe
-    without the write read int8 faster with one pipeline stage and 8 warps (docs/
-    experiments.md, 2026-12-06), which ``decode_kernel_sweep.py --write-first`` checks.
     """
 
     block_slots: int = BLOCK_SLOTS
@@ -178,7 +167,6 @@ class Tuning:
     num_stages: int = NUM_STAGES
     target_programs: int = TARGET_PROGRAMS
     codes_as_float16: bool = False
-    write_first: bool = False
 
 
 # Rows of at least LONG_ROWS slots (head_dim <= 128) read 128-slot blocks through three
@@ -226,16 +214,12 @@ def _int8_as_float16(codes: jax.Array) -> jax.Array:
 
 
 def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: int,
-            quantized: bool, block_size: int | None, codes_as_float16: bool,
-            write_first: bool):
+            quantized: bool, block_size: int | None, codes_as_float16: bool):
     """One (row, KV head, part) program; refs as laid out by ``_attend_and_write``. After
     the positions come a paged cache's block tables (``block_size`` not None), the
     queries, the new token's entries, then the cache's buffers, then the outputs: a
     part's flash partials ``(out, max, sum)`` or, with a single part, ``(out,)``: the
-    attention output itself, and the cache's buffers again (aliased). With
-    ``write_first`` (``Tuning``) the new token is in the buffers already: no new
-    entries, no buffers among the outputs, and each row reads its slots up to and
-    including its position.
+    attention output itself, and the cache's buffers again (aliased).
     The new entries and buffers are ``(key, value)``, and for a ``quantized`` cache
     ``(key codes, value codes, key scale, value scale)``: codes are converted to the
     queries' dtype in registers (exact for int8 and e4m3 in bf16/f16) and the float32
@@ -248,11 +232,8 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     tables_ref = refs[0] if block_size else None
     queries_ref, *refs = refs[1:] if block_size else refs
     count = len(CACHE_BUFFERS[quantized])
-    if write_first:
-        new_refs, cache_refs, partial_refs, written_refs = (), refs[:count], refs[count:], ()
-    else:
-        new_refs, cache_refs, out_refs = refs[:count], refs[count:2 * count], refs[2 * count:]
-        partial_refs, written_refs = out_refs[:-count], out_refs[-count:]
+    new_refs, cache_refs, out_refs = refs[:count], refs[count:2 * count], refs[2 * count:]
+    partial_refs, written_refs = out_refs[:-count], out_refs[-count:]
     keys_ref, values_ref = cache_refs[:2]
     row, head, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     padded_group, head_dim = queries_ref.shape
@@ -270,10 +251,9 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
             return _int8_as_float16(codes)
         return codes.astype(operands)
 
-    readable = position + 1 if write_first else position  # the loop reads [0, readable)
-    per_part = pl.cdiv(pl.cdiv(readable, parts), slots) * slots
+    per_part = pl.cdiv(pl.cdiv(position, parts), slots) * slots
     first = part * per_part
-    end = jnp.minimum(first + per_part, readable)  # this part's slots
+    end = jnp.minimum(first + per_part, position)  # this part's slots before the new one
     slot = jnp.arange(slots)
 
     def where(start, filled):  # the buffers' index of slots start ... start + slots
@@ -322,41 +302,10 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     blocks = jnp.maximum(pl.cdiv(end - first, slots), 0)
     out, top, total = jax.lax.fori_loop(0, blocks, block, carry)
 
-    owner = (part == 0) & (position >= 0)  # adds (and writes) the new token, if any
-    if not write_first:
-        out, top, total = _add_new_token(queries, new_refs, (out, top, total), owner, scale,
-                                         quantized)
-    # Only the group's rows are stored: the outputs hold no padding.
-    if parts == 1:  # normalised here: no merge after the kernel
-        out_ref, = partial_refs
-        out = out / jnp.maximum(total, 1e-30)[:, None]  # 0 for a row that takes no part
-        plgpu.store(out_ref, out.astype(out_ref.dtype), mask=real[:, None])
-    else:
-        out_ref, max_ref, sum_ref = partial_refs
-        plgpu.store(out_ref, out, mask=real[:, None])
-        plgpu.store(max_ref, top, mask=real)
-        plgpu.store(sum_ref, total, mask=real)
-
-    if write_first:
-        return
-
-    @pl.when(owner)
-    def _write():
-        if block_size is None:
-            at = (row, head, pl.ds(position, 1))
-        else:
-            at = (head, tables_ref[row, position // block_size], pl.ds(position % block_size, 1))
-        for new_ref, written_ref in zip(new_refs, written_refs):
-            _write_slot(written_ref, new_ref[...], at)
-
-
-def _add_new_token(queries: jax.Array, new_refs: tuple, carry: tuple, owner: jax.Array,
-                   scale: float, quantized: bool) -> tuple:
-    """The flash partials ``carry = (out, max, sum)`` of a program's slots with the new
-    token added from registers where this program is its ``owner`` (part 0 of an active
-    row). A quantized one attends as its codes will be read back (dequantized), as the
-    portable path does after writing it."""
-    out, top, total = carry
+    # The new token: added (and written to the cache) by part 0 of an active row. A
+    # quantized one attends as its codes will be read back (dequantized), as the
+    # portable path does after writing it.
+    owner = (part == 0) & (position >= 0)
     new_key = new_refs[0][...].astype(jnp.float32)  # [head_dim]
     new_value = new_refs[1][...].astype(jnp.float32)
     if quantized:
@@ -367,7 +316,26 @@ def _add_new_token(queries: jax.Array, new_refs: tuple, carry: tuple, owner: jax
     rescale = jnp.exp(top - new_top)
     weight = jnp.where(owner, jnp.exp(score - new_top), 0.)
     out = out * rescale[:, None] + weight[:, None] * new_value[None, :]
-    return out, new_top, total * rescale + weight
+    total = total * rescale + weight
+    # Only the group's rows are stored: the outputs hold no padding.
+    if parts == 1:  # normalised here: no merge after the kernel
+        out_ref, = partial_refs
+        out = out / jnp.maximum(total, 1e-30)[:, None]  # 0 for a row that takes no part
+        plgpu.store(out_ref, out.astype(out_ref.dtype), mask=real[:, None])
+    else:
+        out_ref, max_ref, sum_ref = partial_refs
+        plgpu.store(out_ref, out, mask=real[:, None])
+        plgpu.store(max_ref, new_top, mask=real)
+        plgpu.store(sum_ref, total, mask=real)
+
+    @pl.when(owner)
+    def _write():
+        if block_size is None:
+            at = (row, head, pl.ds(position, 1))
+        else:
+            at = (head, tables_ref[row, position // block_size], pl.ds(position % block_size, 1))
+        for new_ref, written_ref in zip(new_refs, written_refs):
+            _write_slot(written_ref, new_ref[...], at)
 
 
 def _write_slot(buffer_ref, entry: jax.Array, at: tuple) -> None:
@@ -512,15 +480,10 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
     scale = default_scale(head_dim) if scale is None else scale
     kernel = functools.partial(_kernel, scale=scale, parts=parts, group=group,
                                slots=block_slots(head_dim, tuning), quantized=quantized,
-                               block_size=block_size, codes_as_float16=tuning.codes_as_float16,
-                               write_first=tuning.write_first)
-    if tuning.write_first:  # the kernel reads the new token from the buffers
-        buffers, new = _written(keys, values, positions, buffers, tables), ()
-    else:
-        new = keys[:, 0], values[:, 0]  # [batch, kv_heads, head_dim]
-        if quantized:  # codes [batch, kv_heads, head_dim], scales [batch, kv_heads]
-            new = quantize_block(*new, layer_kv_dtype(buffers))
-    written = () if tuning.write_first else buffers  # the kernel's outputs, aliased
+                               block_size=block_size, codes_as_float16=tuning.codes_as_float16)
+    new = keys[:, 0], values[:, 0]  # [batch, kv_heads, head_dim]
+    if quantized:  # codes [batch, kv_heads, head_dim], scales [batch, kv_heads]
+        new = quantize_block(*new, layer_kv_dtype(buffers))
     whole = pl.BlockSpec()  # the kernel indexes these itself
     per_head = lambda *block: pl.BlockSpec((None, None, *block),
                                            lambda b, h, s: (b, h) + (0,) * len(block))
@@ -545,17 +508,16 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
         in_specs=[whole, *(whole for _ in table_inputs),
                   pl.BlockSpec((None, None, padded_group, head_dim), lambda b, h, s: (b, h, 0, 0)),
                   *(per_head(*entry.shape[2:]) for entry in new), *(whole for _ in buffers)],
-        out_specs=out_specs + [whole for _ in written],
-        out_shape=out_shape + [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in written],
-        input_output_aliases={first_buffer + i: len(out_shape) + i for i in range(len(written))},
+        out_specs=out_specs + [whole for _ in buffers],
+        out_shape=out_shape + [jax.ShapeDtypeStruct(b.shape, b.dtype) for b in buffers],
+        input_output_aliases={first_buffer + i: len(out_shape) + i for i in range(len(buffers))},
         compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps,
                                              num_stages=tuning.num_stages),
         interpret=interpret,
         name="kvjax_decode_attention",
     )(positions[:, 0], *table_inputs, queries.reshape(batch, kv_heads, group, head_dim), *new,
       *buffers)
-    partials = outputs[:len(out_shape)]
-    buffers = outputs[len(out_shape):] or buffers
+    partials, buffers = outputs[:len(out_shape)], outputs[len(out_shape):]
     if parts == 1:
         return partials[0].reshape(batch, 1, heads, head_dim), *buffers
     # Merge the parts: [batch, kv_heads, parts, group(, head_dim)] -> per head.
@@ -564,17 +526,3 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
     total = (total * weight).sum(axis=2)  # 0 for a row that takes no part
     out = (out * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]
     return out.reshape(batch, 1, heads, head_dim).astype(queries.dtype), *buffers
-
-
-def _written(keys: jax.Array, values: jax.Array, positions: jax.Array, buffers: tuple,
-             tables: jax.Array | None) -> tuple:
-    """The cache's ``buffers`` with the new token's key and value (``[batch, 1, kv_heads,
-    head_dim]``, quantized for codes) written at each row's position by XLA, as the
-    plain and paged paths write them (``Tuning.write_first``)."""
-    quantized = len(buffers) == len(CACHE_BUFFERS[True])
-    if tables is not None:
-        return paged.write((*buffers, tables), keys, values, positions, quantized)[:-1]
-    block = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [batch, kv_heads, 1, hd]
-    if quantized:
-        return write_quantized_block(buffers, *block, positions)
-    return write_block(*buffers, *block, positions)
