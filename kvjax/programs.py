@@ -288,8 +288,11 @@ def serve_mixed_program(model: Model, *, greedy: bool, kv_dtype: str | None = No
 
     Called as ``program(params, cache, tokens, previous, use_previous, positions,
     sampling, seeds, steps, chunk_tokens, chunk_lengths, chunk_starts, chunk_sampling,
-    chunk_seeds)``: the decode step's arguments, then the prefill's (``cache``'s tables
-    and lengths hold the decode step's rows, then the chunks'). Returns ``(cache, tokens
+    chunk_seeds, first_rows)``: the decode step's arguments, then the prefill's
+    (``cache``'s tables and lengths hold the decode step's rows, then the chunks'), then
+    ``first_rows`` (``int32[chunk_rows]``): the decode row each chunk's first token is
+    also placed at in ``tokens`` (``rows`` or more: nowhere), so that the next step can
+    feed it as ``previous`` before the host reads it. Returns ``(cache, tokens
     int32[rows], first int32[chunk_rows])``, each as the two programs return them (every
     row sampled as ``sample`` does, greedy rows by argmax). ``greedy``: static; argmax for
     every row of both (a sampled step draws from every row's logits, and sorts
@@ -303,15 +306,17 @@ def _serve_mixed_program(config, dtype, mesh, rules, greedy, kv_dtype):
     plan = choose(config, dtype, mesh=mesh, rules=rules, kv_dtype=kv_dtype)
 
     def mixed_step(params, cache, tokens, previous, use_previous, positions, sampling, seeds,
-                   steps, chunk_tokens, chunk_lengths, chunk_starts, chunk_sampling, chunk_seeds):
+                   steps, chunk_tokens, chunk_lengths, chunk_starts, chunk_sampling, chunk_seeds,
+                   first_rows):
         tokens = jnp.where(use_previous, previous, tokens)  # [rows]
         chunk_positions = prompt_positions(chunk_lengths, chunk_tokens.shape[1], chunk_starts)
         (logits, last), cache = forward_parts(
             config, params, [(tokens[:, None], positions[:, None]),
                              (chunk_tokens, chunk_positions)], cache, attention=plan)
         first_keys = _own_keys(chunk_seeds, jnp.zeros_like(chunk_lengths))
-        return (cache, sample(logits, _own_keys(seeds, steps), sampling, greedy),
-                sample(last, first_keys, chunk_sampling, greedy))
+        first = sample(last, first_keys, chunk_sampling, greedy)  # [chunk_rows]
+        tokens = sample(logits, _own_keys(seeds, steps), sampling, greedy)  # [rows]
+        return cache, tokens.at[first_rows].set(first, mode="drop"), first
 
     return jax.jit(mixed_step, donate_argnums=1, compiler_options=compiler_options())
 

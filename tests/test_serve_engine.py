@@ -113,7 +113,8 @@ def test_seeded_sample_does_not_depend_on_its_neighbours(model, engine, words):
 def test_short_prompts_arriving_together_prefill_in_one_call(model, words):
     """Four prompts of 5 to 14 tokens submitted together prefill in one call of the
     [4, 16] program, greedy and seeded sampled rows side by side; each gives generate's
-    tokens for its prompt alone."""
+    tokens for its prompt alone. Their first tokens stay on the device, as a decode
+    step's do, and arrive in the next step, which feeds them to their first decode."""
     engine = new_engine(model)
     prompts = [words[0:5], words[20:29], words[40:54], words[60:72]]
     values = [dict(temperature=0.0), dict(temperature=1.0, top_k=40, seed=7),
@@ -121,8 +122,11 @@ def test_short_prompts_arriving_together_prefill_in_one_call(model, words):
     handles = [engine.submit(p, max_tokens=6, stop_tokens=[], **v)
                for p, v in zip(prompts, values)]
     engine.step()
-    assert all(handle.first_token_at is not None for handle in handles)
     assert list(engine._compiled) == [("mixed", ((4, 16), False))]  # one call, no decode yet
+    assert [handle.completion_tokens for handle in handles] == [0, 0, 0, 0]
+    engine.step()
+    assert [handle.completion_tokens for handle in handles] == [1, 1, 1, 1]
+    assert engine.stats()["decode_steps"] == 1  # the second step decoded the four rows
     engine.shutdown()
     for handle, prompt, v in zip(handles, prompts, values):
         assert handle.result().token_ids == alone(model, prompt, 6, stop_tokens=[], **v)
@@ -192,17 +196,20 @@ def test_chunked_prefill_interleaves_with_decoding(model, words, mixed_steps):
     decoding request beside it gets a token at every one of them; both give generate's
     tokens. A step starts its decode step before it reads the last one's tokens, so the
     short request's tokens arrive one step after its decode steps start. The long
-    prompt's chunks run in the decode step's program (``mixed_steps``) or in their own."""
+    prompt's chunks run in the decode step's program (``mixed_steps``), whose first
+    tokens arrive like a decode step's, one step later, or in programs of their own,
+    whose first tokens the step waits for."""
     engine = new_engine(model, max_prefill_tokens=32, mixed_steps=mixed_steps)
     short = engine.submit(words[:7], max_tokens=14, stop_tokens=[])
     engine.step()  # prefilled: its first token
-    assert short.completion_tokens == 1
+    assert short.completion_tokens == (0 if mixed_steps else 1)
     long = engine.submit(words[:150], max_tokens=6, stop_tokens=[])
     counts = []
     while long.first_token_at is None:
         engine.step()
         counts.append(short.completion_tokens)
-    assert counts == [1, 2, 3, 4, 5]  # ceil(150 / 32) steps, a short token each but the first
+    # ceil(150 / 32) steps, a short token each (but the first without mixed steps)
+    assert counts == ([1, 2, 3, 4, 5, 6] if mixed_steps else [1, 2, 3, 4, 5])
     while engine.step():
         pass
     assert short.result().token_ids == alone(model, words[:7], 14, stop_tokens=[])

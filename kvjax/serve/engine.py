@@ -492,12 +492,13 @@ class Engine:
                     if len(job.generated) + job.in_flight < job.max_tokens]
         if self.mixed_steps:  # each call in a mixed program; the first one's decodes
             firsts = [first for call in calls[1:] for first in self._run([], call)[1]]
-            in_flight, more = self._run(jobs, calls[0] if calls else None)
+            in_flight, more = self._run(jobs, calls[0] if calls else None, hold_firsts=True)
         else:
             firsts = [first for call in calls for first in self._prefill(*call)]
             in_flight, more = self._run(jobs, None)
-        # this step's decode runs on the device while the host hands out the last one's
-        # tokens and the first tokens of the prompts just prefilled
+        # this step runs on the device while the host hands out the last one's tokens
+        # (with the first tokens of the prompts it finished) and the first tokens of
+        # prompts finished in calls of their own (read now: the step waits for them)
         previous, self._in_flight = self._in_flight, in_flight
         firsts += more
         if previous is not None:
@@ -508,7 +509,7 @@ class Engine:
         if worked:
             with self._cond:
                 self._counts["steps"] += 1
-                self._counts["decode_steps"] += self._in_flight is not None
+                self._counts["decode_steps"] += bool(jobs)  # rows decoded
                 self._counts["step_seconds"] += time.perf_counter() - start
         return worked
 
@@ -605,7 +606,8 @@ class Engine:
                 finished.append((job, first, row))
         return finished
 
-    def _run(self, jobs: list[Job], call) -> tuple[tuple[list[Job], jax.Array] | None, list]:
+    def _run(self, jobs: list[Job], call, hold_firsts: bool = False
+             ) -> tuple[tuple[list[Job], jax.Array] | None, list]:
         """Starts one decode step over ``jobs``, the rows that have a token to feed and
         may take another (idle, prefilling and finished rows at position -1; none: every
         row idle), and with ``call`` (a prefill call: ``(shape, chunks)``) those chunks in
@@ -614,7 +616,10 @@ class Engine:
         prefill's finished rows (as ``_prefill``). A row still waiting for the last step's
         token (``in_flight``) is fed it on the device; a row that stops at that token has
         written one position more, which its blocks hold (its release passes the tokens
-        whose K/V they hold)."""
+        whose K/V they hold). ``hold_firsts``: the prompts ``call`` finishes get their
+        first token as a decode step's, in ``tokens`` at their rows (``in_flight``,
+        among the returned jobs; no finished rows returned), so that no one waits for
+        this program to end before the next step starts."""
         finished = []
         if call is None:
             if not jobs:
@@ -624,14 +629,29 @@ class Engine:
             self.prefix_cache.pool = pool
         else:
             shape, chunks = call
-            args = self._args(self._decode_inputs(jobs), self._prefill_inputs(chunks, *shape))
+            first_rows = self._first_rows(chunks if hold_firsts else [], shape[0])
+            args = (*self._args(self._decode_inputs(jobs), self._prefill_inputs(chunks, *shape)),
+                    first_rows)
             greedy = all(job.greedy for job in jobs + [job for job, _ in chunks])
             pool, tokens, first = self._program(("mixed", (shape, greedy)), args)(*args)
             finished = self._prefilled(pool, chunks, first)
         for job in jobs:
             job.written += 1
             job.in_flight += 1
+        if hold_firsts:
+            for job, _, _ in finished:
+                job.in_flight += 1
+            jobs, finished = jobs + [job for job, _, _ in finished], []
         return ((jobs, tokens) if jobs else None), finished
+
+    def _first_rows(self, chunks: Sequence[tuple[Job, int]], rows: int) -> np.ndarray:
+        """``serve_mixed_program``'s ``first_rows`` for ``rows`` chunk rows: the engine
+        row of each chunk that ends its prompt, ``max_rows`` (nowhere) for the others."""
+        first_rows = np.full((rows,), self.max_rows, np.int32)
+        for index, (job, count) in enumerate(chunks):
+            if count == job.prompt_left:
+                first_rows[index] = job.row
+        return first_rows
 
     def _take_tokens(self, jobs: list[Job], tokens: jax.Array) -> None:
         """Hands a decode step's tokens to its jobs (waiting for the step), but to those
@@ -696,15 +716,17 @@ class Engine:
                 if self.mixed_steps:
                     for greedy in (True, False):
                         self._run_idle(("mixed", (shape, greedy)), self._decode_inputs([]),
-                                       self._prefill_inputs([], *shape))
+                                       self._prefill_inputs([], *shape),
+                                       extra=(self._first_rows([], shape[0]),))
                 else:
                     self._run_idle(("prefill", shape), self._prefill_inputs([], *shape))
             jax.block_until_ready(self.prefix_cache.pool)
         return len(self._compiled)
 
-    def _run_idle(self, key: tuple, *parts: tuple) -> None:
-        """Runs program ``key`` (compiled first if need be) on ``parts``' idle inputs."""
-        args = self._args(*parts)
+    def _run_idle(self, key: tuple, *parts: tuple, extra: tuple = ()) -> None:
+        """Runs program ``key`` (compiled first if need be) on ``parts``' idle inputs, then
+        ``extra`` arguments."""
+        args = (*self._args(*parts), *extra)
         self.prefix_cache.pool = self._program(key, args)(*args)[0]
 
     def _program(self, key: tuple, args: tuple):

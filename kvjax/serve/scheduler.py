@@ -42,8 +42,9 @@ class Job:
       written: positions of its sequence whose K/V its blocks hold.
       generated: its new tokens so far.
       cancelled: the caller cancelled it; the engine retires it at its next step.
-      in_flight: decode steps started for it whose token it has not taken yet (the
-        engine starts a step before it reads the last one's tokens).
+      in_flight: steps started for it whose token it has not taken yet (the engine
+        starts a step before it reads the last one's tokens; the step that prefills a
+        prompt's last chunk counts: its first token).
       greedy: whether it samples greedily (temperature 0).
       prompt_keys: the chained keys of its prompt's full blocks (``kvjax.paged.chain_keys``),
         computed by the engine once, None until then.
@@ -73,8 +74,9 @@ class Job:
 
     @property
     def decoding(self) -> bool:
-        """Whether it has its first token and feeds its last one to the next decode step."""
-        return bool(self.generated)
+        """Whether it has its first token (taken, or in flight: still on the device) and
+        feeds its last one to the next decode step."""
+        return bool(self.generated) or (self.in_flight > 0 and self.prompt_left == 0)
 
     def written_tokens(self) -> list[int]:
         """The tokens whose K/V its blocks hold: the prompt, then the tokens fed back."""
