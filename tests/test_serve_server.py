@@ -318,6 +318,10 @@ def test_metrics_parse_and_count(served):
     for histogram in ("kvjax_time_to_first_token_seconds", "kvjax_e2e_request_latency_seconds",
                       "kvjax_time_per_output_token_seconds", "kvjax_request_queue_time_seconds"):
         assert delta(f"{histogram}_count") == 2, histogram
+    # every gap between two tokens of a request: 5 a request
+    assert delta("kvjax_inter_token_latency_seconds_count") == sum(
+        u["completion_tokens"] - 1 for u in usages) == 10
+    assert delta("kvjax_inter_token_latency_seconds_sum") > 0
     assert after["kvjax_prefix_cache_hit_rate"] == pytest.approx(
         engine.stats()["prefix_cache"]["hit_rate"])
     assert after["kvjax_kv_blocks_total"] == ENGINE["pool_blocks"]

@@ -112,6 +112,7 @@ class RequestHandle:
       submitted_at, admitted_at, first_token_at, finished_at: ``time.perf_counter()``
         when it was queued, given its row and blocks, got its first token and ended
         (None until then).
+      token_times: ``time.perf_counter()`` when each generated token was handed to it.
     """
 
     def __init__(self, request_id: int, prompt_tokens: int, on_cancel: Callable[[], None]):
@@ -124,6 +125,7 @@ class RequestHandle:
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
+        self.token_times: list[float] = []
         self._on_cancel = on_cancel
         self._cond = threading.Condition()
         self._deltas: collections.deque[Delta] = collections.deque()
@@ -206,8 +208,10 @@ class RequestHandle:
 
     def _push(self, delta: Delta) -> None:
         with self._cond:
+            now = time.perf_counter()
             if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
+                self.first_token_at = now
+            self.token_times.extend([now] * len(delta.token_ids))
             self._token_ids.extend(delta.token_ids)
             self._texts.append(delta.text)
             self.completion_tokens = len(self._token_ids)

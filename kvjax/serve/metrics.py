@@ -4,8 +4,9 @@
 in one process never collide) with
 
 * histograms the server observes as each request ends (``observe(handle)``), from the
-  request handle's timestamps: time to first token, time per output token after the
-  first, end-to-end latency and time in the queue;
+  request handle's timestamps: time to first token, the gaps between its tokens
+  (inter-token latency), time per output token after the first, end-to-end latency and
+  time in the queue;
 * what ``engine.stats()`` says at each scrape: requests running, waiting, refused,
   finished and cancelled, prompt, generation and cached prompt tokens, KV pool blocks
   and bytes, the prefix cache's hit rate, evictions by tier and host-tier traffic;
@@ -91,6 +92,9 @@ class ServerMetrics:
         self.time_to_first_token = histogram(
             "kvjax_time_to_first_token_seconds",
             "from submission to the first generated token", TTFT_BUCKETS)
+        self.inter_token_latency = histogram(
+            "kvjax_inter_token_latency_seconds",
+            "time between two successive generated tokens of a request", TPOT_BUCKETS)
         self.time_per_output_token = histogram(
             "kvjax_time_per_output_token_seconds",
             "mean time between a request's generated tokens after the first", TPOT_BUCKETS)
@@ -110,6 +114,9 @@ class ServerMetrics:
         if handle.first_token_at is None:
             return
         self.time_to_first_token.observe(handle.first_token_at - handle.submitted_at)
+        times = handle.token_times
+        for earlier, later in zip(times, times[1:]):
+            self.inter_token_latency.observe(later - earlier)
         if handle.finish_reason in ("stop", "length"):
             self.e2e_latency.observe(handle.finished_at - handle.submitted_at)
             if handle.completion_tokens > 1:
