@@ -492,15 +492,14 @@ class Engine:
                     if len(job.generated) + job.in_flight < job.max_tokens]
         if self.mixed_steps:  # each call in a mixed program; the first one's decodes
             firsts = [first for call in calls[1:] for first in self._run([], call)[1]]
-            in_flight, more = self._run(jobs, calls[0] if calls else None, hold_firsts=True)
+            in_flight, _ = self._run(jobs, calls[0] if calls else None, hold_firsts=True)
         else:
             firsts = [first for call in calls for first in self._prefill(*call)]
-            in_flight, more = self._run(jobs, None)
+            in_flight, _ = self._run(jobs, None)
         # this step runs on the device while the host hands out the last one's tokens
         # (with the first tokens of the prompts it finished) and the first tokens of
         # prompts finished in calls of their own (read now: the step waits for them)
         previous, self._in_flight = self._in_flight, in_flight
-        firsts += more
         if previous is not None:
             self._take_tokens(*previous)
         for job, first, row in firsts:

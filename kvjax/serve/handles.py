@@ -123,7 +123,6 @@ class RequestHandle:
         self.finish_reason: str | None = None
         self.submitted_at = time.perf_counter()
         self.admitted_at: float | None = None
-        self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.token_times: list[float] = []
         self._on_cancel = on_cancel
@@ -133,6 +132,11 @@ class RequestHandle:
         self._texts: list[str] = []
         self._error: BaseException | None = None
         self._wakers: list[Callable[[], None]] = []
+
+    @property
+    def first_token_at(self) -> float | None:
+        """``time.perf_counter()`` when its first token came (None until then)."""
+        return self.token_times[0] if self.token_times else None
 
     @property
     def done(self) -> bool:
@@ -208,10 +212,7 @@ class RequestHandle:
 
     def _push(self, delta: Delta) -> None:
         with self._cond:
-            now = time.perf_counter()
-            if self.first_token_at is None:
-                self.first_token_at = now
-            self.token_times.extend([now] * len(delta.token_ids))
+            self.token_times.extend([time.perf_counter()] * len(delta.token_ids))
             self._token_ids.extend(delta.token_ids)
             self._texts.append(delta.text)
             self.completion_tokens = len(self._token_ids)
