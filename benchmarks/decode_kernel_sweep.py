@@ -17,7 +17,7 @@ give by the HBM bound measured in the same run (``bench_lib.measure_hbm_bandwidt
 ``--programs`` for int8 at the first point, then the best ``--keep`` of them at every
 point and kind beside the default (``default_tuning``); without it each point and kind
 runs at its default tuning. ``--codes-as-float16`` times each tuning of an int8/fp8 kind
-a second time with ``codes_as_float16`` (the dots in float16).
+a second time with ``codes_as_float16`` flipped (the dots in float16 or not).
 
     python benchmarks/decode_kernel_sweep.py --codes-as-float16 --kinds int8 fp8 paged-int8
 """
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     parser.add_argument("--programs", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--keep", type=int, default=3)
     parser.add_argument("--codes-as-float16", action="store_true",
-                        help="int8/fp8 kinds: each tuning also with codes_as_float16")
+                        help="int8/fp8 kinds: each tuning also with codes_as_float16 flipped")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=22)
     parser.add_argument("--hbm-gib", type=float, default=4.0)
@@ -176,7 +176,7 @@ def main(argv=None) -> None:
             lib.save_json(records, args.json)
         return seconds
 
-    defaults = lambda kind, capacity: kernel.default_tuning(not kind.endswith("bfloat16"),
+    defaults = lambda kind, capacity: kernel.default_tuning(kind.removeprefix("paged-"),
                                                             capacity, config.head_dim)
     tunings = {kind: [] for kind in args.kinds}
     if args.sweep:
@@ -190,7 +190,8 @@ def main(argv=None) -> None:
         for kind in args.kinds:
             chosen = [defaults(kind, point[2]), *tunings[kind]]
             if args.codes_as_float16 and not kind.endswith("bfloat16"):
-                chosen += [dataclasses.replace(t, codes_as_float16=True) for t in chosen]
+                chosen += [dataclasses.replace(t, codes_as_float16=not t.codes_as_float16)
+                           for t in chosen]
             for tuning in dict.fromkeys(chosen):
                 if args.sweep and kind == "int8" and point == points[0] and tuning in best:
                     continue  # timed in the sweep

@@ -353,6 +353,24 @@ def test_codes_as_float16(kind):
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_codes_as_float16_small_values(kind):
+    """Values near 1e-4 (value scales near 1e-6: probability times scale would fall
+    below float16's normal range) stay within the test above's tolerances of the float32
+    plain path, relative to their size."""
+    rows, size = [700, 3], 1e-4
+    q, k, v, keys, values = random_step(2, 8, 2, 64, 768, seed=3)
+    (key_codes, key_scales), (value_codes, value_scales) = (
+        quantize(keys, kind), quantize(values * size, kind))
+    q, k, v = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), (v * size).astype(jnp.bfloat16)
+    buffers = key_codes, value_codes, key_scales, value_scales
+    positions = jnp.array(rows, jnp.int32)[:, None]
+    want = float32_plain_step(q, k, v, positions, *buffers)
+    tuning = decode_attention.Tuning(codes_as_float16=True)
+    got = kernel_step(q, k, v, positions, *buffers, interpret=True, tuning=tuning)
+    np.testing.assert_allclose(f32(got[0]) / size, want[0] / size, atol=0.03, rtol=0.05)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_compiled_codes_as_float16(kind):
     """The compiled kernel with ``Tuning(codes_as_float16=True)`` at Llama-3's heads
     against the float32 plain path (atol 0.03, rtol 0.05), its writes exact."""

@@ -20,8 +20,9 @@ row (large batches) the kernel normalises and writes the output itself.
 The same kernel reads an int8 or fp8 cache (``kvjax.cache.QuantizedKVCache``;
 ``attend_and_write_quantized``), a static flag: a decode step is bound by reading the
 cache, and codes are half the bytes of bf16. A block of codes is converted to the
-queries' dtype in registers (int8's -127..127 and every e4m3 value are exact in bf16 and
-f16), and the float32 scales of its tokens multiply the scores and the probabilities
+queries' dtype in registers, e4m3 codes to float16 (the GPU converts those in one
+instruction for two; int8's -127..127 and every e4m3 value are exact in bf16 and f16),
+and the float32 scales of its tokens multiply the scores and the probabilities
 (a token's scale factors out of its dot products, as in
 ``kvjax.attention.quantized``). The new token is quantized before the kernel (XLA, a
 few elements a row); it attends as its codes will be read back, and part 0 writes its
@@ -154,12 +155,13 @@ class Tuning:
     """The kernel's launch settings: cache slots a program reads per loop iteration
     (halved for head_dim 256: ``block_slots``), Triton's warps and pipeline stages per
     program, the programs the grid aims at (``part_count``), and, for int8/fp8 codes,
-    ``codes_as_float16``: run the two dots in float16 (queries converted once), int8
+    ``codes_as_float16``: run the two dots in float16 (16-bit queries converted once), int8
     codes turned into float16 by integer arithmetic (``_int8_as_float16``) and e4m3
     codes by the GPU's fp8-to-f16 conversion, instead of converting every code to the
-    queries' dtype (bf16: through float32, an int-to-float conversion per code, which
-    runs at a fraction of the rate of ordinary arithmetic). float16 holds every int8
-    and e4m3 code exactly; queries beyond its range (65504) would overflow.
+    queries' dtype (bf16: through float32). float16 holds every int8 and e4m3 code
+    exactly, and the probabilities enter the second dot as fractions of their block's
+    largest value scale; queries beyond float16's range (65504) would overflow.
+    ``default_tuning`` sets it for fp8 (``FLOAT16_CODES``).
     """
 
     block_slots: int = BLOCK_SLOTS
@@ -178,15 +180,25 @@ class Tuning:
 # benchmarks/results/kernel_sweep_h200.json, docs/benchmarks.md.
 LONG_ROWS = 8192
 DEEP_TUNING = Tuning(block_slots=128, num_warps=4, num_stages=3, target_programs=512)
+# Codes whose dots run in float16 by default (``Tuning.codes_as_float16``). Triton
+# converts e4m3 to bf16 through float32, but to float16 in one instruction for two codes:
+# on an H100 (one layer of Llama-3.1-8B, batch 8) that took fp8's kernel from 126.3 to
+# 105.0 us at 16k filled and from 237.5 to 199.4 us at 32k, level with int8 (108.5 and
+# 204.7 us). int8 codes gain nothing from it: 112.6 us with ``_int8_as_float16``, 107.5
+# with a PTX conversion of four codes a register (not kept). docs/experiments.md.
+FLOAT16_CODES = ("fp8",)
 
 
-def default_tuning(quantized: bool, capacity: int, head_dim: int) -> Tuning:
-    """The measured settings (``DEEP_TUNING`` or ``Tuning()``) for a float or an
-    int8/fp8 cache of ``capacity`` slots a row. Three stages of 128-slot blocks at
-    head_dim 256 would take more shared memory than GPUs before Hopper have: those keep
-    the defaults."""
+def default_tuning(kv_dtype: str, capacity: int, head_dim: int) -> Tuning:
+    """The measured settings for a cache of ``capacity`` slots a row holding
+    ``kv_dtype`` (``layer_kv_dtype``'s name: ``"int8"``, ``"fp8"`` or a float dtype's):
+    ``DEEP_TUNING`` or ``Tuning()``, with ``codes_as_float16`` for fp8. Three stages of
+    128-slot blocks at head_dim 256 would take more shared memory than GPUs before
+    Hopper have: those keep the defaults."""
+    quantized = kv_dtype in QUANTIZED
     deep = head_dim <= 128 and (quantized or capacity >= LONG_ROWS)
-    return DEEP_TUNING if deep else Tuning()
+    return dataclasses.replace(DEEP_TUNING if deep else Tuning(),
+                               codes_as_float16=kv_dtype in FLOAT16_CODES)
 
 
 def block_slots(head_dim: int, tuning: Tuning | None = None) -> int:
@@ -242,8 +254,10 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     queries = plgpu.load(queries_ref, mask=real[:, None], other=0.)  # [padded_group, head_dim]
     if not quantized:  # the dtype of the two dots
         operands = keys_ref.dtype
+    elif codes_as_float16 and queries.dtype.itemsize == 2:  # float32 queries keep theirs
+        operands = jnp.float16
     else:
-        operands = jnp.float16 if codes_as_float16 else queries.dtype
+        operands = queries.dtype
     dot_queries = queries.astype(operands)
 
     def as_operands(codes):  # a block of the cache, [slots, head_dim]
@@ -291,9 +305,19 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
         rescale = jnp.exp(top - new_top)
         weights = jnp.exp(scores - new_top[:, None])
         values = as_operands(load(values_ref))
-        # so does a value's: weighted by p * scale, its codes enter the dot as stored
-        weighted = weights * load(cache_refs[3])[None, :] if quantized else weights
-        out = out * rescale[:, None] + plgpu.dot(weighted.astype(operands), values)
+        if not quantized:
+            block_out = plgpu.dot(weights.astype(operands), values)
+        elif operands != jnp.float16:
+            # so does a value's: weighted by p * scale, its codes enter the dot as stored
+            value_scales = load(cache_refs[3])  # [slots]
+            block_out = plgpu.dot((weights * value_scales[None, :]).astype(operands), values)
+        else:  # float16: p * scale can fall below its normal range (6.1e-5) and lose
+            # digits, so each scale enters as a fraction of the block's largest
+            value_scales = load(cache_refs[3])
+            largest = jnp.maximum(value_scales.max(), jnp.finfo(jnp.float32).tiny)
+            weighted = weights * (value_scales / largest)[None, :]
+            block_out = plgpu.dot(weighted.astype(operands), values) * largest
+        out = out * rescale[:, None] + block_out
         return out, new_top, total * rescale + weights.sum(axis=-1)
 
     carry = (jnp.zeros((padded_group, head_dim), jnp.float32),
@@ -467,13 +491,14 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
     (a contiguous cache's, or a paged layer's pools read through ``tables``); returns
     ``(out, *buffers)``."""
     batch, _, heads, head_dim = queries.shape
-    quantized = len(buffers) == len(CACHE_BUFFERS[True])
+    kv_dtype = layer_kv_dtype(buffers)
+    quantized = kv_dtype in QUANTIZED
     if tables is None:
         block_size, (_, kv_heads, capacity, _) = None, buffers[0].shape
     else:
         kv_heads, _, block_size, _ = buffers[0].shape
         capacity = tables.shape[1] * block_size
-    tuning = tuning or default_tuning(quantized, capacity, head_dim)
+    tuning = tuning or default_tuning(kv_dtype, capacity, head_dim)
     group = heads // kv_heads
     padded_group = max(16, 1 << (group - 1).bit_length())  # Triton's dot needs 16 rows
     parts = part_count(batch, kv_heads, capacity, head_dim, tuning)
@@ -483,7 +508,7 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
                                block_size=block_size, codes_as_float16=tuning.codes_as_float16)
     new = keys[:, 0], values[:, 0]  # [batch, kv_heads, head_dim]
     if quantized:  # codes [batch, kv_heads, head_dim], scales [batch, kv_heads]
-        new = quantize_block(*new, layer_kv_dtype(buffers))
+        new = quantize_block(*new, kv_dtype)
     whole = pl.BlockSpec()  # the kernel indexes these itself
     per_head = lambda *block: pl.BlockSpec((None, None, *block),
                                            lambda b, h, s: (b, h) + (0,) * len(block))
