@@ -182,10 +182,9 @@ LONG_ROWS = 8192
 DEEP_TUNING = Tuning(block_slots=128, num_warps=4, num_stages=3, target_programs=512)
 # Codes whose dots run in float16 by default (``Tuning.codes_as_float16``). Triton
 # converts e4m3 to bf16 through float32, but to float16 in one instruction for two codes:
-# on an H100 (one layer of Llama-3.1-8B, batch 8) that took fp8's kernel from 126.3 to
-# 105.0 us at 16k filled and from 237.5 to 199.4 us at 32k, level with int8 (108.5 and
-# 204.7 us). int8 codes gain nothing from it: 112.6 us with ``_int8_as_float16``, 107.5
-# with a PTX conversion of four codes a register (not kept). docs/experiments.md.
+# on an H100 (one layer of Llama-3.1-8B, batch 8) that took fp8's kernel from 150.2 to
+# 134.2 us at 16k filled and from 264.9 to 227.1 us at 32k, near int8's 129.1 and 229.4.
+# int8 codes lose by it (149.2 and 241.7 us). benchmarks/results/kernel_fp8_float16_h100.json.
 FLOAT16_CODES = ("fp8",)
 
 
