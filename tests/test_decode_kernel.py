@@ -284,16 +284,18 @@ def run_decode(model, kernel: bool | None, stops, kv_dtype: str | None = None):
 @pytest.mark.parametrize("kind", KINDS)
 def test_generation_with_the_kernel_equals_the_plain_path(kind):
     """Greedy decoding with every decode step on the interpreted kernel (a float32 model:
-    interpreted, the kernel takes any float cache), over a float, int8 or fp8 cache,
-    gives the plain path's tokens and cache, with rows that stop early (idle in later
-    steps)."""
+    interpreted, the kernel takes any float cache), over a float, int8 or fp8 cache (its
+    prompt block on ``attend_block``), gives the plain path's tokens and cache, with rows
+    that stop early (idle in later steps)."""
     model = make_model(make_config(num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64))
     free, _ = run_decode(model, False, [-1], kind)
     stops = [int(free.tokens[0, 4]), int(free.tokens[2, 9])]
     (plain, plain_calls), (fused, fused_calls) = (run_decode(model, False, stops, kind),
                                                   run_decode(model, True, stops, kind))
-    # the decode step's layers on the kernel; the prefill (a block) never is
-    assert (plain_calls, fused_calls) == (0, model.config.num_layers)
+    # the decode step's layers on the kernel; the prefill (a block) too over codes
+    # (attend_block), never over a float cache
+    blocks = model.config.num_layers if kind in ("int8", "fp8") else 0
+    assert (plain_calls, fused_calls) == (0, model.config.num_layers + blocks)
     np.testing.assert_array_equal(fused.tokens, plain.tokens)
     np.testing.assert_array_equal(fused.num_generated, plain.num_generated)
     assert min(np.asarray(plain.num_generated)) < 20  # some row stopped early
@@ -316,6 +318,21 @@ def test_auto_keeps_the_plain_path_without_a_gpu():
     assert calls(True) == calls(False) + config.num_layers == config.num_layers
 
 
+@pytest.mark.parametrize("tokens, calls", [(64, 2), (65, 0)])
+def test_blocks_over_codes_on_the_block_kernel_up_to_its_tiles(tokens, calls):
+    """With the kernel on, a block over an int8 cache runs ``attend_block`` in each
+    layer while its query rows (tokens x a group of 4) fit ``BLOCK_TILES`` tiles of
+    ``BLOCK_ROWS``, 256 here, and the portable path beyond."""
+    config = make_config(num_heads=8, num_kv_heads=2, head_dim=16, hidden_size=64)
+    model = make_model(config)
+    cache = kvjax.cache.create(config, 1, 128, "int8", jnp.float32)
+    args = (model.params, np.ones((1, tokens), np.int32),
+            np.arange(tokens, dtype=np.int32)[None], cache)
+    jaxpr = jax.make_jaxpr(kvjax.model.step_fn(config, decode_kernel=True))(*args).jaxpr
+    assert config.num_layers == 2
+    assert count_calls(jaxpr, "pallas_call") == calls
+
+
 def skip_unless_compiled(head_dim: int, kind: str | None) -> None:
     if not decode_attention.supported(head_dim, jnp.bfloat16, kv_dtype=kind):
         pytest.skip(f"needs a CUDA GPU that runs the kernel over a {kind or 'bf16'} cache")
@@ -333,6 +350,61 @@ def test_int8_as_float16_is_exact():
     got = decode_attention._int8_as_float16(codes)
     assert got.dtype == jnp.float16
     np.testing.assert_array_equal(f32(got), np.arange(-128, 128, dtype=np.float32))
+
+
+# (heads, kv_heads, head_dim, capacity, tokens, first positions; None: an idle row):
+# one tile of query rows, several (40 tokens x a group of 4 = 160 rows: 3 tiles of 64),
+# MHA at head_dim 32.
+BLOCK_CASES = {
+    "gqa": (8, 2, 16, 200, 5, [137, 0, None]),
+    "tiles": (8, 2, 16, 300, 40, [100, 7, 250]),
+    "mha": (4, 4, 32, 64, 6, [50, 3, 20]),
+}
+
+
+def random_block(heads, kv_heads, head_dim, capacity, tokens, firsts, dtype=jnp.float32,
+                 kind=None):
+    """``(q, k, v, positions, *buffers)`` of a block of ``tokens`` a row at ``firsts``
+    (None: an idle row; the last row's last two tokens are padding, -1), the cache's
+    buffers as ``random_step`` makes them."""
+    _, _, _, *buffers = random_step(len(firsts), heads, kv_heads, head_dim, capacity, dtype,
+                                    kind=kind)
+    keys = jax.random.split(jax.random.key(7), 3)
+    q, k, v = (jax.random.normal(key, (len(firsts), tokens, n, head_dim)).astype(dtype)
+               for key, n in zip(keys, (heads, kv_heads, kv_heads)))
+    positions = np.array([np.arange(tokens) + first if first is not None
+                          else np.full(tokens, -1) for first in firsts])
+    positions[-1, -2:] = -1
+    return q, k, v, jnp.asarray(positions, jnp.int32), *buffers
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_block_kernel_equals_the_plain_path(case, kind):
+    """``attend_block``, interpreted: a block of several tokens a row over a float32 cache
+    or int8/fp8 codes that hold it gives the plain path's attention (float32 rounding:
+    2e-6); padding tokens (-1) give zeros, as an idle row's do."""
+    q, k, v, positions, *buffers = random_block(*BLOCK_CASES[case], kind=kind)
+    want, *written = plain_step(q, k, v, positions, *buffers)
+    got = jax.jit(lambda *a: decode_attention.attend_block(*a, interpret=True))(
+        q, tuple(written), positions)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-6)
+    assert not np.any(np.asarray(got)[np.asarray(positions) < 0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tokens", [16, 64])
+def test_compiled_block_kernel_equals_the_plain_path(tokens, kind):
+    """The compiled ``attend_block`` (bf16 queries over a bf16, int8 or fp8 cache;
+    Llama-3's heads, one tile and four) against the float32 plain path (atol 0.03, rtol
+    0.05)."""
+    skip_unless_compiled(128, kind)
+    q, k, v, positions, *buffers = random_block(32, 8, 128, 2112, tokens, [2000, 5, 1000],
+                                                jnp.bfloat16, kind)
+    want, *_ = float32_plain_step(q, k, v, positions, *buffers)
+    _, *written = plain_step(q, k, v, positions, *buffers)  # in the cache's dtype
+    got = jax.jit(decode_attention.attend_block)(q, tuple(written), positions)
+    np.testing.assert_allclose(f32(got), want, atol=0.03, rtol=0.05)
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])

@@ -225,7 +225,8 @@ def _int8_as_float16(codes: jax.Array) -> jax.Array:
 
 
 def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: int,
-            quantized: bool, block_size: int | None, codes_as_float16: bool):
+            quantized: bool, block_size: int | None, codes_as_float16: bool,
+            tiles: int | None = None):
     """One (row, KV head, part) program; refs as laid out by ``_attend_and_write``. After
     the positions come a paged cache's block tables (``block_size`` not None), the
     queries, the new token's entries, then the cache's buffers, then the outputs: a
@@ -239,17 +240,31 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     cache slots per loop iteration (``block_slots``). A contiguous
     cache's buffers are ``[batch, kv_heads, capacity(, head_dim)]``; a paged one's
     ``[kv_heads, num_blocks, block_size(, head_dim)]``, position ``p`` of a row in its
-    table's block ``p // block_size``, slot ``p % block_size``."""
+    table's block ``p // block_size``, slot ``p % block_size``.
+
+    With ``tiles`` (``attend_block``) the program attends a tile of a block of tokens
+    already in a contiguous cache instead: its second grid index is ``head * tiles +
+    tile``, ``positions_ref`` holds the positions of every tile's query rows (``[batch,
+    tiles * rows]``, -1: padding), the parts split the slots up to the tile's last
+    position, each query row sees the slots up to its own, and nothing is written."""
     tables_ref = refs[0] if block_size else None
     queries_ref, *refs = refs[1:] if block_size else refs
     count = len(CACHE_BUFFERS[quantized])
-    new_refs, cache_refs, out_refs = refs[:count], refs[count:2 * count], refs[2 * count:]
-    partial_refs, written_refs = out_refs[:-count], out_refs[-count:]
+    if tiles is None:
+        new_refs, cache_refs, out_refs = refs[:count], refs[count:2 * count], refs[2 * count:]
+        partial_refs, written_refs = out_refs[:-count], out_refs[-count:]
+    else:
+        cache_refs, partial_refs = refs[:count], refs[count:]
     keys_ref, values_ref = cache_refs[:2]
     row, head, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     padded_group, head_dim = queries_ref.shape
-    position = positions_ref[row]
     real = jnp.arange(padded_group) < group  # the group's heads; the rest is padding
+    if tiles is None:
+        position = positions_ref[row]
+    else:  # [rows] positions of this tile's query rows; its slots: up to the last one
+        head, tile = head // tiles, head % tiles
+        query_positions = positions_ref[row, pl.ds(tile * padded_group, padded_group)]
+        position = query_positions.max() + 1
     queries = plgpu.load(queries_ref, mask=real[:, None], other=0.)  # [padded_group, head_dim]
     if not quantized:  # the dtype of the two dots
         operands = keys_ref.dtype
@@ -299,10 +314,15 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
             scores = scores * (load(cache_refs[2]) * scale)[None, :]
         else:
             scores = scores * scale
-        scores = jnp.where(filled[None, :], scores, MASKED)
+        seen = filled[None, :]  # [padded_group or rows, slots]
+        if tiles is not None:  # each query row up to its own position
+            seen = seen & ((start + slot)[None, :] <= query_positions[:, None])
+        scores = jnp.where(seen, scores, MASKED)
         new_top = jnp.maximum(top, scores.max(axis=-1))
         rescale = jnp.exp(top - new_top)
         weights = jnp.exp(scores - new_top[:, None])
+        if tiles is not None:  # a row may see none of a block: nothing, not exp(0)
+            weights = jnp.where(seen, weights, 0.)
         values = as_operands(load(values_ref))
         if not quantized:
             block_out = plgpu.dot(weights.astype(operands), values)
@@ -324,6 +344,9 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
              jnp.zeros((padded_group,), jnp.float32))
     blocks = jnp.maximum(pl.cdiv(end - first, slots), 0)
     out, top, total = jax.lax.fori_loop(0, blocks, block, carry)
+    if tiles is not None:
+        _store_partials(partial_refs, out, top, total, parts, real)
+        return
 
     # The new token: added (and written to the cache) by part 0 of an active row. A
     # quantized one attends as its codes will be read back (dequantized), as the
@@ -340,16 +363,7 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     weight = jnp.where(owner, jnp.exp(score - new_top), 0.)
     out = out * rescale[:, None] + weight[:, None] * new_value[None, :]
     total = total * rescale + weight
-    # Only the group's rows are stored: the outputs hold no padding.
-    if parts == 1:  # normalised here: no merge after the kernel
-        out_ref, = partial_refs
-        out = out / jnp.maximum(total, 1e-30)[:, None]  # 0 for a row that takes no part
-        plgpu.store(out_ref, out.astype(out_ref.dtype), mask=real[:, None])
-    else:
-        out_ref, max_ref, sum_ref = partial_refs
-        plgpu.store(out_ref, out, mask=real[:, None])
-        plgpu.store(max_ref, new_top, mask=real)
-        plgpu.store(sum_ref, total, mask=real)
+    _store_partials(partial_refs, out, new_top, total, parts, real)
 
     @pl.when(owner)
     def _write():
@@ -359,6 +373,21 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
             at = (head, tables_ref[row, position // block_size], pl.ds(position % block_size, 1))
         for new_ref, written_ref in zip(new_refs, written_refs):
             _write_slot(written_ref, new_ref[...], at)
+
+
+def _store_partials(refs, out, top, total, parts: int, real) -> None:
+    """Stores a program's flash partials, or with a single ``parts`` its normalised
+    output (no merge after the kernel), for the query rows ``real`` (the outputs hold no
+    padding)."""
+    if parts == 1:
+        out_ref, = refs
+        out = out / jnp.maximum(total, 1e-30)[:, None]  # 0 for a row that takes no part
+        plgpu.store(out_ref, out.astype(out_ref.dtype), mask=real[:, None])
+    else:
+        out_ref, max_ref, sum_ref = refs
+        plgpu.store(out_ref, out, mask=real[:, None])
+        plgpu.store(max_ref, top, mask=real)
+        plgpu.store(sum_ref, total, mask=real)
 
 
 def _write_slot(buffer_ref, entry: jax.Array, at: tuple) -> None:
@@ -448,16 +477,20 @@ def attend_and_write_paged(queries: jax.Array, keys: jax.Array, values: jax.Arra
                 interpret, split, tuning)
 
 
+def _require_triton() -> None:
+    if not available():
+        raise RuntimeError("kvjax's decode kernel needs JAX's Pallas Triton backend, which this "
+                           "JAX lacks; run the XLA path (kvjax.attention.choose(..., "
+                           "decode_kernel=False))")
+
+
 def _run(queries, keys, values, positions, buffers: tuple, tables: jax.Array | None,
          scale: float | None, interpret: bool, split: MeshSplit | None,
          tuning: Tuning | None) -> tuple:
     """The kernel over the cache's ``buffers`` (``CACHE_BUFFERS``; paged pools when
     ``tables`` are given), on each device's shard under a ``split``; returns
     ``(out, *buffers)``."""
-    if not available():
-        raise RuntimeError("kvjax's decode kernel needs JAX's Pallas Triton backend, which this "
-                           "JAX lacks; run the XLA path (kvjax.attention.choose(..., "
-                           "decode_kernel=False))")
+    _require_triton()
     step = functools.partial(_attend_and_write, scale=scale, interpret=interpret, tuning=tuning)
     if split is None:
         return step(queries, keys, values, positions, *buffers, tables=tables)
@@ -511,18 +544,8 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
     whole = pl.BlockSpec()  # the kernel indexes these itself
     per_head = lambda *block: pl.BlockSpec((None, None, *block),
                                            lambda b, h, s: (b, h) + (0,) * len(block))
-    each_part = lambda *block: pl.BlockSpec((None, None, None, *block),
-                                            lambda b, h, s: (b, h, s) + (0,) * len(block))
-    partial_shape = lambda *shape: jax.ShapeDtypeStruct((batch, kv_heads, parts, *shape),
-                                                        jnp.float32)
-    if parts == 1:  # the output itself, [batch, kv_heads, group, head_dim]
-        out_specs = [pl.BlockSpec((None, None, padded_group, head_dim),
-                                  lambda b, h, s: (b, h, 0, 0))]
-        out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), queries.dtype)]
-    else:  # flash partials of each part, merged below
-        out_specs = [each_part(padded_group, head_dim), each_part(padded_group),
-                     each_part(padded_group)]
-        out_shape = [partial_shape(group, head_dim), partial_shape(group), partial_shape(group)]
+    out_specs, out_shape = _partial_specs(batch, kv_heads, parts, group, padded_group, 1,
+                                          head_dim, queries.dtype)
     table_inputs = () if tables is None else (tables,)
     # inputs: positions, the tables, queries, new entries, buffers
     first_buffer = 2 + len(table_inputs) + len(new)
@@ -542,11 +565,113 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
     )(positions[:, 0], *table_inputs, queries.reshape(batch, kv_heads, group, head_dim), *new,
       *buffers)
     partials, buffers = outputs[:len(out_shape)], outputs[len(out_shape):]
+    out = _merge_parts(partials, queries.dtype)  # [batch, kv_heads, group, head_dim]
+    return out.reshape(batch, 1, heads, head_dim), *buffers
+
+
+# Query rows (a block's tokens times a KV head's group) one program of ``attend_block``
+# takes; a block with more takes several programs a head, each reading the cache up to
+# its tile's last position: ``block_takes`` leaves blocks of more than BLOCK_TILES tiles
+# to the portable path, which reads it once.
+BLOCK_ROWS, BLOCK_TILES = 64, 4
+
+
+def block_takes(tokens: int, group: int) -> bool:
+    """Whether ``attend_block`` should take a block of ``tokens`` a row with ``group``
+    query heads a KV head: at most ``BLOCK_TILES`` tiles of ``BLOCK_ROWS`` query rows."""
+    return tokens * group <= BLOCK_ROWS * BLOCK_TILES
+
+
+def attend_block(queries: jax.Array, buffers: tuple, positions: jax.Array,
+                 scale: float | None = None, interpret: bool = False,
+                 tuning: Tuning | None = None) -> jax.Array:
+    """A block of several tokens a row (a chat turn, a piece of a prompt) attending
+    over a contiguous cache that already holds it, by the decode kernel's loop: each
+    query sees the slots up to its own position, and the cache is read once per
+    ``BLOCK_ROWS`` query rows of a KV head (over int8/fp8 codes, once for a block of up
+    to 16 tokens at Llama-3's group of 4), never converted whole.
+
+    Args:
+      queries: ``[batch, seq, heads, head_dim]``.
+      buffers: the layer's ``(keys, values)`` ``[batch, kv_heads, capacity, head_dim]``,
+        or codes and float32 scales ``(keys, values, key_scales, value_scales)``
+        (``kvjax.cache.QuantizedKVCache.layer``), the block written.
+      positions: ``int32[batch, seq]``; ``-1``: padding (zeros out).
+      Others as in ``attend_and_write``.
+
+    Returns:
+      ``[batch, seq, heads, head_dim]``, as ``kvjax.attention.quantized.attend_cache``
+      (or ``kvjax.attention.plain.attend_cache``) would give it.
+    """
+    _require_triton()
+    batch, tokens, heads, head_dim = queries.shape
+    kv_dtype = layer_kv_dtype(buffers)
+    _, kv_heads, capacity, _ = buffers[0].shape
+    tuning = tuning or default_tuning(kv_dtype, capacity, head_dim)
+    group = heads // kv_heads
+    rows = tokens * group  # a KV head's query rows, token-major
+    block_rows = min(BLOCK_ROWS, max(16, 1 << (rows - 1).bit_length()))
+    tiles = -(-rows // block_rows)
+    padding = tiles * block_rows - rows
+    parts = part_count(batch, kv_heads, capacity, head_dim, tuning)
+    scale = default_scale(head_dim) if scale is None else scale
+    kernel = functools.partial(_kernel, scale=scale, parts=parts, group=block_rows,
+                               slots=block_slots(head_dim, tuning),
+                               quantized=kv_dtype in QUANTIZED, block_size=None,
+                               codes_as_float16=tuning.codes_as_float16, tiles=tiles)
+    grouped = queries.reshape(batch, tokens, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    grouped = jnp.pad(grouped.reshape(batch, kv_heads, rows, head_dim),
+                      ((0, 0), (0, 0), (0, padding), (0, 0)))
+    query_positions = jnp.pad(jnp.repeat(positions, group, axis=1), ((0, 0), (0, padding)),
+                              constant_values=-1)  # [batch, tiles * block_rows]
+    out_specs, out_shape = _partial_specs(batch, kv_heads, parts, tiles * block_rows,
+                                          block_rows, tiles, head_dim, queries.dtype)
+    whole = pl.BlockSpec()
+    partials = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads * tiles, parts),
+        in_specs=[whole,
+                  pl.BlockSpec((None, None, block_rows, head_dim),
+                               lambda b, h, s: (b, h // tiles, h % tiles, 0)),
+                  *(whole for _ in buffers)],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps,
+                                             num_stages=tuning.num_stages),
+        interpret=interpret,
+        name="kvjax_block_attention",
+    )(query_positions, grouped, *buffers)
+    out = _merge_parts(partials, queries.dtype)[:, :, :rows]  # [batch, kv_heads, rows, head_dim]
+    out = out.reshape(batch, kv_heads, tokens, group, head_dim).transpose(0, 2, 1, 3, 4)
+    return out.reshape(batch, tokens, heads, head_dim)
+
+
+def _partial_specs(batch: int, kv_heads: int, parts: int, rows: int, block_rows: int,
+                   tiles: int, head_dim: int, dtype) -> tuple[list, list]:
+    """``(out_specs, out_shape)`` of the kernel's partials over ``rows`` query rows a KV
+    head, ``block_rows`` a program (the second grid index ``head * tiles + tile``): with a
+    single part the output itself ``[batch, kv_heads, rows, head_dim]``, else each part's
+    flash partials ``[batch, kv_heads, parts, rows(, head_dim)]`` (``_merge_parts``)."""
     if parts == 1:
-        return partials[0].reshape(batch, 1, heads, head_dim), *buffers
-    # Merge the parts: [batch, kv_heads, parts, group(, head_dim)] -> per head.
-    out, top, total = partials
+        return ([pl.BlockSpec((None, None, block_rows, head_dim),
+                              lambda b, h, s: (b, h // tiles, h % tiles, 0))],
+                [jax.ShapeDtypeStruct((batch, kv_heads, rows, head_dim), dtype)])
+    each_part = lambda *block: pl.BlockSpec(
+        (None, None, None, block_rows, *block),
+        lambda b, h, s: (b, h // tiles, s, h % tiles) + (0,) * len(block))
+    shape = lambda *last: jax.ShapeDtypeStruct((batch, kv_heads, parts, rows, *last), jnp.float32)
+    return ([each_part(head_dim), each_part(), each_part()],
+            [shape(head_dim), shape(), shape()])
+
+
+def _merge_parts(partials: list, dtype) -> jax.Array:
+    """The attention output ``[batch, kv_heads, rows, head_dim]`` in ``dtype`` from the
+    kernel's partials (``_partial_specs``): merged over the parts' axis when it has
+    several."""
+    if len(partials) == 1:
+        return partials[0]
+    out, top, total = partials  # [batch, kv_heads, parts, rows(, head_dim)]
     weight = jnp.exp(top - top.max(axis=2, keepdims=True))
     total = (total * weight).sum(axis=2)  # 0 for a row that takes no part
     out = (out * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]
-    return out.reshape(batch, 1, heads, head_dim).astype(queries.dtype), *buffers
+    return out.astype(dtype)
