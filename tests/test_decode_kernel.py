@@ -285,15 +285,15 @@ def run_decode(model, kernel: bool | None, stops, kv_dtype: str | None = None):
 def test_generation_with_the_kernel_equals_the_plain_path(kind):
     """Greedy decoding with every decode step on the interpreted kernel (a float32 model:
     interpreted, the kernel takes any float cache), over a float, int8 or fp8 cache (its
-    prompt block on ``attend_block``), gives the plain path's tokens and cache, with rows
-    that stop early (idle in later steps)."""
+    prompt block on ``attend_cached_block``), gives the plain path's tokens and cache,
+    with rows that stop early (idle in later steps)."""
     model = make_model(make_config(num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64))
     free, _ = run_decode(model, False, [-1], kind)
     stops = [int(free.tokens[0, 4]), int(free.tokens[2, 9])]
     (plain, plain_calls), (fused, fused_calls) = (run_decode(model, False, stops, kind),
                                                   run_decode(model, True, stops, kind))
     # the decode step's layers on the kernel; the prefill (a block) too over codes
-    # (attend_block), never over a float cache
+    # (attend_cached_block), never over a float cache
     blocks = model.config.num_layers if kind in ("int8", "fp8") else 0
     assert (plain_calls, fused_calls) == (0, model.config.num_layers + blocks)
     np.testing.assert_array_equal(fused.tokens, plain.tokens)
@@ -320,7 +320,7 @@ def test_auto_keeps_the_plain_path_without_a_gpu():
 
 @pytest.mark.parametrize("tokens, calls", [(64, 2), (65, 0)])
 def test_blocks_over_codes_on_the_block_kernel_up_to_its_tiles(tokens, calls):
-    """With the kernel on, a block over an int8 cache runs ``attend_block`` in each
+    """With the kernel on, a block over an int8 cache runs ``attend_cached_block`` in each
     layer while its query rows (tokens x a group of 4) fit ``BLOCK_TILES`` tiles of
     ``BLOCK_ROWS``, 256 here, and the portable path beyond."""
     config = make_config(num_heads=8, num_kv_heads=2, head_dim=16, hidden_size=64)
@@ -381,12 +381,12 @@ def random_block(heads, kv_heads, head_dim, capacity, tokens, firsts, dtype=jnp.
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", BLOCK_CASES)
 def test_block_kernel_equals_the_plain_path(case, kind):
-    """``attend_block``, interpreted: a block of several tokens a row over a float32 cache
-    or int8/fp8 codes that hold it gives the plain path's attention (float32 rounding:
+    """``attend_cached_block``, interpreted: a block of several tokens a row over a
+    float32 cache or int8/fp8 codes that hold it gives the plain path's attention (float32 rounding:
     2e-6); padding tokens (-1) give zeros, as an idle row's do."""
     q, k, v, positions, *buffers = random_block(*BLOCK_CASES[case], kind=kind)
     want, *written = plain_step(q, k, v, positions, *buffers)
-    got = jax.jit(lambda *a: decode_attention.attend_block(*a, interpret=True))(
+    got = jax.jit(lambda *a: decode_attention.attend_cached_block(*a, interpret=True))(
         q, tuple(written), positions)
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-6)
     assert not np.any(np.asarray(got)[np.asarray(positions) < 0])
@@ -395,7 +395,7 @@ def test_block_kernel_equals_the_plain_path(case, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("tokens", [16, 64])
 def test_compiled_block_kernel_equals_the_plain_path(tokens, kind):
-    """The compiled ``attend_block`` (bf16 queries over a bf16, int8 or fp8 cache;
+    """The compiled ``attend_cached_block`` (bf16 queries over a bf16, int8 or fp8 cache;
     Llama-3's heads, one tile and four) against the float32 plain path (atol 0.03, rtol
     0.05)."""
     skip_unless_compiled(128, kind)
@@ -403,7 +403,7 @@ def test_compiled_block_kernel_equals_the_plain_path(tokens, kind):
                                                 jnp.bfloat16, kind)
     want, *_ = float32_plain_step(q, k, v, positions, *buffers)
     _, *written = plain_step(q, k, v, positions, *buffers)  # in the cache's dtype
-    got = jax.jit(decode_attention.attend_block)(q, tuple(written), positions)
+    got = jax.jit(decode_attention.attend_cached_block)(q, tuple(written), positions)
     np.testing.assert_allclose(f32(got), want, atol=0.03, rtol=0.05)
 
 

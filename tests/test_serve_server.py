@@ -357,7 +357,7 @@ def test_a_client_that_leaves_frees_its_row_and_blocks(model):
     try:
         long = {"model": NAME, "prompt": "The list type", "max_tokens": 1000, "ignore_eos": True}
         with httpx.stream("POST", server.url + "/v1/completions",
-                          json=long | {"stream": True}) as response:
+                          json=long | {"stream": True}, timeout=60) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))  # it runs
         with pytest.raises(httpx.ReadTimeout):  # a non-streamed request given up

@@ -37,7 +37,8 @@ class LayerAttention:
         chat turn, a piece of a long prompt), and decode steps when ``kernel`` is None.
       kernel: a decode step (one token a row) over the cache runs
         ``kvjax.kernels.decode_attention``: ``"compiled"``, ``"interpret"`` (any
-        backend, slow; tests) or None.
+        backend, slow; tests) or None; so does a block over int8/fp8 codes that
+        ``block_takes`` (``attend_cached_block``; off a mesh).
       window: the layer's sliding window (None: every position).
       split: the kernel's split over a mesh (``kvjax.sharding.kernel_split``), or None.
       fresh: the cache starts empty and the block starts every row at position 0, so
@@ -193,7 +194,7 @@ def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k
         group = config.num_heads // config.num_kv_heads
         if attention.kernel and attention.split is None and kernel.block_takes(q.shape[1], group):
             # the codes read in registers, not converted block by block in memory
-            return kernel.attend_block(q, layer_cache, positions, scale,
+            return kernel.attend_cached_block(q, layer_cache, positions, scale,
                                        interpret=attention.kernel == "interpret"), layer_cache
         return quantized.attend_cache(q, *layer_cache, positions, window, scale, softcap,
                                       attention.key_limit), layer_cache
