@@ -20,6 +20,16 @@ runs at its default tuning. ``--codes-as-float16`` times each tuning of an int8/
 a second time with ``codes_as_float16`` flipped (the dots in float16 or not).
 
     python benchmarks/decode_kernel_sweep.py --codes-as-float16 --kinds int8 fp8 paged-int8
+
+``--block-tokens N`` times a block of N tokens a row instead (a chat turn: positions
+``filled - N`` to ``filled - 1``, already in a contiguous cache) through
+``attend_cached_block``, each tuning also at every ``--query-rows``, and with
+``--portable`` through the portable path too (``kvjax.attention.quantized.attend_cache``
+or ``kvjax.attention.plain.attend_cache``; records say which in ``path``). Bytes read
+are counted once per step, as if every tile shared one read of the cache.
+
+    python benchmarks/decode_kernel_sweep.py --block-tokens 16 64 --query-rows 64 128 \
+        --portable --kinds bfloat16 int8 fp8 --points "B8 F16384 C16448"
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_lib as lib  # noqa: E402
+from kvjax.attention import plain, quantized  # noqa: E402
 from kvjax.cache.quantized import quantize  # noqa: E402
 from kvjax.kernels import decode_attention as kernel  # noqa: E402
 
@@ -53,14 +64,14 @@ def parse_point(text: str) -> tuple[int, int, int]:
     return fields["B"], fields["F"], fields["C"]
 
 
-def operands(config, batch: int, capacity: int, kind: str, block_size: int):
-    """``(q, k, v, buffers, tables)`` of a step: random bf16 queries and new K/V, the
-    cache's buffers (quantized for int8/fp8; pools of ``block_size`` blocks, each row's
-    table a shuffled run of them, for paged kinds)."""
+def operands(config, batch: int, capacity: int, kind: str, block_size: int, tokens: int = 1):
+    """``(q, k, v, buffers, tables)`` of a step: random bf16 queries and new K/V of
+    ``tokens`` a row, the cache's buffers (quantized for int8/fp8; pools of
+    ``block_size`` blocks, each row's table a shuffled run of them, for paged kinds)."""
     heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
     key = iter(jax.random.split(jax.random.key(0), 5))
     normal = lambda shape: jax.random.normal(next(key), shape, jnp.bfloat16)
-    q, k, v = (normal((batch, 1, n, head_dim)) for n in (heads, kv_heads, kv_heads))
+    q, k, v = (normal((batch, tokens, n, head_dim)) for n in (heads, kv_heads, kv_heads))
     paged, dtype = kind.startswith("paged-"), kind.removeprefix("paged-")
     if paged:
         per_row = -(-capacity // block_size)
@@ -85,13 +96,23 @@ def step_bytes(config, batch: int, filled: int, kind: str) -> int:
 
 def time_point(config, batch: int, filled: int, capacity: int, kind: str,
                tuning: kernel.Tuning, interpret: bool, reps: int, steps: int,
-               block_size: int) -> float:
-    """Seconds per step (see the module docstring)."""
-    q, k, v, buffers, tables = operands(config, batch, capacity, kind, block_size)
-    positions = jnp.full((batch, 1), filled, jnp.int32)
+               block_size: int, block_tokens: int = 0, path: str = "kernel") -> float:
+    """Seconds per step (see the module docstring): a decode step, or with
+    ``block_tokens`` a block's attention on ``path`` (``"kernel"`` or ``"portable"``)."""
+    tokens = block_tokens or 1
+    q, k, v, buffers, tables = operands(config, batch, capacity, kind, block_size, tokens)
+    if block_tokens and tables is not None:
+        raise ValueError("--block-tokens times contiguous caches only: drop the paged kinds")
+    positions = jnp.broadcast_to(jnp.arange(filled - tokens, filled, dtype=jnp.int32)
+                                 if block_tokens else jnp.int32(filled), (batch, tokens))
 
     def step(buffers):
         options = dict(interpret=interpret, tuning=tuning)
+        if block_tokens and path == "portable":
+            read = quantized.attend_cache if len(buffers) == 4 else plain.attend_cache
+            return read(q, *buffers, positions), *buffers
+        if block_tokens:
+            return kernel.attend_cached_block(q, buffers, positions, **options), *buffers
         if tables is not None:
             return kernel.attend_and_write_paged(q, k, v, buffers, tables, positions, **options)
         if len(buffers) == 4:
@@ -140,6 +161,12 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", type=int, default=3)
     parser.add_argument("--codes-as-float16", action="store_true",
                         help="int8/fp8 kinds: each tuning also with codes_as_float16 flipped")
+    parser.add_argument("--block-tokens", type=int, nargs="+", default=[0],
+                        help="time blocks of these many tokens a row (0: decode steps)")
+    parser.add_argument("--query-rows", type=int, nargs="+", default=[],
+                        help="blocks: each tuning also with these Tuning.query_rows")
+    parser.add_argument("--portable", action="store_true",
+                        help="blocks: also time the portable path")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=22)
     parser.add_argument("--hbm-gib", type=float, default=4.0)
@@ -156,11 +183,11 @@ def main(argv=None) -> None:
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shape": args.shape}]
     print("#", records[0], flush=True)
 
-    def measure(point, kind, tuning):
+    def measure(point, kind, tuning, block_tokens=0, path="kernel"):
         batch, filled, capacity = point
         try:
             seconds = time_point(config, batch, filled, capacity, kind, tuning, args.interpret,
-                                 args.reps, args.steps, args.block_size)
+                                 args.reps, args.steps, args.block_size, block_tokens, path)
         except Exception as error:  # a tuning Triton cannot compile: recorded, the run goes on
             record = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
             seconds = None
@@ -169,7 +196,8 @@ def main(argv=None) -> None:
             record = {"us": seconds * 1e6, "GBps": gbps,
                       "of_bound": bound and gbps * 1e9 / bound}
         record = {"case": "kernel", "kind": kind, "batch": batch, "filled": filled,
-                  "capacity": capacity, **vars(tuning), **record}
+                  "capacity": capacity, "block_tokens": block_tokens, "path": path,
+                  **vars(tuning), **record}
         records.append(record)
         print(json.dumps(record), flush=True)
         if args.json:
@@ -186,16 +214,21 @@ def main(argv=None) -> None:
         best = [t for s, t in sorted((p for p in timed if p[0] is not None),
                                      key=lambda p: p[0])][:args.keep]
         tunings = {kind: best for kind in args.kinds}
-    for point in points:
-        for kind in args.kinds:
-            chosen = [defaults(kind, point[2]), *tunings[kind]]
-            if args.codes_as_float16 and not kind.endswith("bfloat16"):
-                chosen += [dataclasses.replace(t, codes_as_float16=not t.codes_as_float16)
-                           for t in chosen]
-            for tuning in dict.fromkeys(chosen):
-                if args.sweep and kind == "int8" and point == points[0] and tuning in best:
-                    continue  # timed in the sweep
-                measure(point, kind, tuning)
+    for point, block_tokens, kind in itertools.product(points, args.block_tokens, args.kinds):
+        chosen = [defaults(kind, point[2]), *tunings[kind]]
+        if args.codes_as_float16 and not kind.endswith("bfloat16"):
+            chosen += [dataclasses.replace(t, codes_as_float16=not t.codes_as_float16)
+                       for t in chosen]
+        if block_tokens:
+            chosen += [dataclasses.replace(t, query_rows=rows)
+                       for t in chosen for rows in args.query_rows]
+        for tuning in dict.fromkeys(chosen):
+            if args.sweep and kind == "int8" and point == points[0] and tuning in best \
+                    and not block_tokens:
+                continue  # timed in the sweep
+            measure(point, kind, tuning, block_tokens)
+        if block_tokens and args.portable:
+            measure(point, kind, chosen[0], block_tokens, "portable")
 
 
 if __name__ == "__main__":

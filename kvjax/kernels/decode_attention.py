@@ -84,6 +84,13 @@ NUM_WARPS, NUM_STAGES = 4, 2
 # Programs the grid aims at: about two per SM of an H100 (132). 512 was slower at 2k
 # fills, parts of at least two blocks slower at short fills (docs/experiments.md).
 TARGET_PROGRAMS = 256
+# Query rows (a block's tokens times a KV head's group) one program of
+# ``attend_cached_block`` takes; a block with more takes several programs a head, each
+# reading the cache up to its tile's last position. ``block_takes`` leaves blocks of
+# more than BLOCK_TILES tiles to the portable path: on an H100 (batch 8 over 16k) the
+# 64-token chat turn (4 tiles at group 4) prefilled in 50.49 ms against 145.06 on the
+# portable path; larger blocks were not measured. docs/benchmarks.md.
+BLOCK_ROWS, BLOCK_TILES = 64, 4
 # The cache's buffers the kernel reads and writes, by whether the cache is quantized
 # (in the order of ``Cache.layer``).
 CACHE_BUFFERS = {False: ("keys", "values"),
@@ -167,7 +174,9 @@ class Tuning:
     queries' dtype (bf16: through float32). float16 holds every int8 and e4m3 code
     exactly, and the probabilities enter the second dot as fractions of their block's
     largest value scale; queries beyond float16's range (65504) would overflow.
-    ``default_tuning`` sets it for fp8 (``FLOAT16_CODES``).
+    ``default_tuning`` sets it for fp8 (``FLOAT16_CODES``). ``query_rows``: the query
+    rows (tokens times a KV head's group) a program of ``attend_cached_block`` takes at
+    most, a power of two from 16.
     """
 
     block_slots: int = BLOCK_SLOTS
@@ -175,6 +184,7 @@ class Tuning:
     num_stages: int = NUM_STAGES
     target_programs: int = TARGET_PROGRAMS
     codes_as_float16: bool = False
+    query_rows: int = BLOCK_ROWS
 
 
 # Rows of at least LONG_ROWS slots (head_dim <= 128) read 128-slot blocks through three
@@ -575,29 +585,23 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
     return out.reshape(batch, 1, heads, head_dim), *buffers
 
 
-# Query rows (a block's tokens times a KV head's group) one program of
-# ``attend_cached_block`` takes; a block with more takes several programs a head, each
-# reading the cache up to its tile's last position. ``block_takes`` leaves blocks of
-# more than BLOCK_TILES tiles to the portable path: on an H100 (batch 8 over 16k) the
-# 64-token chat turn (4 tiles at group 4) prefilled in 50.49 ms against 145.06 on the
-# portable path; larger blocks were not measured. docs/benchmarks.md.
-BLOCK_ROWS, BLOCK_TILES = 64, 4
 
 
 def block_takes(tokens: int, group: int) -> bool:
     """Whether ``attend_cached_block`` should take a block of ``tokens`` a row with
-    ``group`` query heads a KV head: at most ``BLOCK_TILES`` tiles of ``BLOCK_ROWS`` query rows."""
+    ``group`` query heads a KV head: at most ``BLOCK_TILES`` tiles of ``BLOCK_ROWS``
+    query rows."""
     return tokens * group <= BLOCK_ROWS * BLOCK_TILES
 
 
 def attend_cached_block(queries: jax.Array, buffers: tuple, positions: jax.Array,
-                 scale: float | None = None, interpret: bool = False,
-                 tuning: Tuning | None = None) -> jax.Array:
+                        scale: float | None = None, interpret: bool = False,
+                        tuning: Tuning | None = None) -> jax.Array:
     """A block of several tokens a row (a chat turn, a piece of a prompt) attending
     over a contiguous cache that already holds it, by the decode kernel's loop: each
     query sees the slots up to its own position, and the cache is read once per
-    ``BLOCK_ROWS`` query rows of a KV head (over int8/fp8 codes, once for a block of up
-    to 16 tokens at Llama-3's group of 4), never converted whole.
+    ``tuning.query_rows`` query rows of a KV head (``BLOCK_ROWS``: once for a block of
+    up to 16 tokens at Llama-3's group of 4), never converted whole.
 
     Args:
       queries: ``[batch, seq, heads, head_dim]``.
@@ -618,7 +622,7 @@ def attend_cached_block(queries: jax.Array, buffers: tuple, positions: jax.Array
     tuning = tuning or default_tuning(kv_dtype, capacity, head_dim)
     group = heads // kv_heads
     rows = tokens * group  # a KV head's query rows, token-major
-    block_rows = min(BLOCK_ROWS, max(16, 1 << (rows - 1).bit_length()))
+    block_rows = min(tuning.query_rows, max(16, 1 << (rows - 1).bit_length()))
     tiles = -(-rows // block_rows)
     padding = tiles * block_rows - rows
     parts = part_count(batch, kv_heads, capacity, head_dim, tuning)
