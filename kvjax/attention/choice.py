@@ -191,11 +191,12 @@ def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k
     if layer_cache is None or attention.fresh:  # attend within the given tokens
         return _attend_within(config, attention, q, k, v, positions, window), layer_cache
     if attention.quantized:
-        group = config.num_heads // config.num_kv_heads
-        if attention.kernel and attention.split is None and kernel.block_takes(q.shape[1], group):
+        if attention.kernel and attention.split is None \
+                and kernel.block_takes(q.shape[1], config.queries_per_kv):
             # the codes read in registers, not converted block by block in memory
-            return kernel.attend_cached_block(q, layer_cache, positions, scale,
-                                       interpret=attention.kernel == "interpret"), layer_cache
+            out = kernel.attend_cached_block(q, layer_cache, positions, scale,
+                                             interpret=attention.kernel == "interpret")
+            return out, layer_cache
         return quantized.attend_cache(q, *layer_cache, positions, window, scale, softcap,
                                       attention.key_limit), layer_cache
     keys, values = layer_cache
