@@ -2,8 +2,9 @@
 float32 scale per token and KV head.
 
 A token's key (and value) of one KV head is stored as ``round(x / scale)`` with
-``scale = max|x| / Q`` (``Q`` = 127 for int8, 448 for fp8: symmetric, the largest
-value maps to the largest code), quantized once when it is written. Scales are float32:
+``scale = max|x| / Q`` (``Q`` = 127 for int8, 448 for fp8: symmetric, the largest value
+maps to the largest code; both divisions as multiplications by reciprocals:
+``quantize``), quantized once when it is written. Scales are float32:
 4 bytes beside ``head_dim`` bytes of codes (3% of an int8 cache at head_dim 128), and
 exact, so the only rounding is the codes' own; a bfloat16 scale would add up to 0.4%
 error to every element of a token. Attention never dequantizes the whole cache: the
@@ -30,16 +31,23 @@ QUANTIZED = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, 448.0)}
 SCALE_AXES = ("batch", "kv_heads", "cache_seq")  # [batch, kv_heads, capacity]
 
 
-def quantize(x: jax.Array, kv_dtype: str) -> tuple[jax.Array, jax.Array]:
+def quantize(x: jax.Array, kv_dtype: str, round_even=jnp.round) -> tuple[jax.Array, jax.Array]:
     """``x [..., head_dim]`` as codes of ``kv_dtype`` and float32 scales ``[...]``
-    (``x ~= codes * scale[..., None]``); an all-zero vector gets scale 1."""
+    (``x ~= codes * scale[..., None]``); an all-zero vector gets scale 1.
+
+    The divisions are written as the multiplications by reciprocals that XLA makes of
+    them (``scale = max|x| * (1 / Q)``, ``codes = round(x * (1 / scale))``), so that the
+    decode kernel, which quantizes a step's new token in registers, writes the same
+    bits: its ``1 / scale`` is the GPU's division XLA's is (on an H100 XLA divides as
+    PTX's ``div.full.f32``, as Triton does, not correctly rounded), and it passes
+    ``round_even`` (rounding half to even; ``jnp.round`` elsewhere)."""
     storage, largest = QUANTIZED[kv_dtype]
     x32 = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x32), axis=-1)
-    scale = jnp.where(amax > 0, amax / largest, 1.0)
-    scaled = x32 / scale[..., None]
+    scale = jnp.where(amax > 0, amax * (1 / largest), 1.0)
+    scaled = x32 * (1 / scale)[..., None]
     if storage == jnp.int8:
-        scaled = jnp.round(scaled)
+        scaled = round_even(scaled)
     return jnp.clip(scaled, -largest, largest).astype(storage), scale
 
 
@@ -140,11 +148,12 @@ class QuantizedKVCache(PerLayerBuffers):
                             value_scales=replace_at(self.value_scales, index, value_scales))
 
 
-def quantize_block(keys: jax.Array, values: jax.Array, kv_dtype: str) -> tuple:
+def quantize_block(keys: jax.Array, values: jax.Array, kv_dtype: str, **arithmetic) -> tuple:
     """A block's keys and values (``[batch, kv_heads, new, head_dim]``) as a layer's
-    ``(keys, values, key_scales, value_scales)`` of ``kv_dtype`` codes."""
-    key_codes, key_scales = quantize(keys, kv_dtype)
-    value_codes, value_scales = quantize(values, kv_dtype)
+    ``(keys, values, key_scales, value_scales)`` of ``kv_dtype`` codes (``arithmetic``:
+    as in ``quantize``)."""
+    key_codes, key_scales = quantize(keys, kv_dtype, **arithmetic)
+    value_codes, value_scales = quantize(values, kv_dtype, **arithmetic)
     return key_codes, value_codes, key_scales, value_scales
 
 

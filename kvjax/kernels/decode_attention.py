@@ -24,10 +24,13 @@ queries' dtype in registers, e4m3 codes to float16 (the GPU converts those in on
 instruction for two; int8's -127..127 and every e4m3 value are exact in bf16 and f16),
 and the float32 scales of its tokens multiply the scores and the probabilities
 (a token's scale factors out of its dot products, as in
-``kvjax.attention.quantized``). The new token is quantized before the kernel (XLA, a
-few elements a row); it attends as its codes will be read back, and part 0 writes its
-codes and scales in place, so the step equals ``write_quantized_block`` followed by
-``kvjax.attention.quantized.attend_cache``.
+``kvjax.attention.quantized``). Part 0 quantizes the new token itself, by
+``kvjax.cache.quantize``: its ``1 / scale`` is the GPU division XLA's is, and it rounds
+half to even by ``cvt.rni``, so it writes the codes and scales XLA would (done by XLA
+before the kernel, those few elements took small fusions: an H100's step at batch 8
+over 16k tokens is 1.4-1.7% faster without them); the token attends as its codes will
+be read back and part 0 writes its codes and scales in place, so the step equals
+``write_quantized_block`` followed by ``kvjax.attention.quantized.attend_cache``.
 
 ``attend_cached_block`` runs the same loop for a block of several tokens a row already
 in a contiguous cache (a chat turn over int8/fp8 codes, which cuDNN cannot read): 64
@@ -242,13 +245,13 @@ def _int8_as_float16(codes: jax.Array) -> jax.Array:
 
 def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: int,
             quantized: bool, block_size: int | None, codes_as_float16: bool,
-            tiles: int | None = None):
+            interpret: bool, tiles: int | None = None):
     """One (row, KV head, part) program; refs as laid out by ``_attend_and_write``. After
     the positions come a paged cache's block tables (``block_size`` not None), the
-    queries, the new token's entries, then the cache's buffers, then the outputs: a
-    part's flash partials ``(out, max, sum)`` or, with a single part, ``(out,)``: the
-    attention output itself, and the cache's buffers again (aliased).
-    The new entries and buffers are ``(key, value)``, and for a ``quantized`` cache
+    queries, the new token's key and value (full precision), then the cache's buffers,
+    then the outputs: a part's flash partials ``(out, max, sum)`` or, with a single part,
+    ``(out,)``: the attention output itself, and the cache's buffers again (aliased).
+    The buffers are ``(key, value)``, and for a ``quantized`` cache
     ``(key codes, value codes, key scale, value scale)``: codes are converted to the
     queries' dtype in registers (exact for int8 and e4m3 in bf16/f16) and the float32
     scales multiply the scores and the probabilities, so no dequantized block is ever
@@ -267,7 +270,7 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     queries_ref, *refs = refs[1:] if block_size else refs
     count = len(CACHE_BUFFERS[quantized])
     if tiles is None:
-        new_refs, cache_refs, out_refs = refs[:count], refs[count:2 * count], refs[2 * count:]
+        new_refs, cache_refs, out_refs = refs[:2], refs[2:2 + count], refs[2 + count:]
         partial_refs, written_refs = out_refs[:-count], out_refs[-count:]
     else:
         cache_refs, partial_refs = refs[:count], refs[count:]
@@ -365,19 +368,23 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
         return
 
     # The new token: added (and written to the cache) by part 0 of an active row. A
-    # quantized one attends as its codes will be read back (dequantized), as the
-    # portable path does after writing it.
+    # quantized one is quantized here, exactly as ``kvjax.cache.quantize`` does, and
+    # attends as its codes will be read back (dequantized), as the portable path does
+    # after writing it.
     owner = (part == 0) & (position >= 0)
-    new_key = new_refs[0][...].astype(jnp.float32)  # [head_dim]
-    new_value = new_refs[1][...].astype(jnp.float32)
-    if quantized:
-        new_key, new_value = new_key * new_refs[2][...], new_value * new_refs[3][...]
-    score = jnp.sum(queries.astype(jnp.float32) * new_key[None, :], axis=-1) * scale
+    entries = tuple(ref[...][None] for ref in new_refs)  # key, value: [1, head_dim]
+    new_key, new_value = (entry.astype(jnp.float32) for entry in entries)
+    if quantized:  # codes [1, head_dim] and scales [1]
+        arithmetic = {} if interpret else dict(round_even=_round_even)
+        entries = quantize_block(*entries, layer_kv_dtype(cache_refs), **arithmetic)
+        new_key, new_value = (codes.astype(jnp.float32) * scales[:, None]
+                              for codes, scales in (entries[::2], entries[1::2]))
+    score = jnp.sum(queries.astype(jnp.float32) * new_key, axis=-1) * scale
     score = jnp.where(owner, score, MASKED)  # [padded_group]
     new_top = jnp.maximum(top, score)
     rescale = jnp.exp(top - new_top)
     weight = jnp.where(owner, jnp.exp(score - new_top), 0.)
-    out = out * rescale[:, None] + weight[:, None] * new_value[None, :]
+    out = out * rescale[:, None] + weight[:, None] * new_value
     total = total * rescale + weight
     _store_partials(partial_refs, out, new_top, total, parts, real)
 
@@ -387,8 +394,8 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
             at = (row, head, pl.ds(position, 1))
         else:
             at = (head, tables_ref[row, position // block_size], pl.ds(position % block_size, 1))
-        for new_ref, written_ref in zip(new_refs, written_refs):
-            _write_slot(written_ref, new_ref[...], at)
+        for entry, written_ref in zip(entries, written_refs):
+            _write_slot(written_ref, entry, at)
 
 
 def _store_partials(refs, out, top, total, parts: int, real) -> None:
@@ -407,9 +414,17 @@ def _store_partials(refs, out, top, total, parts: int, real) -> None:
 
 
 def _write_slot(buffer_ref, entry: jax.Array, at: tuple) -> None:
-    """Stores one token's ``entry`` (a key/value ``[head_dim]`` or a scale ``[]``) in
+    """Stores one token's ``entry`` (a key/value ``[1, head_dim]`` or a scale ``[1]``) in
     its slot of a cache buffer, ``at`` the slot's index (a one-slot ``pl.ds`` last)."""
-    buffer_ref[at + (slice(None),) * entry.ndim] = entry[None].astype(buffer_ref.dtype)
+    buffer_ref[at + (slice(None),) * (entry.ndim - 1)] = entry.astype(buffer_ref.dtype)
+
+
+def _round_even(x: jax.Array) -> jax.Array:
+    """float32 ``x`` rounded to the nearest integer, half to even (``jnp.round``, which
+    Pallas Triton does not lower)."""
+    return plgpu.elementwise_inline_asm(
+        "cvt.rni.f32.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
 
 
 def attend_and_write(queries: jax.Array, keys: jax.Array, values: jax.Array,
@@ -553,10 +568,9 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
     scale = default_scale(head_dim) if scale is None else scale
     kernel = functools.partial(_kernel, scale=scale, parts=parts, group=group,
                                slots=block_slots(head_dim, tuning), quantized=quantized,
-                               block_size=block_size, codes_as_float16=tuning.codes_as_float16)
+                               block_size=block_size, codes_as_float16=tuning.codes_as_float16,
+                               interpret=interpret)
     new = keys[:, 0], values[:, 0]  # [batch, kv_heads, head_dim]
-    if quantized:  # codes [batch, kv_heads, head_dim], scales [batch, kv_heads]
-        new = quantize_block(*new, kv_dtype)
     whole = pl.BlockSpec()  # the kernel indexes these itself
     per_head = lambda *block: pl.BlockSpec((None, None, *block),
                                            lambda b, h, s: (b, h) + (0,) * len(block))
@@ -630,7 +644,8 @@ def attend_cached_block(queries: jax.Array, buffers: tuple, positions: jax.Array
     kernel = functools.partial(_kernel, scale=scale, parts=parts, group=block_rows,
                                slots=block_slots(head_dim, tuning),
                                quantized=kv_dtype in QUANTIZED, block_size=None,
-                               codes_as_float16=tuning.codes_as_float16, tiles=tiles)
+                               codes_as_float16=tuning.codes_as_float16, interpret=interpret,
+                               tiles=tiles)
     grouped = queries.reshape(batch, tokens, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
     grouped = jnp.pad(grouped.reshape(batch, kv_heads, rows, head_dim),
                       ((0, 0), (0, 0), (0, padding), (0, 0)))
