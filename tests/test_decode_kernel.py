@@ -556,25 +556,69 @@ CPU_MESHES = [(2, 2), (1, 4)]
 
 
 @pytest.fixture(scope="module")
-def on_a_cpu_mesh() -> list[dict]:
+def on_a_cpu_mesh() -> dict:
     return run_on_cpu_devices("tests.test_decode_kernel", 4)
 
 
 def test_interpreted_kernel_on_each_device_of_a_mesh(on_a_cpu_mesh):
     """Interpreted under a MeshSplit on 4 CPU devices (a subprocess), over a float32
-    cache and int8/fp8 codes with scales split like their KV heads: the plain path's
-    output (2e-6), its cache exactly, and no collective."""
-    assert [(tuple(c["mesh"]), c["kind"]) for c in on_a_cpu_mesh] == [
-        (mesh, kind) for mesh in CPU_MESHES for kind in KINDS]
-    for case in on_a_cpu_mesh:
-        assert case["collectives"] == [], case
-        assert case["error"] <= 2e-6 and case["same_buffers"], case
+    cache and int8/fp8 codes with scales split like their KV heads: a decode step gives
+    the plain path's output (2e-6) and its cache exactly, a block of 5 tokens a row
+    (``attend_cached_block``) the plain path's output, neither with a collective; and a
+    model's block over an int8 cache on the mesh runs the block kernel in each layer."""
+    steps, blocks = on_a_cpu_mesh["steps"], on_a_cpu_mesh["blocks"]
+    for cases in steps, blocks:
+        assert [(tuple(c["mesh"]), c["kind"]) for c in cases] == [
+            (mesh, kind) for mesh in CPU_MESHES for kind in KINDS]
+        for case in cases:
+            assert case["collectives"] == [], case
+            assert case["error"] <= 2e-6, case
+    assert all(case["same_buffers"] for case in steps), steps
+    assert on_a_cpu_mesh["model_block_kernels"] == [2, 2]  # 2 layers, each mesh
 
 
-def _mesh_worker() -> list[dict]:
-    """The subprocess's steps (4 CPU devices); returns what the test above asserts on."""
+def split_block(data: int, model: int, kind: str | None):
+    """``attend_cached_block`` of a 5-token block a row under ``kernel_split`` on a
+    (data, model) mesh, interpreted. Returns ``(compiled, got, want)``: ``want`` the plain
+    path's output on one device."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from kvjax import sharding
+
+    config = make_config(num_heads=8, num_kv_heads=2, head_dim=16, hidden_size=128)
+    split = sharding.kernel_split(config, sharding.make_mesh(data=data, model=model))
+    q, k, v, positions, *buffers = random_block(8, 2, 16, 136, 5, [0, 70, 120, None],
+                                                kind=kind)
+    want, *written = plain_step(q, k, v, positions, *buffers)
+    place = lambda x, *spec: jax.device_put(x, NamedSharding(split.mesh, P(*spec)))
+    args = (place(q, split.rows, None, split.heads), place(positions, split.rows),
+            *(place(b, split.rows, split.kv_heads) for b in written))
+    block = jax.jit(lambda q, p, *b: decode_attention.attend_cached_block(
+        q, b, p, interpret=True, split=split))
+    compiled = block.lower(*args).compile()
+    return compiled, compiled(*args), want
+
+
+def model_block_kernels(data: int, model: int) -> int:
+    """The kernels a 2-layer model's 5-token block over an int8 cache runs with the
+    kernel on, under ``kernel_split`` on a (data, model) mesh."""
+    from kvjax import sharding
+
+    config = make_config(num_heads=8, num_kv_heads=2, head_dim=16, hidden_size=64)
+    split = sharding.kernel_split(config, sharding.make_mesh(data=data, model=model))
+    cache = kvjax.cache.create(config, 2, 128, "int8", jnp.float32)
+    args = (make_model(config).params, np.ones((2, 5), np.int32),
+            np.tile(np.arange(5, 10, dtype=np.int32), (2, 1)), cache)
+    step = kvjax.model.step_fn(config, decode_kernel=True, kernel_split=split)
+    return count_calls(jax.make_jaxpr(step)(*args).jaxpr, "pallas_call")
+
+
+def _mesh_worker() -> dict:
+    """The subprocess's steps and blocks (4 CPU devices); returns what the test above
+    asserts on."""
     assert jax.device_count() == 4, "set XLA_FLAGS=--xla_force_host_platform_device_count=4"
-    results = []
+    largest_error = lambda got, want: float(np.max(np.abs(f32(got) - f32(want))))
+    steps, blocks = [], []
     for data, model in CPU_MESHES:
         for kind in KINDS:
             compiled, args, want = split_step(data, model, kind, jnp.float32, [0, 70, 129, -1],
@@ -585,10 +629,15 @@ def _mesh_worker() -> list[dict]:
                 same = True
             except AssertionError:
                 same = False
-            results.append({"mesh": [data, model], "kind": kind, "same_buffers": same,
-                            "collectives": collectives(compiled.as_text()),
-                            "error": float(np.max(np.abs(f32(got[0]) - f32(want[0]))))})
-    return results
+            steps.append({"mesh": [data, model], "kind": kind, "same_buffers": same,
+                          "collectives": collectives(compiled.as_text()),
+                          "error": largest_error(got[0], want[0])})
+            compiled, got, want = split_block(data, model, kind)
+            blocks.append({"mesh": [data, model], "kind": kind,
+                           "collectives": collectives(compiled.as_text()),
+                           "error": largest_error(got, want)})
+    return {"steps": steps, "blocks": blocks,
+            "model_block_kernels": [model_block_kernels(*mesh) for mesh in CPU_MESHES]}
 
 
 if __name__ == "__main__":
@@ -617,8 +666,8 @@ def random_paged_step(batch, heads, kv_heads, head_dim, block_size, blocks_per_r
              for pool in pools]  # [kv_heads, num_blocks, block_size(, head_dim)]
     rng = np.random.default_rng(seed)
     tables = rng.permutation(num_blocks)[:batch * blocks_per_row].reshape(batch, blocks_per_row)
-    q, k, v = (jnp.repeat(x, batch, axis=0) * jnp.arange(1, batch + 1, dtype=dtype)[:, None, None, None]
-               for x in (q, k, v))
+    row_factors = jnp.arange(1, batch + 1, dtype=dtype)[:, None, None, None]
+    q, k, v = (jnp.repeat(x, batch, axis=0) * row_factors for x in (q, k, v))
     return q, k, v, tuple(pools), jnp.asarray(tables, jnp.int32)
 
 

@@ -38,7 +38,7 @@ class LayerAttention:
       kernel: a decode step (one token a row) over the cache runs
         ``kvjax.kernels.decode_attention``: ``"compiled"``, ``"interpret"`` (any
         backend, slow; tests) or None; so does a block over int8/fp8 codes that
-        ``block_takes`` (``attend_cached_block``; off a mesh).
+        ``block_takes`` (``attend_cached_block``).
       window: the layer's sliding window (None: every position).
       split: the kernel's split over a mesh (``kvjax.sharding.kernel_split``), or None.
       fresh: the cache starts empty and the block starts every row at position 0, so
@@ -191,11 +191,11 @@ def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k
     if layer_cache is None or attention.fresh:  # attend within the given tokens
         return _attend_within(config, attention, q, k, v, positions, window), layer_cache
     if attention.quantized:
-        if attention.kernel and attention.split is None \
-                and kernel.block_takes(q.shape[1], config.queries_per_kv):
+        if attention.kernel and kernel.block_takes(q.shape[1], config.queries_per_kv):
             # the codes read in registers, not converted block by block in memory
             out = kernel.attend_cached_block(q, layer_cache, positions, scale,
-                                             interpret=attention.kernel == "interpret")
+                                             interpret=attention.kernel == "interpret",
+                                             split=attention.split)
             return out, layer_cache
         return quantized.attend_cache(q, *layer_cache, positions, window, scale, softcap,
                                       attention.key_limit), layer_cache

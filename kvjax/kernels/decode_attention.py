@@ -527,9 +527,8 @@ def _run(queries, keys, values, positions, buffers: tuple, tables: jax.Array | N
         return step(queries, keys, values, positions, *buffers, tables=tables)
     token = PartitionSpec(split.rows, None, split.heads, None)  # [batch, 1, heads, head_dim]
     new = PartitionSpec(split.rows, None, split.kv_heads, None)
-    if tables is None:  # codes (and float buffers) and scales, split like their KV heads
-        codes = PartitionSpec(split.rows, split.kv_heads, None, None)
-        scales = PartitionSpec(split.rows, split.kv_heads, None)
+    if tables is None:
+        specs = _buffer_specs(split, len(buffers))
         operands, table_specs = (), ()
         run = functools.partial(step, tables=None)
     else:
@@ -538,14 +537,23 @@ def _run(queries, keys, values, positions, buffers: tuple, tables: jax.Array | N
                              "heads over a mesh, not rows; keep the batch on one device")
         codes = PartitionSpec(split.kv_heads, None, None, None)
         scales = PartitionSpec(split.kv_heads, None, None)
+        specs = (codes, codes, scales, scales)[:len(buffers)]
         operands, table_specs = (tables,), (PartitionSpec(),)
         run = lambda q, k, v, p, t, *rest: step(q, k, v, p, *rest, tables=t)
-    specs = (codes, codes, scales, scales)[:len(buffers)]
     return jax.shard_map(run, mesh=split.mesh,
                          in_specs=(token, new, new, PartitionSpec(split.rows), *table_specs,
                                    *specs),
                          out_specs=(token, *specs), check_vma=False,
                          )(queries, keys, values, positions, *operands, *buffers)
+
+
+def _buffer_specs(split: MeshSplit, count: int) -> tuple[PartitionSpec, ...]:
+    """How ``split`` places the ``count`` buffers of a contiguous layer (``CACHE_BUFFERS``):
+    keys and values (float, or codes) and a quantized cache's scales, split like their
+    rows and KV heads."""
+    codes = PartitionSpec(split.rows, split.kv_heads, None, None)
+    scales = PartitionSpec(split.rows, split.kv_heads, None)
+    return (codes, codes, scales, scales)[:count]
 
 
 def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Array | None,
@@ -610,7 +618,8 @@ def block_takes(tokens: int, group: int) -> bool:
 
 def attend_cached_block(queries: jax.Array, buffers: tuple, positions: jax.Array,
                         scale: float | None = None, interpret: bool = False,
-                        tuning: Tuning | None = None) -> jax.Array:
+                        split: MeshSplit | None = None, tuning: Tuning | None = None
+                        ) -> jax.Array:
     """A block of several tokens a row (a chat turn, a piece of a prompt) attending
     over a contiguous cache that already holds it, by the decode kernel's loop: each
     query sees the slots up to its own position, and the cache is read once per
@@ -623,6 +632,8 @@ def attend_cached_block(queries: jax.Array, buffers: tuple, positions: jax.Array
         or codes and float32 scales ``(keys, values, key_scales, value_scales)``
         (``kvjax.cache.QuantizedKVCache.layer``), the block written.
       positions: ``int32[batch, seq]``; ``-1``: padding (zeros out).
+      split: the operands' split over a mesh, as in ``attend_and_write``: each device
+        runs the kernel on its rows and heads.
       Others as in ``attend_and_write``.
 
     Returns:
@@ -630,6 +641,20 @@ def attend_cached_block(queries: jax.Array, buffers: tuple, positions: jax.Array
       (or ``kvjax.attention.plain.attend_cache``) would give it.
     """
     _require_triton()
+    block = functools.partial(_attend_cached_block, scale=scale, interpret=interpret,
+                              tuning=tuning)
+    if split is None:
+        return block(queries, positions, *buffers)
+    token = PartitionSpec(split.rows, None, split.heads, None)  # [batch, seq, heads, head_dim]
+    return jax.shard_map(block, mesh=split.mesh,
+                         in_specs=(token, PartitionSpec(split.rows, None),
+                                   *_buffer_specs(split, len(buffers))),
+                         out_specs=token, check_vma=False)(queries, positions, *buffers)
+
+
+def _attend_cached_block(queries, positions, *buffers, scale: float | None, interpret: bool,
+                         tuning: Tuning | None) -> jax.Array:
+    """``attend_cached_block`` on one device's operands."""
     batch, tokens, heads, head_dim = queries.shape
     kv_dtype = layer_kv_dtype(buffers)
     _, kv_heads, capacity, _ = buffers[0].shape
