@@ -564,12 +564,16 @@ def test_interpreted_kernel_on_each_device_of_a_mesh(on_a_cpu_mesh):
     """Interpreted under a MeshSplit on 4 CPU devices (a subprocess), over a float32
     cache and int8/fp8 codes with scales split like their KV heads: a decode step gives
     the plain path's output (2e-6) and its cache exactly, a block of 5 tokens a row
-    (``attend_cached_block``) the plain path's output, neither with a collective; and a
-    model's block over an int8 cache on the mesh runs the block kernel in each layer."""
+    (``attend_cached_block``; over a pool, ``attend_cached_block_paged``, where the rows
+    stay whole) the plain path's output, none with a collective; and a model's block
+    over an int8 cache on the mesh runs the block kernel in each layer."""
     steps, blocks = on_a_cpu_mesh["steps"], on_a_cpu_mesh["blocks"]
+    assert [(tuple(c["mesh"]), c["kind"]) for c in steps] == [
+        (mesh, kind) for mesh in CPU_MESHES for kind in KINDS]
+    assert [(tuple(c["mesh"]), c["kind"], c["paged"]) for c in blocks] == [
+        (mesh, kind, paged) for mesh in CPU_MESHES for kind in KINDS
+        for paged in (False, True) if not (paged and mesh[0] > 1)]
     for cases in steps, blocks:
-        assert [(tuple(c["mesh"]), c["kind"]) for c in cases] == [
-            (mesh, kind) for mesh in CPU_MESHES for kind in KINDS]
         for case in cases:
             assert case["collectives"] == [], case
             assert case["error"] <= 2e-6, case
@@ -577,25 +581,35 @@ def test_interpreted_kernel_on_each_device_of_a_mesh(on_a_cpu_mesh):
     assert on_a_cpu_mesh["model_block_kernels"] == [2, 2]  # 2 layers, each mesh
 
 
-def split_block(data: int, model: int, kind: str | None):
-    """``attend_cached_block`` of a 5-token block a row under ``kernel_split`` on a
-    (data, model) mesh, interpreted. Returns ``(compiled, got, want)``: ``want`` the plain
-    path's output on one device."""
+def split_block(data: int, model: int, kind: str | None, paged: bool):
+    """``attend_cached_block`` (or ``attend_cached_block_paged``, 16-slot blocks) of a
+    5-token block a row under ``kernel_split`` on a (data, model) mesh, interpreted.
+    Returns ``(compiled, got, want)``: ``want`` the plain (or portable paged) path's
+    output on one device."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from kvjax import sharding
 
     config = make_config(num_heads=8, num_kv_heads=2, head_dim=16, hidden_size=128)
     split = sharding.kernel_split(config, sharding.make_mesh(data=data, model=model))
-    q, k, v, positions, *buffers = random_block(8, 2, 16, 136, 5, [0, 70, 120, None],
-                                                kind=kind)
-    want, *written = plain_step(q, k, v, positions, *buffers)
     place = lambda x, *spec: jax.device_put(x, NamedSharding(split.mesh, P(*spec)))
-    args = (place(q, split.rows, None, split.heads), place(positions, split.rows),
-            *(place(b, split.rows, split.kv_heads) for b in written))
-    block = jax.jit(lambda q, p, *b: decode_attention.attend_cached_block(
-        q, b, p, interpret=True, split=split))
-    compiled = block.lower(*args).compile()
+    if paged:
+        lasts = [10, 70, 120, -1]
+        q, k, v, pools, tables = paged_block(4, 16, 9, 5, lasts, kind)
+        positions = paged_block_positions(lasts, 5, 16 * 9)
+        want, *written = portable_paged_step(q, k, v, pools, tables, positions)
+        cache = (place(tables), *(place(b, split.kv_heads) for b in written))
+        attend = lambda q, p, tables, *b: decode_attention.attend_cached_block_paged(
+            q, b, tables, p, interpret=True, split=split)
+    else:
+        q, k, v, positions, *buffers = random_block(8, 2, 16, 136, 5, [0, 70, 120, None],
+                                                    kind=kind)
+        want, *written = plain_step(q, k, v, positions, *buffers)
+        cache = tuple(place(b, split.rows, split.kv_heads) for b in written)
+        attend = lambda q, p, *b: decode_attention.attend_cached_block(
+            q, b, p, interpret=True, split=split)
+    args = (place(q, split.rows, None, split.heads), place(positions, split.rows), *cache)
+    compiled = jax.jit(attend).lower(*args).compile()
     return compiled, compiled(*args), want
 
 
@@ -632,16 +646,16 @@ def _mesh_worker() -> dict:
             steps.append({"mesh": [data, model], "kind": kind, "same_buffers": same,
                           "collectives": collectives(compiled.as_text()),
                           "error": largest_error(got[0], want[0])})
-            compiled, got, want = split_block(data, model, kind)
-            blocks.append({"mesh": [data, model], "kind": kind,
-                           "collectives": collectives(compiled.as_text()),
-                           "error": largest_error(got, want)})
+            for paged in (False, True):
+                if paged and data > 1:  # a pool holds every row's blocks: rows stay whole
+                    continue
+                compiled, got, want = split_block(data, model, kind, paged)
+                blocks.append({"mesh": [data, model], "kind": kind, "paged": paged,
+                               "collectives": collectives(compiled.as_text()),
+                               "error": largest_error(got, want)})
     return {"steps": steps, "blocks": blocks,
             "model_block_kernels": [model_block_kernels(*mesh) for mesh in CPU_MESHES]}
 
-
-if __name__ == "__main__":
-    print(json.dumps(_mesh_worker()))
 
 
 def test_every_cache_kind_takes_the_kernel_where_it_runs(monkeypatch):
@@ -704,6 +718,67 @@ def test_paged_kernel_equals_the_portable_path(case, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tokens", [5, 40])
+@pytest.mark.parametrize("case", PAGED_CASES)
+def test_paged_block_kernel_equals_the_portable_path(case, tokens, kind):
+    """``attend_cached_block_paged``, interpreted: a block of tokens a row (one tile of
+    query rows, and 40 tokens x a group of 4: 3 tiles), written to a paged layer through
+    shuffled tables, attends as the portable paged path does (1e-5); padding tokens and
+    an idle row give zeros."""
+    block_size, per_row, lasts = PAGED_CASES[case]
+    q, k, v, pools, tables = paged_block(len(lasts), block_size, per_row, tokens, lasts, kind)
+    positions = paged_block_positions(lasts, tokens, block_size * per_row)
+    want, *written = portable_paged_step(q, k, v, pools, tables, positions)
+    got = jax.jit(lambda *a: decode_attention.attend_cached_block_paged(*a, interpret=True))(
+        q, tuple(written), tables, positions)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.any(np.asarray(got)[np.asarray(positions) < 0])
+
+
+def paged_block(batch, block_size, per_row, tokens, lasts, kind, dtype=jnp.float32,
+                heads=8, kv_heads=2, head_dim=16):
+    """``(q, k, v, pools, tables)``: ``random_paged_step``'s pools and tables with a
+    random block of ``tokens`` a row."""
+    _, _, _, pools, tables = random_paged_step(batch, heads, kv_heads, head_dim, block_size,
+                                               per_row, dtype, kind=kind)
+    keys = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (jax.random.normal(key, (batch, tokens, n, head_dim)).astype(dtype)
+               for key, n in zip(keys, (heads, kv_heads, kv_heads)))
+    return q, k, v, pools, tables
+
+
+def paged_block_positions(lasts, tokens: int, capacity: int) -> jax.Array:
+    """``int32[rows, tokens]``: each row's block ending near its entry of ``lasts``
+    (within the capacity; -1: an idle row), the first row's last two tokens padding."""
+    positions = np.full((len(lasts), tokens), -1)
+    for row, last in enumerate(lasts):
+        if last >= 0:
+            first = min(max(last - tokens + 1, 0), capacity - tokens)
+            positions[row] = np.arange(first, first + tokens)
+    positions[0, -2:] = -1
+    return jnp.asarray(positions, jnp.int32)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("tokens", [16, 64])
+def test_compiled_paged_block_kernel_equals_the_portable_path(tokens, kind):
+    """The compiled ``attend_cached_block_paged`` (bf16 queries over int8/fp8 pools of
+    16-slot blocks; Llama-3's heads, one tile and four) against the float32 portable
+    path (atol 0.03, rtol 0.05)."""
+    skip_unless_compiled(128, kind)
+    lasts = [2079, 0, -1, 700]
+    q, k, v, pools, tables = paged_block(4, 16, 130, tokens, lasts, kind, jnp.bfloat16,
+                                         heads=32, kv_heads=8, head_dim=128)
+    positions = paged_block_positions(lasts, tokens, 16 * 130)
+    to_f32 = lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
+    want, *_ = portable_paged_step(*map(to_f32, (q, k, v)), pools, tables, positions)
+    _, *written = portable_paged_step(q, k, v, pools, tables, positions)
+    got = jax.jit(decode_attention.attend_cached_block_paged)(q, tuple(written), tables,
+                                                              positions)
+    np.testing.assert_allclose(f32(got), want, atol=0.03, rtol=0.05)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_compiled_paged_kernel_equals_the_portable_path(head_dim, kind):
     """The compiled kernel over a paged layer (bf16 queries, a bf16/int8/fp8 pool of
@@ -727,7 +802,8 @@ def test_compiled_paged_kernel_equals_the_portable_path(head_dim, kind):
 def test_kernel_lowers_to_triton_on_any_machine(kind, tuning):
     """The compiled kernel's Pallas program lowers to Triton for CUDA here too (no GPU
     needed: what a GPU run would reject first, an operation Pallas Triton cannot lower,
-    fails on CPU), contiguous and paged, at Llama-3's heads in bf16."""
+    fails on CPU), contiguous and paged, decode steps and 16-token blocks, at Llama-3's
+    heads in bf16."""
     q, k, v, *buffers = jax.eval_shape(lambda: random_step(2, 32, 8, 128, 256, jnp.bfloat16,
                                                            kind=kind))
     positions = jax.ShapeDtypeStruct((2, 1), jnp.int32)
@@ -740,3 +816,14 @@ def test_kernel_lowers_to_triton_on_any_machine(kind, tuning):
     lowered = jax.jit(paged_step).trace(q, k, v, pools, tables, positions).lower(
         lowering_platforms=("cuda",))
     assert lowered.as_text().count("kvjax_decode_attention") >= 1
+    block = jax.ShapeDtypeStruct((2, 16, 32, 128), jnp.bfloat16)
+    block_positions = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    for attend, cache in ((decode_attention.attend_cached_block, (tuple(buffers),)),
+                          (decode_attention.attend_cached_block_paged, (tuple(pools), tables))):
+        lowered = jax.jit(functools.partial(attend, tuning=tuning)).trace(
+            block, *cache, block_positions).lower(lowering_platforms=("cuda",))
+        assert lowered.as_text().count("kvjax_block_attention") >= 1
+
+
+if __name__ == "__main__":
+    print(json.dumps(_mesh_worker()))

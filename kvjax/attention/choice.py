@@ -191,8 +191,7 @@ def attend_layer(config: ModelConfig, attention: LayerAttention, q: jax.Array, k
     if layer_cache is None or attention.fresh:  # attend within the given tokens
         return _attend_within(config, attention, q, k, v, positions, window), layer_cache
     if attention.quantized:
-        if attention.kernel and kernel.block_takes(q.shape[1], config.queries_per_kv):
-            # the codes read in registers, not converted block by block in memory
+        if block_kernel_takes(config, attention, q, paged=False):
             out = kernel.attend_cached_block(q, layer_cache, positions, scale,
                                              interpret=attention.kernel == "interpret",
                                              split=attention.split)
@@ -241,10 +240,26 @@ def attend_pool_blocks(config: ModelConfig, attention: LayerAttention,
         elif attention.implementation == "cudnn" and q.shape[1] > 1:  # a float pool, no window
             outs[i] = paged.attend_cache_cudnn(q, k, v, (*pools, table(i)), positions, scale,
                                                attention.key_limit)
+        elif block_kernel_takes(config, attention, q, paged=True):
+            outs[i] = kernel.attend_cached_block_paged(
+                q, tuple(pools), table(i), positions, scale,
+                interpret=attention.kernel == "interpret", split=attention.split)
         else:
             outs[i] = paged.attend_cache(q, (*pools, table(i)), positions, window, scale,
                                          softcap, attention.key_limit, attention.kernel)
     return outs, (*pools, tables)
+
+
+def block_kernel_takes(config: ModelConfig, attention: LayerAttention, q: jax.Array,
+                       paged: bool) -> bool:
+    """Whether a block over int8/fp8 codes, written first, attends by the decode
+    kernel's loop (``attend_cached_block``; the codes read in registers, not converted
+    block by block in memory): where the layer's decode steps take the kernel, while
+    its query rows fit the kernel's tiles (``block_takes``); over a pool only with rows
+    whole on each device (a pool holds every row's blocks)."""
+    rows_split = paged and attention.split is not None and attention.split.splits_rows()
+    return (attention.quantized and attention.kernel is not None and not rows_split
+            and kernel.block_takes(q.shape[1], config.queries_per_kv))
 
 
 def _attend_within(config: ModelConfig, attention: LayerAttention, q: jax.Array, k: jax.Array,

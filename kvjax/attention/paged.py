@@ -23,8 +23,12 @@ On NVIDIA GPUs a decode step runs kvjax's own decode kernel
 into its block and reads the row's blocks through its table as it walks them, float
 and int8/fp8 pools alike (``gpu_kernel_takes``). JAX's GPU paged attention took 1.6 to
 1.8 times the time of contiguous attention on an H200, and gathering the blocks into a
-contiguous copy first 3 times. Interpreted (``decode_kernel=True`` on a CPU, for a step
-the TPU kernel does not take) the tests check it against the portable path.
+contiguous copy first 3 times. A short block over int8/fp8 pools (a chat turn after a
+cached prefix) runs the same kernel's loop there once written
+(``kvjax.kernels.decode_attention.attend_cached_block_paged``, where
+``kvjax.attention.choice.block_kernel_takes``). Interpreted (``decode_kernel=True`` on a
+CPU, for a step the TPU kernel does not take) the tests check it against the portable
+path.
 """
 
 from __future__ import annotations

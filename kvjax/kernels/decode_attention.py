@@ -32,10 +32,10 @@ over 16k tokens is 1.4-1.7% faster without them); the token attends as its codes
 be read back and part 0 writes its codes and scales in place, so the step equals
 ``write_quantized_block`` followed by ``kvjax.attention.quantized.attend_cache``.
 
-``attend_cached_block`` runs the same loop for a block of several tokens a row already
-in a contiguous cache (a chat turn over int8/fp8 codes, which cuDNN cannot read): 64
-query rows (tokens times a KV head's group) a program, each seeing the slots up to its
-own position, no writes.
+``attend_cached_block`` (``attend_cached_block_paged`` over a paged layer) runs the same
+loop for a block of several tokens a row already in the cache (a chat turn over
+int8/fp8 codes, which cuDNN cannot read): 64 query rows (tokens times a KV head's group)
+a program, each seeing the slots up to its own position, no writes.
 
 ``supported`` says where it runs; ``kvjax.attention.choose`` picks it there for decode
 steps (and blocks over codes that ``block_takes``) and the XLA/cuDNN path everywhere
@@ -47,7 +47,8 @@ The kernel is written with Pallas Triton, which JAX deprecated in 0.11 (to be
 removed; JAX points to Mosaic GPU or jax_triton). Where it is gone, this module still
 imports, ``available()`` is False and the portable path runs. A move to another
 backend is this module alone: ``attend_and_write``, ``attend_and_write_quantized``,
-``attend_cached_block`` and ``supported`` are its interface, and
+``attend_and_write_paged``, ``attend_cached_block``, ``attend_cached_block_paged`` and
+``supported`` are its interface, and
 tests/test_decode_kernel.py checks it against the plain path.
 
 XLA cannot split a custom call over a mesh (it would gather the whole cache to every
@@ -261,11 +262,12 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     ``[kv_heads, num_blocks, block_size(, head_dim)]``, position ``p`` of a row in its
     table's block ``p // block_size``, slot ``p % block_size``.
 
-    With ``tiles`` (``attend_cached_block``) the program attends a tile of a block of
-    tokens already in a contiguous cache instead: its second grid index is ``head * tiles +
-    tile``, ``positions_ref`` holds the positions of every tile's query rows (``[batch,
-    tiles * rows]``, -1: padding), the parts split the slots up to the tile's last
-    position, each query row sees the slots up to its own, and nothing is written."""
+    With ``tiles`` (``attend_cached_block``) the program attends a tile of a block of tokens
+    already in the cache instead (no new entries among the refs): its second grid index is
+    ``head * tiles + tile``, ``positions_ref`` holds the positions of every tile's query
+    rows (``[batch, tiles * rows]``, -1: padding), the parts split the slots up to the
+    tile's last position, each query row sees the slots up to its own, and nothing is
+    written."""
     tables_ref = refs[0] if block_size else None
     queries_ref, *refs = refs[1:] if block_size else refs
     count = len(CACHE_BUFFERS[quantized])
@@ -527,33 +529,56 @@ def _run(queries, keys, values, positions, buffers: tuple, tables: jax.Array | N
         return step(queries, keys, values, positions, *buffers, tables=tables)
     token = PartitionSpec(split.rows, None, split.heads, None)  # [batch, 1, heads, head_dim]
     new = PartitionSpec(split.rows, None, split.kv_heads, None)
-    if tables is None:
-        specs = _buffer_specs(split, len(buffers))
-        operands, table_specs = (), ()
-        run = functools.partial(step, tables=None)
-    else:
-        if split.splits_rows():
-            raise ValueError("a paged pool holds every row's blocks: its decode kernel splits "
-                             "heads over a mesh, not rows; keep the batch on one device")
-        codes = PartitionSpec(split.kv_heads, None, None, None)
-        scales = PartitionSpec(split.kv_heads, None, None)
-        specs = (codes, codes, scales, scales)[:len(buffers)]
-        operands, table_specs = (tables,), (PartitionSpec(),)
-        run = lambda q, k, v, p, t, *rest: step(q, k, v, p, *rest, tables=t)
+    specs, table_specs = _shard_specs(split, len(buffers), tables)
+    run = _tables_as_keyword(step, tables, leading=4)
     return jax.shard_map(run, mesh=split.mesh,
                          in_specs=(token, new, new, PartitionSpec(split.rows), *table_specs,
                                    *specs),
                          out_specs=(token, *specs), check_vma=False,
-                         )(queries, keys, values, positions, *operands, *buffers)
+                         )(queries, keys, values, positions, *_operands(tables), *buffers)
 
 
-def _buffer_specs(split: MeshSplit, count: int) -> tuple[PartitionSpec, ...]:
-    """How ``split`` places the ``count`` buffers of a contiguous layer (``CACHE_BUFFERS``):
-    keys and values (float, or codes) and a quantized cache's scales, split like their
-    rows and KV heads."""
-    codes = PartitionSpec(split.rows, split.kv_heads, None, None)
-    scales = PartitionSpec(split.rows, split.kv_heads, None)
-    return (codes, codes, scales, scales)[:count]
+def _shard_specs(split: MeshSplit, count: int, tables: jax.Array | None) -> tuple:
+    """How ``split`` places a layer's ``count`` buffers (``CACHE_BUFFERS``: keys and
+    values, float or codes, and a quantized cache's scales, split like their KV heads)
+    and a paged layer's ``tables`` (whole on every device): ``(buffer specs, table
+    specs)``. A contiguous cache splits its rows too; a pool holds every row's blocks,
+    so over a pool the rows must stay whole."""
+    if tables is None:
+        codes = PartitionSpec(split.rows, split.kv_heads, None, None)
+        scales = PartitionSpec(split.rows, split.kv_heads, None)
+        return (codes, codes, scales, scales)[:count], ()
+    if split.splits_rows():
+        raise ValueError("a paged pool holds every row's blocks: its decode kernel splits "
+                         "heads over a mesh, not rows; keep the batch on one device")
+    codes = PartitionSpec(split.kv_heads, None, None, None)
+    scales = PartitionSpec(split.kv_heads, None, None)
+    return (codes, codes, scales, scales)[:count], (PartitionSpec(),)
+
+
+def _operands(tables: jax.Array | None) -> tuple:
+    """``tables`` as operands of a shard_map (none without them)."""
+    return () if tables is None else (tables,)
+
+
+def _tables_as_keyword(function, tables: jax.Array | None, leading: int):
+    """``function`` taking ``leading`` arguments, then (given ``tables``) the tables, then
+    the buffers, as a shard_map passes them, and calling ``function(*leading, *buffers,
+    tables=...)``."""
+    if tables is None:
+        return functools.partial(function, tables=None)
+    return lambda *args: function(*args[:leading], *args[leading + 1:], tables=args[leading])
+
+
+def _geometry(buffers: tuple, tables: jax.Array | None) -> tuple[int, int, int | None]:
+    """``(kv_heads, capacity, block_size)`` of a layer's buffers: a contiguous cache's
+    (``block_size`` None), or a paged layer's pools read through ``tables`` (a row's
+    capacity: its table's blocks)."""
+    if tables is None:
+        _, kv_heads, capacity, _ = buffers[0].shape
+        return kv_heads, capacity, None
+    kv_heads, _, block_size, _ = buffers[0].shape
+    return kv_heads, tables.shape[1] * block_size, block_size
 
 
 def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Array | None,
@@ -564,11 +589,7 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
     batch, _, heads, head_dim = queries.shape
     kv_dtype = layer_kv_dtype(buffers)
     quantized = kv_dtype in QUANTIZED
-    if tables is None:
-        block_size, (_, kv_heads, capacity, _) = None, buffers[0].shape
-    else:
-        kv_heads, _, block_size, _ = buffers[0].shape
-        capacity = tables.shape[1] * block_size
+    kv_heads, capacity, block_size = _geometry(buffers, tables)
     tuning = tuning or default_tuning(kv_dtype, capacity, head_dim)
     group = heads // kv_heads
     padded_group = max(16, 1 << (group - 1).bit_length())  # Triton's dot needs 16 rows
@@ -584,7 +605,7 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
                                            lambda b, h, s: (b, h) + (0,) * len(block))
     out_specs, out_shape = _partial_specs(batch, kv_heads, parts, group, padded_group, 1,
                                           head_dim, queries.dtype)
-    table_inputs = () if tables is None else (tables,)
+    table_inputs = _operands(tables)
     # inputs: positions, the tables, queries, new entries, buffers
     first_buffer = 2 + len(table_inputs) + len(new)
     outputs = pl.pallas_call(
@@ -605,8 +626,6 @@ def _attend_and_write(queries, keys, values, positions, *buffers, tables: jax.Ar
     partials, buffers = outputs[:len(out_shape)], outputs[len(out_shape):]
     out = _merge_parts(partials, queries.dtype)  # [batch, kv_heads, group, head_dim]
     return out.reshape(batch, 1, heads, head_dim), *buffers
-
-
 
 
 def block_takes(tokens: int, group: int) -> bool:
@@ -640,24 +659,58 @@ def attend_cached_block(queries: jax.Array, buffers: tuple, positions: jax.Array
       ``[batch, seq, heads, head_dim]``, as ``kvjax.attention.quantized.attend_cache``
       (or ``kvjax.attention.plain.attend_cache``) would give it.
     """
+    return _run_block(queries, positions, tuple(buffers), None, scale, interpret, split, tuning)
+
+
+def attend_cached_block_paged(queries: jax.Array, pools: tuple, block_tables: jax.Array,
+                              positions: jax.Array, scale: float | None = None,
+                              interpret: bool = False, split: MeshSplit | None = None,
+                              tuning: Tuning | None = None) -> jax.Array:
+    """``attend_cached_block`` over a paged layer (``kvjax.cache.PagedKVCache``) that
+    holds the block (``kvjax.attention.paged.write`` first): each row reads its blocks
+    through its table as the decode kernel does.
+
+    Args:
+      pools: the layer's pools, as in ``attend_and_write_paged`` (not changed).
+      block_tables: ``int32[batch, blocks_per_row]``; entries past a row's last
+        position are never read.
+      split: over a mesh, rows whole on every device: only the heads split.
+      Others as in ``attend_cached_block``.
+
+    Returns:
+      ``[batch, seq, heads, head_dim]``, as ``kvjax.attention.paged.attend_cache`` would
+      give it.
+    """
+    return _run_block(queries, positions, tuple(pools), block_tables, scale, interpret, split,
+                      tuning)
+
+
+def _run_block(queries, positions, buffers: tuple, tables: jax.Array | None,
+               scale: float | None, interpret: bool, split: MeshSplit | None,
+               tuning: Tuning | None) -> jax.Array:
+    """The block kernel over the cache's ``buffers`` (paged pools when ``tables`` are
+    given), on each device's shard under a ``split``."""
     _require_triton()
     block = functools.partial(_attend_cached_block, scale=scale, interpret=interpret,
                               tuning=tuning)
     if split is None:
-        return block(queries, positions, *buffers)
+        return block(queries, positions, *buffers, tables=tables)
     token = PartitionSpec(split.rows, None, split.heads, None)  # [batch, seq, heads, head_dim]
-    return jax.shard_map(block, mesh=split.mesh,
-                         in_specs=(token, PartitionSpec(split.rows, None),
-                                   *_buffer_specs(split, len(buffers))),
-                         out_specs=token, check_vma=False)(queries, positions, *buffers)
+    specs, table_specs = _shard_specs(split, len(buffers), tables)
+    return jax.shard_map(_tables_as_keyword(block, tables, leading=2), mesh=split.mesh,
+                         in_specs=(token, PartitionSpec(split.rows, None), *table_specs,
+                                   *specs),
+                         out_specs=token, check_vma=False,
+                         )(queries, positions, *_operands(tables), *buffers)
 
 
-def _attend_cached_block(queries, positions, *buffers, scale: float | None, interpret: bool,
-                         tuning: Tuning | None) -> jax.Array:
-    """``attend_cached_block`` on one device's operands."""
+def _attend_cached_block(queries, positions, *buffers, tables: jax.Array | None,
+                         scale: float | None, interpret: bool, tuning: Tuning | None
+                         ) -> jax.Array:
+    """The block kernel on one device's operands (``_run_block``)."""
     batch, tokens, heads, head_dim = queries.shape
     kv_dtype = layer_kv_dtype(buffers)
-    _, kv_heads, capacity, _ = buffers[0].shape
+    kv_heads, capacity, block_size = _geometry(buffers, tables)
     tuning = tuning or default_tuning(kv_dtype, capacity, head_dim)
     group = heads // kv_heads
     rows = tokens * group  # a KV head's query rows, token-major
@@ -668,7 +721,7 @@ def _attend_cached_block(queries, positions, *buffers, scale: float | None, inte
     scale = default_scale(head_dim) if scale is None else scale
     kernel = functools.partial(_kernel, scale=scale, parts=parts, group=block_rows,
                                slots=block_slots(head_dim, tuning),
-                               quantized=kv_dtype in QUANTIZED, block_size=None,
+                               quantized=kv_dtype in QUANTIZED, block_size=block_size,
                                codes_as_float16=tuning.codes_as_float16, interpret=interpret,
                                tiles=tiles)
     grouped = queries.reshape(batch, tokens, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
@@ -679,10 +732,11 @@ def _attend_cached_block(queries, positions, *buffers, scale: float | None, inte
     out_specs, out_shape = _partial_specs(batch, kv_heads, parts, tiles * block_rows,
                                           block_rows, tiles, head_dim, queries.dtype)
     whole = pl.BlockSpec()
+    table_inputs = _operands(tables)
     partials = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads * tiles, parts),
-        in_specs=[whole,
+        in_specs=[whole, *(whole for _ in table_inputs),
                   pl.BlockSpec((None, None, block_rows, head_dim),
                                lambda b, h, s: (b, h // tiles, h % tiles, 0)),
                   *(whole for _ in buffers)],
@@ -692,7 +746,7 @@ def _attend_cached_block(queries, positions, *buffers, scale: float | None, inte
                                              num_stages=tuning.num_stages),
         interpret=interpret,
         name="kvjax_block_attention",
-    )(query_positions, grouped, *buffers)
+    )(query_positions, *table_inputs, grouped, *buffers)
     out = _merge_parts(partials, queries.dtype)[:, :, :rows]  # [batch, kv_heads, rows, head_dim]
     out = out.reshape(batch, kv_heads, tokens, group, head_dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, tokens, heads, head_dim)
