@@ -563,15 +563,15 @@ def on_a_cpu_mesh() -> dict:
 def test_interpreted_kernel_on_each_device_of_a_mesh(on_a_cpu_mesh):
     """Interpreted under a MeshSplit on 4 CPU devices (a subprocess), over a float32
     cache and int8/fp8 codes with scales split like their KV heads: a decode step gives
-    the plain path's output (2e-6) and its cache exactly, a block of 5 tokens a row
-    (``attend_cached_block``; over a pool, ``attend_cached_block_paged``, where the rows
-    stay whole) the plain path's output, none with a collective; and a model's block
+    the plain path's output (2e-6) and its cache exactly, a block of 5 tokens a row over
+    codes (``attend_cached_block``; over a pool, ``attend_cached_block_paged``, where the
+    rows stay whole) the plain path's output, none with a collective; and a model's block
     over an int8 cache on the mesh runs the block kernel in each layer."""
     steps, blocks = on_a_cpu_mesh["steps"], on_a_cpu_mesh["blocks"]
     assert [(tuple(c["mesh"]), c["kind"]) for c in steps] == [
         (mesh, kind) for mesh in CPU_MESHES for kind in KINDS]
     assert [(tuple(c["mesh"]), c["kind"], c["paged"]) for c in blocks] == [
-        (mesh, kind, paged) for mesh in CPU_MESHES for kind in KINDS
+        (mesh, kind, paged) for mesh in CPU_MESHES for kind in ("int8", "fp8")
         for paged in (False, True) if not (paged and mesh[0] > 1)]
     for cases in steps, blocks:
         for case in cases:
@@ -634,7 +634,7 @@ def _mesh_worker() -> dict:
     largest_error = lambda got, want: float(np.max(np.abs(f32(got) - f32(want))))
     steps, blocks = [], []
     for data, model in CPU_MESHES:
-        for kind in KINDS:
+        for kind in KINDS:  # blocks take the kernel over codes only (block_kernel_takes)
             compiled, args, want = split_step(data, model, kind, jnp.float32, [0, 70, 129, -1],
                                               136, 8, 2, 16, interpret=True)
             got = compiled(*args)
@@ -647,7 +647,7 @@ def _mesh_worker() -> dict:
                           "collectives": collectives(compiled.as_text()),
                           "error": largest_error(got[0], want[0])})
             for paged in (False, True):
-                if paged and data > 1:  # a pool holds every row's blocks: rows stay whole
+                if kind is None or (paged and data > 1):  # a pool: rows stay whole
                     continue
                 compiled, got, want = split_block(data, model, kind, paged)
                 blocks.append({"mesh": [data, model], "kind": kind, "paged": paged,
@@ -718,11 +718,10 @@ def test_paged_kernel_equals_the_portable_path(case, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("tokens", [5, 40])
-@pytest.mark.parametrize("case", PAGED_CASES)
+@pytest.mark.parametrize("case, tokens", [("16", 40), ("64", 5), ("128", 40)])
 def test_paged_block_kernel_equals_the_portable_path(case, tokens, kind):
     """``attend_cached_block_paged``, interpreted: a block of tokens a row (one tile of
-    query rows, and 40 tokens x a group of 4: 3 tiles), written to a paged layer through
+    query rows, or 40 tokens x a group of 4: 3 tiles), written to a paged layer through
     shuffled tables, attends as the portable paged path does (1e-5); padding tokens and
     an idle row give zeros."""
     block_size, per_row, lasts = PAGED_CASES[case]
