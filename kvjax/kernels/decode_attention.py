@@ -375,12 +375,13 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     # after writing it.
     owner = (part == 0) & (position >= 0)
     entries = tuple(ref[...][None] for ref in new_refs)  # key, value: [1, head_dim]
-    new_key, new_value = (entry.astype(jnp.float32) for entry in entries)
     if quantized:  # codes [1, head_dim] and scales [1]
         arithmetic = {} if interpret else dict(round_even=_round_even)
         entries = quantize_block(*entries, layer_kv_dtype(cache_refs), **arithmetic)
         new_key, new_value = (codes.astype(jnp.float32) * scales[:, None]
                               for codes, scales in (entries[::2], entries[1::2]))
+    else:
+        new_key, new_value = (entry.astype(jnp.float32) for entry in entries)
     score = jnp.sum(queries.astype(jnp.float32) * new_key, axis=-1) * scale
     score = jnp.where(owner, score, MASKED)  # [padded_group]
     new_top = jnp.maximum(top, score)
