@@ -50,6 +50,19 @@ def run_on_cpu_devices(module: str, devices: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def cli_flag_error(capsys, *args: str) -> str:
+    """The last stderr line of ``kvjax.cli.main(args)`` run in this process, which must
+    refuse a flag with exit status 2 before any work (tests/test_cli.py runs such a
+    refusal as a subprocess too)."""
+    from kvjax import cli
+
+    capsys.readouterr()  # what was printed before
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(list(args))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def clear_programs() -> None:
     """Forgets kvjax's generation programs: the compiled executables
     (``kvjax.programs.PROGRAMS``) and the traced programs and step functions it builds

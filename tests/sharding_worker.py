@@ -22,6 +22,9 @@ import re
 import sys
 
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]  # (data, model)
+# Where the longer checks run (each compiles more programs; two cores run all of them):
+KERNEL_MESHES = [(1, 8), (4, 2)]  # the decode kernel: KV heads grouped or split, rows whole or not
+INT8_MESHES = [(2, 4), (8, 1)]  # int8 tokens (the placement of codes and scales: every mesh)
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 1, 4, 1, 5, 9, 2], [40, 41], [7],
            [20, 30, 40, 50, 60, 70, 80, 90, 11, 12, 13], [2, 7, 1, 8], [61, 62, 63, 64, 65, 66]]
 NEW_TOKENS = 24
@@ -233,9 +236,6 @@ def task_meshes(hf_dir: str) -> dict:
         mesh = sharding.make_mesh(data=data, model=model_ways)
         model = sharding.shard_model(base, mesh)
         out = kvjax.generate(model, PROMPTS, **opts)
-        stream = kvjax.generate_stream(model, PROMPTS, chunk_size=8, **opts)
-        for _ in stream:
-            pass
         cache = programs.new_cache(model, len(PROMPTS), 64)
         # 7 prompts: data=2, 4, 8 split them only after padding to 8
         uneven = kvjax.generate(model, PROMPTS[:7], **opts)
@@ -243,7 +243,6 @@ def task_meshes(hf_dir: str) -> dict:
         for _ in uneven_stream:
             pass
         entry = {"tokens_equal": out.tokens == reference, "tokens": out.tokens,
-                 "stream_equal": stream.generation.tokens == reference,
                  "uneven_equal": uneven.tokens == reference[:7],
                  "uneven_stream_equal": uneven_stream.generation.tokens == reference[:7],
                  "uneven_batch": uneven.stats["batch"],
@@ -255,10 +254,11 @@ def task_meshes(hf_dir: str) -> dict:
                  "step": step_checks(model, 16, 256),
                  "cache_placement": cache_placement(model, 8, 64)}
         int8_cache = programs.new_cache(model, len(PROMPTS), 64, kv_dtype="int8")
-        entry["int8"] = {
-            "tokens_equal": kvjax.generate(model, PROMPTS, kv_dtype="int8", **opts).tokens
-            == int8_reference,
-            "codes": spec_of(int8_cache.keys[0]), "scales": spec_of(int8_cache.key_scales[0])}
+        entry["int8"] = {"codes": spec_of(int8_cache.keys[0]),
+                         "scales": spec_of(int8_cache.key_scales[0])}
+        if (data, model_ways) in INT8_MESHES:
+            entry["int8"]["tokens_equal"] = kvjax.generate(
+                model, PROMPTS, kv_dtype="int8", **opts).tokens == int8_reference
         if (data, model_ways) in ((1, 8), (2, 4)):  # ring buffers: a window, streaming
             ring_cache = programs.new_cache(model, len(PROMPTS), 64, window=12, sink_tokens=4)
             entry["ring"] = {
@@ -269,7 +269,8 @@ def task_meshes(hf_dir: str) -> dict:
                 "keys": spec_of(ring_cache.keys[0]), "slots": ring_cache.keys[0].shape[2]}
         if model_ways > base.config.num_kv_heads:  # KV heads grouped: whole program
             entry["program"] = program_gathers(model, 8, 64)
-        entry["kernel"] = kernel_on_mesh(model, reference)
+        if (data, model_ways) in KERNEL_MESHES:
+            entry["kernel"] = kernel_on_mesh(model, reference)
         gqa[f"{data}x{model_ways}"] = entry
         del model, cache
     # MQA on data=2 x model=4: its one KV head (replicated) is read by every query head

@@ -1,4 +1,10 @@
-"""scripts/generate.py as a user runs it: a subprocess on a real checkpoint directory."""
+"""scripts/generate.py as a user runs it: a subprocess on a real checkpoint directory.
+
+Tests that hold the CLI's output against the library's for the same settings run the
+command's ``kvjax.cli.main`` in this process instead (``run_in_process``: the same code
+once the interpreter has started), so that the library call reuses the programs the
+command compiled rather than compiling them a second time.
+"""
 
 import json
 import os
@@ -13,6 +19,8 @@ import pytest
 from jax.extend import backend
 
 import kvjax
+from kvjax import cli
+from tests.conftest import cli_flag_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
@@ -32,6 +40,16 @@ def bundled():
 def run_cli(*args, stdin=""):
     return subprocess.run([sys.executable, SCRIPT, *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, input=stdin)
+
+
+def run_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """``kvjax.cli.main(args)`` in this process, as ``run_cli`` reports a run: exit status,
+    stdout, stderr. ``--no-compile-cache``: the session's program store is the
+    subprocesses' (enabling it here would change how this process compiles)."""
+    capsys.readouterr()  # what was printed before
+    status = cli.main([*args, "--no-compile-cache"])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, status, out.out, out.err)
 
 
 def stats_tokens(stderr: str) -> int:
@@ -82,10 +100,9 @@ def test_absent_platform_is_one_line_error():
     (["--capacity", "-1"], "--capacity must be an integer >= 1"),
     (["--chunk-size", "0"], "--chunk-size must be an integer >= 1"),
 ])
-def test_bad_flag_exits_2(flags, message):
-    proc = run_cli("--prompt", "x", *flags)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"kvjax-generate: error: {message}"
+def test_bad_flag_exits_2(capsys, flags, message):
+    error = cli_flag_error(capsys, "--prompt", "x", *flags)
+    assert error == f"kvjax-generate: error: {message}"
 
 
 def test_non_finite_sampling_value_is_one_line_error():
@@ -106,14 +123,16 @@ def test_bad_input_is_one_line_error(checkpoint):
     assert proc.returncode == 1 and "neither a directory nor a Hugging Face Hub id" in proc.stderr
 
 
-def test_stream_prints_the_same_text(checkpoint):
+def test_stream_prints_the_same_text(capsys, checkpoint):
     common = ["--model", checkpoint, "--max-new-tokens", "20", "--dtype", "float32",
               "--stop", "0", "--platform", "cpu"]
-    plain = run_cli(*common, "--prompt", "the dog", "--quiet")
-    streamed = run_cli(*common, "--prompt", "the dog", "--stream", "--chunk-size", "3")
+    plain = run_in_process(capsys, *common, "--prompt", "the dog", "--quiet")
+    streamed = run_in_process(capsys, *common, "--prompt", "the dog", "--stream", "--chunk-size",
+                              "3")
     assert plain.returncode == 0 and streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == "the dog" + plain.stdout
-    lines = run_cli(*common, "--prompt", "the dog", "--prompt", "a cat sat", "--stream", "--json")
+    lines = run_in_process(capsys, *common, "--prompt", "the dog", "--prompt", "a cat sat",
+                           "--stream", "--json")
     records = [json.loads(line) for line in lines.stdout.splitlines()]
     final = records[-1]
     expected = kvjax.generate(kvjax.load(checkpoint, dtype="float32"), ["the dog", "a cat sat"],
@@ -181,16 +200,16 @@ def unescape(text: str) -> str:
     return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r", "\\": "\\"}[m.group(1)], text)
 
 
-def test_batch_rows_are_told_apart(bundled):
+def test_batch_rows_are_told_apart(capsys, bundled):
     expected = kvjax.generate(bundled, TWO_PROMPTS, max_new_tokens=40)
     assert all("\n" in text for text in expected.texts)  # what the formats must cope with
     common = ["--prompt", TWO_PROMPTS[0], "--prompt", TWO_PROMPTS[1], "--max-new-tokens", "40"]
-    plain = run_cli(*common)
+    plain = run_in_process(capsys, *common)
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout == "".join(f"--- row {row} ---\n{prompt}{text}\n" for row, (prompt, text)
                                    in enumerate(zip(TWO_PROMPTS, expected.texts)))
     assert stats_tokens(plain.stderr) == 80
-    streamed = run_cli(*common, "--stream", "--chunk-size", "4")
+    streamed = run_in_process(capsys, *common, "--stream", "--chunk-size", "4")
     assert streamed.returncode == 0, streamed.stderr
     pieces = ["", ""]
     for line in streamed.stdout.splitlines():
@@ -289,8 +308,6 @@ def test_dry_run_downloads_no_weights_from_the_hub(monkeypatch, capsys):
         return kvjax.BUNDLED_MODEL
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    from kvjax import cli
-
     assert cli.main(["--model", "org/name", "--prompt", "x", "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cache_bytes"] > 0
     assert asked == [("org/name", ["*.json", "tokenizer.model"])]
@@ -335,9 +352,10 @@ def test_dry_run_when_not_even_one_row_fits():
 
 @pytest.mark.parametrize("budget, expected", [("8GiB", 8 * 2 ** 30), ("1.5GB", 1_500_000_000),
                                               ("123456", 123456), ("2m", 2 * 2 ** 20)])
-def test_memory_budget_units(budget, expected):
-    proc, report = dry_run("--prompt", "x", "--memory-budget", budget, "--json")
-    assert report["memory_bytes"] == expected, proc.stderr
+def test_memory_budget_units(capsys, budget, expected):
+    status = cli.main(["--prompt", "x", "--memory-budget", budget, "--dry-run", "--json"])
+    assert status == (0 if expected > 2 ** 30 else 1)  # 1: the run does not fit the budget
+    assert json.loads(capsys.readouterr().out)["memory_bytes"] == expected
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -352,24 +370,23 @@ def test_memory_budget_units(budget, expected):
     (["--paged", "--no-cache"], "--paged runs rows in one pool of blocks that keeps whole "
                                 "prefixes: it takes no --no-cache"),
 ])
-def test_planning_flag_errors_exit_2(flags, message):
-    proc = run_cli("--prompt", "x", *flags)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"kvjax-generate: error: {message}")
+def test_planning_flag_errors_exit_2(capsys, flags, message):
+    assert cli_flag_error(capsys, "--prompt", "x", *flags).startswith(
+        f"kvjax-generate: error: {message}")
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
-def test_kv_dtype_generates_what_the_library_does(bundled, kv_dtype):
-    proc = run_cli("--prompt", "The list type", "--max-new-tokens", "24", "--kv-dtype", kv_dtype,
-                   "--json")
+def test_kv_dtype_generates_what_the_library_does(capsys, bundled, kv_dtype):
+    proc = run_in_process(capsys, "--prompt", "The list type", "--max-new-tokens", "24",
+                          "--kv-dtype", kv_dtype, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     expected = kvjax.generate(bundled, ["The list type"], max_new_tokens=24, kv_dtype=kv_dtype)
     assert out["tokens"] == expected.tokens
     assert out["stats"]["cache_bytes"] == expected.stats["cache_bytes"] == \
         kvjax.cache.estimate_bytes(bundled.config, 1, expected.stats["capacity"], kv_dtype)
-    streamed = run_cli("--prompt", "The list type", "--max-new-tokens", "24", "--kv-dtype",
-                       kv_dtype, "--stream", "--quiet")
+    streamed = run_in_process(capsys, "--prompt", "The list type", "--max-new-tokens", "24",
+                              "--kv-dtype", kv_dtype, "--stream", "--quiet")
     assert streamed.stdout == expected.texts[0] + "\n"
 
 
@@ -382,11 +399,11 @@ def test_chat_with_kv_dtype(checkpoint):
     assert proc.stdout == f"you> model> {session.send('hello there')}\nyou> "
 
 
-def test_streaming_runs_past_the_capacity(bundled):
+def test_streaming_runs_past_the_capacity(capsys, bundled):
     """--sink-tokens and --window: 200 new tokens through 64 slots, the library's tokens
     and cache bytes; a streaming --chat never reaches the capacity message."""
-    proc = run_cli("--prompt", "The list type", "--max-new-tokens", "200", "--sink-tokens", "4",
-                   "--window", "60", "--json")
+    proc = run_in_process(capsys, "--prompt", "The list type", "--max-new-tokens", "200",
+                          "--sink-tokens", "4", "--window", "60", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     expected = kvjax.generate(bundled, ["The list type"], max_new_tokens=200, sink_tokens=4,
