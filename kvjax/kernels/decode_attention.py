@@ -91,10 +91,11 @@ TARGET_PROGRAMS = 256
 # Query rows (a block's tokens times a KV head's group) one program of
 # ``attend_cached_block`` takes; a block with more takes several programs a head, each
 # reading the cache up to its tile's last position. ``block_takes`` leaves blocks of
-# more than BLOCK_TILES tiles to the portable path: on an H100 (batch 8 over 16k) the
-# 64-token chat turn (4 tiles at group 4) prefilled in 50.49 ms against 145.06 on the
-# portable path; larger blocks were not measured. docs/benchmarks.md.
-BLOCK_ROWS, BLOCK_TILES = 64, 4
+# more than BLOCK_TILES tiles to the portable path. On an H100 the block's attention
+# over int8/fp8 codes took 2.0-4.3x less time than the portable path's at every size
+# measured, up to 128 tokens (8 tiles at group 4; batches 1, 8 and 32 over 2k-32k), and
+# tiles of 128 rows were slower from 32 tokens on. docs/benchmarks.md.
+BLOCK_ROWS, BLOCK_TILES = 64, 8
 # The cache's buffers the kernel reads and writes, by whether the cache is quantized
 # (in the order of ``Cache.layer``).
 CACHE_BUFFERS = {False: ("keys", "values"),
