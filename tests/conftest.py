@@ -16,6 +16,18 @@ import kvjax
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# The files that take longest on two cores (measured with --durations), collected first:
+# pytest-xdist's --dist loadfile hands whole files to its workers in collection order, so
+# a long file collected last would leave one worker running it alone at the end.
+LONGEST_FIRST = ["test_sharding.py", "test_decode_kernel.py", "test_cli.py",
+                 "test_notebooks.py", "test_paged_cache.py", "test_quantized_cache.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable
+
+
 def make_config(num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32, vocab_size=97,
                 num_layers=2, max_position_embeddings=512, **kw) -> kvjax.ModelConfig:
     return kvjax.ModelConfig(model_type="llama", vocab_size=vocab_size, hidden_size=hidden_size,
