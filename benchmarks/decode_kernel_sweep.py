@@ -22,10 +22,11 @@ a second time with ``codes_as_float16`` flipped (the dots in float16 or not).
     python benchmarks/decode_kernel_sweep.py --codes-as-float16 --kinds int8 fp8 paged-int8
 
 ``--block-tokens N`` times a block of N tokens a row instead (a chat turn: positions
-``filled - N`` to ``filled - 1``, already in a contiguous cache) through
-``attend_cached_block``, each tuning also at every ``--query-rows``, and with
-``--portable`` through the portable path too (``kvjax.attention.quantized.attend_cache``
-or ``kvjax.attention.plain.attend_cache``; records say which in ``path``). Bytes read
+``filled - N`` to ``filled - 1``, already in the cache) through ``attend_cached_block``
+(``attend_cached_block_paged`` for paged kinds), each tuning also at every
+``--query-rows``, and with ``--portable`` through the portable path too
+(``kvjax.attention.quantized.attend_cache``, ``kvjax.attention.plain.attend_cache`` or
+``kvjax.attention.paged.attend_cache``; records say which in ``path``). Bytes read
 are counted once per step, as if every tile shared one read of the cache.
 
     python benchmarks/decode_kernel_sweep.py --block-tokens 16 64 --query-rows 64 128 \
@@ -51,11 +52,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_lib as lib  # noqa: E402
-from kvjax.attention import plain, quantized  # noqa: E402
+from kvjax.attention import paged, plain, quantized  # noqa: E402
 from kvjax.cache.quantized import quantize  # noqa: E402
 from kvjax.kernels import decode_attention as kernel  # noqa: E402
 
-KINDS = ("bfloat16", "int8", "fp8", "paged-bfloat16", "paged-int8")
+KINDS = ("bfloat16", "int8", "fp8", "paged-bfloat16", "paged-int8", "paged-fp8")
 
 
 def parse_point(text: str) -> tuple[int, int, int]:
@@ -101,16 +102,19 @@ def time_point(config, batch: int, filled: int, capacity: int, kind: str,
     ``block_tokens`` a block's attention on ``path`` (``"kernel"`` or ``"portable"``)."""
     tokens = block_tokens or 1
     q, k, v, buffers, tables = operands(config, batch, capacity, kind, block_size, tokens)
-    if block_tokens and tables is not None:
-        raise ValueError("--block-tokens times contiguous caches only: drop the paged kinds")
     positions = jnp.broadcast_to(jnp.arange(filled - tokens, filled, dtype=jnp.int32)
                                  if block_tokens else jnp.int32(filled), (batch, tokens))
 
     def step(buffers):
         options = dict(interpret=interpret, tuning=tuning)
+        if block_tokens and path == "portable" and tables is not None:
+            return paged.attend_cache(q, (*buffers, tables), positions), *buffers
         if block_tokens and path == "portable":
             read = quantized.attend_cache if len(buffers) == 4 else plain.attend_cache
             return read(q, *buffers, positions), *buffers
+        if block_tokens and tables is not None:
+            return kernel.attend_cached_block_paged(q, buffers, tables, positions,
+                                                    **options), *buffers
         if block_tokens:
             return kernel.attend_cached_block(q, buffers, positions, **options), *buffers
         if tables is not None:

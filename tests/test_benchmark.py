@@ -247,6 +247,26 @@ def test_profile_splits_runs_at_pauses():
     assert np.isclose(sum(step[k] for k, _ in lib.KINDS) + step["other"], step["busy"])
 
 
+def test_kernel_sweep_times_steps_and_blocks_over_each_layout(tmp_path):
+    """benchmarks/decode_kernel_sweep.py interpreted on CPU: one record per kind, block
+    size and path asked for, over a contiguous and a paged cache, decode steps and blocks
+    on the kernel and on the portable path, none with an error (the sweep records a
+    point that fails and goes on; CPU times are noise, so only their presence)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import decode_kernel_sweep as sweep
+
+    out = tmp_path / "sweep.json"
+    sweep.main(["--interpret", "--points", "B2 F40 C64", "--kinds", "int8", "paged-fp8",
+                "--block-tokens", "0", "4", "--portable", "--reps", "1", "--steps", "3",
+                "--json", str(out)])
+    records = json.loads(out.read_text())[1:]
+    assert [(r["kind"], r["block_tokens"], r["path"]) for r in records] == [
+        ("int8", 0, "kernel"), ("paged-fp8", 0, "kernel"), ("int8", 4, "kernel"),
+        ("int8", 4, "portable"), ("paged-fp8", 4, "kernel"), ("paged-fp8", 4, "portable")]
+    assert [r.get("error") for r in records] == [None] * 6
+    assert all(np.isfinite(r["us"]) for r in records)
+
+
 def test_paged_prefill_benchmark_records_each_case(tmp_path):
     """benchmarks/paged_prefill.py on the bundled shape, one layer: a record per case with
     the portable path's time (the cuDNN one only where cuDNN runs), the settings and the
