@@ -664,7 +664,6 @@ def _mesh_worker() -> dict:
             "model_block_kernels": [model_block_kernels(*mesh) for mesh in CPU_MESHES]}
 
 
-
 def test_every_cache_kind_takes_the_kernel_where_it_runs(monkeypatch):
     """Where the kernel runs compiled, ``choose`` picks it by default for float and
     int8/fp8 caches alike, and never with ``decode_kernel=False``."""

@@ -531,13 +531,29 @@ def _run(queries, keys, values, positions, buffers: tuple, tables: jax.Array | N
         return step(queries, keys, values, positions, *buffers, tables=tables)
     token = PartitionSpec(split.rows, None, split.heads, None)  # [batch, 1, heads, head_dim]
     new = PartitionSpec(split.rows, None, split.kv_heads, None)
+    return _per_device(step, split, (queries, keys, values, positions),
+                       (token, new, new, PartitionSpec(split.rows)), buffers, tables,
+                       writes=True)
+
+
+def _per_device(function, split: MeshSplit, leading: tuple, leading_specs: tuple,
+                buffers: tuple, tables: jax.Array | None, writes: bool):
+    """``function(*leading, *buffers, tables=tables)`` under shard_map, on each device's
+    shard: ``leading`` placed by ``leading_specs`` (the first of them also places the
+    output), the buffers and tables by ``_shard_specs``. Returns the output, and with
+    ``writes`` the buffers after it."""
     specs, table_specs = _shard_specs(split, len(buffers), tables)
-    run = _tables_as_keyword(step, tables, leading=4)
-    return jax.shard_map(run, mesh=split.mesh,
-                         in_specs=(token, new, new, PartitionSpec(split.rows), *table_specs,
-                                   *specs),
-                         out_specs=(token, *specs), check_vma=False,
-                         )(queries, keys, values, positions, *_operands(tables), *buffers)
+    count = len(leading)
+
+    def run(*args):  # the shard_map's operands: leading, (tables,) buffers
+        rest = args[count:]
+        if tables is None:
+            return function(*args[:count], *rest, tables=None)
+        return function(*args[:count], *rest[1:], tables=rest[0])
+
+    return jax.shard_map(run, mesh=split.mesh, in_specs=(*leading_specs, *table_specs, *specs),
+                         out_specs=(leading_specs[0], *specs) if writes else leading_specs[0],
+                         check_vma=False)(*leading, *_operands(tables), *buffers)
 
 
 def _shard_specs(split: MeshSplit, count: int, tables: jax.Array | None) -> tuple:
@@ -559,17 +575,8 @@ def _shard_specs(split: MeshSplit, count: int, tables: jax.Array | None) -> tupl
 
 
 def _operands(tables: jax.Array | None) -> tuple:
-    """``tables`` as operands of a shard_map (none without them)."""
+    """``tables`` as extra operands (of a shard_map, a Pallas call): none without them."""
     return () if tables is None else (tables,)
-
-
-def _tables_as_keyword(function, tables: jax.Array | None, leading: int):
-    """``function`` taking ``leading`` arguments, then (given ``tables``) the tables, then
-    the buffers, as a shard_map passes them, and calling ``function(*leading, *buffers,
-    tables=...)``."""
-    if tables is None:
-        return functools.partial(function, tables=None)
-    return lambda *args: function(*args[:leading], *args[leading + 1:], tables=args[leading])
 
 
 def _geometry(buffers: tuple, tables: jax.Array | None) -> tuple[int, int, int | None]:
@@ -698,12 +705,8 @@ def _run_block(queries, positions, buffers: tuple, tables: jax.Array | None,
     if split is None:
         return block(queries, positions, *buffers, tables=tables)
     token = PartitionSpec(split.rows, None, split.heads, None)  # [batch, seq, heads, head_dim]
-    specs, table_specs = _shard_specs(split, len(buffers), tables)
-    return jax.shard_map(_tables_as_keyword(block, tables, leading=2), mesh=split.mesh,
-                         in_specs=(token, PartitionSpec(split.rows, None), *table_specs,
-                                   *specs),
-                         out_specs=token, check_vma=False,
-                         )(queries, positions, *_operands(tables), *buffers)
+    return _per_device(block, split, (queries, positions),
+                       (token, PartitionSpec(split.rows, None)), buffers, tables, writes=False)
 
 
 def _attend_cached_block(queries, positions, *buffers, tables: jax.Array | None,
