@@ -74,7 +74,11 @@ def test_suite_records_are_complete_and_documented(smoke_run):
     assert bounds["case"] == "bounds" and bounds["bound_GBps"] > 0 and bounds["gemm_tflops"] > 0
     assert bounds["peak_tflops"] is None  # no spec sheet for a CPU: MFU stays null
     nocache = [r for r in records if r.get("case") == "nocache"]
-    assert [r["total_tokens"] for r in nocache] == [32] and nocache[0]["speedup"] > 0
+    # a ratio of two per-token time differences (n tokens less 1): on a loaded CPU a
+    # tiny model's difference can come out negative, so only its presence is checked
+    assert [r["total_tokens"] for r in nocache] == [32] and np.isfinite(nocache[0]["speedup"])
+    assert nocache[0]["speedup"] == pytest.approx(
+        nocache[0]["recompute_ms_per_token"] / nocache[0]["cache_ms_per_token"])
     assert nocache[0]["prompt_len"] + nocache[0]["new_tokens"] == 32
     # 3 rows of 32 shared + 16 own tokens, blocks of 16: the first computes all 48, the
     # others find the 2 shared blocks: 64 of 144 prompt tokens served, 80 computed

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 import kvjax
 
@@ -368,12 +369,24 @@ def float32_plain_step(q, k, v, positions, *buffers):
     return plain_step(*map(to_f32, (q, k, v)), positions, *map(to_f32, buffers))
 
 
-def test_int8_as_float16_is_exact():
-    """Every int8 code, turned into float16 by integer arithmetic, is its value."""
-    codes = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8)
-    got = decode_attention._int8_as_float16(codes)
+@pytest.mark.parametrize("compiled", [False, True], ids=["interpreted", "compiled"])
+def test_int8_as_float16_is_exact(compiled):
+    """Every int8 code, turned into float16 by integer arithmetic (in JAX, or compiled:
+    the kernel's PTX, four codes a register), is its value."""
+    codes = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
+    if compiled:
+        skip_unless_compiled(128, "int8")
+
+        def convert(codes_ref, out_ref):
+            out_ref[...] = decode_attention._int8_as_float16(codes_ref[...], interpret=False)
+
+        settings = decode_attention.plgpu.CompilerParams(num_warps=1)
+        got = pl.pallas_call(convert, out_shape=jax.ShapeDtypeStruct(codes.shape, jnp.float16),
+                             compiler_params=settings)(codes)
+    else:
+        got = decode_attention._int8_as_float16(codes, interpret=True)
     assert got.dtype == jnp.float16
-    np.testing.assert_array_equal(f32(got), np.arange(-128, 128, dtype=np.float32))
+    np.testing.assert_array_equal(f32(got).ravel(), np.arange(-128, 128, dtype=np.float32))
 
 
 # (heads, kv_heads, head_dim, capacity, tokens, first positions; None: an idle row):

@@ -174,14 +174,14 @@ class Tuning:
     (halved for head_dim 256: ``block_slots``), Triton's warps and pipeline stages per
     program, the programs the grid aims at (``part_count``), and, for int8/fp8 codes,
     ``codes_as_float16``: run the two dots in float16 (16-bit queries converted once), int8
-    codes turned into float16 by integer arithmetic (``_int8_as_float16``) and e4m3
-    codes by the GPU's fp8-to-f16 conversion, instead of converting every code to the
-    queries' dtype (bf16: through float32). float16 holds every int8 and e4m3 code
-    exactly, and the probabilities enter the second dot as fractions of their block's
-    largest value scale; queries beyond float16's range (65504) would overflow.
-    ``default_tuning`` sets it for fp8 (``FLOAT16_CODES``). ``query_rows``: the query
-    rows (tokens times a KV head's group) a program of ``attend_cached_block`` takes at
-    most, a power of two from 16.
+    codes turned into float16 by integer arithmetic (``_int8_as_float16``, four codes a
+    register in PTX) and e4m3 codes by the GPU's fp8-to-f16 conversion, instead of
+    converting every code to the queries' dtype (bf16: through float32). float16 holds
+    every int8 and e4m3 code exactly, and the probabilities enter the second dot as
+    fractions of their block's largest value scale; queries beyond float16's range
+    (65504) would overflow. ``default_tuning`` sets it for fp8 (``FLOAT16_CODES``).
+    ``query_rows``: the query rows (tokens times a KV head's group) a program of
+    ``attend_cached_block`` takes at most, a power of two from 16.
     """
 
     block_slots: int = BLOCK_SLOTS
@@ -205,7 +205,12 @@ DEEP_TUNING = Tuning(block_slots=128, num_warps=4, num_stages=3, target_programs
 # converts e4m3 to bf16 through float32, but to float16 in one instruction for two codes:
 # on an H100 (one layer of Llama-3.1-8B, batch 8) that took fp8's kernel from 150.2 to
 # 134.2 us at 16k filled and from 264.9 to 227.1 us at 32k, near int8's 129.1 and 229.4.
-# int8 codes lose by it (149.2 and 241.7 us). benchmarks/results/kernel_fp8_float16_h100.json.
+# int8 codes lost by it (149.2 and 241.7 us) while converted by integer arithmetic in
+# JAX. Converted in PTX (``INT8_AS_FLOAT16_PTX``), on an H200: 106.1 against 134.4 us at
+# batch 8 and 16k (whole steps 7.309 and 7.289 ms against 7.396 and 7.391, alternated),
+# but 82.3 against 77.7 us at batch 32 and 2k, and over a paged pool 118.9 against 107.5
+# there and 162.9 against 156.9 at batch 8 and 16k: int8 keeps its bf16 products.
+# benchmarks/results/kernel_int8_ptx_h200_points.json, docs/experiments.md.
 FLOAT16_CODES = ("fp8",)
 
 
@@ -237,12 +242,35 @@ def part_count(batch: int, kv_heads: int, capacity: int, head_dim: int,
     return max(1, min(tuning.target_programs // (batch * kv_heads), most))
 
 
-def _int8_as_float16(codes: jax.Array) -> jax.Array:
+# int8 codes to float16, four a 32-bit register (Triton packs four int8 into ``$2`` and
+# takes two float16 pairs back in ``$0``, ``$1``): XOR 0x80 makes each byte ``x + 128``
+# unsigned, ``prmt`` sets it under the high byte 0x64 (float16 ``1024 + x + 128``: 1024's
+# last mantissa bit is worth 1) and one ``sub.f16x2`` a pair takes 1152 (0x6480) off,
+# leaving ``x`` exactly: 1.25 integer and half-precision instructions a code, where
+# converting through float32 takes two conversions, a slower unit's work.
+INT8_AS_FLOAT16_PTX = """{
+.reg .b32 biased, high, offset;
+xor.b32 biased, $2, 0x80808080;
+mov.b32 high, 0x64646464;
+mov.b32 offset, 0x64806480;
+prmt.b32 $0, biased, high, 0x5140;
+prmt.b32 $1, biased, high, 0x5342;
+sub.f16x2 $0, $0, offset;
+sub.f16x2 $1, $1, offset;
+}"""
+
+
+def _int8_as_float16(codes: jax.Array, interpret: bool) -> jax.Array:
     """int8 codes as float16, exactly, without int-to-float conversions: ``x + 128`` in
-    [0, 255] ORed into the bits of 1024.0 (``0x6400``, whose last mantissa bit is worth 1)
-    is the float16 ``1024 + x + 128``; subtracting 1152 leaves ``x``."""
-    bits = (codes.astype(jnp.int16) + 128) | 0x6400
-    return jax.lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(1152)
+    [0, 255] put into the bits of 1024.0 (``0x6400``, whose last mantissa bit is worth 1)
+    is the float16 ``1024 + x + 128``; subtracting 1152 leaves ``x``. Compiled, four codes
+    at a time in PTX (``INT8_AS_FLOAT16_PTX``); interpreted, the same arithmetic in JAX."""
+    if interpret:
+        bits = (codes.astype(jnp.int16) + 128) | 0x6400
+        return jax.lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(1152)
+    return plgpu.elementwise_inline_asm(
+        INT8_AS_FLOAT16_PTX, args=[codes], constraints="=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, jnp.float16)])[0]
 
 
 def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: int,
@@ -298,7 +326,7 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
 
     def as_operands(codes):  # a block of the cache, [slots, head_dim]
         if codes.dtype == jnp.int8 and operands == jnp.float16:
-            return _int8_as_float16(codes)
+            return _int8_as_float16(codes, interpret)
         return codes.astype(operands)
 
     per_part = pl.cdiv(pl.cdiv(position, parts), slots) * slots
