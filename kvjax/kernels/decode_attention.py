@@ -246,8 +246,9 @@ def part_count(batch: int, kv_heads: int, capacity: int, head_dim: int,
 # takes two float16 pairs back in ``$0``, ``$1``): XOR 0x80 makes each byte ``x + 128``
 # unsigned, ``prmt`` sets it under the high byte 0x64 (float16 ``1024 + x + 128``: 1024's
 # last mantissa bit is worth 1) and one ``sub.f16x2`` a pair takes 1152 (0x6480) off,
-# leaving ``x`` exactly: 1.25 integer and half-precision instructions a code, where
-# converting through float32 takes two conversions, a slower unit's work.
+# leaving ``x`` exactly: five integer and half-precision instructions for four codes
+# (besides the two constants' moves), where converting through float32 takes two
+# conversions a code, a slower unit's work.
 INT8_AS_FLOAT16_PTX = """{
 .reg .b32 biased, high, offset;
 xor.b32 biased, $2, 0x80808080;
