@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import bench_lib  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_lib  # noqa: E402
 from kvjax.attention import flash  # noqa: E402
 from kvjax.attention.choice import LayerAttention, attend_pool_blocks  # noqa: E402
 from kvjax.decode import prompt_positions  # noqa: E402
