@@ -75,7 +75,8 @@ def test_suite_records_are_complete_and_documented(smoke_run):
     assert bounds["peak_tflops"] is None  # no spec sheet for a CPU: MFU stays null
     nocache = [r for r in records if r.get("case") == "nocache"]
     # a ratio of two per-token time differences (n tokens less 1): on a loaded CPU a
-    # tiny model's difference can come out negative, so only its presence is checked
+    # tiny model's difference can come out negative, so its sign is not checked, only
+    # that it is finite and the quotient of the two per-token times it records
     assert [r["total_tokens"] for r in nocache] == [32] and np.isfinite(nocache[0]["speedup"])
     assert nocache[0]["speedup"] == pytest.approx(
         nocache[0]["recompute_ms_per_token"] / nocache[0]["cache_ms_per_token"])
