@@ -155,9 +155,10 @@ def primitives_outside_kernels(jaxpr) -> list[str]:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_kernel_in_bfloat16(kind):
-    """bfloat16 queries over a bfloat16 cache or int8/fp8 codes (converted to bfloat16
-    in the kernel, as compiled): the output within bfloat16 rounding (atol 0.03, rtol
-    0.05) of the float32 plain path; the cache exactly."""
+    """bfloat16 queries over a bfloat16 cache or int8/fp8 codes (int8 keys scored by
+    int8 products, other codes converted to bfloat16 in the kernel, as compiled): the
+    output within bfloat16 rounding (atol 0.03, rtol 0.05) of the float32 plain path;
+    the cache exactly."""
     rows = [700, 3]
     q, k, v, *buffers = random_step(2, 8, 2, 64, 768, jnp.bfloat16, seed=1, kind=kind)
     positions = jnp.array(rows, jnp.int32)[:, None]

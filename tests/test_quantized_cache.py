@@ -42,7 +42,9 @@ def test_quantize_round_trip(kind):
                                                  (None, 30.0, 1)])
 def test_attention_equals_the_plain_path_over_the_dequantized_cache(kind, window, softcap, seq):
     """The oracle: the whole cache dequantized, then plain attention; the quantized path
-    reads codes block by block (blocks of 16 here, so several) with the scales folded in."""
+    reads codes block by block (blocks of 16 here, so several) with the scales folded in.
+    Over int8 keys the scores are int8 products of each query row quantized alike, so
+    the oracle's queries go through int8 too."""
     batch, heads, kv_heads, capacity, head_dim = 2, 4, 2, 40, 16
     keys = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(keys[0], (batch, seq, heads, head_dim))
@@ -52,7 +54,8 @@ def test_attention_equals_the_plain_path_over_the_dequantized_cache(kind, window
     positions = jnp.asarray(start + np.arange(seq)[None, :], jnp.int32)
     positions = positions.at[1, seq - 1:].set(-1)  # a padded query too
     slots = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (batch, capacity))
-    want = plain.attend(q, dequantize(key_codes, key_scales), dequantize(value_codes, value_scales),
+    read_queries = dequantize(*quantize(q, kind)) if kind == "int8" else q
+    want = plain.attend(read_queries, dequantize(key_codes, key_scales), dequantize(value_codes, value_scales),
                         positions, slots, window, None, softcap)
     got = quantized.attend_cache(q, key_codes, value_codes, key_scales, value_scales, positions,
                                  window, None, softcap, block_slots=16)

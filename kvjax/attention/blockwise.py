@@ -7,7 +7,11 @@ one block is ever converted or gathered, never the whole cache. Quantized caches
 in how a block is read. Codes enter the products as stored: a token's scale factors out
 of its dot products (``q . (codes * s) = (q . codes) * s``; a value weighted by ``p``
 contributes ``(p * s) . codes``). Codes enter the products converted to the queries'
-dtype (exact), so on GPUs they run on the tensor cores.
+dtype (exact), so on GPUs they run on the tensor cores; int8 keys are not converted:
+each query row is quantized as the cache quantizes a key (``kvjax.cache.quantize``: int8
+codes and a float32 scale) and the scores are int8 products summed exactly in int32,
+times both scales (``int8_scores``), as the decode kernel computes them (quality and
+speed: docs/memory.md).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention.plain import MASKED, Partials, attention_mask, default_scale, soft_cap
+from kvjax.cache.quantized import quantize
 
 # read(i) -> (keys, values, key_scales, value_scales, key_positions) of block i:
 # keys, values [batch, kv_heads, block, head_dim] (float or codes); scales
@@ -51,15 +56,22 @@ def partials(queries: jax.Array, read: BlockReader, blocks: jax.Array | int,
     Masks by positions as ``kvjax.attention.plain.attend`` does."""
     batch, seq, heads, head_dim = queries.shape
     scale = default_scale(head_dim) if scale is None else scale
+    first = jax.eval_shape(read, jnp.int32(0))[0]  # a block's keys
+    kv_heads = first.shape[1]
+    grouped = queries.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
+    if first.dtype == jnp.int8:  # (codes, scales), once, outside the loop
+        query_int8 = quantize(grouped, "int8")
 
     def step(i, carry):
         top, total, out = carry  # [batch, kv_heads, group, seq](, head_dim)
         keys, values, key_scales, value_scales, held = read(i)
-        kv_heads = keys.shape[1]
-        grouped = queries.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
         operands = _operand_dtype(queries.dtype, keys.dtype, key_scales is not None)
-        scores = jnp.einsum("bqkgd,bksd->bkgqs", grouped.astype(operands), keys.astype(operands),
-                            preferred_element_type=jnp.float32)  # [batch, kv_heads, group, seq, block]
+        if keys.dtype == jnp.int8:
+            scores = int8_scores(*query_int8, keys)
+        else:
+            scores = jnp.einsum("bqkgd,bksd->bkgqs", grouped.astype(operands),
+                                keys.astype(operands), preferred_element_type=jnp.float32)
+        # [batch, kv_heads, group, seq, block]
         if key_scales is not None:
             scores = scores * key_scales[:, :, None, None, :]
         scores = scores * scale
@@ -76,16 +88,27 @@ def partials(queries: jax.Array, read: BlockReader, blocks: jax.Array | int,
             preferred_element_type=jnp.float32)
         return new_top, total * rescale + weights.sum(axis=-1), out
 
-    kv_heads = jax.eval_shape(read, jnp.int32(0))[0].shape[1]
     shape = (batch, kv_heads, heads // kv_heads, seq)
     init = (jnp.full(shape, MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros((*shape, head_dim), jnp.float32))
     return jax.lax.fori_loop(0, blocks, step, init)
 
 
+def int8_scores(query_codes: jax.Array, query_scales: jax.Array,
+                key_codes: jax.Array) -> jax.Array:
+    """float32 ``[batch, kv_heads, group, seq, block]`` products of int8 query codes
+    ``[batch, seq, kv_heads, group, head_dim]`` (with their float32 scales ``[batch, seq,
+    kv_heads, group]``, ``kvjax.cache.quantize``'s) and int8 key codes ``[batch, kv_heads,
+    block, head_dim]``: summed in int32 (exact), times the queries' scales (the keys'
+    are the caller's)."""
+    scores = jnp.einsum("bqkgd,bksd->bkgqs", query_codes, key_codes,
+                        preferred_element_type=jnp.int32)
+    return scores.astype(jnp.float32) * jnp.moveaxis(query_scales, 1, -1)[..., None]
+
+
 def _operand_dtype(query_dtype, key_dtype, codes: bool):
-    """The dtype both dot products take: the queries' for codes (int8 and e4m3 values
-    are exact in every float dtype), else the wider of the queries' and the cache's;
-    products accumulate in float32 (flash attention's choice: the probabilities enter
-    the second product in it too)."""
+    """The dtype the dot products over converted codes take: the queries' for codes
+    (int8 and e4m3 values are exact in every float dtype), else the wider of the
+    queries' and the cache's; products accumulate in float32 (flash attention's
+    choice: the probabilities enter the second product in it too)."""
     return jnp.dtype(query_dtype) if codes else jnp.promote_types(query_dtype, key_dtype)

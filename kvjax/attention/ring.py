@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from kvjax.attention import plain, quantized
 from kvjax.cache.layout import LayerSlots, held_positions, write_slots
-from kvjax.cache.quantized import dequantize, layer_kv_dtype, quantize_block
+from kvjax.cache.quantized import layer_kv_dtype, quantize_block
 
 
 def write(layer_cache: tuple, block: tuple, positions: jax.Array, slots: LayerSlots) -> tuple:
@@ -77,18 +77,11 @@ def _read(scale, softcap, slots: LayerSlots, q, sink_queries, kv: tuple, query_p
     window of each query over the rest."""
     sinks = slots.sinks
     in_window = jnp.where(key_positions >= sinks, key_positions, -1)
-    if len(kv) == 4:
-        parts = [quantized.partials(q, *kv, query_positions, in_window, slots.window, scale,
-                                    softcap)]
-    else:
-        parts = [plain.partials(q, *kv, query_positions, in_window, slots.window, scale,
-                                softcap)]
+    partials = quantized.partials if len(kv) == 4 else plain.partials
+    parts = [partials(q, *kv, query_positions, in_window, slots.window, scale, softcap)]
     if sinks:  # sinks sit in the first slots of a ring, or of a block that starts the row
         count = min(sinks, kv[0].shape[2])
-        first = [x[:, :, :count] for x in kv]
-        if len(first) == 4:
-            first = [dequantize(first[0], first[2]), dequantize(first[1], first[3])]
         held = key_positions[:, :count]
-        parts.append(plain.partials(sink_queries, *first, query_positions,
-                                    jnp.where(held < sinks, held, -1), None, scale, softcap))
+        parts.append(partials(sink_queries, *(x[:, :, :count] for x in kv), query_positions,
+                              jnp.where(held < sinks, held, -1), None, scale, softcap))
     return parts

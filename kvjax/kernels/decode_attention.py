@@ -19,12 +19,15 @@ row (large batches) the kernel normalises and writes the output itself.
 
 The same kernel reads an int8 or fp8 cache (``kvjax.cache.QuantizedKVCache``;
 ``attend_and_write_quantized``), a static flag: a decode step is bound by reading the
-cache, and codes are half the bytes of bf16. A block of codes is converted to the
-queries' dtype in registers, e4m3 codes to float16 (the GPU converts those in one
-instruction for two; int8's -127..127 and every e4m3 value are exact in bf16 and f16),
-and the float32 scales of its tokens multiply the scores and the probabilities
-(a token's scale factors out of its dot products, as in
-``kvjax.attention.quantized``). Part 0 quantizes the new token itself, by
+cache, and codes are half the bytes of bf16. int8 key codes enter the scores as they
+are: each query row is quantized once, as a key is (int8 codes and a float32 scale), and
+the scores are int8 products summed in int32 on the tensor cores
+(``kvjax.attention.blockwise.int8_scores``), so no key code takes a conversion. Value
+codes, and e4m3 keys, are converted to the queries' dtype in registers, e4m3 codes to
+float16 (the GPU converts those in one instruction for two; int8's -127..127 and every
+e4m3 value are exact in bf16 and f16). The float32 scales of a block's tokens multiply
+the scores and the probabilities (a token's scale factors out of its dot products, as
+in ``kvjax.attention.quantized``). Part 0 quantizes the new token itself, by
 ``kvjax.cache.quantize``: its ``1 / scale`` is the GPU division XLA's is, and it rounds
 half to even by ``cvt.rni``, so it writes the codes and scales XLA would (done by XLA
 before the kernel, those few elements took small fusions: an H100's step at batch 8
@@ -71,7 +74,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import Mesh, PartitionSpec
 
 from kvjax.attention.plain import MASKED, default_scale
-from kvjax.cache.quantized import QUANTIZED, layer_kv_dtype, quantize_block
+from kvjax.cache.quantized import QUANTIZED, layer_kv_dtype, quantize, quantize_block
 from kvjax import platform
 
 try:  # deprecated since JAX 0.11 and to be removed: kvjax must import without it
@@ -173,7 +176,8 @@ class Tuning:
     """The kernel's launch settings: cache slots a program reads per loop iteration
     (halved for head_dim 256: ``block_slots``), Triton's warps and pipeline stages per
     program, the programs the grid aims at (``part_count``), and, for int8/fp8 codes,
-    ``codes_as_float16``: run the two dots in float16 (16-bit queries converted once), int8
+    ``codes_as_float16``: run the dots over converted codes in float16 (16-bit queries
+    converted once; int8 keys are never converted: their scores are int8 products), int8
     codes turned into float16 by integer arithmetic (``_int8_as_float16``, four codes a
     register in PTX) and e4m3 codes by the GPU's fp8-to-f16 conversion, instead of
     converting every code to the queries' dtype (bf16: through float32). float16 holds
@@ -210,7 +214,9 @@ DEEP_TUNING = Tuning(block_slots=128, num_warps=4, num_stages=3, target_programs
 # batch 8 and 16k (whole steps 7.309 and 7.289 ms against 7.396 and 7.391, alternated),
 # but 82.3 against 77.7 us at batch 32 and 2k, and over a paged pool 118.9 against 107.5
 # there and 162.9 against 156.9 at batch 8 and 16k: int8 keeps its bf16 products.
-# benchmarks/results/kernel_int8_ptx_h200_points.json, docs/experiments.md.
+# benchmarks/results/kernel_int8_ptx_h200_points.json, docs/experiments.md. Since int8
+# keys are scored by int8 products, float16 covers int8's values only; on an H100 that
+# was slower (129.9 against 121.7 us at batch 8 and 16k; int8_scores_h100_kernel.json).
 FLOAT16_CODES = ("fp8",)
 
 
@@ -283,10 +289,12 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     then the outputs: a part's flash partials ``(out, max, sum)`` or, with a single part,
     ``(out,)``: the attention output itself, and the cache's buffers again (aliased).
     The buffers are ``(key, value)``, and for a ``quantized`` cache
-    ``(key codes, value codes, key scale, value scale)``: codes are converted to the
-    queries' dtype in registers (exact for int8 and e4m3 in bf16/f16) and the float32
-    scales multiply the scores and the probabilities, so no dequantized block is ever
-    stored (with ``codes_as_float16`` the dots run in float16: ``Tuning``). ``slots``:
+    ``(key codes, value codes, key scale, value scale)``: int8 keys are scored by int8
+    products with the queries quantized a row, other codes converted to the queries'
+    dtype in registers (exact for int8 and e4m3 in bf16/f16), and the float32 scales
+    multiply the scores and the probabilities, so no dequantized block is ever stored
+    (with ``codes_as_float16`` the converted codes' dots run in float16: ``Tuning``).
+    ``slots``:
     cache slots per loop iteration (``block_slots``). A contiguous
     cache's buffers are ``[batch, kv_heads, capacity(, head_dim)]``; a paged one's
     ``[kv_heads, num_blocks, block_size(, head_dim)]``, position ``p`` of a row in its
@@ -324,6 +332,11 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     else:
         operands = queries.dtype
     dot_queries = queries.astype(operands)
+    arithmetic = {} if interpret else dict(round_even=_round_even)
+    int8_keys = quantized and keys_ref.dtype == jnp.int8
+    if int8_keys:  # the scores are int8 products (kvjax.attention.blockwise.int8_scores):
+        # codes [padded_group, head_dim], scales [padded_group]
+        query_codes, query_scales = quantize(queries, "int8", **arithmetic)
 
     def as_operands(codes):  # a block of the cache, [slots, head_dim]
         if codes.dtype == jnp.int8 and operands == jnp.float16:
@@ -359,8 +372,11 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
                       jnp.arange(head_dim)[None, :])
             return plgpu.load(ref.at[at], mask=filled[:, None], other=zero)
 
-        keys = as_operands(load(keys_ref))  # [slots, head_dim]
-        scores = plgpu.dot(dot_queries, keys.T)  # [padded_group, slots] float32
+        if int8_keys:  # [padded_group, slots] float32
+            scores = plgpu.dot(query_codes, load(keys_ref).T).astype(jnp.float32)
+            scores = scores * query_scales[:, None]
+        else:
+            scores = plgpu.dot(dot_queries, as_operands(load(keys_ref)).T)
         if quantized:  # a key's scale factors out of its dot product
             scores = scores * (load(cache_refs[2]) * scale)[None, :]
         else:
@@ -406,13 +422,17 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
     owner = (part == 0) & (position >= 0)
     entries = tuple(ref[...][None] for ref in new_refs)  # key, value: [1, head_dim]
     if quantized:  # codes [1, head_dim] and scales [1]
-        arithmetic = {} if interpret else dict(round_even=_round_even)
         entries = quantize_block(*entries, layer_kv_dtype(cache_refs), **arithmetic)
         new_key, new_value = (codes.astype(jnp.float32) * scales[:, None]
                               for codes, scales in (entries[::2], entries[1::2]))
     else:
         new_key, new_value = (entry.astype(jnp.float32) for entry in entries)
-    score = jnp.sum(queries.astype(jnp.float32) * new_key, axis=-1) * scale
+    if int8_keys:  # as the loop's scores: an exact integer sum, times both scales
+        key_codes, key_scale = entries[0].astype(jnp.float32), entries[2]
+        score = jnp.sum(query_codes.astype(jnp.float32) * key_codes, axis=-1) * query_scales
+        score = score * (key_scale * scale)
+    else:
+        score = jnp.sum(queries.astype(jnp.float32) * new_key, axis=-1) * scale
     score = jnp.where(owner, score, MASKED)  # [padded_group]
     new_top = jnp.maximum(top, score)
     rescale = jnp.exp(top - new_top)
