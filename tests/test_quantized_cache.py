@@ -55,8 +55,9 @@ def test_attention_equals_the_plain_path_over_the_dequantized_cache(kind, window
     positions = positions.at[1, seq - 1:].set(-1)  # a padded query too
     slots = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (batch, capacity))
     read_queries = dequantize(*quantize(q, kind)) if kind == "int8" else q
-    want = plain.attend(read_queries, dequantize(key_codes, key_scales), dequantize(value_codes, value_scales),
-                        positions, slots, window, None, softcap)
+    want = plain.attend(read_queries, dequantize(key_codes, key_scales),
+                        dequantize(value_codes, value_scales), positions, slots, window, None,
+                        softcap)
     got = quantized.attend_cache(q, key_codes, value_codes, key_scales, value_scales, positions,
                                  window, None, softcap, block_slots=16)
     real = np.asarray(positions >= 0)

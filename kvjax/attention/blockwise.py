@@ -59,14 +59,15 @@ def partials(queries: jax.Array, read: BlockReader, blocks: jax.Array | int,
     first = jax.eval_shape(read, jnp.int32(0))[0]  # a block's keys
     kv_heads = first.shape[1]
     grouped = queries.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
-    if first.dtype == jnp.int8:  # (codes, scales), once, outside the loop
+    int8_keys = first.dtype == jnp.int8
+    if int8_keys:  # (codes, scales), once, outside the loop
         query_int8 = quantize(grouped, "int8")
 
     def step(i, carry):
         top, total, out = carry  # [batch, kv_heads, group, seq](, head_dim)
         keys, values, key_scales, value_scales, held = read(i)
         operands = _operand_dtype(queries.dtype, keys.dtype, key_scales is not None)
-        if keys.dtype == jnp.int8:
+        if int8_keys:
             scores = int8_scores(*query_int8, keys)
         else:
             scores = jnp.einsum("bqkgd,bksd->bkgqs", grouped.astype(operands),
