@@ -87,6 +87,16 @@ def operands(config, batch: int, capacity: int, kind: str, block_size: int, toke
     return q, k, v, tuple(buffers), tables
 
 
+def decode_step(q, k, v, buffers: tuple, tables, positions, **options) -> tuple:
+    """One layer's decode step by the kernel over ``operands``' buffers (a paged pool's
+    through ``tables``): ``(out, *buffers)``."""
+    if tables is not None:
+        return kernel.attend_and_write_paged(q, k, v, buffers, tables, positions, **options)
+    if len(buffers) == 4:
+        return kernel.attend_and_write_quantized(q, k, v, *buffers, positions, **options)
+    return kernel.attend_and_write(q, k, v, *buffers, positions, **options)
+
+
 def step_bytes(config, batch: int, filled: int, kind: str) -> int:
     """Bytes a step reads from the cache: every row's filled keys and values."""
     per_slot = config.head_dim * (2 if kind.endswith("bfloat16") else 1) + (
@@ -116,11 +126,7 @@ def time_point(config, batch: int, filled: int, capacity: int, kind: str,
                                                     **options), *buffers
         if block_tokens:
             return kernel.attend_cached_block(q, buffers, positions, **options), *buffers
-        if tables is not None:
-            return kernel.attend_and_write_paged(q, k, v, buffers, tables, positions, **options)
-        if len(buffers) == 4:
-            return kernel.attend_and_write_quantized(q, k, v, *buffers, positions, **options)
-        return kernel.attend_and_write(q, k, v, *buffers, positions, **options)
+        return decode_step(q, k, v, buffers, tables, positions, **options)
 
     def loop(n, buffers):
         def body(_, carry):

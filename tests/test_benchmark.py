@@ -272,6 +272,37 @@ def test_kernel_sweep_times_steps_and_blocks_over_each_layout(tmp_path):
     assert all(np.isfinite(r["us"]) for r in records)
 
 
+def test_kernel_sass_counts_loops_and_a_paged_step_has_two_block_loops():
+    """benchmarks/kernel_sass.py: its SASS reader counts the instructions from a backward
+    branch's target to the branch (a forward branch is no loop), and the Triton IR it
+    takes from JAX's lowering (no GPU, no triton package needed) holds a decode step's
+    loops over cache blocks: over a paged pool two, unmasked then masked (four products
+    over int8 codes, scores and values in each), over a contiguous cache one."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_lib
+    import kernel_sass
+
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/              @P0 BRA 0x60 ;
+        /*0020*/                   LDS.U8 R2, [R3] ;
+        /*0030*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0040*/                   IADD3 R3, R3, 0x1, RZ ;
+        /*0050*/              @P1 BRA 0x20 ;
+        /*0060*/                   FADD R5, R5, R6 ;
+        /*0070*/             @!P2 BRA 0x60 ;
+        /*0080*/                   EXIT ;
+    """
+    assert kernel_sass.loops(listing) == [
+        {"start": "0x20", "instructions": 4,
+         "opcodes": {"LDS": 1, "HMMA": 1, "IADD3": 1, "BRA": 1}},
+        {"start": "0x60", "instructions": 2, "opcodes": {"FADD": 1, "BRA": 1}}]
+    config = bench_lib.model_config("llama-3.1-8b")
+    for kind, loops in (("int8", 1), ("paged-int8", 2)):
+        ir, _ = kernel_sass.triton_ir(config, (2, 1000, 1024), kind, 16)
+        assert (ir.count("scf.for"), ir.count("tt.dot")) == (loops, 2 * loops)
+
+
 def test_paged_prefill_benchmark_records_each_case(tmp_path):
     """benchmarks/paged_prefill.py on the bundled shape, one layer: a record per case with
     the portable path's time (the cuDNN one only where cuDNN runs), the settings and the

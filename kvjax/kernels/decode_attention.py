@@ -6,16 +6,20 @@ dynamic-update-slice kernels, cuDNN's attention, cuDNN's reduction of its splits
 select; here it is one Pallas (Triton) kernel, and one XLA fusion that merges its parts
 where a row's fill is split into several.
 
-The kernel's grid is ``(batch, kv_heads, parts)``: each program takes the queries of
-one KV head's group and one of ``parts`` equal parts of the row's filled slots (before
-its position; a part is a whole number of ``BLOCK_SLOTS``, so at short fills the last
-parts are empty), and computes flash-attention partials (a running maximum, sum and
-weighted values, in float32) over it. The parts follow the fill, not the capacity: a
-large cache that is little filled costs what its fill costs. The program of part 0
-also adds the new token itself, from registers, and writes its key and value into the
-cache (aliased in place: the buffers are the kernel's outputs). Rows whose position is
-``-1`` (finished rows) read and write nothing and return zeros. With a single part a
-row (large batches) the kernel normalises and writes the output itself.
+The kernel's grid is ``(batch, kv_heads, parts)``: each program takes the queries of one
+KV head's group and one of ``parts`` equal parts of the row's filled slots (before its
+position; a part is a whole number of ``BLOCK_SLOTS``, so at short fills the last parts
+are empty), and computes flash-attention partials (a running maximum, sum and weighted
+values, in float32) over it. The parts follow the fill, not the capacity: a large cache
+that is little filled costs what its fill costs. Over a paged pool a part's blocks that
+lie wholly before its end are read without masks (their table entries too), and only its
+last, partly filled block with them: on an H100 that made int8 decode steps at batch 8
+and 16k 4% faster and left bf16's unchanged, while over a contiguous cache it was no
+faster (docs/experiments.md, 2026-12-07). The program of part 0 also adds the new token
+itself, from registers, and writes its key and value into the cache (aliased in place:
+the buffers are the kernel's outputs). Rows whose position is ``-1`` (finished rows)
+read and write nothing and return zeros. With a single part a row (large batches) the
+kernel normalises and writes the output itself.
 
 The same kernel reads an int8 or fp8 cache (``kvjax.cache.QuantizedKVCache``;
 ``attend_and_write_quantized``), a static flag: a decode step is bound by reading the
@@ -173,16 +177,16 @@ class MeshSplit:
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """The kernel's launch settings: cache slots a program reads per loop iteration
-    (halved for head_dim 256: ``block_slots``), Triton's warps and pipeline stages per
-    program, the programs the grid aims at (``part_count``), and, for int8/fp8 codes,
+    """The kernel's launch settings: cache slots a program reads per loop iteration (halved
+    for head_dim 256: ``block_slots``), Triton's warps and pipeline stages per program,
+    the programs the grid aims at (``part_count``), and, for int8/fp8 codes,
     ``codes_as_float16``: run the dots over converted codes in float16 (16-bit queries
     converted once; int8 keys are never converted: their scores are int8 products), int8
     codes turned into float16 by integer arithmetic (``_int8_as_float16``, four codes a
     register in PTX) and e4m3 codes by the GPU's fp8-to-f16 conversion, instead of
-    converting every code to the queries' dtype (bf16: through float32). float16 holds
-    every int8 and e4m3 code exactly, and the probabilities enter the second dot as
-    fractions of their block's largest value scale; queries beyond float16's range
+    converting every code to the queries' dtype (e4m3 to bf16: through float32). float16
+    holds every int8 and e4m3 code exactly, and the probabilities enter the second dot
+    as fractions of their block's largest value scale; queries beyond float16's range
     (65504) would overflow. ``default_tuning`` sets it for fp8 (``FLOAT16_CODES``).
     ``query_rows``: the query rows (tokens times a KV head's group) a program of
     ``attend_cached_block`` takes at most, a power of two from 16.
@@ -253,8 +257,8 @@ def part_count(batch: int, kv_heads: int, capacity: int, head_dim: int,
 # unsigned, ``prmt`` sets it under the high byte 0x64 (float16 ``1024 + x + 128``: 1024's
 # last mantissa bit is worth 1) and one ``sub.f16x2`` a pair takes 1152 (0x6480) off,
 # leaving ``x`` exactly: five integer and half-precision instructions for four codes
-# (besides the two constants' moves), where converting through float32 takes two
-# conversions a code, a slower unit's work.
+# (besides the two constants' moves). (Triton's own int8-to-bf16 conversion is integer
+# and bf16 arithmetic too, as the triton package compiles it: docs/experiments.md.)
 INT8_AS_FLOAT16_PTX = """{
 .reg .b32 biased, high, offset;
 xor.b32 biased, $2, 0x80808080;
@@ -352,25 +356,28 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
         if block_size is None:
             return row, head, pl.ds(start, slots)
         held = start + slot  # [slots] positions
-        blocks = plgpu.load(tables_ref.at[row, held // block_size], mask=filled, other=0)
+        blocks = plgpu.load(tables_ref.at[row, held // block_size], mask=filled,
+                            other=None if filled is None else 0)
         return head, blocks, held % block_size
 
-    def block(i, carry):
+    def block(i, carry, masked: bool):  # unmasked: every slot of the block is filled
         out, top, total = carry
         start = first + i * slots
-        filled = (start + slot) < end  # [slots]
+        filled = (start + slot) < end if masked else None  # [slots]
         index = where(start, filled)
 
         def load(ref):  # the block of a buffer: [slots(, head_dim)], 0 past the fill
             zero = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.
+            other = zero if masked else None
             if ref.ndim == 3:  # scales
-                return plgpu.load(ref.at[index], mask=filled, other=zero)
+                return plgpu.load(ref.at[index], mask=filled, other=other)
             if block_size is None:
                 at = index + (slice(None),)
             else:  # gathered slots: every index an array, [slots, head_dim] together
                 at = (index[0], index[1][:, None], index[2][:, None],
                       jnp.arange(head_dim)[None, :])
-            return plgpu.load(ref.at[at], mask=filled[:, None], other=zero)
+            return plgpu.load(ref.at[at], mask=filled[:, None] if masked else None,
+                              other=other)
 
         if int8_keys:  # [padded_group, slots] float32
             scores = plgpu.dot(query_codes, load(keys_ref).T).astype(jnp.float32)
@@ -381,10 +388,11 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
             scores = scores * (load(cache_refs[2]) * scale)[None, :]
         else:
             scores = scores * scale
-        seen = filled[None, :]  # [padded_group or rows, slots]
-        if tiles is not None:  # each query row up to its own position
-            seen = seen & ((start + slot)[None, :] <= query_positions[:, None])
-        scores = jnp.where(seen, scores, MASKED)
+        if masked:
+            seen = filled[None, :]  # [padded_group or rows, slots]
+            if tiles is not None:  # each query row up to its own position
+                seen = seen & ((start + slot)[None, :] <= query_positions[:, None])
+            scores = jnp.where(seen, scores, MASKED)
         new_top = jnp.maximum(top, scores.max(axis=-1))
         rescale = jnp.exp(top - new_top)
         weights = jnp.exp(scores - new_top[:, None])
@@ -410,7 +418,12 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
              jnp.full((padded_group,), MASKED, jnp.float32),
              jnp.zeros((padded_group,), jnp.float32))
     blocks = jnp.maximum(pl.cdiv(end - first, slots), 0)
-    out, top, total = jax.lax.fori_loop(0, blocks, block, carry)
+    full = 0  # over a pool: blocks wholly before ``end`` first, with no masks (module doc)
+    if block_size is not None and tiles is None:
+        full = jnp.maximum((end - first) // slots, 0)
+        carry = jax.lax.fori_loop(0, full, functools.partial(block, masked=False), carry)
+    out, top, total = jax.lax.fori_loop(full, blocks, functools.partial(block, masked=True),
+                                        carry)
     if tiles is not None:
         _store_partials(partial_refs, out, top, total, parts, real)
         return
