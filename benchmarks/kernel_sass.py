@@ -1,8 +1,9 @@
 """The decode kernel's machine code, without a GPU: instructions per loop iteration.
 
-A decode step over int8/fp8 codes issues instructions faster than it waits on memory
-(docs/benchmarks.md), so what one cache block costs in instructions says much about the
-kernel's speed, and GPU time is scarce. This script cross-lowers one layer's decode step
+The int8/fp8 decode kernel's warps contend for issue slots (docs/experiments.md), so
+what one cache block costs in instructions bears on its speed, though a loop with 30%
+fewer waited on memory instead and was no faster (2026-12-07); GPU time is scarce. This
+script cross-lowers one layer's decode step
 (``decode_kernel_sweep.decode_step`` on ``operands``' shapes) for CUDA on any machine,
 takes the kernel's Triton IR from JAX's Pallas lowering (a JAX internal:
 ``pallas_call_registration.lowering.lower_jaxpr_to_triton_module``), compiles it for
@@ -11,18 +12,28 @@ at the tuning's warps and stages, and counts the SASS instructions inside each l
 backward branch's range), the main loop being the one over cache blocks.
 
 The ``triton`` package is not the Triton built into jaxlib, so its code is a guide to
-what a change does to the loop, not jaxlib's code; time changes on a GPU with
-``decode_kernel_sweep.py``.
+what a change does to the loop, not jaxlib's code (on an H100 its counts were within 10%
+of the kernel jaxlib compiled: docs/benchmarks.md); time changes on a GPU with whole
+steps (``benchmark.py``) or the kernel under ncu.
 
     pip install triton
     python benchmarks/kernel_sass.py --kinds bfloat16 int8 fp8 paged-int8 \\
         --json benchmarks/results/kernel_sass.json
+
+``--ncu-csv`` counts the loops of the kernel that ran instead, as ncu lists it on the
+GPU (no triton package needed):
+
+    ncu -k regex:kvjax --launch-count 1 --page source --print-source sass --csv \\
+        python benchmarks/decode_kernel_sweep.py --kinds int8 --points "B8 F16384 C16448" \\
+        > int8.csv
+    python benchmarks/kernel_sass.py --ncu-csv int8.csv
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import csv
 import os
 import re
 import subprocess
@@ -109,6 +120,27 @@ def loops(listing: str) -> list[dict]:
     return sorted(found, key=lambda loop: int(loop["start"], 16))
 
 
+def ncu_listing(path: str) -> str:
+    """The SASS of the kernel ncu profiled, from ``ncu --page source --print-source sass
+    --csv`` (rows of absolute address and instruction), in cuobjdump's form for
+    ``loops``: addresses and branch targets counted from the kernel's first
+    instruction."""
+    with open(path, newline="") as f:
+        rows = [row for row in csv.reader(f) if len(row) == 2 and row[0].startswith("0x")]
+    if not rows:
+        raise ValueError(f"{path} holds no SASS rows: write it with ncu's --page source "
+                         "--print-source sass --csv")
+    base = int(rows[0][0], 16)
+
+    def relative(match):  # an address inside the kernel, as an offset from its start
+        address = int(match.group(0), 16)
+        return hex(address - base) if address >= base else match.group(0)
+
+    return "\n".join(f"/*{int(address, 16) - base:04x}*/ "
+                     f"{re.sub(r'0x[0-9a-f]{8,}', relative, text.strip())} ;"
+                     for address, text in rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3.1-8b", help="a configs/ name")
@@ -117,8 +149,18 @@ def main(argv=None) -> None:
                         default=["bfloat16", "int8", "fp8"])
     parser.add_argument("--block-size", type=int, default=16, help="paged kinds' blocks")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--ncu-csv", nargs="+", default=[],
+                        help="count the loops of these ncu source listings instead")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.ncu_csv:
+        records = [{"ncu_csv": path, "loops": loops(ncu_listing(path))} for path in args.ncu_csv]
+        for record in records:
+            summary = ", ".join(f"{loop['instructions']}" for loop in record["loops"])
+            print(f"{record['ncu_csv']}: instructions a loop iteration: {summary}", flush=True)
+        if args.json:
+            lib.save_json(records, args.json)
+        return
 
     import triton
 

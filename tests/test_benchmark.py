@@ -303,6 +303,32 @@ def test_kernel_sass_counts_loops_and_a_paged_step_has_two_block_loops():
         assert (ir.count("scf.for"), ir.count("tt.dot")) == (loops, 2 * loops)
 
 
+def test_kernel_sass_reads_the_kernel_ncu_listed(tmp_path):
+    """benchmarks/kernel_sass.py --ncu-csv: ncu's source page (absolute addresses, the
+    program's own output around it) becomes a listing whose loops count from the kernel's
+    first instruction; a file with no SASS rows is refused, naming ncu's flags."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import kernel_sass
+
+    listing = tmp_path / "int8.csv"
+    listing.write_text('==PROF== Connected to process 1\n{"case": "kernel", "us": 1.0}\n'
+                       '"Kernel Name","kvjax_decode_attention"\n"Address","Source"\n'
+                       '"0x7f0000001000","      MOV R1, c[0x0][0x28]"\n'
+                       '"0x7f0000001010","      LDS.U8 R2, [R3+0x8180]"\n'
+                       '"0x7f0000001020","      IMMA.16832.S8.S8 R4, R8, R12, R4"\n'
+                       '"0x7f0000001030","      @P1 BRA 0x7f0000001010"\n'
+                       '"0x7f0000001040","      EXIT"\n')
+    assert kernel_sass.loops(kernel_sass.ncu_listing(str(listing))) == [
+        {"start": "0x10", "instructions": 3, "opcodes": {"LDS": 1, "IMMA": 1, "BRA": 1}}]
+    out = tmp_path / "loops.json"
+    kernel_sass.main(["--ncu-csv", str(listing), "--json", str(out)])
+    assert [loop["instructions"] for loop in json.loads(out.read_text())[0]["loops"]] == [3]
+    empty = tmp_path / "empty.csv"
+    empty.write_text("==PROF== No kernels were profiled.\n")
+    with pytest.raises(ValueError, match="--page source --print-source sass --csv"):
+        kernel_sass.ncu_listing(str(empty))
+
+
 def test_paged_prefill_benchmark_records_each_case(tmp_path):
     """benchmarks/paged_prefill.py on the bundled shape, one layer: a record per case with
     the portable path's time (the cuDNN one only where cuDNN runs), the settings and the
