@@ -3,9 +3,9 @@
 The int8/fp8 decode kernel's warps contend for issue slots (docs/experiments.md), so
 what one cache block costs in instructions bears on its speed, though a loop with 30%
 fewer waited on memory instead and was no faster (2026-12-07); GPU time is scarce. This
-script cross-lowers one layer's decode step
-(``decode_kernel_sweep.decode_step`` on ``operands``' shapes) for CUDA on any machine,
-takes the kernel's Triton IR from JAX's Pallas lowering (a JAX internal:
+script cross-lowers one layer's decode step (``decode_kernel_sweep.decode_step`` on
+``operands``' shapes) for CUDA on any machine, takes the kernel's Triton IR from JAX's
+Pallas lowering (a JAX internal:
 ``pallas_call_registration.lowering.lower_jaxpr_to_triton_module``), compiles it for
 ``--arch`` with the ``triton`` package (``pip install triton``: its ptxas and cuobjdump)
 at the tuning's warps and stages, and counts the SASS instructions inside each loop (a
@@ -141,6 +141,12 @@ def ncu_listing(path: str) -> str:
                      for address, text in rows)
 
 
+def report(name: str, found: list[dict]) -> None:
+    """Prints the instruction count of each loop ``loops`` found."""
+    summary = ", ".join(f"{loop['instructions']}" for loop in found)
+    print(f"{name}: instructions a loop iteration: {summary}", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3.1-8b", help="a configs/ name")
@@ -156,8 +162,7 @@ def main(argv=None) -> None:
     if args.ncu_csv:
         records = [{"ncu_csv": path, "loops": loops(ncu_listing(path))} for path in args.ncu_csv]
         for record in records:
-            summary = ", ".join(f"{loop['instructions']}" for loop in record["loops"])
-            print(f"{record['ncu_csv']}: instructions a loop iteration: {summary}", flush=True)
+            report(record["ncu_csv"], record["loops"])
         if args.json:
             lib.save_json(records, args.json)
         return
@@ -174,8 +179,7 @@ def main(argv=None) -> None:
                         "arch": args.arch, "tuning": tuning.__dict__, "loops": found,
                         "triton": triton.__version__, "versions": lib.versions(),
                         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        summary = ", ".join(f"{loop['instructions']}" for loop in found)
-        print(f"{kind}: instructions a loop iteration: {summary}", flush=True)
+        report(kind, found)
     if args.json:
         lib.save_json(records, args.json)
 
