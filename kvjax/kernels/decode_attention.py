@@ -368,7 +368,7 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
 
         def load(ref):  # the block of a buffer: [slots(, head_dim)], 0 past the fill
             zero = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.
-            other = zero if masked else None
+            other = None if filled is None else zero
             if ref.ndim == 3:  # scales
                 return plgpu.load(ref.at[index], mask=filled, other=other)
             if block_size is None:
@@ -376,7 +376,7 @@ def _kernel(positions_ref, *refs, scale: float, parts: int, group: int, slots: i
             else:  # gathered slots: every index an array, [slots, head_dim] together
                 at = (index[0], index[1][:, None], index[2][:, None],
                       jnp.arange(head_dim)[None, :])
-            return plgpu.load(ref.at[at], mask=filled[:, None] if masked else None,
+            return plgpu.load(ref.at[at], mask=None if filled is None else filled[:, None],
                               other=other)
 
         if int8_keys:  # [padded_group, slots] float32
