@@ -556,7 +556,7 @@ def _print_plan(r: dict) -> None:
               "model devices (--mesh) or shorter prompts")
     else:
         _print_largest(r, current, fitting["capacity_needed"], "")
-    if "int8" in fitting:
+    if r["kv_dtype"] != "int8" and "int8" in fitting:  # an alternative to the cache asked for
         int8 = fitting["int8"]
         verdict = "fits" if int8["total_bytes"] <= r["memory_bytes"] else "does not fit"
         print(f"with --kv-dtype int8: KV cache {int8['cache_bytes']:,} bytes, total "

@@ -342,6 +342,22 @@ def test_dry_run_that_does_not_fit_says_what_would(bundled):
            f"{int8['max_batch']}" in lines
 
 
+def test_dry_run_over_int8_that_does_not_fit():
+    """Asked for an int8 cache, the dry run says what fits with it and suggests no int8."""
+    flags = ["--prompt", "a", "--prompt", "b", "--capacity", "4096", "--kv-dtype", "int8",
+             "--memory-budget", "17MiB"]
+    proc, report = dry_run(*flags, "--json")
+    assert proc.returncode == 1 and sorted(report["fitting"]) == ["capacity_needed", "int8"]
+    largest = report["fitting"]["int8"]
+    text, _ = dry_run(*flags)
+    assert text.returncode == 1 and "Traceback" not in text.stderr, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[-2:] == [
+        f"  largest batch that fits at capacity 4096: {largest['max_batch']}",
+        f"  largest capacity that fits at batch 2: {largest['max_capacity']} (this run "
+        f"needs >= {report['fitting']['capacity_needed']})"]
+
+
 def test_dry_run_when_not_even_one_row_fits():
     proc, _ = dry_run("--prompt", "x", "--memory-budget", "1MiB")
     assert proc.returncode == 1
