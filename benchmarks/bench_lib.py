@@ -278,11 +278,17 @@ def bytes_per_step(config: kvjax.ModelConfig, params: dict, batch: int, prompt: 
         param_read = total  # the LM head reads the whole embedding (counted once)
     else:
         param_read = total - nbytes(embed) + batch * embed.shape[1] * embed.dtype.itemsize
-    per_slot = (kvjax.cache.estimate_bytes(config, batch, 2, kv_dtype)
-                - kvjax.cache.estimate_bytes(config, batch, 1, kv_dtype))
+    per_slot = kv_slot_bytes(config, batch, kv_dtype)
     return {"param_bytes": total, "param_bytes_read": param_read,
             "kv_bytes_avg_fill": int(per_slot * (prompt + new / 2)),
             "kv_bytes_capacity": per_slot * capacity}
+
+
+def kv_slot_bytes(config: kvjax.ModelConfig, batch: int, kv_dtype: str) -> int:
+    """Bytes of one cache slot over the batch's rows, the layers and KV heads: keys and
+    values, and an int8/fp8 cache's scales."""
+    return (kvjax.cache.estimate_bytes(config, batch, 2, kv_dtype)
+            - kvjax.cache.estimate_bytes(config, batch, 1, kv_dtype))
 
 
 def step_bytes(config: kvjax.ModelConfig, batch: int, filled: int, new: int,

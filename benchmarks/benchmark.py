@@ -421,6 +421,10 @@ def parse_args(argv):
     parser.add_argument("--plot", nargs="+", metavar="JSON",
                         help="only draw the plots of these result files (merged), next to the "
                              "first or at --json's stem, and exit")
+    parser.add_argument("--kv-bound", nargs="+", metavar="JSON",
+                        help="only print, for the int8/fp8 longctx steps of each result file, "
+                             "the step their cache's bytes allow at the rate a full-precision "
+                             "cache is read between two fills (kv_bound), and exit")
     suite = parser.add_argument_group("suite (decode, longctx, prefill32k, hf)")
     suite.add_argument("--models", nargs="+", help="configs/ names, 'bundled' or config.json paths")
     suite.add_argument("--batches", type=int, nargs="+")
@@ -480,8 +484,89 @@ def plot(records: list[dict], path: str) -> None:
         print('# no plots: matplotlib is not installed (pip install -e ".[bench]")')
 
 
+def kv_bound(records: list[dict]) -> list[dict]:
+    """How near each int8/fp8 decode step comes to what reading its cache's bytes allows.
+
+    A ``longctx`` step reads the weights and the cache up to its fill; between two fills
+    (same model, batch, capacity and layout) the full-precision cache's extra bytes over
+    the extra time are the rate at which its steps read the cache (``rate_GBps``), and
+    what is left of a step at no fill is its part that no cache dtype changes
+    (``fixed_ms``: weights, norms, sampling, launches). A quantized step at its ``filled``
+    can then take no less than ``ideal_ms``, the fixed part plus its own cache bytes at
+    that rate: ``ideal_speedup`` is the most any int8/fp8 kernel can gain over the
+    full-precision step of the same fill (``reference_ms``), ``speedup`` what it gained.
+    Where the quantized dtype was timed at both fills too, ``rate_fraction`` is the rate
+    at which its steps read their bytes as a fraction of the full-precision one's, and
+    ``own_fixed_ms`` its steps' own part at no fill: what a step loses to the bound splits
+    into the two. The cache bytes are ``bench_lib.bytes_per_step``'s (the average fill of
+    a record's steps).
+    """
+    def kv_read(r):  # bytes of the cache a step of record r reads, on average
+        config = lib.model_config(r["model"])
+        per_slot = lib.kv_slot_bytes(config, r["batch"], r["kv_dtype"])
+        return per_slot * (r["filled"] + r["new_tokens"] / 2)
+
+    groups = {}
+    for r in records:
+        if r.get("case") == "longctx" and r.get("decode_ms_per_step") and r.get("kv_dtype"):
+            key = (r["model"], r["batch"], r["capacity"], r.get("block_size"))
+            groups.setdefault(key, {}).setdefault(r["kv_dtype"], {})[r["filled"]] = r
+    rows = []
+    for (model, batch, capacity, block_size), by_dtype in groups.items():
+        references = [d for d in by_dtype if d not in kvjax.cache.QUANTIZED]
+        if not references or len(by_dtype[references[0]]) < 2:
+            continue
+        reference = by_dtype[references[0]]
+        low, high = reference[min(reference)], reference[max(reference)]
+        ms = lambda r: r["decode_ms_per_step"]
+        rate = (kv_read(high) - kv_read(low)) / (ms(high) - ms(low))  # bytes a ms
+        fixed = ms(low) - kv_read(low) / rate
+        for kv_dtype in kvjax.cache.QUANTIZED:
+            steps = by_dtype.get(kv_dtype, {})
+            fraction = own_fixed = None
+            if min(reference) in steps and max(reference) in steps:
+                q_low, q_high = steps[min(reference)], steps[max(reference)]
+                q_rate = (kv_read(q_high) - kv_read(q_low)) / (ms(q_high) - ms(q_low))
+                fraction, own_fixed = q_rate / rate, ms(q_low) - kv_read(q_low) / q_rate
+            for filled, r in sorted(steps.items()):
+                if filled not in reference:
+                    continue
+                ideal = fixed + kv_read(r) / rate
+                rows.append(dict(model=model, batch=batch, capacity=capacity,
+                                 block_size=block_size, filled=filled, kv_dtype=kv_dtype,
+                                 reference=references[0], reference_ms=ms(reference[filled]),
+                                 ms=ms(r), speedup=ms(reference[filled]) / ms(r),
+                                 rate_GBps=rate / 1e6, fixed_ms=fixed, ideal_ms=ideal,
+                                 ideal_speedup=ms(reference[filled]) / ideal,
+                                 rate_fraction=fraction, own_fixed_ms=own_fixed))
+    return rows
+
+
+def describe_bound(row: dict) -> str:
+    """One line of ``--kv-bound``'s report."""
+    paged = f" paged {row['block_size']}" if row["block_size"] else ""
+    rate = ("" if row["rate_fraction"] is None
+            else f"; its cache read at {row['rate_fraction']:.1%} of {row['reference']}'s rate, "
+                 f"the rest of its step {row['own_fixed_ms']:.3f} ms")
+    return (f"{row['model']} B={row['batch']} capacity {row['capacity']}{paged} filled "
+            f"{row['filled']}, {row['kv_dtype']}: {row['ms']:.3f} ms/step against "
+            f"{row['reference_ms']:.3f} ({row['reference']}), {row['speedup']:.3f}x; its bytes "
+            f"allow {row['ideal_ms']:.3f} ms, {row['ideal_speedup']:.3f}x ({row['reference']} "
+            f"reads its cache at {row['rate_GBps']:.0f} GB/s, the rest of a step takes "
+            f"{row['fixed_ms']:.3f} ms){rate}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.kv_bound:
+        for name in args.kv_bound:
+            with open(name) as f:
+                rows = kv_bound(json.load(f))
+            print(f"# {name}: {len(rows)} quantized step{'s' if len(rows) != 1 else ''} "
+                  "with a full-precision step at two fills")
+            for row in rows:
+                print(describe_bound(row))
+        return 0
     if args.plot:  # e.g. the JSON files of several GPU runs, drawn where matplotlib is
         records = []
         for name in args.plot:

@@ -145,6 +145,50 @@ def test_decode_record_is_what_generate_does(smoke_run):
     assert small["compile_s"] > 0 and small["program_bytes"] > lib.nbytes(model.params)
 
 
+def test_kv_bound_recovers_the_rate_and_the_fixed_part(capsys):
+    """Steps made of a fixed part and cache bytes at a rate: ``kv_bound`` finds both from
+    the bf16 steps at two fills and bounds the int8 steps by their own bytes."""
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    import benchmark
+
+    with open(os.path.join(ROOT, "configs", "llama-3.1-8b.json")) as f:
+        shape = json.load(f)
+    slots = 8 * shape["num_hidden_layers"] * shape["num_key_value_heads"]  # batch 8
+    per_slot = {"bfloat16": slots * 2 * 128 * 2, "int8": slots * 2 * (128 + 4)}  # + scales
+    rate, fixed = 3.0e9, 6.0  # bytes a ms, ms
+    step = {"bfloat16": lambda read: fixed + read / rate,
+            "int8": lambda read: fixed + 0.2 + read / (0.9 * rate)}  # 90% of the rate
+
+    def record(kv_dtype, filled, block_size=None):
+        read = per_slot[kv_dtype] * (filled + 32)  # 64 steps: their average fill
+        return dict(case="longctx", model="llama-3.1-8b", batch=8, capacity=32768,
+                    filled=filled, new_tokens=64, kv_dtype=kv_dtype, block_size=block_size,
+                    decode_ms_per_step=step[kv_dtype](read))
+
+    records = [record(d, f) for d in ("bfloat16", "int8") for f in (16384, 32704)]
+    records += [record("int8", 8192), record("bfloat16", 16384, 16), record("int8", 16384, 16)]
+    rows = benchmark.kv_bound(records)
+    assert [(r["filled"], r["kv_dtype"], r["block_size"]) for r in rows] == [
+        (16384, "int8", None), (32704, "int8", None)]  # one fill of the paged pool: no rate
+    for row in rows:
+        bf16 = step["bfloat16"](per_slot["bfloat16"] * (row["filled"] + 32))
+        ideal = fixed + per_slot["int8"] * (row["filled"] + 32) / rate
+        assert row["rate_GBps"] == pytest.approx(rate / 1e6)
+        assert row["fixed_ms"] == pytest.approx(fixed)
+        assert row["rate_fraction"] == pytest.approx(0.9)
+        assert row["own_fixed_ms"] == pytest.approx(fixed + 0.2)
+        assert row["ideal_ms"] == pytest.approx(ideal)
+        assert row["ideal_speedup"] == pytest.approx(bf16 / ideal)
+        assert row["speedup"] == pytest.approx(bf16 / row["ms"])
+    path = os.path.join(ROOT, "benchmarks", "results", "kv_dtype_h100_b8.json")
+    assert benchmark.main(["--kv-bound", path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"# {path}: 2 quantized steps with a full-precision step at two fills"
+    assert lines[1].startswith("llama-3.1-8b B=8 capacity 32768 filled 16384, int8: 9.312 "
+                               "ms/step against 11.513 (bfloat16), 1.236x; its bytes allow ")
+
+
 def test_matmul_params_counts_projections_and_lm_head():
     """Model FLOPs count every layer projection and the LM head once per token: for a
     Llama shape, 4 attention and 3 MLP products a layer."""
