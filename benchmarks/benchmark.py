@@ -506,6 +506,7 @@ def kv_bound(records: list[dict]) -> list[dict]:
         per_slot = lib.kv_slot_bytes(config, r["batch"], r["kv_dtype"])
         return per_slot * (r["filled"] + r["new_tokens"] / 2)
 
+    ms = lambda r: r["decode_ms_per_step"]
     groups = {}
     for r in records:
         if r.get("case") == "longctx" and r.get("decode_ms_per_step") and r.get("kv_dtype"):
@@ -518,7 +519,6 @@ def kv_bound(records: list[dict]) -> list[dict]:
             continue
         reference = by_dtype[references[0]]
         low, high = reference[min(reference)], reference[max(reference)]
-        ms = lambda r: r["decode_ms_per_step"]
         rate = (kv_read(high) - kv_read(low)) / (ms(high) - ms(low))  # bytes a ms
         fixed = ms(low) - kv_read(low) / rate
         for kv_dtype in kvjax.cache.QUANTIZED:
