@@ -278,10 +278,9 @@ def bytes_per_step(config: kvjax.ModelConfig, params: dict, batch: int, prompt: 
         param_read = total  # the LM head reads the whole embedding (counted once)
     else:
         param_read = total - nbytes(embed) + batch * embed.shape[1] * embed.dtype.itemsize
-    per_slot = kv_slot_bytes(config, batch, kv_dtype)
     return {"param_bytes": total, "param_bytes_read": param_read,
-            "kv_bytes_avg_fill": int(per_slot * (prompt + new / 2)),
-            "kv_bytes_capacity": per_slot * capacity}
+            "kv_bytes_avg_fill": kv_bytes_read(config, batch, prompt, new, kv_dtype),
+            "kv_bytes_capacity": kv_slot_bytes(config, batch, kv_dtype) * capacity}
 
 
 def kv_slot_bytes(config: kvjax.ModelConfig, batch: int, kv_dtype: str) -> int:
@@ -289,6 +288,13 @@ def kv_slot_bytes(config: kvjax.ModelConfig, batch: int, kv_dtype: str) -> int:
     values, and an int8/fp8 cache's scales."""
     return (kvjax.cache.estimate_bytes(config, batch, 2, kv_dtype)
             - kvjax.cache.estimate_bytes(config, batch, 1, kv_dtype))
+
+
+def kv_bytes_read(config: kvjax.ModelConfig, batch: int, filled: int, new: int,
+                  kv_dtype: str) -> int:
+    """Cache bytes a decode step reads on average over ``new`` steps from ``filled``
+    slots: every slot up to the average fill ``filled + new / 2``."""
+    return int(kv_slot_bytes(config, batch, kv_dtype) * (filled + new / 2))
 
 
 def step_bytes(config: kvjax.ModelConfig, batch: int, filled: int, new: int,

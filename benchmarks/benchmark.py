@@ -498,13 +498,12 @@ def kv_bound(records: list[dict]) -> list[dict]:
     Where the quantized dtype was timed at both fills too, ``rate_fraction`` is the rate
     at which its steps read their bytes as a fraction of the full-precision one's, and
     ``own_fixed_ms`` its steps' own part at no fill: what a step loses to the bound splits
-    into the two. The cache bytes are ``bench_lib.bytes_per_step``'s (the average fill of
-    a record's steps).
+    into the two. The cache bytes are ``bench_lib.kv_bytes_read``'s (the average fill of
+    a record's steps, as MBU counts them).
     """
     def kv_read(r):  # bytes of the cache a step of record r reads, on average
-        config = lib.model_config(r["model"])
-        per_slot = lib.kv_slot_bytes(config, r["batch"], r["kv_dtype"])
-        return per_slot * (r["filled"] + r["new_tokens"] / 2)
+        return lib.kv_bytes_read(lib.model_config(r["model"]), r["batch"], r["filled"],
+                                 r["new_tokens"], r["kv_dtype"])
 
     ms = lambda r: r["decode_ms_per_step"]
     groups = {}
